@@ -28,7 +28,7 @@ lint: $(STAMP)
 
 # Regenerates the committed gRPC stubs from the .proto file.
 proto: $(STAMP)
-	$(PY) -m grpc_tools.protoc -I src --python_out=src --grpc_python_out=src --mypy_out=src \
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m grpc_tools.protoc -I src --python_out=src --grpc_python_out=src --mypy_out=src \
 		src/enclavefl/proto/federation.proto
 
 clean:

@@ -14,7 +14,8 @@
     │   └── VerificationError             evidence checked and refused (.field/.expected/.actual)
     └── TransportError                    the network failed us
         ├── Unavailable(ConnectionError)  the peer cannot be reached (yet)
-        └── DeadlineExceeded(TimeoutError)
+        ├── DeadlineExceeded(TimeoutError)
+        └── StaleSession                  the PS no longer knows this worker: re-join
 
     ClosedError(RuntimeError)             caller misuse: used after close
 
@@ -36,6 +37,7 @@ __all__ = [
     "EnclaveFLError",
     "ProtocolError",
     "RoundError",
+    "StaleSession",
     "TransportError",
     "Unavailable",
     "UpdateRejected",
@@ -110,6 +112,10 @@ class Unavailable(TransportError, ConnectionError):
 
 class DeadlineExceeded(TransportError, TimeoutError):
     """A call did not finish within its deadline."""
+
+
+class StaleSession(TransportError):
+    """The PS does not know this worker any more (it restarted or dropped it)."""
 
 
 class ClosedError(RuntimeError):

@@ -1,0 +1,239 @@
+"""``enclavefl run``: one PS and N workers as OS processes on 127.0.0.1.
+
+The parent makes the run directory (resolved configuration, certificates,
+logs), starts the PS, waits for the port it bound, starts the workers, follows
+``metrics.jsonl`` to show progress, and tears everything down at the end or on
+Ctrl-C. It exits non-zero when the PS did.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any
+
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from enclavefl.config import JobConfig, load_job
+from enclavefl.errors import EnclaveFLError, RoundError
+from enclavefl.transport.certs import create_job_certs
+
+PORT_TIMEOUT_S = 120.0
+WORKER_EXIT_TIMEOUT_S = 20.0
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("run", help="run a whole job locally: 1 PS + N workers as separate processes")
+    p.add_argument("job", type=Path, help="job YAML file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a configuration key (repeatable)")
+    p.add_argument("--out", type=Path, help="run directory (default runs/<job name>-<timestamp>)")
+    p.add_argument("--workers", type=int, help="number of workers (default job.workers)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, only the summary")
+    p.set_defaults(func=run)
+
+
+@dataclass
+class _Child:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    log_file: IO[bytes] = field(repr=False)
+
+
+class _Cluster:
+    """The child processes of one run; close() terminates whatever is left."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.children: list[_Child] = []
+
+    def spawn(self, name: str, argv: list[str]) -> _Child:
+        log_path = self.run_dir / "logs" / f"{name}.log"
+        log_file = log_path.open("ab")
+        env = dict(os.environ)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        # One thread per process: N workers share the cores, oversubscribing makes all slower.
+        env.setdefault("OMP_NUM_THREADS", "1")
+        proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                start_new_session=True)
+        child = _Child(name, proc, log_path, log_file)
+        self.children.append(child)
+        return child
+
+    def close(self, grace_s: float = 5.0) -> None:
+        alive = [c for c in self.children if c.proc.poll() is None]
+        for c in alive:
+            c.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for c in alive:
+            try:
+                c.proc.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                c.proc.kill()
+                c.proc.wait(5)
+        for c in self.children:
+            c.log_file.close()
+
+
+def _tail(path: Path, lines: int = 8) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _run_dir(config: JobConfig, out: Path | None) -> Path:
+    if out is not None:
+        return out
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{config.job.name}-{stamp}"
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _summary(console: Console, rows: list[dict[str, Any]], wall_s: float) -> None:
+    table = Table(title="enclavefl run summary")
+    for col in ("rounds", "final acc", "best acc", "final loss", "MB in", "MB out", "wall s"):
+        table.add_column(col, justify="right")
+    accs = [r["eval_accuracy"] for r in rows if r.get("eval_accuracy") is not None]
+    last = rows[-1] if rows else {}
+    table.add_row(
+        str(len(rows)),
+        _fmt(last.get("eval_accuracy")),
+        _fmt(max(accs) if accs else None),
+        _fmt(last.get("eval_loss")),
+        f"{sum(r.get('bytes_in', 0) for r in rows) / 1e6:.1f}",
+        f"{sum(r.get('bytes_out', 0) for r in rows) / 1e6:.1f}",
+        f"{wall_s:.1f}",
+    )
+    console.print(table)
+
+
+def run(args: argparse.Namespace) -> int:
+    console = Console(stderr=False, highlight=False)
+    overrides = list(args.overrides)
+    if args.workers is not None:
+        overrides.append(f"job.workers={args.workers}")
+    config = load_job(args.job, overrides)
+    run_dir = _run_dir(config, args.out)
+    if args.resume:
+        if not (run_dir / "config.yaml").is_file():
+            raise EnclaveFLError(f"--resume: {run_dir} holds no earlier run (config.yaml missing)")
+    else:
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise EnclaveFLError(f"{run_dir} already exists and is not empty; choose another --out or use --resume")
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    console.print(f"enclavefl run: job [bold]{config.job.name}[/], {config.job.workers} workers, "
+                  f"{config.job.rounds} rounds, task {config.task.name}")
+    console.print(f"run directory: {run_dir}")
+    config_path = run_dir / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    certs_dir = run_dir / "certs"
+    if not (certs_dir / "ca.pem").exists():
+        create_job_certs(certs_dir, config.job.name, workers=config.job.workers)
+    console.print(f"transport: mutual TLS under a per-job CA ({certs_dir})")
+
+    python = [sys.executable, "-m", "enclavefl"] + (["--debug"] if args.debug else [])
+    cluster = _Cluster(run_dir)
+    started = time.monotonic()
+    port_file = run_dir / "ps.port"
+    port_file.unlink(missing_ok=True)
+    metrics_path = run_dir / config.summary.metrics_file
+    rows: list[dict[str, Any]] = []
+    try:
+        ps_argv = python + ["ps", "--config", str(config_path), "--out", str(run_dir), "--tls-dir", str(certs_dir),
+                            "--port-file", str(port_file)]
+        if args.resume:
+            ps_argv.append("--resume")
+        ps = cluster.spawn("ps", ps_argv)
+        deadline = time.monotonic() + PORT_TIMEOUT_S
+        while not port_file.exists():
+            if ps.proc.poll() is not None:
+                raise RoundError(f"the PS exited with code {ps.proc.returncode} before listening:\n{_tail(ps.log_path)}")
+            if time.monotonic() > deadline:
+                raise RoundError(f"the PS did not listen within {PORT_TIMEOUT_S:.0f}s:\n{_tail(ps.log_path)}")
+            time.sleep(0.05)
+        port = int(port_file.read_text())
+        for i in range(config.job.workers):
+            cluster.spawn(f"worker-{i}", python + ["worker", "--config", str(config_path), "--tls-dir", str(certs_dir),
+                                                    "--connect", f"127.0.0.1:{port}", "--index", str(i)])
+        console.print(f"PS listening on 127.0.0.1:{port}; logs in {run_dir / 'logs'}")
+        rows = _follow(console, ps, metrics_path, config, quiet=args.quiet)
+        code = ps.proc.returncode
+        workers = [c for c in cluster.children if c.name.startswith("worker")]
+        end = time.monotonic() + WORKER_EXIT_TIMEOUT_S
+        for w in workers:
+            try:
+                w.proc.wait(max(end - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                pass
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: stopping the PS and the workers[/]")
+        cluster.close()
+        console.print(f"run directory: {run_dir}")
+        return 130
+    finally:
+        cluster.close()
+    wall = time.monotonic() - started
+    _summary(console, rows, wall)
+    console.print(f"run directory: {run_dir}")
+    if code != 0:
+        console.print(f"[red]the PS failed (exit {code}):[/]\n{_tail(ps.log_path)}")
+        return 1
+    return 0
+
+
+def _read_rows(path: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except FileNotFoundError:
+        return [], offset
+    end = data.rfind(b"\n") + 1
+    rows = [json.loads(line) for line in data[:end].splitlines() if line.strip()]
+    return rows, offset + end
+
+
+def _follow(console: Console, ps: _Child, metrics_path: Path, config: JobConfig, *, quiet: bool) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    offset = 0
+    progress = Progress(TextColumn("rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=console, disable=quiet, transient=True)
+    with progress:
+        bar = progress.add_task("rounds", total=config.job.rounds)
+        while True:
+            finished = ps.proc.poll() is not None
+            new, offset = _read_rows(metrics_path, offset)
+            for row in new:
+                rows = [r for r in rows if r["round"] < row["round"]] + [row]
+                if not quiet:
+                    seconds = row["seconds_wait"] + row["seconds_train"] + row["seconds_aggregate"]
+                    progress.console.print(
+                        f"round {row['round']:>3}/{config.job.rounds}  workers {row['participants']:>2}  "
+                        f"loss {_fmt(row.get('train_loss'), 3)}  eval_loss {_fmt(row.get('eval_loss'), 3)}  "
+                        f"eval_acc {_fmt(row.get('eval_accuracy'), 3)}  {seconds:.1f}s"
+                    )
+                progress.update(bar, completed=len(rows) and rows[-1]["round"])
+            if finished:
+                return rows
+            time.sleep(0.2)

@@ -1,0 +1,1 @@
+"""Machine-learning adapters: PyTorch models, dataset loaders and partitioners."""

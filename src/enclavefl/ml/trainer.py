@@ -1,0 +1,122 @@
+"""PyTorch adapter: a :class:`~enclavefl.training.Trainer` around an ``nn.Module``.
+
+Parameters cross the seam as numpy arrays in ``state_dict`` order, buffers
+included (BatchNorm statistics travel with the weights, as FedAvg on a
+BatchNorm model expects).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from enclavefl.ml.datasets.arrays import ArrayDataset
+from enclavefl.tensors import ParamSet, SparseRows
+from enclavefl.training import FitConfig, FitResult
+
+__all__ = ["OptimizerSettings", "TorchTrainer"]
+
+
+@dataclass(frozen=True, slots=True)
+class OptimizerSettings:
+    """The client optimizer (from the job's ``client`` section)."""
+
+    name: Literal["sgd", "adam"] = "sgd"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+
+class TorchTrainer:
+    """Trains a classifier on an :class:`ArrayDataset` with cross-entropy."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train: ArrayDataset | None,
+        evaluation: ArrayDataset | None = None,
+        *,
+        optimizer: OptimizerSettings = OptimizerSettings(),
+        eval_batch_size: int = 1024,
+    ) -> None:
+        self.model = model
+        self._train = train
+        self._eval = evaluation
+        self._optimizer = optimizer
+        self._eval_batch = eval_batch_size
+
+    @property
+    def num_samples(self) -> int:
+        return 0 if self._train is None else len(self._train.y)
+
+    def get_parameters(self) -> ParamSet:
+        return ParamSet((name, t.detach().cpu().numpy().copy()) for name, t in self.model.state_dict().items())
+
+    def set_parameters(self, params: ParamSet) -> None:
+        state = self.model.state_dict()
+        missing = [n for n in state if n not in params]
+        if missing:
+            raise ValueError(f"parameters lack {missing[:5]}")
+        with torch.no_grad():
+            for name, target in state.items():
+                value = params[name]
+                array = value.to_dense() if isinstance(value, SparseRows) else value
+                if tuple(array.shape) != tuple(target.shape):
+                    raise ValueError(f"{name}: shape {array.shape} != model {tuple(target.shape)}")
+                target.copy_(torch.from_numpy(np.ascontiguousarray(array)))
+
+    def _make_optimizer(self, lr: float) -> torch.optim.Optimizer:
+        s = self._optimizer
+        if s.name == "adam":
+            return torch.optim.Adam(self.model.parameters(), lr=lr, weight_decay=s.weight_decay)
+        return torch.optim.SGD(self.model.parameters(), lr=lr, momentum=s.momentum, weight_decay=s.weight_decay)
+
+    def fit(self, config: FitConfig) -> FitResult:
+        if self._train is None or self.num_samples == 0:
+            raise ValueError("this trainer has no training data")
+        x = torch.from_numpy(self._train.x)
+        y = torch.from_numpy(self._train.y)
+        generator = torch.Generator().manual_seed(config.seed * 100_003 + config.round)
+        optimizer = self._make_optimizer(config.lr)
+        loss_fn = nn.CrossEntropyLoss()
+        self.model.train()
+        total_loss, correct, seen = 0.0, 0, 0
+        for _ in range(config.epochs):
+            order = torch.randperm(len(y), generator=generator)
+            for start in range(0, len(y), config.batch_size):
+                idx = order[start : start + config.batch_size]
+                xb, yb = x[idx], y[idx]
+                optimizer.zero_grad(set_to_none=True)
+                logits = self.model(xb)
+                loss = loss_fn(logits, yb)
+                loss.backward()
+                optimizer.step()
+                total_loss += float(loss.detach()) * len(yb)
+                correct += int((logits.detach().argmax(dim=1) == yb).sum())
+                seen += len(yb)
+        loss_mean = total_loss / max(seen, 1)
+        if not math.isfinite(loss_mean):
+            raise FloatingPointError(f"local training diverged (loss {loss_mean}); lower client.lr")
+        return FitResult(self.num_samples, {"loss": loss_mean, "accuracy": correct / max(seen, 1)})
+
+    def evaluate(self) -> Mapping[str, float]:
+        if self._eval is None:
+            return {}
+        x = torch.from_numpy(self._eval.x)
+        y = torch.from_numpy(self._eval.y)
+        loss_fn = nn.CrossEntropyLoss(reduction="sum")
+        self.model.eval()
+        total, correct = 0.0, 0
+        with torch.no_grad():
+            for start in range(0, len(y), self._eval_batch):
+                logits = self.model(x[start : start + self._eval_batch])
+                yb = y[start : start + self._eval_batch]
+                total += float(loss_fn(logits, yb))
+                correct += int((logits.argmax(dim=1) == yb).sum())
+        n = max(len(y), 1)
+        return {"loss": total / n, "accuracy": correct / n}

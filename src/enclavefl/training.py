@@ -1,0 +1,76 @@
+"""The seam between the federation and a machine-learning framework.
+
+The core knows numpy, not torch: a :class:`Trainer` exchanges parameters as a
+:class:`~enclavefl.tensors.ParamSet`, and a :class:`Task` says how to build the
+model, the data of worker *i* of *n*, and the PS's held-out evaluation. PyTorch
+lives behind these in :mod:`enclavefl.ml`; another framework is one more adapter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from enclavefl.tensors import ParamSet
+
+__all__ = ["FitConfig", "FitResult", "Task", "Trainer"]
+
+
+@dataclass(frozen=True, slots=True)
+class FitConfig:
+    """Local-training settings for one round (handed out by the PS)."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    round: int = 0
+    seed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class FitResult:
+    """What local training produced, besides the new parameters."""
+
+    num_samples: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Trainer(Protocol):
+    """Trains and scores one model on one data set."""
+
+    @property
+    def num_samples(self) -> int:
+        """Training examples this trainer holds."""
+        ...
+
+    def get_parameters(self) -> ParamSet: ...
+
+    def set_parameters(self, params: ParamSet) -> None: ...
+
+    def fit(self, config: FitConfig) -> FitResult:
+        """Trains in place; metrics include ``loss`` and ``accuracy`` where they apply."""
+        ...
+
+    def evaluate(self) -> Mapping[str, float]:
+        """Scores the current parameters on this trainer's evaluation data."""
+        ...
+
+
+class Task(Protocol):
+    """A model and its data, split deterministically across ``num_workers``."""
+
+    name: str
+
+    def initial_parameters(self) -> ParamSet:
+        """The global model before round 1 (the same on every node for a given seed)."""
+        ...
+
+    def worker_trainer(self, index: int, num_workers: int) -> Trainer:
+        """Worker ``index``'s trainer over its partition of the training data."""
+        ...
+
+    def server_evaluator(self) -> Trainer | None:
+        """A trainer over held-out data that the PS scores each round, or None."""
+        ...

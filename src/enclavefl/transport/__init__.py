@@ -1,0 +1,35 @@
+"""gRPC + TLS plumbing: credentials, the PS service, the worker client."""
+
+from enclavefl.transport.certs import CertBundle, create_job_certs
+from enclavefl.transport.client import FederationClient, PushResult
+from enclavefl.transport.credentials import CaCredentials, ChannelSetup, Credentials, PeerIdentity, cert_fingerprint
+from enclavefl.transport.messages import (
+    ClientSettings,
+    FederationHandler,
+    JoinInfo,
+    TaskInfo,
+    TaskKind,
+    UpdateMeta,
+    UpdateSink,
+)
+from enclavefl.transport.service import FederationServer
+
+__all__ = [
+    "CaCredentials",
+    "CertBundle",
+    "ChannelSetup",
+    "ClientSettings",
+    "Credentials",
+    "FederationClient",
+    "FederationHandler",
+    "FederationServer",
+    "JoinInfo",
+    "PeerIdentity",
+    "PushResult",
+    "TaskInfo",
+    "TaskKind",
+    "UpdateMeta",
+    "UpdateSink",
+    "cert_fingerprint",
+    "create_job_certs",
+]

@@ -1,0 +1,188 @@
+"""The worker's end of the federation service, with gRPC errors translated to ours."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import grpc
+
+from enclavefl.errors import ClosedError, ProtocolError
+from enclavefl.proto import PROTOCOL_VERSION
+from enclavefl.proto import federation_pb2 as pb
+from enclavefl.proto import federation_pb2_grpc as pb_grpc
+from enclavefl.tensors import CodecLimits, ParamSet, StreamDecoder, StreamHeader, iter_chunks
+from enclavefl.transport.credentials import Credentials
+from enclavefl.transport.messages import ClientSettings, JoinInfo, TaskInfo, TaskKind
+from enclavefl.transport.service import message_limit
+from enclavefl.transport.wire import check_version, error_from_rpc, header_from_proto, header_to_proto
+
+__all__ = ["FederationClient", "PushResult"]
+
+log = logging.getLogger(__name__)
+
+_KINDS = {pb.Task.WAIT: TaskKind.WAIT, pb.Task.TRAIN: TaskKind.TRAIN, pb.Task.FINISH: TaskKind.FINISH}
+
+
+@dataclass(frozen=True, slots=True)
+class PushResult:
+    accepted: bool
+    reason: str
+    bytes_sent: int
+
+
+class FederationClient:
+    """One TLS channel to a parameter server. Close it with close() or a ``with`` block."""
+
+    def __init__(self, target: str, credentials: Credentials, *, chunk_bytes: int, limits: CodecLimits = CodecLimits()) -> None:
+        """Opens the channel; the credentials may verify the server first.
+
+        Raises:
+            VerificationError: the server is not trusted (nothing was sent).
+            Unavailable: the server could not be reached for verification.
+        """
+        setup = credentials.channel_setup(target)
+        limit = message_limit(chunk_bytes)
+        options = [
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.enable_retries", 0),
+            *setup.options,
+        ]
+        self._channel = grpc.secure_channel(target, setup.credentials, options=options)
+        self._stub = pb_grpc.FederationStub(self._channel)  # type: ignore[no-untyped-call]
+        self._chunk_bytes = chunk_bytes
+        self._limits = limits
+        self._closed = False
+        self.target = target
+
+    def __enter__(self) -> FederationClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Closes the channel. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._channel.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("FederationClient used after close()")
+
+    def join(self, worker_name: str, num_samples: int, timeout_s: float = 30.0) -> JoinInfo:
+        self._check_open()
+        try:
+            reply = self._stub.Join(
+                pb.JoinRequest(protocol_version=PROTOCOL_VERSION, worker_name=worker_name, num_samples=num_samples),
+                timeout=timeout_s,
+                wait_for_ready=False,
+            )
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, f"Join {self.target}") from exc
+        check_version(reply.protocol_version, "JoinReply")
+        return JoinInfo(reply.worker_id, reply.job_name, reply.ps_instance, int(reply.rounds))
+
+    def wait_task(self, worker_id: str, max_wait_s: float) -> TaskInfo:
+        self._check_open()
+        try:
+            reply = self._stub.WaitTask(
+                pb.WaitTaskRequest(protocol_version=PROTOCOL_VERSION, worker_id=worker_id, max_wait_s=max_wait_s),
+                timeout=max_wait_s + 30.0,
+            )
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, f"WaitTask {self.target}") from exc
+        check_version(reply.protocol_version, "Task")
+        client = None
+        if reply.HasField("client"):
+            client = ClientSettings(int(reply.client.epochs), int(reply.client.batch_size), float(reply.client.lr))
+        kind = _KINDS.get(reply.kind)
+        if kind is None:
+            raise ProtocolError(f"Task: unknown kind {reply.kind}")
+        return TaskInfo(
+            kind=kind,
+            ps_instance=reply.ps_instance,
+            round=int(reply.round),
+            model_version=int(reply.model_version),
+            retry_after_s=float(reply.retry_after_s),
+            client=client,
+            message=reply.message,
+        )
+
+    def pull_model(self, worker_id: str, model_version: int, timeout_s: float = 600.0) -> tuple[int, ParamSet, int]:
+        """Streams the global parameters in.
+
+        Returns:
+            (model version, parameters, bytes received).
+
+        Raises:
+            ProtocolError: the stream broke the format or the limits.
+        """
+        self._check_open()
+        try:
+            stream = self._stub.PullModel(
+                pb.PullRequest(protocol_version=PROTOCOL_VERSION, worker_id=worker_id, model_version=model_version),
+                timeout=timeout_s,
+            )
+            first = next(stream, None)
+            if first is None or first.WhichOneof("part") != "header":
+                raise ProtocolError("PullModel: the stream did not start with a model header")
+            check_version(first.header.protocol_version, "ModelHeader")
+            decoder = StreamDecoder(header_from_proto(first.header.tensors), self._limits)
+            for msg in stream:
+                if msg.WhichOneof("part") != "data":
+                    raise ProtocolError("PullModel: a second header inside one model stream")
+                decoder.feed(msg.data)
+            params = decoder.finish()
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, f"PullModel {self.target}") from exc
+        return int(first.header.model_version), params, decoder.bytes_received
+
+    def push_update(
+        self,
+        worker_id: str,
+        round_: int,
+        model_version: int,
+        update: ParamSet,
+        num_samples: int,
+        metrics: Mapping[str, float],
+        timeout_s: float = 600.0,
+    ) -> PushResult:
+        """Streams an update (header, then chunks) and returns the PS's verdict."""
+        self._check_open()
+        header = StreamHeader.of(update)
+
+        def messages() -> Iterator[pb.UpdateChunk]:
+            yield pb.UpdateChunk(
+                header=pb.UpdateHeader(
+                    protocol_version=PROTOCOL_VERSION,
+                    worker_id=worker_id,
+                    round=round_,
+                    model_version=model_version,
+                    num_samples=num_samples,
+                    metrics={k: float(v) for k, v in metrics.items()},
+                    tensors=header_to_proto(header),
+                )
+            )
+            for chunk in iter_chunks(update, self._chunk_bytes):
+                yield pb.UpdateChunk(data=bytes(chunk))
+
+        try:
+            reply = self._stub.PushUpdate(messages(), timeout=timeout_s)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, f"PushUpdate {self.target}") from exc
+        check_version(reply.protocol_version, "PushReply")
+        return PushResult(bool(reply.accepted), reply.reason, header.total_bytes)
+
+    def leave(self, worker_id: str, reason: str, timeout_s: float = 5.0) -> None:
+        self._check_open()
+        try:
+            self._stub.Leave(
+                pb.LeaveRequest(protocol_version=PROTOCOL_VERSION, worker_id=worker_id, reason=reason),
+                timeout=timeout_s,
+            )
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, f"Leave {self.target}") from exc

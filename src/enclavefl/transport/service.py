@@ -1,0 +1,229 @@
+"""The gRPC side of the parameter server: decodes envelopes, calls the handler.
+
+How this works: grpc runs each call on a thread of a bounded pool. Every call
+first asks the :class:`Credentials` who the caller is (from its TLS
+certificate), then hands plain values to the :class:`FederationHandler`. Our
+errors become gRPC status codes here; the handler never sees grpc.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import grpc
+
+from enclavefl.errors import (
+    ClosedError,
+    EnclaveFLError,
+    ProtocolError,
+    RoundError,
+    StaleSession,
+    UpdateRejected,
+    VerificationError,
+    VersionMismatch,
+)
+from enclavefl.proto import PROTOCOL_VERSION
+from enclavefl.proto import federation_pb2 as pb
+from enclavefl.proto import federation_pb2_grpc as pb_grpc
+from enclavefl.tensors import iter_chunks
+from enclavefl.transport.credentials import Credentials, PeerIdentity
+from enclavefl.transport.messages import FederationHandler, TaskKind, UpdateMeta
+from enclavefl.transport.wire import check_version, header_from_proto, header_to_proto
+
+__all__ = ["FederationServer", "message_limit"]
+
+log = logging.getLogger(__name__)
+
+_TASK_KINDS = {TaskKind.WAIT: pb.Task.WAIT, TaskKind.TRAIN: pb.Task.TRAIN, TaskKind.FINISH: pb.Task.FINISH}
+
+
+def message_limit(chunk_bytes: int) -> int:
+    """The largest gRPC message either side accepts: one chunk plus envelope room."""
+    return chunk_bytes + 1024 * 1024
+
+
+def _abort(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
+    if isinstance(exc, StaleSession):
+        code = grpc.StatusCode.NOT_FOUND
+    elif isinstance(exc, VersionMismatch):
+        code = grpc.StatusCode.FAILED_PRECONDITION
+    elif isinstance(exc, VerificationError):
+        code = grpc.StatusCode.PERMISSION_DENIED
+    elif isinstance(exc, ProtocolError):
+        code = grpc.StatusCode.INVALID_ARGUMENT
+    elif isinstance(exc, RoundError | ClosedError):
+        code = grpc.StatusCode.FAILED_PRECONDITION
+    else:
+        code = grpc.StatusCode.INTERNAL
+    context.abort(code, str(exc))
+    raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
+
+
+class _Servicer(pb_grpc.FederationServicer):
+    def __init__(self, handler: FederationHandler, credentials: Credentials, chunk_bytes: int) -> None:
+        self._handler = handler
+        self._credentials = credentials
+        self._chunk_bytes = chunk_bytes
+
+    def _peer(self, context: grpc.ServicerContext) -> PeerIdentity:
+        certs = context.auth_context().get("x509_pem_cert") or [None]
+        try:
+            return self._credentials.identify_peer(certs[0])
+        except VerificationError as exc:
+            log.warning("refused peer %s: %s", context.peer(), exc)
+            _abort(context, exc)
+
+    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+        try:
+            check_version(request.protocol_version, "Join")
+            info = self._handler.join(self._peer(context), request.worker_name, int(request.num_samples))
+        except EnclaveFLError as exc:
+            _abort(context, exc)
+        return pb.JoinReply(
+            protocol_version=PROTOCOL_VERSION,
+            worker_id=info.worker_id,
+            job_name=info.job_name,
+            ps_instance=info.ps_instance,
+            rounds=info.rounds,
+        )
+
+    def WaitTask(self, request: pb.WaitTaskRequest, context: grpc.ServicerContext) -> pb.Task:
+        try:
+            check_version(request.protocol_version, "WaitTask")
+            wait_s = min(max(float(request.max_wait_s), 0.0), 60.0)
+            task = self._handler.wait_task(self._peer(context), request.worker_id, wait_s)
+        except EnclaveFLError as exc:
+            _abort(context, exc)
+        reply = pb.Task(
+            protocol_version=PROTOCOL_VERSION,
+            kind=_TASK_KINDS[task.kind],
+            round=task.round,
+            model_version=task.model_version,
+            ps_instance=task.ps_instance,
+            retry_after_s=task.retry_after_s,
+            message=task.message,
+        )
+        if task.client is not None:
+            reply.client.CopyFrom(
+                pb.ClientSettings(epochs=task.client.epochs, batch_size=task.client.batch_size, lr=task.client.lr)
+            )
+        return reply
+
+    def PullModel(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[pb.ModelChunk]:
+        try:
+            check_version(request.protocol_version, "PullModel")
+            version, params = self._handler.model_for(self._peer(context), request.worker_id, int(request.model_version))
+        except EnclaveFLError as exc:
+            _abort(context, exc)
+        from enclavefl.tensors import StreamHeader
+
+        yield pb.ModelChunk(
+            header=pb.ModelHeader(
+                protocol_version=PROTOCOL_VERSION,
+                model_version=version,
+                tensors=header_to_proto(StreamHeader.of(params)),
+            )
+        )
+        for chunk in iter_chunks(params, self._chunk_bytes):
+            yield pb.ModelChunk(data=bytes(chunk))
+
+    def PushUpdate(self, request_iterator: Iterator[pb.UpdateChunk], context: grpc.ServicerContext) -> pb.PushReply:
+        peer = self._peer(context)
+        try:
+            first = next(request_iterator)
+        except StopIteration:
+            _abort(context, ProtocolError("PushUpdate: empty stream"))
+        if first.WhichOneof("part") != "header":
+            _abort(context, ProtocolError("PushUpdate: the first message must be the update header"))
+        head = first.header
+        try:
+            check_version(head.protocol_version, "PushUpdate")
+            meta = UpdateMeta(
+                worker_id=head.worker_id,
+                round=int(head.round),
+                model_version=int(head.model_version),
+                num_samples=int(head.num_samples),
+                tensors=header_from_proto(head.tensors),
+                metrics=dict(head.metrics),
+            )
+            sink = self._handler.open_update(peer, meta)
+        except UpdateRejected as exc:
+            return pb.PushReply(protocol_version=PROTOCOL_VERSION, accepted=False, reason=str(exc))
+        except EnclaveFLError as exc:
+            _abort(context, exc)
+        try:
+            for msg in request_iterator:
+                if msg.WhichOneof("part") != "data":
+                    raise ProtocolError("PushUpdate: a second header inside one update")
+                sink.feed(msg.data)
+            sink.commit()
+        except UpdateRejected as exc:
+            sink.abort(str(exc))
+            return pb.PushReply(protocol_version=PROTOCOL_VERSION, accepted=False, reason=str(exc))
+        except ProtocolError as exc:
+            sink.abort(str(exc))
+            return pb.PushReply(protocol_version=PROTOCOL_VERSION, accepted=False, reason=str(exc))
+        except grpc.RpcError:
+            sink.abort("stream broken by the client")
+            raise
+        except BaseException:
+            sink.abort("stream ended abnormally")
+            raise
+        return pb.PushReply(protocol_version=PROTOCOL_VERSION, accepted=True)
+
+    def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveReply:
+        try:
+            check_version(request.protocol_version, "Leave")
+            self._handler.leave(self._peer(context), request.worker_id, request.reason[:200])
+        except EnclaveFLError as exc:
+            _abort(context, exc)
+        return pb.LeaveReply(protocol_version=PROTOCOL_VERSION)
+
+
+@dataclass
+class FederationServer:
+    """A started gRPC server; ``port`` is the one actually bound. Close with stop()."""
+
+    server: Any
+    port: int
+
+    @classmethod
+    def start(
+        cls,
+        handler: FederationHandler,
+        credentials: Credentials,
+        *,
+        listen: str,
+        chunk_bytes: int,
+        max_threads: int = 128,
+    ) -> FederationServer:
+        """Binds ``listen`` with TLS and starts serving.
+
+        Raises:
+            OSError: the address cannot be bound.
+        """
+        limit = message_limit(chunk_bytes)
+        server = grpc.server(
+            ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="grpc"),
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 0),
+            ],
+            maximum_concurrent_rpcs=max_threads * 4,
+        )
+        servicer = _Servicer(handler, credentials, chunk_bytes)
+        pb_grpc.add_FederationServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+        port = server.add_secure_port(listen, credentials.server_credentials())
+        if port == 0:
+            raise OSError(f"cannot bind {listen}")
+        server.start()
+        return cls(server=server, port=port)
+
+    def stop(self, grace_s: float = 2.0) -> None:
+        """Stops accepting calls and waits up to ``grace_s`` for running ones. Idempotent."""
+        self.server.stop(grace_s).wait(grace_s + 1)

@@ -1,0 +1,5 @@
+"""The worker runtime."""
+
+from enclavefl.worker.runtime import Worker, WorkerSettings, compute_delta
+
+__all__ = ["Worker", "WorkerSettings", "compute_delta"]

@@ -1,0 +1,356 @@
+"""Tests for enclavefl.config: job files, --set overrides and cloud FL aliases."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from enclavefl.config import CLOUD_KEY_ALIASES, JobConfig, apply_overrides, load_job, parse_job
+from enclavefl.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((REPO / "examples").glob("**/*.yaml"))
+
+
+def config_error(doc: Any, overrides: list[str] | None = None) -> str:
+    """The message of the ConfigError that parsing `doc` raises."""
+    with pytest.raises(ConfigError) as info:
+        parse_job(doc, source="job.yaml", overrides=overrides or [])
+    return str(info.value)
+
+
+# ------------------------------------------------------------------ defaults
+
+
+def test_empty_document_gives_secure_defaults() -> None:
+    # Execute
+    config = parse_job(None)
+
+    # Assert
+    assert config == JobConfig()
+    assert config.job.rounds == 10
+    assert config.attestation.mode == "simulated"  # attestation on unless the job says none
+    assert config.round.min_workers == 1
+    assert config.transport.listen == "127.0.0.1:0"
+
+
+def test_to_dict_round_trips_through_parse_job() -> None:
+    config = parse_job({"job": {"rounds": 4}, "task": {"params": {"hidden": [8]}}})
+
+    assert parse_job(config.to_dict()) == config
+
+
+def test_config_is_frozen() -> None:
+    config = parse_job({})
+
+    with pytest.raises(ValueError):
+        config.job.rounds = 3
+
+
+# ------------------------------------------------------------------ rejections
+
+
+def test_rejects_unknown_key_naming_the_dotted_path_and_value() -> None:
+    message = config_error({"transport": {"tls": {"bogus": 17}}})
+
+    assert "job.yaml" in message
+    assert "transport.tls.bogus" in message
+    assert "unknown key" in message
+    assert "17" in message
+
+
+def test_rejects_unknown_section() -> None:
+    message = config_error({"sever": {"lr": 1.0}})
+
+    assert "sever: unknown key" in message
+
+
+def test_rejects_wrong_type_naming_path_value_and_expected_type() -> None:
+    message = config_error({"job": {"rounds": "many"}})
+
+    assert "job.rounds = 'many'" in message
+    assert "valid integer" in message
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("job", "rounds", True),
+        ("round", "start_window_s", True),
+        ("client", "batch_size", True),
+        ("round", "fraction", True),
+    ],
+)
+def test_rejects_boolean_where_a_number_is_expected(section: str, key: str, value: bool) -> None:
+    # YAML reads `yes`/`on`/`true` as booleans; `rounds: yes` must not mean one round.
+    message = config_error({section: {key: value}})
+
+    assert f"{section}.{key} = {value!r}" in message
+
+
+@pytest.mark.parametrize(
+    ("doc", "path", "allowed"),
+    [
+        ({"job": {"rounds": 0}}, "job.rounds = 0", "greater than or equal to 1"),
+        ({"round": {"fraction": 1.5}}, "round.fraction = 1.5", "less than or equal to 1"),
+        ({"round": {"update_window_s": -1}}, "round.update_window_s = -1", "greater than 0"),
+        ({"transport": {"chunk_bytes": 10}}, "transport.chunk_bytes = 10", "greater than or equal to 4096"),
+        ({"client": {"optimizer": "rmsprop"}}, "client.optimizer = 'rmsprop'", "must be one of 'sgd' or 'adam'"),
+        ({"attestation": {"mode": "off"}}, "attestation.mode = 'off'", "must be one of"),
+        ({"task": {"name": "a:b:c"}}, "task.name = 'a:b:c'", "package.module:function"),
+        ({"transport": {"listen": "localhost"}}, "transport.listen = 'localhost'", "pattern"),
+    ],
+)
+def test_rejects_out_of_range_value_naming_path_value_and_allowed(
+    doc: dict[str, Any], path: str, allowed: str
+) -> None:
+    message = config_error(doc)
+
+    assert path in message
+    assert allowed in message
+
+
+def test_reports_every_bad_key_at_once() -> None:
+    message = config_error({"job": {"rounds": 0, "seed": -1}, "client": {"lr": 0}})
+
+    assert "job.rounds = 0" in message
+    assert "job.seed = -1" in message
+    assert "client.lr = 0" in message
+
+
+def test_rejects_a_document_that_is_not_a_mapping() -> None:
+    message = config_error(["job", "rounds"])
+
+    assert "job.yaml" in message
+    assert "mapping" in message
+
+
+def test_rejects_a_section_that_is_not_a_mapping() -> None:
+    message = config_error({"job": 5})
+
+    assert "job = 5" in message
+
+
+# ------------------------------------------------------------------ --set overrides
+
+
+def test_set_reads_typed_yaml_scalars() -> None:
+    config = parse_job(
+        {},
+        overrides=[
+            "job.rounds=3",
+            "round.fraction=0.5",
+            "job.name=demo-1",
+            "task.data_dir=",
+            "attestation.mode=none",
+        ],
+    )
+
+    assert config.job.rounds == 3
+    assert config.round.fraction == 0.5
+    assert config.job.name == "demo-1"
+    assert config.task.data_dir == ""
+    assert config.attestation.mode == "none"
+
+
+def test_set_replaces_a_value_from_the_file() -> None:
+    config = parse_job({"job": {"rounds": 10, "seed": 4}}, overrides=["job.rounds=2"])
+
+    assert config.job.rounds == 2
+    assert config.job.seed == 4  # siblings survive
+
+
+def test_set_reaches_nested_sections() -> None:
+    config = parse_job({}, overrides=["transport.tls.server_name=ps.example", "task.params.hidden=[32, 16]"])
+
+    assert config.transport.tls.server_name == "ps.example"
+    assert config.task.params == {"hidden": [32, 16]}
+
+
+def test_later_set_wins() -> None:
+    config = parse_job({}, overrides=["job.rounds=3", "job.rounds=4"])
+
+    assert config.job.rounds == 4
+
+
+def test_apply_overrides_does_not_change_its_input() -> None:
+    doc = {"job": {"rounds": 10}}
+
+    out = apply_overrides(doc, ["job.rounds=2"])
+
+    assert doc == {"job": {"rounds": 10}}
+    assert out == {"job": {"rounds": 2}}
+
+
+@pytest.mark.parametrize("item", ["foo", "=3", "job.rounds", " =1"])
+def test_set_rejects_an_item_without_key_and_value(item: str) -> None:
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        parse_job({}, overrides=[item])
+
+
+@pytest.mark.parametrize("item", ["job=3", "job..rounds=3", ".rounds=3"])
+def test_set_rejects_a_key_that_is_not_a_path(item: str) -> None:
+    with pytest.raises(ConfigError, match="not a key path"):
+        parse_job({}, overrides=[item])
+
+
+def test_set_rejects_an_unknown_key_path() -> None:
+    message = config_error({}, ["job.roundz=3"])
+
+    assert "job.roundz: unknown key (given 3)" in message
+
+
+def test_set_rejects_descending_into_a_value() -> None:
+    message = config_error({"job": {"rounds": 3}}, ["job.rounds.max=4"])
+
+    assert "'rounds' in 'job.rounds.max' is not a section" in message
+
+
+def test_set_value_is_validated_like_the_file() -> None:
+    message = config_error({}, ["round.fraction=2"])
+
+    assert "round.fraction = 2" in message
+    assert "less than or equal to 1" in message
+
+
+def test_set_rejects_a_value_that_is_not_yaml() -> None:
+    message = config_error({}, ["task.params=[1, 2"])
+
+    assert "task.params" in message
+    assert "not a YAML scalar" in message
+
+
+# ------------------------------------------------------------------ cloud FL aliases
+
+
+@pytest.mark.parametrize(
+    ("alias", "value", "section", "key", "expected"),
+    [
+        ("fl_iteration_num", 20, "job", "rounds", 20),
+        ("start_fl_job_threshold", 4, "round", "min_workers", 4),
+        ("start_fl_job_time_window", 3000, "round", "start_window_s", 3.0),
+        ("update_model_ratio", 0.5, "round", "update_ratio", 0.5),
+        ("update_model_time_window", 45000, "round", "update_window_s", 45.0),
+        ("client_epoch_num", 3, "client", "epochs", 3),
+        ("client_batch_size", 16, "client", "batch_size", 16),
+        ("client_learning_rate", 0.01, "client", "lr", 0.01),
+    ],
+)
+def test_cloud_alias_maps_to_our_key(alias: str, value: Any, section: str, key: str, expected: Any) -> None:
+    config = parse_job({alias: value})
+
+    assert getattr(getattr(config, section), key) == pytest.approx(expected)
+
+
+def test_every_cloud_alias_targets_an_existing_key() -> None:
+    defaults = JobConfig().to_dict()
+    for alias, (dotted, _factor) in CLOUD_KEY_ALIASES.items():
+        section, key = dotted.split(".")
+        assert key in defaults[section], alias
+
+
+def test_cloud_alias_keeps_other_keys_of_its_section() -> None:
+    config = parse_job({"update_model_time_window": 2000, "round": {"min_workers": 2}})
+
+    assert config.round.update_window_s == pytest.approx(2.0)
+    assert config.round.min_workers == 2
+
+
+def test_cloud_time_window_rejects_a_non_number() -> None:
+    message = config_error({"start_fl_job_time_window": True})
+
+    assert "start_fl_job_time_window" in message
+    assert "milliseconds" in message
+
+
+def test_cloud_alias_value_is_validated_under_our_key() -> None:
+    message = config_error({"fl_iteration_num": 0})
+
+    assert "job.rounds = 0" in message
+
+
+def test_set_accepts_a_cloud_alias() -> None:
+    config = parse_job({"job": {"rounds": 10}}, overrides=["fl_iteration_num=2", "update_model_time_window=1500"])
+
+    assert config.job.rounds == 2
+    assert config.round.update_window_s == pytest.approx(1.5)
+
+
+def test_set_overrides_a_cloud_alias_given_in_the_file() -> None:
+    # A file in the cloud cluster's spelling, overridden with our spelling on the command line.
+    config = parse_job({"fl_iteration_num": 20, "update_model_time_window": 60000}, overrides=["job.rounds=2"])
+
+    assert config.job.rounds == 2
+    assert config.round.update_window_s == pytest.approx(60.0)
+
+
+# ------------------------------------------------------------------ load_job
+
+
+def test_load_job_reads_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text("job:\n  rounds: 4\nround:\n  min_workers: 2\n", encoding="utf-8")
+
+    config = load_job(path, ["job.seed=9"])
+
+    assert (config.job.rounds, config.job.seed, config.round.min_workers) == (4, 9, 2)
+
+
+def test_load_job_on_missing_file_names_it(tmp_path: Path) -> None:
+    path = tmp_path / "absent.yaml"
+
+    with pytest.raises(ConfigError, match=re.escape(str(path))) as info:
+        load_job(path)
+
+    assert "cannot read job file" in str(info.value)
+
+
+def test_load_job_on_invalid_yaml_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("job:\n  rounds: [1, 2\n", encoding="utf-8")
+
+    with pytest.raises(ConfigError, match="not valid YAML") as info:
+        load_job(path)
+
+    assert str(path) in str(info.value)
+
+
+def test_load_job_refuses_python_tags(tmp_path: Path) -> None:
+    # Only the safe loader is used: a tag that would build an object is an error.
+    path = tmp_path / "evil.yaml"
+    path.write_text("job: !!python/object/apply:os.system ['true']\n", encoding="utf-8")
+
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_job(path)
+
+
+def test_load_job_names_the_file_and_key_of_a_bad_value(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text("round:\n  update_ratio: 0\n", encoding="utf-8")
+
+    with pytest.raises(ConfigError) as info:
+        load_job(path)
+
+    assert str(path) in str(info.value)
+    assert "round.update_ratio = 0" in str(info.value)
+
+
+def test_load_job_on_empty_file_gives_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "empty.yaml"
+    path.write_text("", encoding="utf-8")
+
+    assert load_job(path) == JobConfig()
+
+
+def test_examples_exist() -> None:
+    assert EXAMPLES, f"no examples/**/*.yaml under {REPO}"
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[str(p.relative_to(REPO)) for p in EXAMPLES])
+def test_example_job_loads(path: Path) -> None:
+    config = load_job(path)
+
+    assert isinstance(config, JobConfig)
