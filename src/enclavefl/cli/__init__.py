@@ -30,7 +30,7 @@ def exit_code(exc: BaseException) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from enclavefl.cli import certs_cmd, roles, run_cmd
+    from enclavefl.cli import attest_cmd, baseline_cmd, certs_cmd, report_cmd, roles, run_cmd
 
     parser = argparse.ArgumentParser(prog="enclavefl", description="Federated learning with attested TLS.")
     parser.add_argument("--version", action="version", version=f"enclavefl {__version__}")
@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     roles.add_ps_parser(sub)
     roles.add_worker_parser(sub)
     certs_cmd.add_parser(sub)
+    attest_cmd.add_parser(sub)
+    baseline_cmd.add_parser(sub)
+    report_cmd.add_parser(sub)
     return parser
 
 

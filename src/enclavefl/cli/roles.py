@@ -27,6 +27,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="override a configuration key (repeatable)")
     p.add_argument("--tls-dir", type=Path, help="directory made by `enclavefl certs` (ca.pem, ps.pem, worker-<i>.pem ...)")
     p.add_argument("--log-file", help="write logs here instead of stderr")
+    p.add_argument("--audit-file", type=Path, help="append attestation decisions here as JSON lines")
 
 
 def add_ps_parser(sub: Any) -> None:
@@ -48,12 +49,21 @@ def add_worker_parser(sub: Any) -> None:
     p.set_defaults(func=run_worker)
 
 
-def make_credentials(config: JobConfig, tls_dir: Path | None, role: str) -> Credentials:
-    """Credentials for ``role`` (``ps`` or ``worker-<i>``) from --tls-dir or transport.tls.
+def make_credentials(config: JobConfig, tls_dir: Path | None, role: str, *, job_dir: Path = Path("."),
+                     audit_path: Path | None = None) -> Credentials:
+    """Credentials for ``role`` (``ps`` or ``worker-<i>``).
+
+    With ``attestation.mode`` simulated or gramine: attested RA-TLS credentials
+    (policy and sim root relative to ``job_dir``, the job file's folder).
+    With ``none``: mutual TLS under the per-job CA from --tls-dir or transport.tls.
 
     Raises:
         ConfigError: no certificate source was given, or a file is unreadable.
     """
+    if config.attestation.mode != "none":
+        from enclavefl.cli.attest_cmd import make_attested_credentials
+
+        return make_attested_credentials(config, job_dir=job_dir, role=role, node=role, audit_path=audit_path)
     tls = config.transport.tls
     if tls_dir is not None:
         return CaCredentials.from_files(tls_dir / "ca.pem", tls_dir / f"{role}.pem", tls_dir / f"{role}.key",
@@ -71,14 +81,15 @@ def _stop_on_signals(event: threading.Event) -> None:
 
 
 def run_ps(args: argparse.Namespace) -> int:
-    from enclavefl.ml.tasks import load_task
+    from enclavefl.tasks import load_task
     from enclavefl.server.checkpoint import latest_checkpoint
     from enclavefl.server.ps import ParameterServer
     from enclavefl.transport.service import FederationServer
 
     setup_logging(logging.DEBUG if args.debug else logging.INFO, args.log_file)
     config = load_job(args.config, args.overrides)
-    credentials = make_credentials(config, args.tls_dir, "ps")
+    credentials = make_credentials(config, args.tls_dir, "ps", job_dir=args.config.parent,
+                                   audit_path=args.audit_file or args.out / "audit.jsonl")
     task = load_task(config)
     initial = task.initial_parameters()
     resume = None
@@ -110,7 +121,7 @@ def run_ps(args: argparse.Namespace) -> int:
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    from enclavefl.ml.tasks import load_task
+    from enclavefl.tasks import load_task
     from enclavefl.worker.runtime import Worker, WorkerSettings
 
     setup_logging(logging.DEBUG if args.debug else logging.INFO, args.log_file)
@@ -118,7 +129,8 @@ def run_worker(args: argparse.Namespace) -> int:
     count = args.of or config.job.workers
     if not 0 <= args.index < count:
         raise ConfigError(f"--index {args.index} is outside 0..{count - 1}")
-    credentials = make_credentials(config, args.tls_dir, f"worker-{args.index}")
+    credentials = make_credentials(config, args.tls_dir, f"worker-{args.index}", job_dir=args.config.parent,
+                                   audit_path=args.audit_file)
     trainer = load_task(config).worker_trainer(args.index, count)
     stop = threading.Event()
     _stop_on_signals(stop)

@@ -25,7 +25,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from enclavefl.config import JobConfig, load_job
+from enclavefl.cli.partition_table import print_partition_table
+from enclavefl.config import JobConfig, load_job, parse_job
 from enclavefl.errors import EnclaveFLError, RoundError
 from enclavefl.transport.certs import create_job_certs
 
@@ -95,6 +96,34 @@ def _tail(path: Path, lines: int = 8) -> str:
         return "(no log)"
 
 
+def _attestation_setup(console: Console, config: JobConfig, job_file: Path, run_dir: Path) -> JobConfig:
+    """Makes the run's attestation material; paths in the run's config.yaml are relative to ``run_dir``.
+
+    Simulated mode without a policy of its own (the default) gets a fresh sim
+    root, a code measurement and a policy that allows exactly that code.
+    """
+    att = config.attestation
+    if att.mode == "none":
+        return config
+    from enclavefl.cli.attest_cmd import prepare_simulated_attestation
+
+    doc = config.to_dict()
+    if att.mode == "simulated" and not att.policy and not att.sim_root:
+        sim_root, policy, measurement, mr_signer = prepare_simulated_attestation(run_dir, config)
+        doc["attestation"].update(policy=policy, sim_root=sim_root)
+        console.print("[yellow]attestation: SIMULATED evidence (development only, NOT A REAL TEE)[/]; "
+                      f"mr_enclave {measurement.mr_enclave.hex()[:16]}... mr_signer {mr_signer.hex()[:16]}...; "
+                      f"policy {run_dir / policy}; set attestation.mode to gramine on SGX hardware")
+    else:
+        for key in ("policy", "sim_root", "collateral"):
+            value = doc["attestation"].get(key)
+            if value and not Path(value).is_absolute():
+                doc["attestation"][key] = str((job_file.parent / value).resolve())
+        console.print(f"attestation: {att.mode} evidence, policy {doc['attestation'].get('policy')}"
+                      + (" (SIMULATED, NOT A REAL TEE)" if att.mode == "simulated" else ""))
+    return parse_job(doc, source=str(job_file))
+
+
 def _run_dir(config: JobConfig, out: Path | None) -> Path:
     if out is not None:
         return out
@@ -145,12 +174,18 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"enclavefl run: job [bold]{config.job.name}[/], {config.job.workers} workers, "
                   f"{config.job.rounds} rounds, task {config.task.name}")
     console.print(f"run directory: {run_dir}")
+    print_partition_table(console, config)
+    config = _attestation_setup(console, config, args.job, run_dir)
     config_path = run_dir / "config.yaml"
     config_path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     certs_dir = run_dir / "certs"
-    if not (certs_dir / "ca.pem").exists():
-        create_job_certs(certs_dir, config.job.name, workers=config.job.workers)
-    console.print(f"transport: mutual TLS under a per-job CA ({certs_dir})")
+    tls_args: list[str] = []
+    if config.attestation.mode == "none":
+        if not (certs_dir / "ca.pem").exists():
+            create_job_certs(certs_dir, config.job.name, workers=config.job.workers)
+        console.print(f"transport: mutual TLS under a per-job CA ({certs_dir}), no attestation")
+        tls_args = ["--tls-dir", str(certs_dir)]
+    audit_args = ["--audit-file", str(run_dir / "audit.jsonl")]
 
     python = [sys.executable, "-m", "enclavefl"] + (["--debug"] if args.debug else [])
     cluster = _Cluster(run_dir)
@@ -160,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
     metrics_path = run_dir / config.summary.metrics_file
     rows: list[dict[str, Any]] = []
     try:
-        ps_argv = python + ["ps", "--config", str(config_path), "--out", str(run_dir), "--tls-dir", str(certs_dir),
+        ps_argv = python + ["ps", "--config", str(config_path), "--out", str(run_dir), *tls_args, *audit_args,
                             "--port-file", str(port_file)]
         if args.resume:
             ps_argv.append("--resume")
@@ -174,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
             time.sleep(0.05)
         port = int(port_file.read_text())
         for i in range(config.job.workers):
-            cluster.spawn(f"worker-{i}", python + ["worker", "--config", str(config_path), "--tls-dir", str(certs_dir),
+            cluster.spawn(f"worker-{i}", python + ["worker", "--config", str(config_path), *tls_args, *audit_args,
                                                     "--connect", f"127.0.0.1:{port}", "--index", str(i)])
         console.print(f"PS listening on 127.0.0.1:{port}; logs in {run_dir / 'logs'}")
         rows = _follow(console, ps, metrics_path, config, quiet=args.quiet)

@@ -54,11 +54,15 @@ class TorchTrainer:
     def num_samples(self) -> int:
         return 0 if self._train is None else len(self._train.y)
 
+    def _exchanged(self) -> dict[str, torch.Tensor]:
+        # BatchNorm's num_batches_tracked is a step counter, not a statistic: nothing to average.
+        return {n: t for n, t in self.model.state_dict().items() if not n.endswith("num_batches_tracked")}
+
     def get_parameters(self) -> ParamSet:
-        return ParamSet((name, t.detach().cpu().numpy().copy()) for name, t in self.model.state_dict().items())
+        return ParamSet((name, t.detach().cpu().numpy().copy()) for name, t in self._exchanged().items())
 
     def set_parameters(self, params: ParamSet) -> None:
-        state = self.model.state_dict()
+        state = self._exchanged()
         missing = [n for n in state if n not in params]
         if missing:
             raise ValueError(f"parameters lack {missing[:5]}")
@@ -68,7 +72,7 @@ class TorchTrainer:
                 array = value.to_dense() if isinstance(value, SparseRows) else value
                 if tuple(array.shape) != tuple(target.shape):
                     raise ValueError(f"{name}: shape {array.shape} != model {tuple(target.shape)}")
-                target.copy_(torch.from_numpy(np.ascontiguousarray(array)))
+                target.copy_(torch.from_numpy(np.ascontiguousarray(array).reshape(array.shape)))
 
     def _make_optimizer(self, lr: float) -> torch.optim.Optimizer:
         s = self._optimizer

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n enclavefl/proto/federation.proto\x12\x0c\x65nclavefl.v1\"t\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12(\n\x08\x65ncoding\x18\x04 \x01(\x0e\x32\x16.enclavefl.v1.Encoding\x12\x10\n\x08nnz_rows\x18\x05 \x01(\x03\"9\n\x0cTensorHeader\x12)\n\x07tensors\x18\x01 \x03(\x0b\x32\x18.enclavefl.v1.TensorSpec\"Q\n\x0bJoinRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x13\n\x0bworker_name\x18\x02 \x01(\t\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x03\"o\n\tJoinReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x10\n\x08job_name\x18\x03 \x01(\t\x12\x13\n\x0bps_instance\x18\x04 \x01(\t\x12\x0e\n\x06rounds\x18\x05 \x01(\x03\"R\n\x0fWaitTaskRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x12\n\nmax_wait_s\x18\x03 \x01(\x01\"@\n\x0e\x43lientSettings\x12\x0e\n\x06\x65pochs\x18\x01 \x01(\x05\x12\x12\n\nbatch_size\x18\x02 \x01(\x05\x12\n\n\x02lr\x18\x03 \x01(\x01\"\x81\x02\n\x04Task\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12%\n\x04kind\x18\x02 \x01(\x0e\x32\x17.enclavefl.v1.Task.Kind\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\x12\x13\n\x0bps_instance\x18\x05 \x01(\t\x12\x15\n\rretry_after_s\x18\x06 \x01(\x01\x12,\n\x06\x63lient\x18\x07 \x01(\x0b\x32\x1c.enclavefl.v1.ClientSettings\x12\x0f\n\x07message\x18\x08 \x01(\t\"\'\n\x04Kind\x12\x08\n\x04WAIT\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\n\n\x06\x46INISH\x10\x02\"Q\n\x0bPullRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\"Q\n\nModelChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.enclavefl.v1.ModelHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"k\n\x0bModelHeader\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12+\n\x07tensors\x18\x03 \x01(\x0b\x32\x1a.enclavefl.v1.TensorHeader\"\x8d\x02\n\x0cUpdateHeader\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\x12\x13\n\x0bnum_samples\x18\x05 \x01(\x03\x12\x38\n\x07metrics\x18\x06 \x03(\x0b\x32\'.enclavefl.v1.UpdateHeader.MetricsEntry\x12+\n\x07tensors\x18\x07 \x01(\x0b\x32\x1a.enclavefl.v1.TensorHeader\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"S\n\x0bUpdateChunk\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.enclavefl.v1.UpdateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"G\n\tPushReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"K\n\x0cLeaveRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"&\n\nLeaveReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r*&\n\x08\x45ncoding\x12\t\n\x05\x44\x45NSE\x10\x00\x12\x0f\n\x0bSPARSE_ROWS\x10\x01\x32\xce\x02\n\nFederation\x12:\n\x04Join\x12\x19.enclavefl.v1.JoinRequest\x1a\x17.enclavefl.v1.JoinReply\x12=\n\x08WaitTask\x12\x1d.enclavefl.v1.WaitTaskRequest\x1a\x12.enclavefl.v1.Task\x12\x42\n\tPullModel\x12\x19.enclavefl.v1.PullRequest\x1a\x18.enclavefl.v1.ModelChunk0\x01\x12\x42\n\nPushUpdate\x12\x19.enclavefl.v1.UpdateChunk\x1a\x17.enclavefl.v1.PushReply(\x01\x12=\n\x05Leave\x12\x1a.enclavefl.v1.LeaveRequest\x1a\x18.enclavefl.v1.LeaveReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n enclavefl/proto/federation.proto\x12\x0c\x65nclavefl.v1\"t\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12(\n\x08\x65ncoding\x18\x04 \x01(\x0e\x32\x16.enclavefl.v1.Encoding\x12\x10\n\x08nnz_rows\x18\x05 \x01(\x03\"9\n\x0cTensorHeader\x12)\n\x07tensors\x18\x01 \x03(\x0b\x32\x18.enclavefl.v1.TensorSpec\",\n\x10\x43hallengeRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\"9\n\x0e\x43hallengeReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05nonce\x18\x02 \x01(\x0c\"`\n\x0fJoinAttestation\x12\x13\n\x0b\x63\x65rtificate\x18\x01 \x01(\x0c\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\x16\n\x0eps_cert_sha256\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"\x85\x01\n\x0bJoinRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x13\n\x0bworker_name\x18\x02 \x01(\t\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x03\x12\x32\n\x0b\x61ttestation\x18\x04 \x01(\x0b\x32\x1d.enclavefl.v1.JoinAttestation\"\x86\x01\n\tJoinReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x10\n\x08job_name\x18\x03 \x01(\t\x12\x13\n\x0bps_instance\x18\x04 \x01(\t\x12\x0e\n\x06rounds\x18\x05 \x01(\x03\x12\x15\n\rsession_token\x18\x06 \x01(\t\"R\n\x0fWaitTaskRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x12\n\nmax_wait_s\x18\x03 \x01(\x01\"@\n\x0e\x43lientSettings\x12\x0e\n\x06\x65pochs\x18\x01 \x01(\x05\x12\x12\n\nbatch_size\x18\x02 \x01(\x05\x12\n\n\x02lr\x18\x03 \x01(\x01\"\x81\x02\n\x04Task\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12%\n\x04kind\x18\x02 \x01(\x0e\x32\x17.enclavefl.v1.Task.Kind\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\x12\x13\n\x0bps_instance\x18\x05 \x01(\t\x12\x15\n\rretry_after_s\x18\x06 \x01(\x01\x12,\n\x06\x63lient\x18\x07 \x01(\x0b\x32\x1c.enclavefl.v1.ClientSettings\x12\x0f\n\x07message\x18\x08 \x01(\t\"\'\n\x04Kind\x12\x08\n\x04WAIT\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\n\n\x06\x46INISH\x10\x02\"Q\n\x0bPullRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\"Q\n\nModelChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.enclavefl.v1.ModelHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"k\n\x0bModelHeader\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12+\n\x07tensors\x18\x03 \x01(\x0b\x32\x1a.enclavefl.v1.TensorHeader\"\x8d\x02\n\x0cUpdateHeader\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\x12\x13\n\x0bnum_samples\x18\x05 \x01(\x03\x12\x38\n\x07metrics\x18\x06 \x03(\x0b\x32\'.enclavefl.v1.UpdateHeader.MetricsEntry\x12+\n\x07tensors\x18\x07 \x01(\x0b\x32\x1a.enclavefl.v1.TensorHeader\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"S\n\x0bUpdateChunk\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.enclavefl.v1.UpdateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"G\n\tPushReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"K\n\x0cLeaveRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"&\n\nLeaveReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r*&\n\x08\x45ncoding\x12\t\n\x05\x44\x45NSE\x10\x00\x12\x0f\n\x0bSPARSE_ROWS\x10\x01\x32\x99\x03\n\nFederation\x12I\n\tChallenge\x12\x1e.enclavefl.v1.ChallengeRequest\x1a\x1c.enclavefl.v1.ChallengeReply\x12:\n\x04Join\x12\x19.enclavefl.v1.JoinRequest\x1a\x17.enclavefl.v1.JoinReply\x12=\n\x08WaitTask\x12\x1d.enclavefl.v1.WaitTaskRequest\x1a\x12.enclavefl.v1.Task\x12\x42\n\tPullModel\x12\x19.enclavefl.v1.PullRequest\x1a\x18.enclavefl.v1.ModelChunk0\x01\x12\x42\n\nPushUpdate\x12\x19.enclavefl.v1.UpdateChunk\x1a\x17.enclavefl.v1.PushReply(\x01\x12=\n\x05Leave\x12\x1a.enclavefl.v1.LeaveRequest\x1a\x18.enclavefl.v1.LeaveReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,42 +33,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_UPDATEHEADER_METRICSENTRY']._loaded_options = None
   _globals['_UPDATEHEADER_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_ENCODING']._serialized_start=1655
-  _globals['_ENCODING']._serialized_end=1693
+  _globals['_ENCODING']._serialized_start=1935
+  _globals['_ENCODING']._serialized_end=1973
   _globals['_TENSORSPEC']._serialized_start=50
   _globals['_TENSORSPEC']._serialized_end=166
   _globals['_TENSORHEADER']._serialized_start=168
   _globals['_TENSORHEADER']._serialized_end=225
-  _globals['_JOINREQUEST']._serialized_start=227
-  _globals['_JOINREQUEST']._serialized_end=308
-  _globals['_JOINREPLY']._serialized_start=310
-  _globals['_JOINREPLY']._serialized_end=421
-  _globals['_WAITTASKREQUEST']._serialized_start=423
-  _globals['_WAITTASKREQUEST']._serialized_end=505
-  _globals['_CLIENTSETTINGS']._serialized_start=507
-  _globals['_CLIENTSETTINGS']._serialized_end=571
-  _globals['_TASK']._serialized_start=574
-  _globals['_TASK']._serialized_end=831
-  _globals['_TASK_KIND']._serialized_start=792
-  _globals['_TASK_KIND']._serialized_end=831
-  _globals['_PULLREQUEST']._serialized_start=833
-  _globals['_PULLREQUEST']._serialized_end=914
-  _globals['_MODELCHUNK']._serialized_start=916
-  _globals['_MODELCHUNK']._serialized_end=997
-  _globals['_MODELHEADER']._serialized_start=999
-  _globals['_MODELHEADER']._serialized_end=1106
-  _globals['_UPDATEHEADER']._serialized_start=1109
-  _globals['_UPDATEHEADER']._serialized_end=1378
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=1332
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=1378
-  _globals['_UPDATECHUNK']._serialized_start=1380
-  _globals['_UPDATECHUNK']._serialized_end=1463
-  _globals['_PUSHREPLY']._serialized_start=1465
-  _globals['_PUSHREPLY']._serialized_end=1536
-  _globals['_LEAVEREQUEST']._serialized_start=1538
-  _globals['_LEAVEREQUEST']._serialized_end=1613
-  _globals['_LEAVEREPLY']._serialized_start=1615
-  _globals['_LEAVEREPLY']._serialized_end=1653
-  _globals['_FEDERATION']._serialized_start=1696
-  _globals['_FEDERATION']._serialized_end=2030
+  _globals['_CHALLENGEREQUEST']._serialized_start=227
+  _globals['_CHALLENGEREQUEST']._serialized_end=271
+  _globals['_CHALLENGEREPLY']._serialized_start=273
+  _globals['_CHALLENGEREPLY']._serialized_end=330
+  _globals['_JOINATTESTATION']._serialized_start=332
+  _globals['_JOINATTESTATION']._serialized_end=428
+  _globals['_JOINREQUEST']._serialized_start=431
+  _globals['_JOINREQUEST']._serialized_end=564
+  _globals['_JOINREPLY']._serialized_start=567
+  _globals['_JOINREPLY']._serialized_end=701
+  _globals['_WAITTASKREQUEST']._serialized_start=703
+  _globals['_WAITTASKREQUEST']._serialized_end=785
+  _globals['_CLIENTSETTINGS']._serialized_start=787
+  _globals['_CLIENTSETTINGS']._serialized_end=851
+  _globals['_TASK']._serialized_start=854
+  _globals['_TASK']._serialized_end=1111
+  _globals['_TASK_KIND']._serialized_start=1072
+  _globals['_TASK_KIND']._serialized_end=1111
+  _globals['_PULLREQUEST']._serialized_start=1113
+  _globals['_PULLREQUEST']._serialized_end=1194
+  _globals['_MODELCHUNK']._serialized_start=1196
+  _globals['_MODELCHUNK']._serialized_end=1277
+  _globals['_MODELHEADER']._serialized_start=1279
+  _globals['_MODELHEADER']._serialized_end=1386
+  _globals['_UPDATEHEADER']._serialized_start=1389
+  _globals['_UPDATEHEADER']._serialized_end=1658
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=1612
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=1658
+  _globals['_UPDATECHUNK']._serialized_start=1660
+  _globals['_UPDATECHUNK']._serialized_end=1743
+  _globals['_PUSHREPLY']._serialized_start=1745
+  _globals['_PUSHREPLY']._serialized_end=1816
+  _globals['_LEAVEREQUEST']._serialized_start=1818
+  _globals['_LEAVEREQUEST']._serialized_end=1893
+  _globals['_LEAVEREPLY']._serialized_start=1895
+  _globals['_LEAVEREPLY']._serialized_end=1933
+  _globals['_FEDERATION']._serialized_start=1976
+  _globals['_FEDERATION']._serialized_end=2385
 # @@protoc_insertion_point(module_scope)

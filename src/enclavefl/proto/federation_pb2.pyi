@@ -93,25 +93,106 @@ class TensorHeader(_message.Message):
 Global___TensorHeader: _TypeAlias = TensorHeader  # noqa: Y015
 
 @_typing.final
+class ChallengeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
+    protocol_version: _builtins.int
+    def __init__(
+        self,
+        *,
+        protocol_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["protocol_version", b"protocol_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChallengeRequest: _TypeAlias = ChallengeRequest  # noqa: Y015
+
+@_typing.final
+class ChallengeReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
+    NONCE_FIELD_NUMBER: _builtins.int
+    protocol_version: _builtins.int
+    nonce: _builtins.bytes
+    """32 random bytes, valid once and for a short time."""
+    def __init__(
+        self,
+        *,
+        protocol_version: _builtins.int = ...,
+        nonce: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["nonce", b"nonce", "protocol_version", b"protocol_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChallengeReply: _TypeAlias = ChallengeReply  # noqa: Y015
+
+@_typing.final
+class JoinAttestation(_message.Message):
+    """Proof that the caller holds the key of an attested RA-TLS certificate:
+    an ECDSA signature over "enclavefl-join-v1" || nonce || SHA-256(PS certificate DER) || worker_name.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CERTIFICATE_FIELD_NUMBER: _builtins.int
+    NONCE_FIELD_NUMBER: _builtins.int
+    PS_CERT_SHA256_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    certificate: _builtins.bytes
+    """The worker's RA-TLS certificate (PEM)."""
+    nonce: _builtins.bytes
+    ps_cert_sha256: _builtins.bytes
+    """SHA-256 of the DER certificate the worker's channel is pinned to: must be this PS's."""
+    signature: _builtins.bytes
+    """DER ECDSA-P256-SHA256 by the certificate's key."""
+    def __init__(
+        self,
+        *,
+        certificate: _builtins.bytes = ...,
+        nonce: _builtins.bytes = ...,
+        ps_cert_sha256: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate", "nonce", b"nonce", "ps_cert_sha256", b"ps_cert_sha256", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JoinAttestation: _TypeAlias = JoinAttestation  # noqa: Y015
+
+@_typing.final
 class JoinRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
     WORKER_NAME_FIELD_NUMBER: _builtins.int
     NUM_SAMPLES_FIELD_NUMBER: _builtins.int
+    ATTESTATION_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     worker_name: _builtins.str
     num_samples: _builtins.int
+    @_builtins.property
+    def attestation(self) -> Global___JoinAttestation: ...
     def __init__(
         self,
         *,
         protocol_version: _builtins.int = ...,
         worker_name: _builtins.str = ...,
         num_samples: _builtins.int = ...,
+        attestation: Global___JoinAttestation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attestation", b"attestation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["num_samples", b"num_samples", "protocol_version", b"protocol_version", "worker_name", b"worker_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attestation", b"attestation", "num_samples", b"num_samples", "protocol_version", b"protocol_version", "worker_name", b"worker_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -126,12 +207,15 @@ class JoinReply(_message.Message):
     JOB_NAME_FIELD_NUMBER: _builtins.int
     PS_INSTANCE_FIELD_NUMBER: _builtins.int
     ROUNDS_FIELD_NUMBER: _builtins.int
+    SESSION_TOKEN_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     worker_id: _builtins.str
     job_name: _builtins.str
     ps_instance: _builtins.str
     """Changes every time the PS process starts: a worker that sees a new one re-joins."""
     rounds: _builtins.int
+    session_token: _builtins.str
+    """With attestation: sent back as "enclavefl-session" metadata on every later call."""
     def __init__(
         self,
         *,
@@ -140,10 +224,11 @@ class JoinReply(_message.Message):
         job_name: _builtins.str = ...,
         ps_instance: _builtins.str = ...,
         rounds: _builtins.int = ...,
+        session_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_name", b"job_name", "protocol_version", b"protocol_version", "ps_instance", b"ps_instance", "rounds", b"rounds", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_name", b"job_name", "protocol_version", b"protocol_version", "ps_instance", b"ps_instance", "rounds", b"rounds", "session_token", b"session_token", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

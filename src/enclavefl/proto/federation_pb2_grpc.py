@@ -34,6 +34,11 @@ class FederationStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.Challenge = channel.unary_unary(
+                '/enclavefl.v1.Federation/Challenge',
+                request_serializer=enclavefl_dot_proto_dot_federation__pb2.ChallengeRequest.SerializeToString,
+                response_deserializer=enclavefl_dot_proto_dot_federation__pb2.ChallengeReply.FromString,
+                _registered_method=True)
         self.Join = channel.unary_unary(
                 '/enclavefl.v1.Federation/Join',
                 request_serializer=enclavefl_dot_proto_dot_federation__pb2.JoinRequest.SerializeToString,
@@ -64,8 +69,16 @@ class FederationStub:
 class FederationServicer:
     """Missing associated documentation comment in .proto file."""
 
+    def Challenge(self, request, context):
+        """A fresh single-use nonce for an attested Join (attestation modes other than none).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Join(self, request, context):
-        """Registers a worker; the PS binds the id to the caller's TLS certificate.
+        """Registers a worker; the PS binds the id to the caller's TLS certificate, or,
+        with attestation, to the RA-TLS certificate whose key signed the challenge.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -102,6 +115,11 @@ class FederationServicer:
 
 def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Challenge': grpc.unary_unary_rpc_method_handler(
+                    servicer.Challenge,
+                    request_deserializer=enclavefl_dot_proto_dot_federation__pb2.ChallengeRequest.FromString,
+                    response_serializer=enclavefl_dot_proto_dot_federation__pb2.ChallengeReply.SerializeToString,
+            ),
             'Join': grpc.unary_unary_rpc_method_handler(
                     servicer.Join,
                     request_deserializer=enclavefl_dot_proto_dot_federation__pb2.JoinRequest.FromString,
@@ -137,6 +155,33 @@ def add_FederationServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Federation:
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Challenge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/enclavefl.v1.Federation/Challenge',
+            enclavefl_dot_proto_dot_federation__pb2.ChallengeRequest.SerializeToString,
+            enclavefl_dot_proto_dot_federation__pb2.ChallengeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def Join(request,

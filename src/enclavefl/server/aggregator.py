@@ -1,8 +1,9 @@
 """Streaming weighted aggregation: each update is folded in as it arrives.
 
 Memory is one float64 running sum per tensor (plus, for tensors that receive
-row-sparse updates, one weight per row), whatever the number of workers: an
-update is never kept after it has been added.
+row-sparse updates, one weight per row) and one scratch buffer the size of the
+largest tensor, whatever the number of workers: an update is never kept after
+it has been added.
 
 Sparse embedding updates (DLRM) carry only the rows a worker touched. A row's
 mean is taken over the workers that touched it, weighted by their sample
@@ -64,6 +65,12 @@ class WeightedMean(Aggregator):
         self._count = 0
         self._weight = 0.0
         self._lock = threading.Lock()
+        self._scratch = np.empty(0, dtype=np.float64)
+
+    def _scratch_for(self, size: int) -> np.ndarray:
+        if self._scratch.size < size:
+            self._scratch = np.empty(size, dtype=np.float64)
+        return self._scratch[:size]
 
     @property
     def count(self) -> int:
@@ -100,10 +107,11 @@ class WeightedMean(Aggregator):
                     slot.total[value.ids] = rows
                     slot.row_weight[value.ids] += weight
                 else:
-                    if value.dtype == np.float64:
-                        slot.total += value * weight
-                    else:
-                        slot.total += value.astype(np.float64) * weight
+                    # Scale into a reused float64 scratch buffer, then add: exact
+                    # float64 arithmetic without allocating per update.
+                    scaled = self._scratch_for(value.size).reshape(value.shape)
+                    np.multiply(value, weight, out=scaled, dtype=np.float64)
+                    slot.total += scaled
                     slot.dense_weight += weight
                     if slot.row_weight is not None:
                         slot.row_weight += weight

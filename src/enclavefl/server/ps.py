@@ -416,6 +416,8 @@ class ParameterServer:
             "eval_loss": evaluation.get("loss"),
             "eval_accuracy": evaluation.get("accuracy"),
             "bytes_in": rnd.bytes_in,
+            # What the same updates would have cost as dense tensors (sparse embedding rows save the rest).
+            "bytes_in_dense": len(rnd.pushed) * self._template.total_bytes,
             "bytes_out": rnd.bytes_out,
             "seconds_wait": round(seconds_wait, 4),
             "seconds_train": round(seconds_train, 4),

@@ -1,8 +1,17 @@
-"""gRPC + TLS plumbing: credentials, the PS service, the worker client."""
+"""gRPC + TLS plumbing: credentials (per-job CA or attested RA-TLS), the PS service, the worker client."""
 
+from enclavefl.transport.attested import AttestedCredentials
+from enclavefl.transport.audit import AuditLog, AuditRecord
 from enclavefl.transport.certs import CertBundle, create_job_certs
 from enclavefl.transport.client import FederationClient, PushResult
-from enclavefl.transport.credentials import CaCredentials, ChannelSetup, Credentials, PeerIdentity, cert_fingerprint
+from enclavefl.transport.credentials import (
+    CaCredentials,
+    ChannelSetup,
+    Credentials,
+    JoinProof,
+    PeerIdentity,
+    cert_fingerprint,
+)
 from enclavefl.transport.messages import (
     ClientSettings,
     FederationHandler,
@@ -15,6 +24,9 @@ from enclavefl.transport.messages import (
 from enclavefl.transport.service import FederationServer
 
 __all__ = [
+    "AttestedCredentials",
+    "AuditLog",
+    "AuditRecord",
     "CaCredentials",
     "CertBundle",
     "ChannelSetup",
@@ -24,6 +36,7 @@ __all__ = [
     "FederationHandler",
     "FederationServer",
     "JoinInfo",
+    "JoinProof",
     "PeerIdentity",
     "PushResult",
     "TaskInfo",

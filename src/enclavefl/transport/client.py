@@ -15,7 +15,7 @@ from enclavefl.proto import federation_pb2_grpc as pb_grpc
 from enclavefl.tensors import CodecLimits, ParamSet, StreamDecoder, StreamHeader, iter_chunks
 from enclavefl.transport.credentials import Credentials
 from enclavefl.transport.messages import ClientSettings, JoinInfo, TaskInfo, TaskKind
-from enclavefl.transport.service import message_limit
+from enclavefl.transport.service import SESSION_METADATA_KEY, message_limit
 from enclavefl.transport.wire import check_version, error_from_rpc, header_from_proto, header_to_proto
 
 __all__ = ["FederationClient", "PushResult"]
@@ -50,6 +50,9 @@ class FederationClient:
             ("grpc.enable_retries", 0),
             *setup.options,
         ]
+        self._credentials = credentials
+        self._server_cert_sha256 = setup.server_cert_sha256
+        self._metadata: tuple[tuple[str, str], ...] = ()
         self._channel = grpc.secure_channel(target, setup.credentials, options=options)
         self._stub = pb_grpc.FederationStub(self._channel)  # type: ignore[no-untyped-call]
         self._chunk_bytes = chunk_bytes
@@ -74,16 +77,27 @@ class FederationClient:
             raise ClosedError("FederationClient used after close()")
 
     def join(self, worker_name: str, num_samples: int, timeout_s: float = 30.0) -> JoinInfo:
+        """Joins; with attested credentials, first proves this node's evidence over a PS challenge.
+
+        Raises:
+            VerificationError: the PS refused this worker's evidence or proof.
+        """
         self._check_open()
+        request = pb.JoinRequest(protocol_version=PROTOCOL_VERSION, worker_name=worker_name, num_samples=num_samples)
         try:
-            reply = self._stub.Join(
-                pb.JoinRequest(protocol_version=PROTOCOL_VERSION, worker_name=worker_name, num_samples=num_samples),
-                timeout=timeout_s,
-                wait_for_ready=False,
-            )
+            if self._credentials.attested_join:
+                challenge = self._stub.Challenge(pb.ChallengeRequest(protocol_version=PROTOCOL_VERSION), timeout=timeout_s)
+                check_version(challenge.protocol_version, "ChallengeReply")
+                proof = self._credentials.prove_join(challenge.nonce, self._server_cert_sha256, worker_name)
+                request.attestation.CopyFrom(
+                    pb.JoinAttestation(certificate=proof.certificate, nonce=proof.nonce,
+                                       ps_cert_sha256=proof.ps_cert_sha256, signature=proof.signature)
+                )
+            reply = self._stub.Join(request, timeout=timeout_s, wait_for_ready=False)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, f"Join {self.target}") from exc
         check_version(reply.protocol_version, "JoinReply")
+        self._metadata = ((SESSION_METADATA_KEY, reply.session_token),) if reply.session_token else ()
         return JoinInfo(reply.worker_id, reply.job_name, reply.ps_instance, int(reply.rounds))
 
     def wait_task(self, worker_id: str, max_wait_s: float) -> TaskInfo:
@@ -92,6 +106,7 @@ class FederationClient:
             reply = self._stub.WaitTask(
                 pb.WaitTaskRequest(protocol_version=PROTOCOL_VERSION, worker_id=worker_id, max_wait_s=max_wait_s),
                 timeout=max_wait_s + 30.0,
+                metadata=self._metadata,
             )
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, f"WaitTask {self.target}") from exc
@@ -126,6 +141,7 @@ class FederationClient:
             stream = self._stub.PullModel(
                 pb.PullRequest(protocol_version=PROTOCOL_VERSION, worker_id=worker_id, model_version=model_version),
                 timeout=timeout_s,
+                metadata=self._metadata,
             )
             first = next(stream, None)
             if first is None or first.WhichOneof("part") != "header":
@@ -171,7 +187,7 @@ class FederationClient:
                 yield pb.UpdateChunk(data=bytes(chunk))
 
         try:
-            reply = self._stub.PushUpdate(messages(), timeout=timeout_s)
+            reply = self._stub.PushUpdate(messages(), timeout=timeout_s, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, f"PushUpdate {self.target}") from exc
         check_version(reply.protocol_version, "PushReply")
@@ -183,6 +199,7 @@ class FederationClient:
             self._stub.Leave(
                 pb.LeaveRequest(protocol_version=PROTOCOL_VERSION, worker_id=worker_id, reason=reason),
                 timeout=timeout_s,
+                metadata=self._metadata,
             )
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, f"Leave {self.target}") from exc

@@ -3,7 +3,12 @@
 The server and worker logic never build TLS objects themselves: they receive a
 :class:`Credentials` and ask it for gRPC credentials and, for each caller, an
 identity. Plain mutual TLS under a per-job CA (:class:`CaCredentials`) is one
-implementation; attested TLS replaces it without touching server or worker code.
+implementation; attested TLS (:mod:`enclavefl.transport.attested`) replaces it
+without touching server or worker code. Attested credentials identify workers
+by an attested join (a signed challenge) and a session token instead of a
+client certificate: the optional hooks below (``attested_join``,
+``issue_challenge``, ``prove_join``, ``admit``) carry that; plain mTLS keeps
+their defaults.
 """
 
 from __future__ import annotations
@@ -18,9 +23,9 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from enclavefl.errors import ConfigError, VerificationError
+from enclavefl.errors import ConfigError, ProtocolError, VerificationError
 
-__all__ = ["CaCredentials", "ChannelSetup", "Credentials", "PeerIdentity", "cert_fingerprint"]
+__all__ = ["CaCredentials", "ChannelSetup", "Credentials", "JoinProof", "PeerIdentity", "cert_fingerprint"]
 
 
 def cert_fingerprint(cert_pem: bytes) -> str:
@@ -47,6 +52,22 @@ class ChannelSetup:
 
     credentials: grpc.ChannelCredentials
     options: tuple[tuple[str, Any], ...] = ()
+    server_cert_sha256: bytes = b""
+    """SHA-256 of the DER certificate the channel is pinned to (attested credentials only)."""
+
+
+@dataclass(frozen=True, slots=True)
+class JoinProof:
+    """A worker's attested join: its RA-TLS certificate and a signature by that certificate's key.
+
+    The signature covers the PS nonce and the PS certificate the worker saw
+    (``ps_cert_sha256``), which binds the evidence to this TLS channel.
+    """
+
+    certificate: bytes
+    nonce: bytes
+    ps_cert_sha256: bytes
+    signature: bytes
 
 
 class Credentials(ABC):
@@ -71,12 +92,45 @@ class Credentials(ABC):
         """
 
     @abstractmethod
-    def identify_peer(self, cert_pem: bytes | None) -> PeerIdentity:
-        """Judges the caller's certificate (already checked by the TLS handshake).
+    def identify_peer(self, cert_pem: bytes | None, session: str = "") -> PeerIdentity:
+        """Judges the caller's certificate (already checked by the TLS handshake) or session token.
 
         Raises:
             VerificationError: the caller is refused; the caller's request is dropped.
+            StaleSession: the session token is unknown (the caller must join again).
         """
+
+    @property
+    def attested_join(self) -> bool:
+        """Whether a worker must join with a :class:`JoinProof` (Challenge, then Join)."""
+        return False
+
+    def issue_challenge(self) -> bytes:
+        """A fresh single-use nonce for :meth:`admit` (PS side).
+
+        Raises:
+            ProtocolError: these credentials take no attested joins.
+        """
+        raise ProtocolError("Challenge: this PS takes no attested joins (attestation.mode is none)")
+
+    def prove_join(self, nonce: bytes, server_cert_sha256: bytes, worker_name: str) -> JoinProof:
+        """Signs a PS challenge with this node's attested key (worker side).
+
+        Raises:
+            ProtocolError: these credentials have no attested identity.
+        """
+        raise ProtocolError("attested join: these credentials have no RA-TLS identity (attestation.mode is none)")
+
+    def admit(self, proof: JoinProof | None, worker_name: str, cert_pem: bytes | None) -> tuple[PeerIdentity, str]:
+        """Judges a joining worker (PS side): its identity and a session token ("" when none is used).
+
+        Raises:
+            VerificationError: the worker is refused; nothing about it is kept.
+            ProtocolError: a proof was sent to credentials that take none.
+        """
+        if proof is not None:
+            raise ProtocolError("Join: this PS takes no attested joins (attestation.mode is none)")
+        return self.identify_peer(cert_pem), ""
 
 
 class CaCredentials(Credentials):
@@ -117,7 +171,7 @@ class CaCredentials(Credentials):
         )
         return ChannelSetup(creds, (("grpc.ssl_target_name_override", self._server_name),))
 
-    def identify_peer(self, cert_pem: bytes | None) -> PeerIdentity:
+    def identify_peer(self, cert_pem: bytes | None, session: str = "") -> PeerIdentity:
         if not cert_pem:
             raise VerificationError("client certificate", "a certificate from the job CA", "none")
         cert = x509.load_pem_x509_certificate(cert_pem)

@@ -2,7 +2,7 @@
 
 How this works: grpc runs each call on a thread of a bounded pool. Every call
 first asks the :class:`Credentials` who the caller is (from its TLS
-certificate), then hands plain values to the :class:`FederationHandler`. Our
+certificate, or the session token an attested join issued), then hands plain values to the :class:`FederationHandler`. Our
 errors become gRPC status codes here; the handler never sees grpc.
 """
 
@@ -30,13 +30,16 @@ from enclavefl.proto import PROTOCOL_VERSION
 from enclavefl.proto import federation_pb2 as pb
 from enclavefl.proto import federation_pb2_grpc as pb_grpc
 from enclavefl.tensors import iter_chunks
-from enclavefl.transport.credentials import Credentials, PeerIdentity
+from enclavefl.transport.credentials import Credentials, JoinProof, PeerIdentity
 from enclavefl.transport.messages import FederationHandler, TaskKind, UpdateMeta
 from enclavefl.transport.wire import check_version, header_from_proto, header_to_proto
 
-__all__ = ["FederationServer", "message_limit"]
+__all__ = ["SESSION_METADATA_KEY", "FederationServer", "message_limit"]
 
 log = logging.getLogger(__name__)
+
+SESSION_METADATA_KEY = "enclavefl-session"
+"""gRPC metadata key carrying the session token of an attested join."""
 
 _TASK_KINDS = {TaskKind.WAIT: pb.Task.WAIT, TaskKind.TRAIN: pb.Task.TRAIN, TaskKind.FINISH: pb.Task.FINISH}
 
@@ -69,18 +72,45 @@ class _Servicer(pb_grpc.FederationServicer):
         self._credentials = credentials
         self._chunk_bytes = chunk_bytes
 
-    def _peer(self, context: grpc.ServicerContext) -> PeerIdentity:
+    @staticmethod
+    def _cert(context: grpc.ServicerContext) -> bytes | None:
         certs = context.auth_context().get("x509_pem_cert") or [None]
+        cert: bytes | None = certs[0]
+        return cert
+
+    def _peer(self, context: grpc.ServicerContext) -> PeerIdentity:
+        session = ""
+        for key, value in context.invocation_metadata() or ():
+            if key == SESSION_METADATA_KEY and isinstance(value, str):
+                session = value
         try:
-            return self._credentials.identify_peer(certs[0])
+            return self._credentials.identify_peer(self._cert(context), session)
         except VerificationError as exc:
             log.warning("refused peer %s: %s", context.peer(), exc)
             _abort(context, exc)
+        except EnclaveFLError as exc:
+            _abort(context, exc)
+
+    def Challenge(self, request: pb.ChallengeRequest, context: grpc.ServicerContext) -> pb.ChallengeReply:
+        try:
+            check_version(request.protocol_version, "Challenge")
+            nonce = self._credentials.issue_challenge()
+        except EnclaveFLError as exc:
+            _abort(context, exc)
+        return pb.ChallengeReply(protocol_version=PROTOCOL_VERSION, nonce=nonce)
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
         try:
             check_version(request.protocol_version, "Join")
-            info = self._handler.join(self._peer(context), request.worker_name, int(request.num_samples))
+            proof = None
+            if request.HasField("attestation"):
+                a = request.attestation
+                proof = JoinProof(a.certificate, a.nonce, a.ps_cert_sha256, a.signature)
+            peer, session = self._credentials.admit(proof, request.worker_name, self._cert(context))
+            info = self._handler.join(peer, request.worker_name, int(request.num_samples))
+        except VerificationError as exc:
+            log.warning("refused join from %s: %s", context.peer(), exc)
+            _abort(context, exc)
         except EnclaveFLError as exc:
             _abort(context, exc)
         return pb.JoinReply(
@@ -89,6 +119,7 @@ class _Servicer(pb_grpc.FederationServicer):
             job_name=info.job_name,
             ps_instance=info.ps_instance,
             rounds=info.rounds,
+            session_token=session,
         )
 
     def WaitTask(self, request: pb.WaitTaskRequest, context: grpc.ServicerContext) -> pb.Task:

@@ -2,7 +2,9 @@
 
 It survives a PS restart: an unreachable PS is retried with exponential
 backoff (bounded by ``give_up_s``), and a PS that no longer knows this worker
-(new instance, or it dropped us) is joined again.
+(new instance, or it dropped us) is joined again. After the PS was unreachable
+the channel is rebuilt and the worker joins again, so the credentials check the
+(possibly new) PS certificate afresh before anything is sent.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +30,7 @@ from enclavefl.transport.client import FederationClient
 from enclavefl.transport.credentials import Credentials
 from enclavefl.transport.messages import ClientSettings, JoinInfo, TaskKind
 
-__all__ = ["Worker", "WorkerSettings", "compute_delta"]
+__all__ = ["Worker", "WorkerSettings", "compute_delta", "sparsify_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,31 @@ def compute_delta(new: ParamSet, old: ParamSet) -> ParamSet:
         if a.dtype == np.bool_:
             out.append((name, np.zeros_like(a)))
         else:
-            out.append((name, np.subtract(a, b, dtype=a.dtype)))
+            # asarray: on 0-d tensors (BatchNorm num_batches_tracked) ufuncs return a numpy scalar.
+            out.append((name, np.asarray(np.subtract(a, b, dtype=a.dtype))))
+    return ParamSet(out)
+
+
+def sparsify_rows(update: ParamSet, touched: Mapping[str, np.ndarray]) -> ParamSet:
+    """Sends the tensors in ``touched`` as SparseRows of those row ids (embedding tables).
+
+    A trainer that looks up few rows per round (DLRM) reports them through a
+    ``touched_rows()`` method; the PS averages each row over the workers that sent it.
+
+    Raises:
+        ValueError: a name is not in ``update`` or a row id is out of range.
+    """
+    out: list[tuple[str, np.ndarray | SparseRows]] = []
+    for name, value in update.items():
+        ids = touched.get(name)
+        if ids is None:
+            out.append((name, value))
+            continue
+        dense = value.to_dense() if isinstance(value, SparseRows) else value
+        out.append((name, SparseRows.from_dense(dense, np.unique(np.asarray(ids, dtype=np.int64)))))
+    unknown = sorted(set(touched) - set(update))
+    if unknown:
+        raise ValueError(f"touched_rows names tensors the model does not have: {unknown[:5]}")
     return ParamSet(out)
 
 
@@ -99,6 +125,7 @@ class Worker:
                 log.info("worker %s: joined job %s as %s (PS instance %s)", self._settings.name, info.job_name, info.worker_id, info.ps_instance)
                 return info
             except (Unavailable, DeadlineExceeded) as exc:
+                self.close()  # the next channel re-verifies the PS (it may have restarted with a new key)
                 self._backoff(started, attempt, exc)
                 attempt += 1
         raise Unavailable(f"worker {self._settings.name}: stopped before joining")
@@ -124,7 +151,14 @@ class Worker:
                     log.info("worker %s: %s; joining again", s.name, exc)
                     self._join = self._connect()
                     continue
-                except (Unavailable, DeadlineExceeded) as exc:
+                except Unavailable as exc:
+                    self._backoff(started, attempt, exc)
+                    self.close()  # rebuild the channel: the PS is verified again before we rejoin
+                    self._join = self._connect()
+                    attempt = 0
+                    started = time.monotonic()
+                    continue
+                except DeadlineExceeded as exc:
                     self._backoff(started, attempt, exc)
                     attempt += 1
                     continue
@@ -160,6 +194,9 @@ class Worker:
         c = client_settings
         result = self._trainer.fit(FitConfig(c.epochs, c.batch_size, c.lr, round=round_, seed=s.seed))
         update = self._make_update(self._trainer.get_parameters(), global_params)
+        touched = getattr(self._trainer, "touched_rows", None)
+        if callable(touched):
+            update = sparsify_rows(update, touched())
         t2 = time.monotonic()
         metrics = dict(result.metrics)
         metrics["seconds_fit"] = t2 - t1

@@ -1,0 +1,171 @@
+"""Round overhead of the federation itself: real processes, TLS on loopback, no training.
+
+Workers return the parameters plus small noise, so a round's time is the cost of
+moving an 11M-parameter float32 model (a ResNet-18's shapes) down to every
+worker and the updates back up, validating and aggregating them. For each
+worker count it prints one line::
+
+    workers=10 s_per_round=1.23 ps_peak_rss_mb=456
+
+``s_per_round`` is the median over rounds 2..R of the PS's own round time
+(wait + train + aggregate, from metrics.jsonl; round 1 includes process start).
+``ps_peak_rss_mb`` is the PS process's peak resident set (its rusage).
+
+Run: ``.venv/bin/python bench/round_overhead.py --workers 10 40 --rounds 4``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from enclavefl.config import JobConfig
+from enclavefl.tensors import ParamSet
+from enclavefl.training import FitConfig, FitResult, Trainer
+
+HERE = Path(__file__).resolve().parent
+
+# The parameter tensors of a CIFAR ResNet-18 (11.17M float32 values).
+_RESNET18 = [("stem", (64, 3, 3, 3))]
+for _stage, (_cin, _cout) in enumerate([(64, 64), (64, 128), (128, 256), (256, 512)]):
+    for _block in range(2):
+        _in = _cin if _block == 0 else _cout
+        _RESNET18 += [(f"s{_stage}b{_block}.conv1", (_cout, _in, 3, 3)), (f"s{_stage}b{_block}.conv2", (_cout, _cout, 3, 3)),
+                      (f"s{_stage}b{_block}.bn1", (_cout,)), (f"s{_stage}b{_block}.bn2", (_cout,))]
+        if _block == 0 and _cin != _cout:
+            _RESNET18.append((f"s{_stage}b{_block}.short", (_cout, _in, 1, 1)))
+_RESNET18.append(("fc", (10, 512)))
+
+
+class NoiseTrainer:
+    """Returns the global parameters plus N(0, 1e-3) noise: the transport is all that is measured."""
+
+    def __init__(self, seed: int) -> None:
+        self._rng = np.random.default_rng(seed)
+        self._params: ParamSet | None = None
+        self._noise: dict[str, np.ndarray] = {}
+
+    @property
+    def num_samples(self) -> int:
+        return 100
+
+    def get_parameters(self) -> ParamSet:
+        assert self._params is not None
+        return self._params
+
+    def set_parameters(self, params: ParamSet) -> None:
+        self._params = params
+
+    def fit(self, config: FitConfig) -> FitResult:
+        assert self._params is not None
+        noisy = []
+        for name, value in self._params.items():
+            assert isinstance(value, np.ndarray)
+            # Drawn once per worker: drawing 11M normals each round would cost more
+            # than the round itself and measure numpy, not the federation.
+            if name not in self._noise:
+                self._noise[name] = self._rng.standard_normal(value.shape, dtype=np.float32) * np.float32(1e-3)
+            noisy.append((name, value + self._noise[name]))
+        self._params = ParamSet(noisy)
+        return FitResult(100, {"loss": 0.0, "accuracy": 0.0})
+
+    def evaluate(self) -> Mapping[str, float]:
+        return {}
+
+
+class NoiseTask:
+    name = "round-overhead"
+
+    def __init__(self, config: JobConfig) -> None:
+        self._seed = config.job.seed
+
+    def initial_parameters(self) -> ParamSet:
+        rng = np.random.default_rng(self._seed)
+        return ParamSet((n, rng.standard_normal(s, dtype=np.float32) * 0.01) for n, s in _RESNET18)
+
+    def worker_trainer(self, index: int, num_workers: int) -> Trainer:
+        return NoiseTrainer(self._seed + index)
+
+    def server_evaluator(self) -> Trainer | None:
+        return None
+
+
+def make_task(config: JobConfig) -> NoiseTask:
+    return NoiseTask(config)
+
+
+def run_once(workers: int, rounds: int, chunk_bytes: int, uploads: int, keep: Path | None = None) -> tuple[float, float, list[float]]:
+    with tempfile.TemporaryDirectory(prefix="round-overhead-") as tmp:
+        root = Path(tmp) if keep is None else keep / f"workers-{workers}"
+        root.mkdir(parents=True, exist_ok=keep is None)
+        job = {
+            "job": {"name": f"overhead{workers}", "rounds": rounds, "workers": workers},
+            "round": {"min_workers": workers, "start_window_s": 300, "update_window_s": 600},
+            "task": {"name": "round_overhead:make_task"},
+            "server": {"checkpoint_every": 1000, "max_concurrent_uploads": uploads},
+            "transport": {"chunk_bytes": chunk_bytes},
+            "attestation": {"mode": "none"},
+        }
+        (root / "job.yaml").write_text(yaml.safe_dump(job))
+        from enclavefl.transport.certs import create_job_certs
+
+        create_job_certs(root / "certs", "bench", workers=workers)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+                   OMP_NUM_THREADS="1")
+        base = [sys.executable, "-m", "enclavefl"]
+        common = ["--config", str(root / "job.yaml"), "--tls-dir", str(root / "certs")]
+        port_file = root / "ps.port"
+        ps_log = (root / "ps.log").open("wb")
+        ps = subprocess.Popen(base + ["ps", *common, "--out", str(root), "--port-file", str(port_file)],
+                              stdout=ps_log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 60
+        while not port_file.exists():
+            if ps.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError((root / "ps.log").read_text())
+            time.sleep(0.05)
+        port = port_file.read_text()
+        procs = [
+            subprocess.Popen(base + ["worker", *common, "--connect", f"127.0.0.1:{port}", "--index", str(i)]
+                             + (["--log-file", str(root / f"worker-{i}.log")] if keep else []),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+            for i in range(workers)
+        ]
+        _, status, usage = os.wait4(ps.pid, 0)
+        ps.returncode = os.waitstatus_to_exitcode(status)
+        for p in procs:
+            p.wait(60)
+        ps_log.close()
+        if ps.returncode != 0:
+            raise RuntimeError((root / "ps.log").read_text()[-3000:])
+        rows = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
+        times = [r["seconds_wait"] + r["seconds_train"] + r["seconds_aggregate"] for r in rows]
+        return statistics.median(times[1:]), usage.ru_maxrss / 1024, times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", type=int, nargs="+", default=[10, 40])
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--chunk-bytes", type=int, default=2 * 2**20)
+    parser.add_argument("--uploads", type=int, default=4, help="server.max_concurrent_uploads")
+    parser.add_argument("--keep", type=Path, help="keep each run's directory (logs, metrics) under this folder")
+    args = parser.parse_args()
+    for n in args.workers:
+        s_per_round, rss_mb, times = run_once(n, args.rounds, args.chunk_bytes, args.uploads, args.keep)
+        print(f"workers={n} s_per_round={s_per_round:.2f} ps_peak_rss_mb={rss_mb:.0f}", flush=True)
+        print(f"  rounds: {' '.join(f'{t:.2f}' for t in times)}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    main()

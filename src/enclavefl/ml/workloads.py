@@ -1,0 +1,338 @@
+"""The reference workloads as built-in tasks: LeNet, ResNet-20 and DLRM on real data.
+
+=========================  =====================  ==========================================
+task name                  data (``task.data_dir``)  held-out set the PS scores each round
+=========================  =====================  ==========================================
+``mnist-lenet``            MNIST IDX files           the official 10k test split
+``fashion-mnist-resnet20`` Fashion-MNIST IDX files   the official 10k test split
+``cifar10-resnet20``       CIFAR-10 (bin or py)      the official ``test_batch``
+``femnist-lenet``          LEAF FEMNIST JSON         the LEAF ``test/`` shards
+``criteo-dlrm``            Criteo TSV (train format) a seeded 10 % of the distinct rows
+=========================  =====================  ==========================================
+
+``task.data_dir`` is required; a relative path is taken relative to the
+current working directory of the process (``enclavefl run`` starts the PS and
+the workers in its own working directory), never relative to the job file,
+because the nodes read a copy of the job written into the run directory.
+
+``task.params`` (all optional):
+
+* ``max_train_samples`` / ``max_eval_samples``: a seeded subsample, for short runs.
+* ``num_classes``: classifier outputs (default from the data set: 10, FEMNIST 62).
+* criteo-dlrm: ``table_size`` (rows per embedding table, default 10000),
+  ``embedding_dim`` (16), ``bottom_mlp`` ([64, 32, embedding_dim]),
+  ``top_mlp`` ([64, 32, 1]), ``eval_fraction`` (0.1), ``train_file``
+  (default ``train.txt``, else ``train_sample.txt``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from enclavefl.config import JobConfig
+from enclavefl.errors import ConfigError
+from enclavefl.ml.datasets import (
+    ArrayDataset,
+    CriteoData,
+    FederatedDataset,
+    flatten_federated,
+    load_cifar10,
+    load_criteo,
+    load_fashion_mnist,
+    load_femnist,
+    load_mnist,
+)
+from enclavefl.ml.dlrm_trainer import DlrmTrainer
+from enclavefl.ml.models import DLRM, lenet5, resnet20
+from enclavefl.ml.partition import (
+    PartitionRow,
+    dirichlet,
+    iid,
+    label_histogram,
+    partition_summary,
+    quantity_skew,
+)
+from enclavefl.ml.array_task import ArrayTask
+from enclavefl.ml.trainer import OptimizerSettings
+from enclavefl.tensors import ParamSet
+from enclavefl.training import Task, Trainer
+
+__all__ = [
+    "WORKLOADS",
+    "CriteoTask",
+    "load_cifar10_resnet20",
+    "load_criteo_dlrm",
+    "load_fashion_mnist_resnet20",
+    "load_femnist_lenet",
+    "load_mnist_lenet",
+    "resolve_data_dir",
+]
+
+log = logging.getLogger(__name__)
+
+CRITEO_TRAIN_FILES = ("train.txt", "train_sample.txt")
+
+
+def resolve_data_dir(config: JobConfig) -> Path:
+    """``task.data_dir`` as a path (relative to the working directory).
+
+    Raises:
+        ConfigError: the job does not set ``task.data_dir``, or it is not a folder.
+    """
+    raw = config.task.data_dir
+    if not raw:
+        raise ConfigError(
+            f"task {config.task.name!r} needs task.data_dir (the folder holding its data files); "
+            "set it in the job file or with --set task.data_dir=PATH"
+        )
+    path = Path(raw).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"task.data_dir = {raw!r}: not a folder (resolved to {path.resolve()})")
+    return path
+
+
+def _param(config: JobConfig, key: str, default: Any, kind: type, minimum: float | None = None) -> Any:
+    value: Any = config.task.params.get(key, default)
+    if value is None:
+        return None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(value, bool) or type(value) is not kind:
+        raise ConfigError(f"task.params.{key} = {value!r}: expected {kind.__name__}")
+    if minimum is not None and isinstance(value, int | float) and value < minimum:
+        raise ConfigError(f"task.params.{key} = {value!r}: must be >= {minimum}")
+    return value
+
+
+def _int_list(config: JobConfig, key: str, default: Sequence[int]) -> tuple[int, ...]:
+    value = config.task.params.get(key, default)
+    if not isinstance(value, list | tuple) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ConfigError(f"task.params.{key} = {value!r}: expected a list of integers")
+    return tuple(value)
+
+
+def _sample(n: int, limit: int | None, seed: int) -> npt.NDArray[np.int64]:
+    """Sorted indices of a seeded subsample of ``limit`` out of ``n`` (all when ``limit`` is None)."""
+    if limit is None or limit >= n:
+        return np.arange(n, dtype=np.int64)
+    return np.sort(np.random.default_rng(seed).permutation(n)[:limit]).astype(np.int64)
+
+
+def _limits(config: JobConfig) -> tuple[int | None, int | None]:
+    """``max_train_samples`` and ``max_eval_samples``, checked before any data is read."""
+    return _param(config, "max_train_samples", None, int, 1), _param(config, "max_eval_samples", None, int, 1)
+
+
+def _limited(data: ArrayDataset, limit: int | None, seed: int) -> ArrayDataset:
+    if limit is None or limit >= len(data):
+        return data
+    return data.subset(_sample(len(data), limit, seed))
+
+
+def _optimizer(config: JobConfig) -> OptimizerSettings:
+    c = config.client
+    return OptimizerSettings(c.optimizer, c.momentum, c.weight_decay)
+
+
+def _image_task(
+    config: JobConfig,
+    name: str,
+    make_model: Callable[[int], torch.nn.Module],
+    train: ArrayDataset,
+    test: ArrayDataset,
+    default_classes: int,
+    writers: FederatedDataset | None = None,
+) -> ArrayTask:
+    num_classes = _param(config, "num_classes", default_classes, int, 1)
+    top = max(int(np.max(d.y)) if len(d) else 0 for d in (train, test))
+    if top >= num_classes:
+        raise ConfigError(f"task.params.num_classes = {num_classes}: the data holds label {top}")
+    return ArrayTask(
+        name=name,
+        make_model=lambda: make_model(num_classes),
+        train=train,
+        test=test,
+        config=config,
+        num_classes=num_classes,
+        writers=writers,
+    )
+
+
+def load_mnist_lenet(config: JobConfig) -> Task:
+    """LeNet-5 on MNIST (``task.data_dir`` holds the four IDX files, gzipped or not)."""
+    root = resolve_data_dir(config)
+    train_limit, eval_limit = _limits(config)
+    train = _limited(load_mnist(root, "train"), train_limit, config.job.seed)
+    test = _limited(load_mnist(root, "test"), eval_limit, config.job.seed + 1)
+    return _image_task(config, "mnist-lenet", lambda k: lenet5(num_classes=k), train, test, 10)
+
+
+def load_fashion_mnist_resnet20(config: JobConfig) -> Task:
+    """ResNet-20 (one input channel) on Fashion-MNIST IDX files."""
+    root = resolve_data_dir(config)
+    train_limit, eval_limit = _limits(config)
+    train = _limited(load_fashion_mnist(root, "train"), train_limit, config.job.seed)
+    test = _limited(load_fashion_mnist(root, "test"), eval_limit, config.job.seed + 1)
+    return _image_task(
+        config, "fashion-mnist-resnet20", lambda k: resnet20(num_classes=k, in_channels=1), train, test, 10
+    )
+
+
+def load_cifar10_resnet20(config: JobConfig) -> Task:
+    """ResNet-20 on CIFAR-10 (binary or python version, as downloaded from the official page)."""
+    root = resolve_data_dir(config)
+    train_limit, eval_limit = _limits(config)
+    train = _limited(load_cifar10(root, "train"), train_limit, config.job.seed)
+    test = _limited(load_cifar10(root, "test"), eval_limit, config.job.seed + 1)
+    return _image_task(config, "cifar10-resnet20", lambda k: resnet20(num_classes=k), train, test, 10)
+
+
+def _limited_writers(writers: FederatedDataset, limit: int | None) -> FederatedDataset:
+    """Keeps every writer, each cut to the same fraction of its samples (at least one)."""
+    total = sum(len(d) for d in writers.values())
+    if limit is None or limit >= total:
+        return writers
+    fraction = limit / total
+    return {w: d.subset(np.arange(max(1, int(len(d) * fraction)))) for w, d in writers.items()}
+
+
+def load_femnist_lenet(config: JobConfig) -> Task:
+    """LeNet-5 on LEAF FEMNIST (62 classes); ``task.partition: writer`` gives whole writers to workers."""
+    root = resolve_data_dir(config)
+    train_limit, eval_limit = _limits(config)
+    writers = _limited_writers(load_femnist(root, "train"), train_limit)
+    test = _limited(flatten_federated(load_femnist(root, "test")), eval_limit, config.job.seed + 1)
+    return _image_task(
+        config, "femnist-lenet", lambda k: lenet5(num_classes=k), flatten_federated(writers), test, 62, writers
+    )
+
+
+@dataclass
+class CriteoTask:
+    """DLRM on Criteo click logs: one embedding table per categorical column, binary objective."""
+
+    name: str
+    train: CriteoData
+    test: CriteoData
+    config: JobConfig
+    embedding_dim: int
+    bottom_mlp: tuple[int, ...]
+    top_mlp: tuple[int, ...]
+
+    def _model(self) -> DLRM:
+        torch.manual_seed(self.config.job.seed)
+        return DLRM(
+            embedding_sizes=self.train.embedding_sizes,
+            embedding_dim=self.embedding_dim,
+            bottom_mlp=self.bottom_mlp,
+            top_mlp=self.top_mlp,
+        )
+
+    def _labels(self) -> npt.NDArray[np.int64]:
+        assert self.train.labels is not None  # load_criteo(has_label=True)
+        return self.train.labels.astype(np.int64)
+
+    def partition(self, num_workers: int) -> list[npt.NDArray[np.int64]]:
+        """Index arrays into ``train``, one per worker, from ``task.partition``."""
+        t, seed = self.config.task, self.config.job.seed
+        if t.partition == "iid":
+            return iid(len(self.train), num_workers, seed)
+        if t.partition == "dirichlet":
+            return dirichlet(self._labels(), num_workers, t.alpha, seed)
+        if t.partition == "quantity":
+            return quantity_skew(len(self.train), num_workers, seed, alpha=t.alpha)
+        raise ConfigError(f"task.partition = {t.partition!r}: Criteo has no writers; use iid, dirichlet or quantity")
+
+    def partition_summary(self, num_workers: int) -> list[PartitionRow]:
+        """Size and click/no-click histogram of each worker's share."""
+        return partition_summary(self.partition(num_workers), self._labels(), 2)
+
+    def initial_parameters(self) -> ParamSet:
+        return DlrmTrainer(self._model(), None).get_parameters()
+
+    def worker_trainer(self, index: int, num_workers: int) -> Trainer:
+        if not 0 <= index < num_workers:
+            raise ConfigError(f"worker index {index} is outside 0..{num_workers - 1}")
+        part = self.partition(num_workers)[index]
+        data = self.train.subset(part)
+        hist = label_histogram(self._labels()[part], 2)
+        log.info("task %s: worker %d of %d holds %d samples, labels [no click, click] %s",
+                 self.name, index, num_workers, len(part), hist.tolist())
+        return DlrmTrainer(self._model(), data, optimizer=_optimizer(self.config))
+
+    def server_evaluator(self) -> Trainer | None:
+        return DlrmTrainer(self._model(), None, self.test)
+
+
+def _held_out_split(
+    data: CriteoData, fraction: float, seed: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], int]:
+    """Seeded (eval, train) row indices, holding out ``fraction`` of the *distinct* rows with all their copies.
+
+    Criteo samples in circulation repeat rows (the shared 10,800-line sample is
+    900 rows 12 times); a plain row split would score the model on rows it trained on.
+    """
+    assert data.labels is not None
+    keys = np.concatenate(
+        [data.dense.view(np.uint32), data.categorical.view(np.uint32), data.labels.view(np.uint32)[:, None]], axis=1
+    )
+    _, group = np.unique(keys, axis=0, return_inverse=True)
+    group = group.ravel()
+    distinct = int(group.max()) + 1 if len(group) else 0
+    chosen = np.random.default_rng(seed).permutation(distinct)[: int(round(distinct * fraction))]
+    held = np.isin(group, chosen)
+    return np.flatnonzero(held).astype(np.int64), np.flatnonzero(~held).astype(np.int64), distinct
+
+
+def load_criteo_dlrm(config: JobConfig) -> Task:
+    """DLRM on a Criteo TSV in the train format; a seeded ``eval_fraction`` of the distinct rows is held out."""
+    root = resolve_data_dir(config)
+    name = _param(config, "train_file", None, str)
+    if name is None:
+        found = [n for n in CRITEO_TRAIN_FILES if (root / n).is_file()]
+        name = found[0] if found else CRITEO_TRAIN_FILES[0]
+    table_size = _param(config, "table_size", 10_000, int, 2)
+    embedding_dim = _param(config, "embedding_dim", 16, int, 1)
+    fraction = _param(config, "eval_fraction", 0.1, float, 0.0)
+    if not 0 < fraction < 1:
+        raise ConfigError(f"task.params.eval_fraction = {fraction}: must be in (0, 1)")
+    max_rows = _param(config, "max_rows", None, int, 1)
+    data = load_criteo(root / name, table_size=table_size, max_rows=max_rows)
+    test_idx, train_idx, distinct = _held_out_split(data, fraction, config.job.seed)
+    if len(test_idx) == 0 or len(train_idx) == 0:
+        raise ConfigError(f"{root / name}: {distinct} distinct rows are too few for eval_fraction={fraction}")
+    if distinct < len(data):
+        log.warning("task criteo-dlrm: %s holds %d rows but only %d distinct ones; the held-out split is by "
+                    "distinct row, so no evaluation row is also a training row", root / name, len(data), distinct)
+    test = data.subset(test_idx)
+    train = data.subset(train_idx)
+    limit = _param(config, "max_train_samples", None, int, 1)
+    train = train.subset(_sample(len(train), limit, config.job.seed))
+    log.info("task criteo-dlrm: %s, %d train rows, %d held out, table_size %d", root / name, len(train), len(test), table_size)
+    return CriteoTask(
+        name="criteo-dlrm",
+        train=train,
+        test=test,
+        config=config,
+        embedding_dim=embedding_dim,
+        bottom_mlp=_int_list(config, "bottom_mlp", (64, 32, embedding_dim)),
+        top_mlp=_int_list(config, "top_mlp", (64, 32, 1)),
+    )
+
+
+WORKLOADS: Mapping[str, Callable[[JobConfig], Task]] = {
+    "cifar10-resnet20": load_cifar10_resnet20,
+    "criteo-dlrm": load_criteo_dlrm,
+    "fashion-mnist-resnet20": load_fashion_mnist_resnet20,
+    "femnist-lenet": load_femnist_lenet,
+    "mnist-lenet": load_mnist_lenet,
+}
+"""Built-in reference workloads by ``task.name``."""

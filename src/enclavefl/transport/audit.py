@@ -1,0 +1,110 @@
+"""The attestation audit log: one JSON line and one log line per trust decision.
+
+Every time a node accepts or refuses a peer's evidence it records who decided
+(node, role), about whom (peer), what the peer claimed or proved (mr_enclave,
+mr_signer, isv_prod_id, isv_svn, simulated or not) and why. The JSON lines go
+to a file in the run directory (``audit.jsonl``); several processes may append
+to the same file, each record being one ``write`` on an ``O_APPEND`` descriptor.
+Nothing secret is recorded: no keys, no session tokens, no full quotes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+from enclavefl.errors import ConfigError
+
+__all__ = ["AuditLog", "AuditRecord"]
+
+log = logging.getLogger(__name__)
+
+_NOT_A_TEE = "SIMULATED evidence, NOT A REAL TEE"
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """One trust decision.
+
+    Attributes:
+        node: the deciding node's name.
+        role: ``ps`` or ``worker``.
+        peer: whom the decision is about (an address or a worker name and fingerprint prefix).
+        decision: ``accepted`` or ``refused``.
+        reason: why (for a refusal, the failed field, expected and actual values).
+        field: the field that failed ("" when accepted).
+        evidence: ``simulated``, ``sgx``, ``tdx`` or ``unknown`` (evidence that did not parse).
+        simulated: the evidence chains to a simulated root (NOT A REAL TEE).
+        mr_enclave: hex; proved when accepted, only claimed when refused ("" if unreadable).
+        mr_signer: hex, as ``mr_enclave``.
+        isv_prod_id: as claimed or proved (-1 if unreadable).
+        isv_svn: as claimed or proved (-1 if unreadable).
+    """
+
+    node: str
+    role: str
+    peer: str
+    decision: Literal["accepted", "refused"]
+    reason: str
+    field: str = ""
+    evidence: str = "unknown"
+    simulated: bool = False
+    mr_enclave: str = ""
+    mr_signer: str = ""
+    isv_prod_id: int = -1
+    isv_svn: int = -1
+
+
+class AuditLog:
+    """Appends :class:`AuditRecord` s to a JSON lines file (optional) and to the module logger."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        """Opens ``path`` for appending (created with mode 0600 if missing); None logs only.
+
+        Raises:
+            ConfigError: the file cannot be opened.
+        """
+        self.path = path
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        if path is not None:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            except OSError as exc:
+                raise ConfigError(f"{path}: cannot open the audit log: {exc.strerror or exc}") from exc
+
+    def record(self, entry: AuditRecord) -> None:
+        """Writes one decision. A failed file write is logged, never raised (the decision stands)."""
+        tee = f" -- {_NOT_A_TEE}" if entry.simulated else ""
+        args = (entry.node, entry.role, entry.decision, entry.peer, entry.evidence, entry.mr_enclave[:16] or "-",
+                entry.mr_signer[:16] or "-", entry.reason, tee)
+        message = "audit: %s (%s) %s peer %s: evidence %s mr_enclave=%s mr_signer=%s: %s%s"
+        if entry.decision == "accepted":
+            log.info(message, *args)
+        else:
+            log.warning(message, *args)
+        if self._fd is None:
+            return
+        row = {"time": round(time.time(), 3), **asdict(entry)}
+        if entry.simulated:
+            row["note"] = _NOT_A_TEE
+        line = (json.dumps(row, sort_keys=True) + "\n").encode()
+        with self._lock:
+            try:
+                os.write(self._fd, line)
+            except OSError as exc:
+                log.error("audit: cannot write %s: %s", self.path, exc)
+
+    def close(self) -> None:
+        """Closes the file. Idempotent."""
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
