@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -52,7 +53,9 @@ def main() -> int:
             f"wall {fed_wall:.0f}s")
     if not args.skip_baseline:
         t1 = time.monotonic()
-        subprocess.run([*cli, "baseline", str(args.job), "--out", str(out), *sets], check=True)
+        # One thread, like each worker of `enclavefl run`: oversubscribed cores make small models crawl.
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+        subprocess.run([*cli, "baseline", str(args.job), "--out", str(out), *sets], check=True, env=env)
         cen_wall = time.monotonic() - t1
         _, cen_final, cen_best = _score(_rows(out / "baseline.jsonl"))
         line += (f" | centralized final {cen_final:.4f} best {cen_best:.4f} wall {cen_wall:.0f}s"
@@ -60,7 +63,7 @@ def main() -> int:
     subprocess.run([*cli, "report", str(out)], check=True, stdout=subprocess.DEVNULL)
     bytes_in = sum(int(r["bytes_in"]) for r in fed)
     dense = sum(int(r.get("bytes_in_dense") or 0) for r in fed)
-    if dense:
+    if dense > bytes_in:  # only workloads with sparse uploads
         line += f" | uploads {bytes_in / 1e6:.1f} MB vs dense {dense / 1e6:.1f} MB ({dense / max(bytes_in, 1):.1f}x smaller)"
     print(line + f" | {out}")
     return 0

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from enclavefl.cli import setup_logging
+from enclavefl.cli.malloc import tune_malloc
 from enclavefl.config import JobConfig, load_job
 from enclavefl.errors import ConfigError
 from enclavefl.transport.credentials import CaCredentials, Credentials
@@ -87,6 +88,7 @@ def run_ps(args: argparse.Namespace) -> int:
     from enclavefl.transport.service import FederationServer
 
     setup_logging(logging.DEBUG if args.debug else logging.INFO, args.log_file)
+    tune_malloc()
     config = load_job(args.config, args.overrides)
     credentials = make_credentials(config, args.tls_dir, "ps", job_dir=args.config.parent,
                                    audit_path=args.audit_file or args.out / "audit.jsonl")
@@ -125,6 +127,7 @@ def run_worker(args: argparse.Namespace) -> int:
     from enclavefl.worker.runtime import Worker, WorkerSettings
 
     setup_logging(logging.DEBUG if args.debug else logging.INFO, args.log_file)
+    tune_malloc()
     config = load_job(args.config, args.overrides)
     count = args.of or config.job.workers
     if not 0 <= args.index < count:

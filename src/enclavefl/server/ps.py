@@ -66,7 +66,7 @@ class _StagedUpdate(UpdateSink):
         self._slot = slot
         self._done = False
 
-    def feed(self, chunk: bytes) -> None:
+    def feed(self, chunk: bytes | memoryview) -> None:
         self._decoder.feed(chunk)
 
     def commit(self) -> None:

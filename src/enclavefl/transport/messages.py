@@ -72,7 +72,7 @@ class UpdateSink(ABC):
     """Receives one update's chunks; either commit() or abort() ends it."""
 
     @abstractmethod
-    def feed(self, chunk: bytes) -> None:
+    def feed(self, chunk: bytes | memoryview) -> None:
         """Stages one chunk. Raises ProtocolError on a chunk the header did not announce."""
 
     @abstractmethod

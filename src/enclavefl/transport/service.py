@@ -31,6 +31,7 @@ from enclavefl.proto import federation_pb2 as pb
 from enclavefl.proto import federation_pb2_grpc as pb_grpc
 from enclavefl.tensors import iter_chunks
 from enclavefl.transport.credentials import Credentials, JoinProof, PeerIdentity
+from enclavefl.transport.framing import DataChunk, chunk_decoder, chunk_payload, encode_data, encode_message
 from enclavefl.transport.messages import FederationHandler, TaskKind, UpdateMeta
 from enclavefl.transport.wire import check_version, header_from_proto, header_to_proto
 
@@ -144,7 +145,7 @@ class _Servicer(pb_grpc.FederationServicer):
             )
         return reply
 
-    def PullModel(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[pb.ModelChunk]:
+    def PullModel(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[pb.ModelChunk | bytes]:
         try:
             check_version(request.protocol_version, "PullModel")
             version, params = self._handler.model_for(self._peer(context), request.worker_id, int(request.model_version))
@@ -160,15 +161,15 @@ class _Servicer(pb_grpc.FederationServicer):
             )
         )
         for chunk in iter_chunks(params, self._chunk_bytes):
-            yield pb.ModelChunk(data=bytes(chunk))
+            yield encode_data(chunk)
 
-    def PushUpdate(self, request_iterator: Iterator[pb.UpdateChunk], context: grpc.ServicerContext) -> pb.PushReply:
+    def PushUpdate(self, request_iterator: Iterator[pb.UpdateChunk | DataChunk], context: grpc.ServicerContext) -> pb.PushReply:
         peer = self._peer(context)
         try:
             first = next(request_iterator)
         except StopIteration:
             _abort(context, ProtocolError("PushUpdate: empty stream"))
-        if first.WhichOneof("part") != "header":
+        if isinstance(first, DataChunk) or first.WhichOneof("part") != "header":
             _abort(context, ProtocolError("PushUpdate: the first message must be the update header"))
         head = first.header
         try:
@@ -188,9 +189,10 @@ class _Servicer(pb_grpc.FederationServicer):
             _abort(context, exc)
         try:
             for msg in request_iterator:
-                if msg.WhichOneof("part") != "data":
+                data = chunk_payload(msg)
+                if data is None:
                     raise ProtocolError("PushUpdate: a second header inside one update")
-                sink.feed(msg.data)
+                sink.feed(data)
             sink.commit()
         except UpdateRejected as exc:
             sink.abort(str(exc))
@@ -213,6 +215,30 @@ class _Servicer(pb_grpc.FederationServicer):
         except EnclaveFLError as exc:
             _abort(context, exc)
         return pb.LeaveReply(protocol_version=PROTOCOL_VERSION)
+
+
+def _register(servicer: _Servicer, server: Any) -> None:
+    """The generated registration, except that tensor chunks use the framing fast path."""
+    unary: dict[str, tuple[Any, Any]] = {
+        "Challenge": (pb.ChallengeRequest, pb.ChallengeReply),
+        "Join": (pb.JoinRequest, pb.JoinReply),
+        "WaitTask": (pb.WaitTaskRequest, pb.Task),
+        "Leave": (pb.LeaveRequest, pb.LeaveReply),
+    }
+    handlers: dict[str, Any] = {
+        name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, name), request_deserializer=req.FromString, response_serializer=rep.SerializeToString
+        )
+        for name, (req, rep) in unary.items()
+    }
+    handlers["PullModel"] = grpc.unary_stream_rpc_method_handler(
+        servicer.PullModel, request_deserializer=pb.PullRequest.FromString, response_serializer=encode_message
+    )
+    handlers["PushUpdate"] = grpc.stream_unary_rpc_method_handler(
+        servicer.PushUpdate, request_deserializer=chunk_decoder(pb.UpdateChunk),
+        response_serializer=pb.PushReply.SerializeToString,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("enclavefl.v1.Federation", handlers),))
 
 
 @dataclass
@@ -248,7 +274,7 @@ class FederationServer:
             maximum_concurrent_rpcs=max_threads * 4,
         )
         servicer = _Servicer(handler, credentials, chunk_bytes)
-        pb_grpc.add_FederationServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+        _register(servicer, server)
         port = server.add_secure_port(listen, credentials.server_credentials())
         if port == 0:
             raise OSError(f"cannot bind {listen}")
