@@ -118,6 +118,7 @@ class ServerConfig(_Section):
     checkpoint_dir: str = "checkpoints"
     checkpoint_every: int = Field(default=1, ge=1)
     max_concurrent_uploads: int = Field(default=4, ge=1, le=1024)
+    max_concurrent_downloads: int = Field(default=8, ge=1, le=1024)
     max_update_bytes: int = Field(default=8 * 2**30, ge=1)
 
 

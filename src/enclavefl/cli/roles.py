@@ -107,7 +107,8 @@ def run_ps(args: argparse.Namespace) -> int:
         return evaluator_trainer.evaluate()
 
     ps = ParameterServer(config, initial, out_dir=args.out, evaluator=evaluate if evaluator_trainer else None, resume_from=resume)
-    server = FederationServer.start(ps, credentials, listen=config.transport.listen, chunk_bytes=config.transport.chunk_bytes)
+    server = FederationServer.start(ps, credentials, listen=config.transport.listen, chunk_bytes=config.transport.chunk_bytes,
+                                    max_downloads=config.server.max_concurrent_downloads)
     log.info("ps %s: listening on port %d, job %s, %d rounds, model %d tensors / %d bytes",
              ps.instance, server.port, config.job.name, config.job.rounds, len(initial), initial.nbytes)
     if args.port_file:

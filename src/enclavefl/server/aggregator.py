@@ -135,5 +135,6 @@ class WeightedMean(Aggregator):
                 dtype = np.dtype(DTYPES[spec.dtype])
                 if dtype.kind in "iub":
                     mean = np.rint(mean)
-                out.append((spec.name, mean.astype(dtype)))
+                # np.asarray: arithmetic on a 0-d array yields a numpy scalar.
+                out.append((spec.name, np.asarray(mean, dtype=dtype)))
             return ParamSet(out)

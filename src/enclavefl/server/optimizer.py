@@ -44,7 +44,7 @@ class FedAvg(ServerOptimizer):
                 new = value + (delta * self.lr).astype(value.dtype, copy=False)
             else:
                 new = (value + np.rint(delta * self.lr)).astype(value.dtype)
-            out.append((name, new))
+            out.append((name, np.asarray(new, dtype=value.dtype)))  # 0-d arithmetic yields scalars
         return ParamSet(out)
 
 

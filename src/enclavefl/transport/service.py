@@ -9,6 +9,7 @@ errors become gRPC status codes here; the handler never sees grpc.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,6 +40,9 @@ __all__ = ["SESSION_METADATA_KEY", "FederationServer", "message_limit"]
 
 log = logging.getLogger(__name__)
 
+DOWNLOAD_SLOT_TIMEOUT_S = 300.0
+"""How long a PullModel waits for one of the ``max_downloads`` streams."""
+
 SESSION_METADATA_KEY = "enclavefl-session"
 """gRPC metadata key carrying the session token of an attested join."""
 
@@ -68,10 +72,12 @@ def _abort(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
 
 
 class _Servicer(pb_grpc.FederationServicer):
-    def __init__(self, handler: FederationHandler, credentials: Credentials, chunk_bytes: int) -> None:
+    def __init__(self, handler: FederationHandler, credentials: Credentials, chunk_bytes: int, max_downloads: int) -> None:
         self._handler = handler
         self._credentials = credentials
         self._chunk_bytes = chunk_bytes
+        # gRPC buffers a chunk or two per open stream; bounding the streams bounds that memory.
+        self._download_slots = threading.BoundedSemaphore(max_downloads)
 
     @staticmethod
     def _cert(context: grpc.ServicerContext) -> bytes | None:
@@ -160,8 +166,15 @@ class _Servicer(pb_grpc.FederationServicer):
                 tensors=header_to_proto(StreamHeader.of(params)),
             )
         )
-        for chunk in iter_chunks(params, self._chunk_bytes):
-            yield encode_data(chunk)
+        if not self._download_slots.acquire(timeout=DOWNLOAD_SLOT_TIMEOUT_S):
+            _abort(context, RoundError(f"PullModel: no download slot within {DOWNLOAD_SLOT_TIMEOUT_S:.0f}s"))
+        try:
+            for chunk in iter_chunks(params, self._chunk_bytes):
+                if not context.is_active():
+                    return
+                yield encode_data(chunk)
+        finally:
+            self._download_slots.release()
 
     def PushUpdate(self, request_iterator: Iterator[pb.UpdateChunk | DataChunk], context: grpc.ServicerContext) -> pb.PushReply:
         peer = self._peer(context)
@@ -257,6 +270,7 @@ class FederationServer:
         listen: str,
         chunk_bytes: int,
         max_threads: int = 128,
+        max_downloads: int = 8,
     ) -> FederationServer:
         """Binds ``listen`` with TLS and starts serving.
 
@@ -270,10 +284,12 @@ class FederationServer:
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 ("grpc.so_reuseport", 0),
+                ("grpc.http2.bdp_probe", 0),
+                ("grpc.http2.stream_lookahead_bytes", 4194304),
             ],
             maximum_concurrent_rpcs=max_threads * 4,
         )
-        servicer = _Servicer(handler, credentials, chunk_bytes)
+        servicer = _Servicer(handler, credentials, chunk_bytes, max_downloads)
         _register(servicer, server)
         port = server.add_secure_port(listen, credentials.server_credentials())
         if port == 0:

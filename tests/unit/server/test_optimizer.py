@@ -117,3 +117,19 @@ def test_registry_builds_fedavg_by_name() -> None:
 
     assert isinstance(optimizer, FedAvg)
     assert optimizer.lr == 0.25
+
+
+def test_zero_dim_integer_tensor_survives_aggregation_and_step() -> None:
+    # Prepare: a BatchNorm-style 0-d int64 counter
+    from enclavefl.server.aggregator import WeightedMean
+    from enclavefl.tensors import StreamHeader
+
+    params = ParamSet([("count", np.asarray(10, dtype=np.int64))])
+    agg = WeightedMean(StreamHeader.of(params))
+    # Execute
+    agg.add(ParamSet([("count", np.asarray(3, dtype=np.int64))]), 1.0)
+    agg.add(ParamSet([("count", np.asarray(5, dtype=np.int64))]), 1.0)
+    new = FedAvg().step(params, agg.result())
+    # Assert
+    assert isinstance(new["count"], np.ndarray) and new["count"].shape == ()
+    assert new["count"].dtype == np.int64 and int(new["count"]) == 14
