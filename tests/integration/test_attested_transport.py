@@ -236,6 +236,7 @@ class TlsProxy:
         self._server_ctx.load_cert_chain(tmp / "mitm.pem", tmp / "mitm.key")
         self._server_ctx.set_alpn_protocols(["h2"])
         self._client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        # The attacker's upstream leg: it trusts anything, as an attacker would.
         self._client_ctx.check_hostname = False
         self._client_ctx.verify_mode = ssl.CERT_NONE
         self._client_ctx.set_alpn_protocols(["h2"])

@@ -9,7 +9,7 @@ attests, which is why a job file may name it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import numpy as np
 
@@ -55,7 +55,3 @@ def load_digits_task(config: JobConfig) -> Task:
 TASKS: dict[str, TaskFactory] = {"digits-mlp": load_digits_task, **WORKLOADS}
 """Built-in tasks by ``task.name``: the digits demo and the reference workloads."""
 
-
-def task_names() -> Mapping[str, TaskFactory]:
-    """The built-in tasks, for the CLI's help."""
-    return dict(TASKS)

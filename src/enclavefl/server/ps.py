@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -233,21 +233,21 @@ class ParameterServer:
             rnd.uploading.add(meta.worker_id)
             wait_s = max(rnd.deadline - time.monotonic(), 0.1)
         if not self._slots.acquire(timeout=wait_s):
-            self._note_rejection(rnd, meta.worker_id, "no upload slot before the round closed")
-            with self._cond:
-                rnd.uploading.discard(meta.worker_id)
-                self._cond.notify_all()
-            raise UpdateRejected("no upload slot before the round closed")
+            self._abandon_upload(rnd, meta.worker_id, "no upload slot before the round closed")
         try:
             decoder = StreamDecoder(meta.tensors, self._limits, expected=self._template)
         except ProtocolError as exc:
             self._slots.release()
-            self._note_rejection(rnd, meta.worker_id, str(exc))
-            with self._cond:
-                rnd.uploading.discard(meta.worker_id)
-                self._cond.notify_all()
-            raise UpdateRejected(str(exc)) from exc
+            self._abandon_upload(rnd, meta.worker_id, str(exc))
         return _StagedUpdate(self, rnd, meta, decoder, self._slots)
+
+    def _abandon_upload(self, rnd: RoundState, worker_id: str, reason: str) -> NoReturn:
+        """Forgets an upload that never got staged, logs why and refuses it."""
+        self._note_rejection(rnd, worker_id, reason)
+        with self._cond:
+            rnd.uploading.discard(worker_id)
+            self._cond.notify_all()
+        raise UpdateRejected(reason)
 
     def leave(self, peer: PeerIdentity, worker_id: str, reason: str) -> None:
         with self._cond:

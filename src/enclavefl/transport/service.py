@@ -30,7 +30,7 @@ from enclavefl.errors import (
 from enclavefl.proto import PROTOCOL_VERSION
 from enclavefl.proto import federation_pb2 as pb
 from enclavefl.proto import federation_pb2_grpc as pb_grpc
-from enclavefl.tensors import iter_chunks
+from enclavefl.tensors import StreamHeader, iter_chunks
 from enclavefl.transport.credentials import Credentials, JoinProof, PeerIdentity
 from enclavefl.transport.framing import DataChunk, chunk_decoder, chunk_payload, encode_data, encode_message
 from enclavefl.transport.messages import FederationHandler, TaskKind, UpdateMeta
@@ -157,8 +157,6 @@ class _Servicer(pb_grpc.FederationServicer):
             version, params = self._handler.model_for(self._peer(context), request.worker_id, int(request.model_version))
         except EnclaveFLError as exc:
             _abort(context, exc)
-        from enclavefl.tensors import StreamHeader
-
         yield pb.ModelChunk(
             header=pb.ModelHeader(
                 protocol_version=PROTOCOL_VERSION,
