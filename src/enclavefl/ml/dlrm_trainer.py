@@ -11,6 +11,14 @@ Rows not touched by local data receive a zero gradient. With plain SGD or Adam
 (a fresh optimizer per round) their delta is exactly zero, so the sparse upload
 loses nothing; with ``weight_decay`` > 0 the decay of untouched rows is not
 sent (it is not part of what the local data taught).
+
+When the model's tables produce sparse gradients (``DLRM(sparse_gradients=True)``)
+the tables get their own lazy optimizer (``SparseAdam`` for ``adam``, ``SGD``
+for ``sgd``) that updates only the rows of each batch. torch has no sparse
+weight decay, so ``weight_decay`` reaches the tables as a lazy L2 penalty,
+``weight_decay / 2 * |row|^2`` over the distinct rows a batch looks up: the
+same gradient a dense optimizer's decay gives those rows, and none for the rest
+(the sparse upload stays exact).
 """
 
 from __future__ import annotations
@@ -96,6 +104,25 @@ class DlrmTrainer(TorchTrainer):
         """Row ids of each embedding table that the last :meth:`fit` looked up (sorted, unique)."""
         return dict(self._touched)
 
+    @property
+    def _sparse_tables(self) -> bool:
+        return any(isinstance(t, nn.Embedding) and t.sparse for t in self.dlrm.embeddings)
+
+    def _make_optimizers(self, lr: float) -> list[torch.optim.Optimizer]:
+        if not self._sparse_tables:
+            return [self._make_optimizer(lr)]
+        tables = list(self.dlrm.embeddings.parameters())
+        table_ids = {id(t) for t in tables}
+        mlps = [p for p in self.dlrm.parameters() if id(p) not in table_ids]
+        s = self._optimizer
+        # The tables' weight decay is the lazy penalty in fit(), not the optimizer's.
+        if s.name == "adam":
+            return [torch.optim.SparseAdam(tables, lr=lr), torch.optim.Adam(mlps, lr=lr, weight_decay=s.weight_decay)]
+        return [
+            torch.optim.SGD(tables, lr=lr, momentum=s.momentum),
+            torch.optim.SGD(mlps, lr=lr, momentum=s.momentum, weight_decay=s.weight_decay),
+        ]
+
     def fit(self, config: FitConfig) -> FitResult:
         data = self._criteo_train
         if data is None or len(data) == 0:
@@ -105,7 +132,8 @@ class DlrmTrainer(TorchTrainer):
         categorical = torch.from_numpy(data.categorical)
         labels = torch.from_numpy(data.labels)
         generator = torch.Generator().manual_seed(config.seed * 100_003 + config.round)
-        optimizer = self._make_optimizer(config.lr)
+        optimizers = self._make_optimizers(config.lr)
+        lazy_decay = self._optimizer.weight_decay if self._sparse_tables else 0.0
         loss_fn = nn.BCELoss()
         self.model.train()
         total_loss, correct, seen = 0.0, 0, 0
@@ -114,11 +142,14 @@ class DlrmTrainer(TorchTrainer):
             for start in range(0, len(labels), config.batch_size):
                 idx = order[start : start + config.batch_size]
                 yb = labels[idx]
-                optimizer.zero_grad(set_to_none=True)
+                for optimizer in optimizers:
+                    optimizer.zero_grad(set_to_none=True)
                 prob = self.dlrm(dense[idx], categorical[idx]).clamp(_EPS, 1 - _EPS)
                 loss = loss_fn(prob, yb)
-                loss.backward()
-                optimizer.step()
+                objective = loss + 0.5 * lazy_decay * self.dlrm.embedding_norm(categorical[idx]) if lazy_decay else loss
+                objective.backward()
+                for optimizer in optimizers:
+                    optimizer.step()
                 total_loss += float(loss.detach()) * len(yb)
                 correct += int(((prob.detach() > 0.5).float() == yb).sum())
                 seen += len(yb)

@@ -14,8 +14,11 @@ Shapes (B = batch, F = 1 + number of tables, D = embedding_dim)::
     (B, F, D) @ (B, D, F) -> (B, F, F) -> upper triangle (B, F(F-1)/2)
     concat with (B, D) --top MLP--> (B, 1) --sigmoid--> (B,)
 
-Embedding tables are dense (``sparse=False``) and initialised uniform in
-``±sqrt(1 / rows)`` as in the reference implementation.
+Embedding tables are initialised uniform in ``±sqrt(1 / rows)`` as in the
+reference implementation. With ``sparse_gradients`` (the reference's default
+too) a backward pass yields gradients for the looked-up rows only, so an
+optimizer step costs the batch's rows instead of whole tables: on Criteo-sized
+tables that is most of the training time.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ class DLRM(nn.Module):
         embedding_dim: width of every embedding (D).
         bottom_mlp: layer widths of the bottom MLP; the last must equal ``embedding_dim``.
         top_mlp: layer widths of the top MLP; the last must be 1.
+        sparse_gradients: embedding tables produce sparse gradients (they then
+            need an optimizer that accepts them: ``SparseAdam``, or ``SGD`` without weight decay).
 
     Raises:
         ConfigError: inconsistent sizes.
@@ -65,6 +70,7 @@ class DLRM(nn.Module):
         embedding_dim: int = 16,
         bottom_mlp: Sequence[int] = (64, 32, 16),
         top_mlp: Sequence[int] = (64, 32, 1),
+        sparse_gradients: bool = False,
     ) -> None:
         super().__init__()
         if not embedding_sizes or any(rows < 1 for rows in embedding_sizes):
@@ -82,7 +88,7 @@ class DLRM(nn.Module):
             raise ConfigError("DLRM: MLP widths must be >= 1")
         self.num_dense = num_dense
         self.bottom = _mlp([num_dense, *bottom_mlp], last_relu=True)
-        tables = [nn.Embedding(rows, embedding_dim) for rows in embedding_sizes]
+        tables = [nn.Embedding(rows, embedding_dim, sparse=sparse_gradients) for rows in embedding_sizes]
         for table in tables:
             bound = (1.0 / table.num_embeddings) ** 0.5
             nn.init.uniform_(table.weight, -bound, bound)
@@ -96,6 +102,17 @@ class DLRM(nn.Module):
         )
         interaction = features * (features - 1) // 2 + embedding_dim
         self.top = _mlp([interaction, *top_mlp], last_relu=False)
+
+    def embedding_norm(self, categorical: Tensor) -> Tensor:
+        """Sum of squared entries of the distinct rows ``categorical`` looks up, over all tables.
+
+        A lazy L2 penalty for sparse tables: its gradient is sparse too, and
+        touches each looked-up row once however often the batch repeats it.
+        """
+        total = categorical.new_zeros((), dtype=torch.float32)
+        for j, table in enumerate(self.embeddings):
+            total = total + table(torch.unique(categorical[:, j])).pow(2).sum()
+        return total
 
     def forward(self, dense: Tensor, categorical: Tensor) -> Tensor:
         """Click probability per sample.
