@@ -21,8 +21,12 @@ because the nodes read a copy of the job written into the run directory.
 * ``num_classes``: classifier outputs (default from the data set: 10, FEMNIST 62).
 * criteo-dlrm: ``table_size`` (rows per embedding table, default 10000),
   ``embedding_dim`` (16), ``bottom_mlp`` ([64, 32, embedding_dim]),
-  ``top_mlp`` ([64, 32, 1]), ``eval_fraction`` (0.1), ``train_file``
-  (default ``train.txt``, else ``train_sample.txt``).
+  ``top_mlp`` ([64, 32, 1]), ``eval_fraction`` (0.1), ``eval_fold`` (0: which
+  ``eval_fraction`` slice of the seeded permutation is held out, for
+  cross-validation on small samples), ``sparse_gradients`` (true: embedding
+  tables get row-sparse gradients and a lazy optimizer, see
+  :mod:`enclavefl.ml.dlrm_trainer`), ``train_file`` (default ``train.txt``,
+  else ``train_sample.txt``).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from enclavefl.config import JobConfig
 from enclavefl.errors import ConfigError
 from enclavefl.ml.datasets import (
     ArrayDataset,
+    NUM_CATEGORICAL,
     CriteoData,
     FederatedDataset,
     flatten_federated,
@@ -68,6 +73,7 @@ from enclavefl.training import Task, Trainer
 __all__ = [
     "WORKLOADS",
     "CriteoTask",
+    "DlrmShape",
     "load_cifar10_resnet20",
     "load_criteo_dlrm",
     "load_fashion_mnist_resnet20",
@@ -105,7 +111,7 @@ def _param(config: JobConfig, key: str, default: Any, kind: type, minimum: float
         return None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if isinstance(value, bool) or type(value) is not kind:
+    if type(value) is not kind:  # exact: True is not an int here, 1 is not a bool
         raise ConfigError(f"task.params.{key} = {value!r}: expected {kind.__name__}")
     if minimum is not None and isinstance(value, int | float) and value < minimum:
         raise ConfigError(f"task.params.{key} = {value!r}: must be >= {minimum}")
@@ -215,6 +221,39 @@ def load_femnist_lenet(config: JobConfig) -> Task:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class DlrmShape:
+    """The DLRM a criteo-dlrm job trains, from its ``task.params`` (the checkpoint's shapes follow it)."""
+
+    table_size: int
+    embedding_dim: int
+    bottom_mlp: tuple[int, ...]
+    top_mlp: tuple[int, ...]
+    sparse_gradients: bool
+
+    @classmethod
+    def from_config(cls, config: JobConfig) -> DlrmShape:
+        """Raises: ConfigError: a ``task.params`` key has the wrong type or range."""
+        embedding_dim = _param(config, "embedding_dim", 16, int, 1)
+        return cls(
+            table_size=_param(config, "table_size", 10_000, int, 2),
+            embedding_dim=embedding_dim,
+            bottom_mlp=_int_list(config, "bottom_mlp", (64, 32, embedding_dim)),
+            top_mlp=_int_list(config, "top_mlp", (64, 32, 1)),
+            sparse_gradients=_param(config, "sparse_gradients", True, bool),
+        )
+
+    def build(self, seed: int) -> DLRM:
+        torch.manual_seed(seed)
+        return DLRM(
+            embedding_sizes=[self.table_size] * NUM_CATEGORICAL,
+            embedding_dim=self.embedding_dim,
+            bottom_mlp=self.bottom_mlp,
+            top_mlp=self.top_mlp,
+            sparse_gradients=self.sparse_gradients,
+        )
+
+
 @dataclass
 class CriteoTask:
     """DLRM on Criteo click logs: one embedding table per categorical column, binary objective."""
@@ -223,18 +262,10 @@ class CriteoTask:
     train: CriteoData
     test: CriteoData
     config: JobConfig
-    embedding_dim: int
-    bottom_mlp: tuple[int, ...]
-    top_mlp: tuple[int, ...]
+    shape: DlrmShape
 
     def _model(self) -> DLRM:
-        torch.manual_seed(self.config.job.seed)
-        return DLRM(
-            embedding_sizes=self.train.embedding_sizes,
-            embedding_dim=self.embedding_dim,
-            bottom_mlp=self.bottom_mlp,
-            top_mlp=self.top_mlp,
-        )
+        return self.shape.build(self.config.job.seed)
 
     def _labels(self) -> npt.NDArray[np.int64]:
         assert self.train.labels is not None  # load_criteo(has_label=True)
@@ -273,12 +304,15 @@ class CriteoTask:
 
 
 def _held_out_split(
-    data: CriteoData, fraction: float, seed: int
+    data: CriteoData, fraction: float, seed: int, fold: int = 0
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], int]:
     """Seeded (eval, train) row indices, holding out ``fraction`` of the *distinct* rows with all their copies.
 
     Criteo samples in circulation repeat rows (the shared 10,800-line sample is
     900 rows 12 times); a plain row split would score the model on rows it trained on.
+    ``fold`` picks which slice of the seeded permutation is held out, so that
+    ``1 / fraction`` runs with folds 0, 1, ... cross-validate on a small sample
+    (each distinct row is held out exactly once).
     """
     assert data.labels is not None
     keys = np.concatenate(
@@ -287,7 +321,8 @@ def _held_out_split(
     _, group = np.unique(keys, axis=0, return_inverse=True)
     group = group.ravel()
     distinct = int(group.max()) + 1 if len(group) else 0
-    chosen = np.random.default_rng(seed).permutation(distinct)[: int(round(distinct * fraction))]
+    size = int(round(distinct * fraction))
+    chosen = np.random.default_rng(seed).permutation(distinct)[fold * size : (fold + 1) * size]
     held = np.isin(group, chosen)
     return np.flatnonzero(held).astype(np.int64), np.flatnonzero(~held).astype(np.int64), distinct
 
@@ -299,14 +334,17 @@ def load_criteo_dlrm(config: JobConfig) -> Task:
     if name is None:
         found = [n for n in CRITEO_TRAIN_FILES if (root / n).is_file()]
         name = found[0] if found else CRITEO_TRAIN_FILES[0]
-    table_size = _param(config, "table_size", 10_000, int, 2)
-    embedding_dim = _param(config, "embedding_dim", 16, int, 1)
+    shape = DlrmShape.from_config(config)
     fraction = _param(config, "eval_fraction", 0.1, float, 0.0)
     if not 0 < fraction < 1:
         raise ConfigError(f"task.params.eval_fraction = {fraction}: must be in (0, 1)")
+    folds = int(1 / fraction + 1e-9)
+    fold = _param(config, "eval_fold", 0, int, 0)
+    if fold >= folds:
+        raise ConfigError(f"task.params.eval_fold = {fold}: eval_fraction={fraction} gives folds 0..{folds - 1}")
     max_rows = _param(config, "max_rows", None, int, 1)
-    data = load_criteo(root / name, table_size=table_size, max_rows=max_rows)
-    test_idx, train_idx, distinct = _held_out_split(data, fraction, config.job.seed)
+    data = load_criteo(root / name, table_size=shape.table_size, max_rows=max_rows)
+    test_idx, train_idx, distinct = _held_out_split(data, fraction, config.job.seed, fold)
     if len(test_idx) == 0 or len(train_idx) == 0:
         raise ConfigError(f"{root / name}: {distinct} distinct rows are too few for eval_fraction={fraction}")
     if distinct < len(data):
@@ -316,16 +354,8 @@ def load_criteo_dlrm(config: JobConfig) -> Task:
     train = data.subset(train_idx)
     limit = _param(config, "max_train_samples", None, int, 1)
     train = train.subset(_sample(len(train), limit, config.job.seed))
-    log.info("task criteo-dlrm: %s, %d train rows, %d held out, table_size %d", root / name, len(train), len(test), table_size)
-    return CriteoTask(
-        name="criteo-dlrm",
-        train=train,
-        test=test,
-        config=config,
-        embedding_dim=embedding_dim,
-        bottom_mlp=_int_list(config, "bottom_mlp", (64, 32, embedding_dim)),
-        top_mlp=_int_list(config, "top_mlp", (64, 32, 1)),
-    )
+    log.info("task criteo-dlrm: %s, %d train rows, %d held out, table_size %d", root / name, len(train), len(test), shape.table_size)
+    return CriteoTask(name="criteo-dlrm", train=train, test=test, config=config, shape=shape)
 
 
 WORKLOADS: Mapping[str, Callable[[JobConfig], Task]] = {

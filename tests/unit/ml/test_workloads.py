@@ -145,3 +145,25 @@ def test_criteo_rejects_writer_partition() -> None:
     task = load_task(_job("criteo-dlrm", _need("criteo"), "writer", table_size=100, max_train_samples=100))
     with pytest.raises(ConfigError, match="writers"):
         task.worker_trainer(0, 2)
+
+
+@pytest.mark.shared
+def test_criteo_eval_folds_partition_the_distinct_rows() -> None:
+    def rows(data: Any) -> set[bytes]:
+        return {data.dense[i].tobytes() + data.categorical[i].tobytes() for i in range(len(data))}
+
+    held: list[set[bytes]] = []
+    for fold in range(3):
+        task = load_task(_job("criteo-dlrm", _need("criteo"), table_size=1000, eval_fraction=1 / 3, eval_fold=fold))
+        test, train = rows(task.test), rows(task.train)  # type: ignore[attr-defined]
+        assert len(test) == 300 and not test & train
+        held.append(test)
+    assert not held[0] & held[1] and not held[1] & held[2]
+    assert len(held[0] | held[1] | held[2]) == 900  # every distinct row is held out exactly once
+    with pytest.raises(ConfigError, match=r"eval_fold = 3: eval_fraction=0.333\d* gives folds 0..2"):
+        load_task(_job("criteo-dlrm", _need("criteo"), table_size=1000, eval_fraction=1 / 3, eval_fold=3))
+
+
+def test_bool_param_must_be_a_bool(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"task.params.sparse_gradients = 1: expected bool"):
+        load_task(_job("criteo-dlrm", tmp_path, sparse_gradients=1))
