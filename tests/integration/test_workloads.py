@@ -59,3 +59,12 @@ def test_workload_runs_federated(case: str, tmp_path: Path) -> None:
             assert 0.0 <= row["eval_auc"] <= 1.0
             # Embedding tables travel row-sparse: far below the dense cost.
             assert row["bytes_in"] * 3 < row["bytes_in_dense"], row
+        # The trained model scores the Kaggle test layout (no labels) from the run directory.
+        csv = tmp_path / "predictions.csv"
+        proc = subprocess.run([sys.executable, "-m", "enclavefl", "predict", str(out), "--input",
+                               str(data_dir / "test_sample.txt"), "--out", str(csv)],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        lines = csv.read_text().splitlines()
+        assert lines[0] == "Id,Predicted" and len(lines) == 1 + 1200
+        assert all(0.0 < float(line.split(",")[1]) < 1.0 for line in lines[1:])

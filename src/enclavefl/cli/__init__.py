@@ -30,7 +30,7 @@ def exit_code(exc: BaseException) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from enclavefl.cli import attest_cmd, baseline_cmd, certs_cmd, report_cmd, roles, run_cmd
+    from enclavefl.cli import attest_cmd, baseline_cmd, certs_cmd, predict_cmd, report_cmd, roles, run_cmd
 
     parser = argparse.ArgumentParser(prog="enclavefl", description="Federated learning with attested TLS.")
     parser.add_argument("--version", action="version", version=f"enclavefl {__version__}")
@@ -43,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     attest_cmd.add_parser(sub)
     baseline_cmd.add_parser(sub)
     report_cmd.add_parser(sub)
+    predict_cmd.add_parser(sub)
     return parser
 
 
