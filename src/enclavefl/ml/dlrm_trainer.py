@@ -23,7 +23,6 @@ same gradient a dense optimizer's decay gives those rows, and none for the rest
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -131,36 +130,22 @@ class DlrmTrainer(TorchTrainer):
         dense = torch.from_numpy(data.dense)
         categorical = torch.from_numpy(data.categorical)
         labels = torch.from_numpy(data.labels)
-        generator = torch.Generator().manual_seed(config.seed * 100_003 + config.round)
-        optimizers = self._make_optimizers(config.lr)
         lazy_decay = self._optimizer.weight_decay if self._sparse_tables else 0.0
         loss_fn = nn.BCELoss()
-        self.model.train()
-        total_loss, correct, seen = 0.0, 0, 0
-        for _ in range(config.epochs):
-            order = torch.randperm(len(labels), generator=generator)
-            for start in range(0, len(labels), config.batch_size):
-                idx = order[start : start + config.batch_size]
-                yb = labels[idx]
-                for optimizer in optimizers:
-                    optimizer.zero_grad(set_to_none=True)
-                prob = self.dlrm(dense[idx], categorical[idx]).clamp(_EPS, 1 - _EPS)
-                loss = loss_fn(prob, yb)
-                objective = loss + 0.5 * lazy_decay * self.dlrm.embedding_norm(categorical[idx]) if lazy_decay else loss
-                objective.backward()
-                for optimizer in optimizers:
-                    optimizer.step()
-                total_loss += float(loss.detach()) * len(yb)
-                correct += int(((prob.detach() > 0.5).float() == yb).sum())
-                seen += len(yb)
+
+        def batch_loss(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+            yb = labels[idx]
+            prob = self.dlrm(dense[idx], categorical[idx]).clamp(_EPS, 1 - _EPS)
+            loss = loss_fn(prob, yb)
+            objective = loss + 0.5 * lazy_decay * self.dlrm.embedding_norm(categorical[idx]) if lazy_decay else loss
+            return objective, loss, int(((prob.detach() > 0.5).float() == yb).sum())
+
+        result = self._minibatch_loop(len(labels), config, self._make_optimizers(config.lr), batch_loss)
         # Every epoch visits every local sample, so the touched rows are the data's ids.
         self._touched = {
             name: np.unique(data.categorical[:, j]).astype(np.int64) for j, name in enumerate(self.sparse_tensors)
         }
-        loss_mean = total_loss / max(seen, 1)
-        if not math.isfinite(loss_mean):
-            raise FloatingPointError(f"local training diverged (loss {loss_mean}); lower client.lr")
-        return FitResult(self.num_samples, {"loss": loss_mean, "accuracy": correct / max(seen, 1)})
+        return result
 
     def predict(self, data: CriteoData) -> npt.NDArray[np.float32]:
         """Click probabilities for ``data`` (labels not needed: works on the test format)."""

@@ -8,7 +8,7 @@ BatchNorm model expects).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -85,24 +85,43 @@ class TorchTrainer:
             raise ValueError("this trainer has no training data")
         x = torch.from_numpy(self._train.x)
         y = torch.from_numpy(self._train.y)
-        generator = torch.Generator().manual_seed(config.seed * 100_003 + config.round)
-        optimizer = self._make_optimizer(config.lr)
         loss_fn = nn.CrossEntropyLoss()
+
+        def batch_loss(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+            logits = self.model(x[idx])
+            loss = loss_fn(logits, y[idx])
+            return loss, loss, int((logits.detach().argmax(dim=1) == y[idx]).sum())
+
+        return self._minibatch_loop(len(y), config, [self._make_optimizer(config.lr)], batch_loss)
+
+    def _minibatch_loop(
+        self,
+        n: int,
+        config: FitConfig,
+        optimizers: Sequence[torch.optim.Optimizer],
+        batch_loss: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, int]],
+    ) -> FitResult:
+        """``config.epochs`` seeded shuffles of ``n`` samples in minibatches; the mean loss and accuracy.
+
+        ``batch_loss(indices)`` returns (what to minimise, the loss to report, correct predictions).
+        The shuffle depends on the job seed and the round only, so a run repeats exactly.
+        """
+        generator = torch.Generator().manual_seed(config.seed * 100_003 + config.round)
         self.model.train()
         total_loss, correct, seen = 0.0, 0, 0
         for _ in range(config.epochs):
-            order = torch.randperm(len(y), generator=generator)
-            for start in range(0, len(y), config.batch_size):
+            order = torch.randperm(n, generator=generator)
+            for start in range(0, n, config.batch_size):
                 idx = order[start : start + config.batch_size]
-                xb, yb = x[idx], y[idx]
-                optimizer.zero_grad(set_to_none=True)
-                logits = self.model(xb)
-                loss = loss_fn(logits, yb)
-                loss.backward()
-                optimizer.step()
-                total_loss += float(loss.detach()) * len(yb)
-                correct += int((logits.detach().argmax(dim=1) == yb).sum())
-                seen += len(yb)
+                for optimizer in optimizers:
+                    optimizer.zero_grad(set_to_none=True)
+                objective, loss, batch_correct = batch_loss(idx)
+                torch.autograd.backward(objective)
+                for optimizer in optimizers:
+                    optimizer.step()
+                total_loss += float(loss.detach()) * len(idx)
+                correct += batch_correct
+                seen += len(idx)
         loss_mean = total_loss / max(seen, 1)
         if not math.isfinite(loss_mean):
             raise FloatingPointError(f"local training diverged (loss {loss_mean}); lower client.lr")
