@@ -48,6 +48,7 @@ def test_workload_runs_federated(case: str, tmp_path: Path) -> None:
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "partition:" in proc.stdout  # the partition summary table
+    assert ("final auc" if case == "criteo" else "final acc") in proc.stdout  # the run summary's score
     rows = _rows(out / "metrics.jsonl")
     assert [r["round"] for r in rows] == list(range(1, rounds + 1))
     for row in rows:

@@ -140,15 +140,18 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 
 def _summary(console: Console, rows: list[dict[str, Any]], wall_s: float) -> None:
+    # Click models are judged by AUC: show it when the rows carry one.
+    metric = "auc" if any(r.get("eval_auc") is not None for r in rows) else "acc"
+    key = "eval_auc" if metric == "auc" else "eval_accuracy"
     table = Table(title="enclavefl run summary")
-    for col in ("rounds", "final acc", "best acc", "final loss", "MB in", "MB out", "wall s"):
+    for col in ("rounds", f"final {metric}", f"best {metric}", "final loss", "MB in", "MB out", "wall s"):
         table.add_column(col, justify="right")
-    accs = [r["eval_accuracy"] for r in rows if r.get("eval_accuracy") is not None]
+    scores = [r[key] for r in rows if r.get(key) is not None]
     last = rows[-1] if rows else {}
     table.add_row(
         str(len(rows)),
-        _fmt(last.get("eval_accuracy")),
-        _fmt(max(accs) if accs else None),
+        _fmt(last.get(key)),
+        _fmt(max(scores) if scores else None),
         _fmt(last.get("eval_loss")),
         f"{sum(r.get('bytes_in', 0) for r in rows) / 1e6:.1f}",
         f"{sum(r.get('bytes_out', 0) for r in rows) / 1e6:.1f}",
