@@ -1,7 +1,7 @@
 """One short federated run per reference workload: `enclavefl run` on the example job, real processes.
 
-Each run uses a tiny seeded subsample of the real data (task.params.max_train_samples)
-and 2 workers, so it checks the wiring (data, model, partition table, wire, metrics),
+Each run uses a tiny seeded subsample of the real data (task.params.max_train_samples;
+CIFAR-10, absent here, is written by the test in its official layout) and 2 workers, so it checks the wiring (data, model, partition table, wire, metrics),
 not the accuracy; bench/workloads.py measures that.
 """
 
@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -32,6 +33,33 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _run(example: str, data_dir: Path, rounds: int, extra: list[str], out: Path) -> subprocess.CompletedProcess[str]:
+    sets = [f"job.rounds={rounds}", "round.min_workers=2", f"task.data_dir={data_dir}", *extra]
+    argv = [sys.executable, "-m", "enclavefl", "run", str(REPO / "examples" / example), "--out", str(out),
+            "--quiet", "--workers", "2"]
+    for item in sets:
+        argv += ["--set", item]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def test_cifar10_example_on_files_in_the_official_binary_layout(tmp_path: Path) -> None:
+    """No CIFAR-10 here: the example job runs on random images written in the official 3073-byte records."""
+    rng = np.random.default_rng(5)
+    data = tmp_path / "cifar10"
+    data.mkdir()
+    for stem in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        records = np.concatenate([rng.integers(0, 10, (12, 1)), rng.integers(0, 256, (12, 3072))], axis=1)
+        (data / f"{stem}.bin").write_bytes(records.astype(np.uint8).tobytes())
+    out = tmp_path / "run"
+    proc = _run("image_classification/cifar10.yaml", data, 1, [], out)
+    assert "partition:" in proc.stdout and "final acc" in proc.stdout
+    rows = _rows(out / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [1] and rows[0]["participants"] == 2
+    assert "worker 1 of 2 holds 30 samples" in (out / "logs" / "worker-1.log").read_text()
+
+
 @pytest.mark.shared
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_workload_runs_federated(case: str, tmp_path: Path) -> None:
@@ -40,13 +68,7 @@ def test_workload_runs_federated(case: str, tmp_path: Path) -> None:
     if not data_dir.is_dir():
         pytest.skip(f"real data not found: {data_dir} (the shared data folder beside the repo)")
     out = tmp_path / "run"
-    sets = [f"job.rounds={rounds}", "round.min_workers=2", f"task.data_dir={data_dir}", *extra]
-    argv = [sys.executable, "-m", "enclavefl", "run", str(REPO / "examples" / example), "--out", str(out),
-            "--quiet", "--workers", "2"]
-    for item in sets:
-        argv += ["--set", item]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = _run(example, data_dir, rounds, extra, out)
     assert "partition:" in proc.stdout  # the partition summary table
     assert ("final auc" if case == "criteo" else "final acc") in proc.stdout  # the run summary's score
     rows = _rows(out / "metrics.jsonl")
