@@ -312,7 +312,7 @@ def _held_out_split(
     900 rows 12 times); a plain row split would score the model on rows it trained on.
     ``fold`` picks which slice of the seeded permutation is held out, so that
     ``1 / fraction`` runs with folds 0, 1, ... cross-validate on a small sample
-    (each distinct row is held out exactly once).
+    (no distinct row is held out twice; all are when the fraction's slices tile them).
     """
     assert data.labels is not None
     keys = np.concatenate(
