@@ -84,12 +84,17 @@ def train_baseline(config: JobConfig, out_dir: Path) -> list[dict[str, Any]]:
             f.write(json.dumps(row, separators=(",", ":")) + "\n")
             f.flush()
             rows.append(row)
-            log.info("baseline round %d/%d: eval_loss=%s eval_accuracy=%s", rnd, config.job.rounds,
-                     row["eval_loss"], row["eval_accuracy"])
+            auc = f" eval_auc={row['eval_auc']}" if row.get("eval_auc") is not None else ""
+            log.info("baseline round %d/%d: eval_loss=%s eval_accuracy=%s%s (%.1fs)", rnd, config.job.rounds,
+                     row["eval_loss"], row["eval_accuracy"], auc, row["seconds"])
     return rows
 
 
 def run_baseline(args: argparse.Namespace) -> int:
+    from enclavefl.cli import setup_logging
+
+    # A centralized run can take an hour: its per-round and progress lines go to stderr.
+    setup_logging(logging.DEBUG if args.debug else logging.INFO)
     config = load_job(args.job, args.overrides)
     out = args.out or Path("runs") / f"{config.job.name}-baseline-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     print(f"enclavefl baseline: job {config.job.name}, task {config.task.name}, {config.job.rounds} rounds "

@@ -39,6 +39,7 @@ def test_baseline_then_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert all(r["num_samples"] == 1438 for r in rows)  # the pooled 80 % of 1797 digits
     assert rows[-1]["eval_accuracy"] > 0.9  # an MLP learns digits in 4 epochs
     assert rows[-1]["seconds_total"] >= rows[0]["seconds"]
+    assert "baseline round 4/4: eval_loss=" in capsys.readouterr().err  # progress, one line a round
     _fake_federated(run)
     assert main(["report", str(run)]) == 0
     report = (run / "report.md").read_text()
