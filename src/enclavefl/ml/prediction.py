@@ -16,12 +16,15 @@ import numpy.typing as npt
 
 from enclavefl.config import JobConfig
 from enclavefl.errors import ConfigError, DataError
-from enclavefl.ml.datasets.criteo import NUM_CATEGORICAL, NUM_DENSE, load_criteo
+from enclavefl.ml.datasets.criteo import NUM_CATEGORICAL, NUM_DENSE, iter_criteo
 from enclavefl.ml.dlrm_trainer import DlrmTrainer
 from enclavefl.ml.workloads import DlrmShape
 from enclavefl.tensors import ParamSet
 
-__all__ = ["PREDICTORS", "Predictions", "criteo_file_has_labels", "predict_criteo_dlrm"]
+__all__ = ["PREDICTORS", "PREDICT_BLOCK_ROWS", "Predictions", "criteo_file_has_labels", "predict_criteo_dlrm"]
+
+PREDICT_BLOCK_ROWS = 500_000
+"""Rows scored at a time: a prediction holds one block of features (130 MB, twice that while read)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,8 +78,18 @@ def predict_criteo_dlrm(config: JobConfig, params: ParamSet, path: Path) -> Pred
             f"bottom_mlp={list(shape.bottom_mlp)}, top_mlp={list(shape.top_mlp)}): {exc}; use the job "
             "configuration the model was trained with (the run directory's config.yaml)"
         ) from exc
-    data = load_criteo(path, table_size=shape.table_size, has_label=criteo_file_has_labels(path))
-    return Predictions(trainer.predict(data), data.labels, path)
+    has_label = criteo_file_has_labels(path)
+    scores: list[npt.NDArray[np.float32]] = []
+    labels: list[npt.NDArray[np.float32]] = []
+    for block in iter_criteo(path, table_size=shape.table_size, has_label=has_label, block_rows=PREDICT_BLOCK_ROWS):
+        scores.append(trainer.predict(block))
+        if block.labels is not None:
+            labels.append(block.labels)
+    return Predictions(
+        scores=np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32),
+        labels=(np.concatenate(labels) if labels else np.zeros(0, dtype=np.float32)) if has_label else None,
+        source=path,
+    )
 
 
 PREDICTORS: Mapping[str, Callable[[JobConfig, ParamSet, Path], Predictions]] = {

@@ -14,6 +14,7 @@ from enclavefl.config import parse_job
 from enclavefl.errors import ConfigError, DataError
 from enclavefl.ml.datasets import load_criteo
 from enclavefl.ml.dlrm_trainer import DlrmTrainer, binary_auc
+from enclavefl.ml import prediction
 from enclavefl.ml.prediction import criteo_file_has_labels, predict_criteo_dlrm
 from enclavefl.ml.workloads import DlrmShape
 from enclavefl.server.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
@@ -129,3 +130,16 @@ def test_errors_name_what_is_missing(run_dir: Path, tmp_path: Path, capsys: pyte
 def test_unknown_path_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="neither a run directory nor a checkpoint file"):
         resolve_model(tmp_path / "nothing", None, [])
+
+
+def test_scoring_in_blocks_changes_nothing(run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    train = tmp_path / "train.txt"
+    train.write_text(_rows(25, True))
+    params = _checkpoint_params(run_dir)
+    whole = predict_criteo_dlrm(parse_job(JOB), params, train)
+    monkeypatch.setattr(prediction, "PREDICT_BLOCK_ROWS", 7)
+    blocks = predict_criteo_dlrm(parse_job(JOB), params, train)
+    np.testing.assert_array_equal(blocks.scores, whole.scores)
+    assert blocks.labels is not None and whole.labels is not None
+    np.testing.assert_array_equal(blocks.labels, whole.labels)
+    assert len(blocks.scores) == 25

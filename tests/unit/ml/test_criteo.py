@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from enclavefl.errors import ConfigError, DataError
-from enclavefl.ml.datasets import CriteoData, load_criteo
+from enclavefl.ml.datasets import CriteoData, iter_criteo, load_criteo
 
 CRITEO = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "criteo"
 TRAIN = CRITEO / "train_sample.txt"
@@ -136,3 +136,35 @@ def test_missing_file_and_bad_table_size(tmp_path: Path) -> None:
     assert "ailab.criteo.com" in str(info.value)
     with pytest.raises(ConfigError, match="table_size must be >= 2"):
         load_criteo(tmp_path / "nope.txt", table_size=1)
+
+
+def test_blocks_concatenate_to_the_whole_file(tmp_path: Path) -> None:
+    path = tmp_path / "train.txt"
+    path.write_text("".join(_row(str(i % 2), [str(i)] * 13, [f"{i:08x}"] * 26) for i in range(5)))
+    blocks = list(iter_criteo(path, table_size=50, block_rows=2))
+    assert [len(b) for b in blocks] == [2, 2, 1]
+    whole = load_criteo(path, table_size=50)
+    assert np.array_equal(np.concatenate([b.dense for b in blocks]), whole.dense)
+    assert np.array_equal(np.concatenate([b.categorical for b in blocks]), whole.categorical)
+    assert np.array_equal(np.concatenate([b.labels for b in blocks if b.labels is not None]), whole.labels)
+    assert [len(b) for b in iter_criteo(path, table_size=50, block_rows=2, max_rows=3)] == [2, 1]
+    (tmp_path / "empty.txt").write_text("")
+    assert list(iter_criteo(tmp_path / "empty.txt", block_rows=2)) == []
+    assert len(load_criteo(tmp_path / "empty.txt")) == 0
+    with pytest.raises(ConfigError, match="block_rows must be >= 1"):
+        next(iter_criteo(path, block_rows=0))
+
+
+def test_block_reader_names_the_line_in_the_whole_file(tmp_path: Path) -> None:
+    path = tmp_path / "train.txt"
+    path.write_text(_row() * 3 + _row(label="2") + _row())
+    with pytest.raises(DataError, match=r"train.txt:4: field 1 \(label\): label must be 0 or 1"):
+        list(iter_criteo(path, block_rows=2))
+
+
+@pytest.mark.shared
+def test_blocks_of_the_real_sample_equal_one_read(train: CriteoData) -> None:
+    blocks = list(iter_criteo(TRAIN, table_size=1000, block_rows=4000))
+    assert [len(b) for b in blocks] == [4000, 4000, 2800]
+    assert np.array_equal(np.concatenate([b.categorical for b in blocks]), train.categorical)
+    assert np.array_equal(np.concatenate([b.dense for b in blocks]), train.dense)

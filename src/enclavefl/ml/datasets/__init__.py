@@ -20,7 +20,7 @@ from enclavefl.ml.datasets.cifar import (
     load_cifar10_binary_batch,
     load_cifar10_python_batch,
 )
-from enclavefl.ml.datasets.criteo import CRITEO_URL, NUM_CATEGORICAL, NUM_DENSE, CriteoData, load_criteo
+from enclavefl.ml.datasets.criteo import CRITEO_URL, NUM_CATEGORICAL, NUM_DENSE, CriteoData, iter_criteo, load_criteo
 from enclavefl.ml.datasets.femnist import LEAF_URL, load_femnist, load_leaf_json
 from enclavefl.ml.datasets.idx import (
     FASHION_MNIST_URL,
@@ -48,6 +48,7 @@ __all__ = [
     "load_cifar10",
     "load_cifar10_binary_batch",
     "load_cifar10_python_batch",
+    "iter_criteo",
     "load_criteo",
     "load_fashion_mnist",
     "load_femnist",

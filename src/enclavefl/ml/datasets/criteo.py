@@ -22,6 +22,7 @@ import logging
 import math
 import os
 from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,7 @@ import numpy.typing as npt
 
 from enclavefl.errors import ConfigError, DataError
 
-__all__ = ["CRITEO_URL", "NUM_CATEGORICAL", "NUM_DENSE", "CriteoData", "load_criteo"]
+__all__ = ["CRITEO_URL", "NUM_CATEGORICAL", "NUM_DENSE", "CriteoData", "iter_criteo", "load_criteo"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +103,8 @@ def load_criteo(
     """Read and encode a Criteo TSV file (``train.txt`` or ``test.txt`` layout).
 
     Rows are read as a stream into compact buffers; pass ``max_rows`` to bound
-    memory on the full 45-million-line file.
+    memory on the full 45-million-line file, or use :func:`iter_criteo` to
+    handle a file block by block.
 
     Args:
         path: the TSV file.
@@ -115,22 +117,49 @@ def load_criteo(
         DataError: missing file, or a row with the wrong field count or a bad
             value (names file:line and the field).
     """
+    # With block_rows=None the reader yields exactly one block, empty for an empty file.
+    return next(iter_criteo(path, table_size=table_size, has_label=has_label, max_rows=max_rows, block_rows=None))
+
+
+def iter_criteo(
+    path: str | os.PathLike[str],
+    *,
+    table_size: int = 100_000,
+    has_label: bool = True,
+    max_rows: int | None = None,
+    block_rows: int | None = 1_000_000,
+) -> Iterator[CriteoData]:
+    """Read and encode a Criteo TSV file in blocks of ``block_rows`` rows (None: one block).
+
+    Scoring the 6-million-line ``test.txt`` this way holds one block of
+    features at a time. Arguments and errors as in :func:`load_criteo`; errors
+    name the line in the whole file.
+    """
     if table_size < 2:
         raise ConfigError(f"load_criteo: table_size must be >= 2 (index 0 is reserved), got {table_size}")
     if max_rows is not None and max_rows < 0:
         raise ConfigError(f"load_criteo: max_rows must be >= 0, got {max_rows}")
+    if block_rows is not None and block_rows < 1:
+        raise ConfigError(f"iter_criteo: block_rows must be >= 1, got {block_rows}")
     file = Path(path)
     offset = 1 if has_label else 0
     expected = offset + NUM_DENSE + NUM_CATEGORICAL
     buckets = table_size - 1
-    labels = array("f")
-    dense = array("f")
-    categorical = array("q")
-    rows = 0
+    labels, dense, categorical = array("f"), array("f"), array("q")
+    rows = total = 0
+
+    def block() -> CriteoData:
+        return CriteoData(
+            dense=np.frombuffer(dense, dtype=np.float32).reshape(rows, NUM_DENSE).copy(),
+            categorical=np.frombuffer(categorical, dtype=np.int64).reshape(rows, NUM_CATEGORICAL).copy(),
+            labels=np.frombuffer(labels, dtype=np.float32).copy() if has_label else None,
+            table_size=table_size,
+        )
+
     try:
         with file.open("rb") as fh:
             for lineno, line in enumerate(fh, start=1):
-                if max_rows is not None and rows >= max_rows:
+                if max_rows is not None and total >= max_rows:
                     break
                 fields = line.rstrip(b"\r\n").split(b"\t")
                 if len(fields) != expected:
@@ -163,17 +192,18 @@ def load_criteo(
                         f"{exc}; {_HINT}"
                     ) from exc
                 rows += 1
+                total += 1
+                if rows == block_rows:
+                    yield block()
+                    labels, dense, categorical = array("f"), array("f"), array("q")
+                    rows = 0
     except FileNotFoundError as exc:
         raise DataError(f"{file}: file not found; {_HINT}") from exc
     except OSError as exc:
         raise DataError(f"{file}: cannot read ({exc}); {_HINT}") from exc
-    logger.debug("loaded Criteo %s: %d rows, table_size %d", file, rows, table_size)
-    return CriteoData(
-        dense=np.frombuffer(dense, dtype=np.float32).reshape(rows, NUM_DENSE).copy(),
-        categorical=np.frombuffer(categorical, dtype=np.int64).reshape(rows, NUM_CATEGORICAL).copy(),
-        labels=np.frombuffer(labels, dtype=np.float32).copy() if has_label else None,
-        table_size=table_size,
-    )
+    logger.debug("read Criteo %s: %d rows, table_size %d", file, total, table_size)
+    if rows or block_rows is None:
+        yield block()
 
 
 def _field_name(column: int, has_label: bool) -> str:
