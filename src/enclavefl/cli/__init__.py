@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from enclavefl import __version__
 from enclavefl.errors import AttestationError, ConfigError, DataError, EnclaveFLError, TransportError
 
-__all__ = ["exit_code", "main"]
+__all__ = ["add_overrides_option", "exit_code", "main", "setup_logging"]
 
 
 def exit_code(exc: BaseException) -> int:
@@ -45,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     report_cmd.add_parser(sub)
     predict_cmd.add_parser(sub)
     return parser
+
+
+def add_overrides_option(parser: argparse.ArgumentParser) -> None:
+    """``--set SECTION.KEY=VALUE`` (repeatable), the same on every command that reads a job file."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a configuration key (repeatable)")
 
 
 def setup_logging(level: int, path: str | None = None) -> None:

@@ -19,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from enclavefl.cli import add_overrides_option, setup_logging
 from enclavefl.config import JobConfig, load_job
 from enclavefl.errors import ConfigError
 from enclavefl.training import FitConfig
@@ -33,8 +34,7 @@ BASELINE_FILE = "baseline.jsonl"
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("baseline", help="train the job's model centrally on the pooled data (the reference)")
     p.add_argument("job", type=Path, help="job YAML file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a configuration key (repeatable)")
+    add_overrides_option(p)
     p.add_argument("--out", type=Path, help="run directory (default runs/<job name>-baseline-<timestamp>)")
     p.set_defaults(func=run_baseline)
 
@@ -91,8 +91,6 @@ def train_baseline(config: JobConfig, out_dir: Path) -> list[dict[str, Any]]:
 
 
 def run_baseline(args: argparse.Namespace) -> int:
-    from enclavefl.cli import setup_logging
-
     # A centralized run can take an hour: its per-round and progress lines go to stderr.
     setup_logging(logging.DEBUG if args.debug else logging.INFO)
     config = load_job(args.job, args.overrides)

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from enclavefl.cli import add_overrides_option
 from enclavefl.config import JobConfig, load_job
 from enclavefl.errors import CheckpointError, ConfigError
 from enclavefl.server.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint
@@ -32,8 +33,7 @@ def add_parser(sub: Any) -> None:
                    help="a run directory (its newest checkpoint and config.yaml) or a .ckpt file")
     p.add_argument("--input", required=True, type=Path, help="the file to score (Criteo TSV, train or test layout)")
     p.add_argument("--config", type=Path, help="job YAML (default: the run directory's config.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a configuration key (repeatable)")
+    add_overrides_option(p)
     p.add_argument("--out", type=Path, default=Path("predictions.csv"), help="output CSV (default predictions.csv)")
     p.add_argument("--first-id", type=int, default=KAGGLE_FIRST_TEST_ID,
                    help=f"Id of the first row (default {KAGGLE_FIRST_TEST_ID}, as in the Kaggle test submissions)")

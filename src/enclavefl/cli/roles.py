@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from enclavefl.cli import setup_logging
+from enclavefl.cli import add_overrides_option, setup_logging
 from enclavefl.cli.malloc import tune_malloc
 from enclavefl.config import JobConfig, load_job
 from enclavefl.errors import ConfigError
@@ -24,8 +24,7 @@ log = logging.getLogger("enclavefl.cli")
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, type=Path, help="job YAML file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a configuration key (repeatable)")
+    add_overrides_option(p)
     p.add_argument("--tls-dir", type=Path, help="directory made by `enclavefl certs` (ca.pem, ps.pem, worker-<i>.pem ...)")
     p.add_argument("--log-file", help="write logs here instead of stderr")
     p.add_argument("--audit-file", type=Path, help="append attestation decisions here as JSON lines")

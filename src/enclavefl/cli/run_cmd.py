@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from enclavefl.cli import add_overrides_option
 from enclavefl.cli.partition_table import print_partition_table
 from enclavefl.config import JobConfig, load_job, parse_job
 from enclavefl.errors import EnclaveFLError, RoundError
@@ -37,8 +38,7 @@ WORKER_EXIT_TIMEOUT_S = 20.0
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("run", help="run a whole job locally: 1 PS + N workers as separate processes")
     p.add_argument("job", type=Path, help="job YAML file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a configuration key (repeatable)")
+    add_overrides_option(p)
     p.add_argument("--out", type=Path, help="run directory (default runs/<job name>-<timestamp>)")
     p.add_argument("--workers", type=int, help="number of workers (default job.workers)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
