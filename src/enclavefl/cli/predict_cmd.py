@@ -76,7 +76,7 @@ def write_predictions(path: Path, scores: np.ndarray, first_id: int) -> None:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from enclavefl.ml.dlrm_trainer import binary_auc
+    from enclavefl.ml.dlrm_trainer import binary_auc, binary_log_loss
     from enclavefl.ml.prediction import PREDICTORS
 
     if args.first_id < 0:
@@ -93,9 +93,7 @@ def run_predict(args: argparse.Namespace) -> int:
     write_predictions(args.out, result.scores, args.first_id)
     line = f"scored {len(scores)} rows, mean prediction {scores.mean() if len(scores) else math.nan:.4f}"
     if result.labels is not None and len(scores):
-        y = result.labels.astype(np.float64)
-        p = np.clip(scores, 1e-7, 1 - 1e-7)
-        logloss = float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
-        line += f", on its labels: AUC {binary_auc(y, scores):.4f} log loss {logloss:.4f}"
+        line += (f", on its labels: AUC {binary_auc(result.labels, scores):.4f} "
+                 f"log loss {binary_log_loss(result.labels, scores):.4f}")
     print(f"{line}; wrote {args.out}")
     return 0

@@ -35,7 +35,7 @@ from enclavefl.ml.models.dlrm import DLRM
 from enclavefl.ml.trainer import OptimizerSettings, TorchTrainer
 from enclavefl.training import FitConfig, FitResult
 
-__all__ = ["DlrmTrainer", "binary_auc"]
+__all__ = ["DlrmTrainer", "binary_auc", "binary_log_loss"]
 
 _EPS = 1e-7
 
@@ -63,6 +63,13 @@ def binary_auc(labels: npt.ArrayLike, scores: npt.ArrayLike) -> float:
     ranks[order] = np.repeat(mean_rank, ends - starts)
     rank_sum = float(ranks[y > 0.5].sum())
     return (rank_sum - positives * (positives + 1) / 2.0) / (positives * negatives)
+
+
+def binary_log_loss(labels: npt.ArrayLike, probabilities: npt.ArrayLike) -> float:
+    """Mean binary cross-entropy, probabilities clipped away from 0 and 1 (the Kaggle metric)."""
+    y = np.asarray(labels, dtype=np.float64).ravel()
+    p = np.clip(np.asarray(probabilities, dtype=np.float64).ravel(), _EPS, 1 - _EPS)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
 
 
 class DlrmTrainer(TorchTrainer):
@@ -164,6 +171,5 @@ class DlrmTrainer(TorchTrainer):
             return {}
         prob = np.clip(self.predict(data).astype(np.float64), _EPS, 1 - _EPS)
         y = data.labels.astype(np.float64)
-        loss = float(-np.mean(y * np.log(prob) + (1 - y) * np.log(1 - prob)))
         accuracy = float(np.mean((prob > 0.5) == (y > 0.5)))
-        return {"loss": loss, "accuracy": accuracy, "auc": binary_auc(y, prob)}
+        return {"loss": binary_log_loss(y, prob), "accuracy": accuracy, "auc": binary_auc(y, prob)}
