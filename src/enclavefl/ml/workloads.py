@@ -172,33 +172,34 @@ def _image_task(
     )
 
 
-def load_mnist_lenet(config: JobConfig) -> Task:
-    """LeNet-5 on MNIST (``task.data_dir`` holds the four IDX files, gzipped or not)."""
+def _split_task(
+    config: JobConfig,
+    name: str,
+    load: Callable[[Path, str], ArrayDataset],
+    make_model: Callable[[int], torch.nn.Module],
+) -> Task:
+    """A 10-class image task over a data set's official train and test splits, each optionally subsampled."""
     root = resolve_data_dir(config)
     train_limit, eval_limit = _limits(config)
-    train = _limited(load_mnist(root, "train"), train_limit, config.job.seed)
-    test = _limited(load_mnist(root, "test"), eval_limit, config.job.seed + 1)
-    return _image_task(config, "mnist-lenet", lambda k: lenet5(num_classes=k), train, test, 10)
+    train = _limited(load(root, "train"), train_limit, config.job.seed)
+    test = _limited(load(root, "test"), eval_limit, config.job.seed + 1)
+    return _image_task(config, name, make_model, train, test, 10)
+
+
+def load_mnist_lenet(config: JobConfig) -> Task:
+    """LeNet-5 on MNIST (``task.data_dir`` holds the four IDX files, gzipped or not)."""
+    return _split_task(config, "mnist-lenet", load_mnist, lambda k: lenet5(num_classes=k))
 
 
 def load_fashion_mnist_resnet20(config: JobConfig) -> Task:
     """ResNet-20 (one input channel) on Fashion-MNIST IDX files."""
-    root = resolve_data_dir(config)
-    train_limit, eval_limit = _limits(config)
-    train = _limited(load_fashion_mnist(root, "train"), train_limit, config.job.seed)
-    test = _limited(load_fashion_mnist(root, "test"), eval_limit, config.job.seed + 1)
-    return _image_task(
-        config, "fashion-mnist-resnet20", lambda k: resnet20(num_classes=k, in_channels=1), train, test, 10
-    )
+    return _split_task(config, "fashion-mnist-resnet20", load_fashion_mnist,
+                       lambda k: resnet20(num_classes=k, in_channels=1))
 
 
 def load_cifar10_resnet20(config: JobConfig) -> Task:
     """ResNet-20 on CIFAR-10 (binary or python version, as downloaded from the official page)."""
-    root = resolve_data_dir(config)
-    train_limit, eval_limit = _limits(config)
-    train = _limited(load_cifar10(root, "train"), train_limit, config.job.seed)
-    test = _limited(load_cifar10(root, "test"), eval_limit, config.job.seed + 1)
-    return _image_task(config, "cifar10-resnet20", lambda k: resnet20(num_classes=k), train, test, 10)
+    return _split_task(config, "cifar10-resnet20", load_cifar10, lambda k: resnet20(num_classes=k))
 
 
 def _limited_writers(writers: FederatedDataset, limit: int | None) -> FederatedDataset:
