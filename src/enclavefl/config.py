@@ -17,21 +17,26 @@ import copy
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from enclavefl.errors import ConfigError
 
 __all__ = [
+    "BUFFERING_AGGREGATORS",
     "CLOUD_KEY_ALIASES",
+    "AggregatorConfig",
     "AttestationConfig",
     "ClientConfig",
     "JobConfig",
     "JobSection",
+    "OptimizerConfig",
     "RoundConfig",
     "ServerConfig",
+    "StalenessConfig",
+    "StrategyConfig",
     "SummaryConfig",
     "TaskConfig",
     "TlsConfig",
@@ -53,9 +58,15 @@ class _Section(BaseModel):
         # Lax mode would read YAML's `yes`/`true` as 1: `rounds: yes` must be an error.
         field_name = info.field_name
         if isinstance(value, bool) and field_name is not None:
-            if cls.model_fields[field_name].annotation in (int, float):
+            if cls.model_fields[field_name].annotation in (int, float, int | None):
                 raise ValueError("expected a number, got a boolean")
         return value
+
+
+class _Variant(BaseModel):
+    """One variant of a tagged union (``name`` picks it); strict, so ``true`` is never a number."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class JobSection(_Section):
@@ -67,9 +78,39 @@ class JobSection(_Section):
     workers: int = Field(default=3, ge=1, le=1024, description="workers started by `enclavefl run`")
 
 
-class RoundConfig(_Section):
-    """When a round opens, whom it samples, and when it closes."""
+class ConstantStaleness(_Variant):
+    """s(tau) = 1: every update counts fully, however stale."""
 
+    name: Literal["constant"] = "constant"
+
+
+class PolynomialStaleness(_Variant):
+    """s(tau) = (1 + tau) ** -exponent (FedBuff uses exponent 0.5)."""
+
+    name: Literal["polynomial"] = "polynomial"
+    exponent: float = Field(default=0.5, ge=0, le=10)
+
+
+class HingeStaleness(_Variant):
+    """s(tau) = 1 for tau <= cutoff, else 1 / (slope * (tau - cutoff) + 1) (Xie et al. 2019, FedAsync)."""
+
+    name: Literal["hinge"] = "hinge"
+    slope: float = Field(default=10.0, gt=0)
+    cutoff: int = Field(default=4, ge=0)
+
+
+StalenessConfig = Annotated[ConstantStaleness | PolynomialStaleness | HingeStaleness, Field(discriminator="name")]
+
+
+def _named(value: Any) -> Any:
+    """A bare name stands for the variant with default settings: ``fedadam`` is ``{name: fedadam}``."""
+    return {"name": value} if isinstance(value, str) else value
+
+
+class RoundConfig(_Section):
+    """When a round opens, whom it samples, and when it closes (sync), or how updates are buffered (async)."""
+
+    mode: Literal["sync", "async"] = Field(default="sync", description="sync rounds, or FedBuff-style async steps")
     min_workers: int = Field(default=1, ge=1)
     start_window_s: float = Field(default=30.0, gt=0, le=86_400)
     fraction: float = Field(default=1.0, gt=0, le=1)
@@ -77,6 +118,14 @@ class RoundConfig(_Section):
     update_window_s: float = Field(default=120.0, gt=0, le=86_400)
     min_updates: int = Field(default=1, ge=1, description="fewer updates at the window's end: retry the round")
     max_retries: int = Field(default=5, ge=0, le=1000)
+    buffer_size: int = Field(default=4, ge=1, le=100_000, description="async: updates folded per server step")
+    max_staleness: int = Field(default=10, ge=0, le=1_000_000, description="async: older updates are refused")
+    staleness: StalenessConfig = Field(default_factory=PolynomialStaleness)
+
+    @field_validator("staleness", mode="before")
+    @classmethod
+    def _staleness_name(cls, value: Any) -> Any:
+        return _named(value)
 
 
 class TaskConfig(_Section):
@@ -110,16 +159,135 @@ class ClientConfig(_Section):
     weight_decay: float = Field(default=0.0, ge=0)
 
 
-class ServerConfig(_Section):
-    """Aggregation, server optimizer and checkpoints on the parameter server."""
+class FedAvgOptimizer(_Variant):
+    """x += lr * mean delta (McMahan et al. 2017)."""
 
-    optimizer: Literal["fedavg"] = "fedavg"
-    lr: float = Field(default=1.0, gt=0, le=100, description="server learning rate on the mean delta")
+    name: Literal["fedavg"] = "fedavg"
+
+
+class FedAvgMOptimizer(_Variant):
+    """Server momentum (Hsu et al. 2019)."""
+
+    name: Literal["fedavgm"] = "fedavgm"
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+
+
+class FedAdagradOptimizer(_Variant):
+    """Reddi et al. 2021, Algorithm 2 with the Adagrad second moment."""
+
+    name: Literal["fedadagrad"] = "fedadagrad"
+    beta1: float = Field(default=0.0, ge=0, lt=1)
+    tau: float = Field(default=1e-3, gt=0, le=10)
+
+
+class FedAdamOptimizer(_Variant):
+    """Reddi et al. 2021, Algorithm 2 with the Adam second moment."""
+
+    name: Literal["fedadam"] = "fedadam"
+    beta1: float = Field(default=0.9, ge=0, lt=1)
+    beta2: float = Field(default=0.99, ge=0, lt=1)
+    tau: float = Field(default=1e-3, gt=0, le=10)
+
+
+class FedYogiOptimizer(_Variant):
+    """Reddi et al. 2021, Algorithm 2 with the Yogi second moment."""
+
+    name: Literal["fedyogi"] = "fedyogi"
+    beta1: float = Field(default=0.9, ge=0, lt=1)
+    beta2: float = Field(default=0.99, ge=0, lt=1)
+    tau: float = Field(default=1e-3, gt=0, le=10)
+
+
+OptimizerConfig = Annotated[
+    FedAvgOptimizer | FedAvgMOptimizer | FedAdagradOptimizer | FedAdamOptimizer | FedYogiOptimizer,
+    Field(discriminator="name"),
+]
+
+
+class MeanAggregator(_Variant):
+    """Streaming weighted mean (FedAvg's aggregation)."""
+
+    name: Literal["mean"] = "mean"
+
+
+class MedianAggregator(_Variant):
+    """Coordinate-wise median (buffers updates)."""
+
+    name: Literal["median"] = "median"
+
+
+class TrimmedMeanAggregator(_Variant):
+    """Coordinate-wise trimmed mean (buffers updates)."""
+
+    name: Literal["trimmed_mean"] = "trimmed_mean"
+    trim_ratio: float = Field(default=0.1, ge=0, lt=0.5, description="fraction cut from each end per coordinate")
+
+
+class KrumAggregator(_Variant):
+    """Krum / multi-Krum (buffers updates)."""
+
+    name: Literal["krum"] = "krum"
+    byzantine: int = Field(default=1, ge=0, description="f, the number of faulty updates tolerated")
+    multi: int = Field(default=1, ge=1, description="updates selected and averaged (1 is Krum)")
+
+
+class NormBoundedAggregator(_Variant):
+    """Weighted mean of updates clipped to an L2 norm (streaming)."""
+
+    name: Literal["norm_bounded"] = "norm_bounded"
+    max_norm: float = Field(gt=0)
+
+
+AggregatorConfig = Annotated[
+    MeanAggregator | MedianAggregator | TrimmedMeanAggregator | KrumAggregator | NormBoundedAggregator,
+    Field(discriminator="name"),
+]
+
+BUFFERING_AGGREGATORS = frozenset({"median", "trimmed_mean", "krum"})
+"""Aggregators that keep every update of a round until it closes (they cannot stream)."""
+
+
+class FedAvgStrategy(_Variant):
+    """Workers train locally and send their delta."""
+
+    name: Literal["fedavg"] = "fedavg"
+
+
+class FedProxStrategy(_Variant):
+    """Local objective plus mu/2 |w - w_global|^2 (Li et al. 2020)."""
+
+    name: Literal["fedprox"] = "fedprox"
+    mu: float = Field(default=0.01, gt=0, le=1000)
+
+
+class ScaffoldStrategy(_Variant):
+    """Control variates correct client drift (Karimireddy et al. 2020, option II)."""
+
+    name: Literal["scaffold"] = "scaffold"
+
+
+StrategyConfig = Annotated[FedAvgStrategy | FedProxStrategy | ScaffoldStrategy, Field(discriminator="name")]
+
+
+class ServerConfig(_Section):
+    """Strategy, aggregation, server optimizer and checkpoints on the parameter server."""
+
+    strategy: StrategyConfig = Field(default_factory=FedAvgStrategy)
+    optimizer: OptimizerConfig = Field(default_factory=FedAvgOptimizer)
+    aggregator: AggregatorConfig = Field(default_factory=MeanAggregator)
+    lr: float = Field(default=1.0, gt=0, le=100, description="server learning rate on the aggregated delta")
     checkpoint_dir: str = "checkpoints"
     checkpoint_every: int = Field(default=1, ge=1)
     max_concurrent_uploads: int = Field(default=4, ge=1, le=1024)
     max_concurrent_downloads: int = Field(default=8, ge=1, le=1024)
     max_update_bytes: int = Field(default=8 * 2**30, ge=1)
+    max_buffered_updates: int = Field(default=64, ge=1, le=100_000, description="updates a buffering aggregator keeps")
+    max_weight_per_update: int | None = Field(default=None, ge=1, description="cap on an update's claimed num_samples")
+
+    @field_validator("strategy", "optimizer", "aggregator", mode="before")
+    @classmethod
+    def _bare_names(cls, value: Any) -> Any:
+        return _named(value)
 
 
 class TlsConfig(_Section):
@@ -166,6 +334,21 @@ class JobConfig(_Section):
     transport: TransportConfig = Field(default_factory=TransportConfig)
     attestation: AttestationConfig = Field(default_factory=AttestationConfig)
     summary: SummaryConfig = Field(default_factory=SummaryConfig)
+
+    @model_validator(mode="after")
+    def _compatible(self) -> JobConfig:
+        strategy, aggregator = self.server.strategy.name, self.server.aggregator.name
+        if strategy == "scaffold" and aggregator != "mean":
+            raise ValueError(
+                f"server.strategy scaffold needs server.aggregator mean, got {aggregator}: control variates are "
+                "averaged with the model delta, which a robust aggregator would not do"
+            )
+        if self.round.mode == "async":
+            if aggregator in BUFFERING_AGGREGATORS:
+                raise ValueError(f"round.mode async needs a streaming server.aggregator (mean or norm_bounded), got {aggregator}")
+            if strategy == "scaffold":
+                raise ValueError("round.mode async does not support server.strategy scaffold (its control variates assume rounds)")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data, suitable for YAML or JSON (the resolved configuration)."""
@@ -239,10 +422,24 @@ def apply_overrides(doc: Mapping[str, Any], overrides: Sequence[str]) -> dict[st
     return out
 
 
+_TAGGED = frozenset({"strategy", "optimizer", "aggregator", "staleness"})
+
+
+def _key_path(loc: Sequence[Any]) -> str:
+    # A tagged union puts the variant's tag into the location (server.optimizer.fedadam.beta1): drop it.
+    parts = [str(p) for i, p in enumerate(loc) if not (i > 0 and loc[i - 1] in _TAGGED and isinstance(p, str) and i < len(loc) - 1)]
+    return ".".join(parts)
+
+
 def _describe(error: Mapping[str, Any]) -> str:
-    path = ".".join(str(p) for p in error["loc"]) or "(top level)"
+    path = _key_path(error["loc"]) or "(top level)"
     kind = error["type"]
     given = error.get("input")
+    if kind == "union_tag_invalid":
+        ctx = error.get("ctx") or {}
+        return f"{path}.name = {ctx.get('tag')!r}: must be one of {ctx.get('expected_tags')}"
+    if kind == "value_error" and not error["loc"]:
+        return str(error["msg"]).removeprefix("Value error, ")
     if kind == "extra_forbidden":
         return f"{path}: unknown key (given {given!r})"
     if kind == "missing":

@@ -19,21 +19,44 @@ __all__ = ["FitConfig", "FitResult", "Task", "Trainer"]
 
 @dataclass(frozen=True, slots=True)
 class FitConfig:
-    """Local-training settings for one round (handed out by the PS)."""
+    """Local-training settings for one round (handed out by the PS).
+
+    Attributes:
+        epochs: passes over the local data.
+        batch_size: samples per local optimizer step.
+        lr: the local learning rate (SCAFFOLD's eta_l).
+        round: the federation round; with ``seed`` it fixes the shuffle.
+        seed: the job seed.
+        proximal_mu: FedProx's mu (Li et al. 2020): the local objective gains
+            ``mu / 2 * ||w - w_global||^2``, where ``w_global`` is the parameters
+            at the start of ``fit``. 0 trains plain FedAvg.
+        correction: a term added to every local gradient step, per parameter
+            name as in ``get_parameters()`` (SCAFFOLD's ``c - c_i``). Tensors it
+            does not name get no correction; None adds nothing.
+    """
 
     epochs: int
     batch_size: int
     lr: float
     round: int = 0
     seed: int = 0
+    proximal_mu: float = 0.0
+    correction: ParamSet | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class FitResult:
-    """What local training produced, besides the new parameters."""
+    """What local training produced, besides the new parameters.
+
+    Attributes:
+        num_samples: training examples behind the update (its FedAvg weight).
+        metrics: ``loss``, ``accuracy`` and the like, over the local epochs.
+        steps: local optimizer steps taken (K in SCAFFOLD's control-variate update).
+    """
 
     num_samples: int
     metrics: Mapping[str, float] = field(default_factory=dict)
+    steps: int = 0
 
 
 @runtime_checkable

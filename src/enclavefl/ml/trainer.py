@@ -3,6 +3,21 @@
 Parameters cross the seam as numpy arrays in ``state_dict`` order, buffers
 included (BatchNorm statistics travel with the weights, as FedAvg on a
 BatchNorm model expects).
+
+Two client algorithms change the local gradient, and both live in the shared
+minibatch loop, between backward and the optimizer step:
+
+* FedProx (Li et al. 2020, "Federated Optimization in Heterogeneous Networks",
+  eq. 2) minimises ``F_k(w) + mu/2 * ||w - w_global||^2``; its gradient adds
+  ``mu * (w - w_global)`` with ``w_global`` the parameters at the start of ``fit``.
+* SCAFFOLD (Karimireddy et al. 2020, Algorithm 1 line 10) steps along
+  ``g(y) + c - c_i``; the worker computes ``c - c_i``
+  (:class:`enclavefl.worker.control.ScaffoldClient`) and hands it over as
+  :attr:`FitConfig.correction`.
+
+Only trainable ``nn.Parameter`` tensors take these terms: buffers (BatchNorm
+statistics) have no gradient. With ``proximal_mu == 0`` and no correction the
+loop is the plain one, bit for bit.
 """
 
 from __future__ import annotations
@@ -112,10 +127,18 @@ class TorchTrainer:
 
         ``batch_loss(indices)`` returns (what to minimise, the loss to report, correct predictions).
         The shuffle depends on the job seed and the round only, so a run repeats exactly.
+        ``config.proximal_mu`` and ``config.correction`` are added to each gradient before the step.
+
+        Raises:
+            ValueError: ``proximal_mu`` is negative or not finite; the correction names a
+                tensor the model lacks, has the wrong shape or a non-finite value; or a
+                parameter that should take a term has a sparse gradient (checked before the
+                first step, so the model is unchanged).
         """
+        terms = _GradientTerms.of(self.model, config)
         generator = torch.Generator().manual_seed(config.seed * 100_003 + config.round)
         self.model.train()
-        total_loss, correct, seen = 0.0, 0, 0
+        total_loss, correct, seen, steps = 0.0, 0, 0, 0
         batches = -(-n // config.batch_size)
         reported = time.monotonic()
         for epoch in range(config.epochs):
@@ -130,15 +153,18 @@ class TorchTrainer:
                     optimizer.zero_grad(set_to_none=True)
                 objective, loss, batch_correct = batch_loss(idx)
                 torch.autograd.backward(objective)
+                if terms is not None:
+                    terms.add_to_gradients()
                 for optimizer in optimizers:
                     optimizer.step()
+                steps += 1
                 total_loss += float(loss.detach()) * len(idx)
                 correct += batch_correct
                 seen += len(idx)
         loss_mean = total_loss / max(seen, 1)
         if not math.isfinite(loss_mean):
             raise FloatingPointError(f"local training diverged (loss {loss_mean}); lower client.lr")
-        return FitResult(self.num_samples, {"loss": loss_mean, "accuracy": correct / max(seen, 1)})
+        return FitResult(self.num_samples, {"loss": loss_mean, "accuracy": correct / max(seen, 1)}, steps=steps)
 
     def evaluate(self) -> Mapping[str, float]:
         if self._eval is None:
@@ -156,3 +182,89 @@ class TorchTrainer:
                 correct += int((logits.argmax(dim=1) == yb).sum())
         n = max(len(y), 1)
         return {"loss": total / n, "accuracy": correct / n}
+
+
+_SPARSE_HINT = (
+    "FedProx (proximal_mu) and SCAFFOLD (correction) need dense gradients; "
+    "for the criteo-dlrm task set task.params.sparse_gradients: false"
+)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _Term:
+    name: str
+    param: nn.Parameter
+    anchor: torch.Tensor | None  # w_global, detached (FedProx)
+    correction: torch.Tensor | None  # c - c_i in the parameter's dtype (SCAFFOLD)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _GradientTerms:
+    """The per-parameter terms one ``fit`` adds to every local gradient."""
+
+    mu: float
+    terms: tuple[_Term, ...]
+
+    @classmethod
+    def of(cls, model: nn.Module, config: FitConfig) -> _GradientTerms | None:
+        """The terms ``config`` asks for, or None when it asks for none (the plain loop).
+
+        Raises:
+            ValueError: see :meth:`TorchTrainer._minibatch_loop`.
+        """
+        mu = config.proximal_mu
+        if not math.isfinite(mu) or mu < 0:
+            raise ValueError(f"proximal_mu must be a finite number >= 0, got {mu!r}")
+        if mu == 0 and config.correction is None:
+            return None
+        # state_dict names are get_parameters() names; named_parameters() holds the subset that trains.
+        params = dict(model.named_parameters())
+        corrections = {} if config.correction is None else _corrections(model, params, config.correction)
+        terms = tuple(
+            _Term(name, p, p.detach().clone() if mu > 0 else None, corrections.get(name))
+            for name, p in params.items()
+            if p.requires_grad and (mu > 0 or name in corrections)
+        )
+        return cls(mu, terms)
+
+    def add_to_gradients(self) -> None:
+        """``grad += mu * (w - w_global) + correction`` for each parameter that has a gradient.
+
+        Raises:
+            ValueError: a parameter's gradient is sparse.
+        """
+        with torch.no_grad():
+            for term in self.terms:
+                grad = term.param.grad
+                if grad is None:
+                    continue  # not used by this batch's loss: the optimizer skips it too
+                if grad.is_sparse:
+                    raise ValueError(f"parameter {term.name!r} has a sparse gradient: {_SPARSE_HINT}")
+                if term.anchor is not None:
+                    grad.add_(term.param - term.anchor, alpha=self.mu)
+                if term.correction is not None:
+                    grad.add_(term.correction)
+
+
+def _corrections(
+    model: nn.Module, params: Mapping[str, nn.Parameter], correction: ParamSet
+) -> dict[str, torch.Tensor]:
+    """``correction`` as torch tensors in each trainable parameter's dtype (buffers dropped)."""
+    known = set(model.state_dict())
+    unknown = [name for name in correction if name not in known]
+    if unknown:
+        raise ValueError(f"correction names tensors the model does not have: {unknown[:5]}")
+    out: dict[str, torch.Tensor] = {}
+    for name, value in correction.items():
+        p = params.get(name)
+        if p is None or not p.requires_grad:
+            continue  # a buffer (BatchNorm statistics) or a frozen parameter takes no gradient step
+        array = value.to_dense() if isinstance(value, SparseRows) else value
+        if tuple(array.shape) != tuple(p.shape):
+            raise ValueError(f"correction {name!r}: shape {tuple(array.shape)}, parameter has {tuple(p.shape)}")
+        # np.array copies: a decoded ParamSet holds read-only views, which torch will not wrap.
+        tensor = torch.from_numpy(np.array(array)).to(dtype=p.dtype, device=p.device)
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"correction {name!r} holds a NaN or an infinity")
+        out[name] = tensor
+    return out

@@ -1,25 +1,66 @@
-"""The parameter server: rounds, streaming aggregation, server optimizers, checkpoints."""
+"""The parameter server: engines, rounds, strategies, aggregators, server optimizers, checkpoints."""
 
 from enclavefl.server.aggregator import Aggregator, WeightedMean
+from enclavefl.server.algorithms import Algorithm, CloseContext, FedAvgAlgorithm, Scaffold
 from enclavefl.server.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, params_digest, save_checkpoint
+from enclavefl.server.closing import ClosePipeline, Evaluator
+from enclavefl.server.core import ServerCore
+from enclavefl.server.engine import Engine, SyncEngine
 from enclavefl.server.metrics import REQUIRED_KEYS, MetricsLog
-from enclavefl.server.optimizer import SERVER_OPTIMIZERS, FedAvg, ServerOptimizer
-from enclavefl.server.ps import Evaluator, ParameterServer
-from enclavefl.server.rounds import Phase, RoundState
+from enclavefl.server.optimizer import SERVER_OPTIMIZERS, FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi, ServerOptimizer
+from enclavefl.server.phases import Phase
+from enclavefl.server.ps import ParameterServer
+from enclavefl.server.registry import WorkerRecord, WorkerRegistry
+from enclavefl.server.round import Round, RoundRecord
+from enclavefl.server.sampling import Candidate, Sampler, UniformSampler
+from enclavefl.server.robust import AGGREGATORS, CoordinateMedian, Krum, NormBounded, TrimmedMean
+from enclavefl.server.spill import UpdateSpill
+from enclavefl.server.state import PartState, Stateful
+from enclavefl.server.strategy import AggregatorFactory, PostProcess, Strategy, build_strategy
 
 __all__ = [
+    "AGGREGATORS",
     "REQUIRED_KEYS",
     "SERVER_OPTIMIZERS",
     "Aggregator",
+    "AggregatorFactory",
+    "Algorithm",
+    "Candidate",
     "Checkpoint",
+    "CloseContext",
+    "ClosePipeline",
+    "CoordinateMedian",
+    "Engine",
     "Evaluator",
+    "FedAdagrad",
+    "FedAdam",
     "FedAvg",
+    "FedAvgAlgorithm",
+    "FedAvgM",
+    "FedYogi",
+    "Krum",
     "MetricsLog",
+    "NormBounded",
     "ParameterServer",
+    "PartState",
     "Phase",
-    "RoundState",
+    "PostProcess",
+    "Round",
+    "RoundRecord",
+    "Sampler",
+    "Scaffold",
+    "ServerCore",
     "ServerOptimizer",
+    "Stateful",
+    "Strategy",
+    "SyncEngine",
+    "TrimmedMean",
+    "UniformSampler",
+    "UpdateSpill",
     "WeightedMean",
+    "WorkerRecord",
+    "WorkerRegistry",
+    "build_strategy",
     "latest_checkpoint",
     "load_checkpoint",
     "params_digest",

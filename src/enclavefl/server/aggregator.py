@@ -15,6 +15,7 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -29,6 +30,14 @@ class Aggregator(ABC):
 
     ``add`` either folds the whole update or, on error, leaves the aggregate
     exactly as it was. Implementations are safe to call from several threads.
+    """
+
+    buffers: ClassVar[bool] = False
+    """True for an aggregator that keeps every update until ``result()``.
+
+    A streaming aggregator holds O(model) whatever the number of updates; a
+    buffering one (median, Krum) grows with each update, so the PS bounds how
+    many it may hold with ``server.max_buffered_updates``.
     """
 
     @abstractmethod
@@ -47,6 +56,12 @@ class Aggregator(ABC):
     @abstractmethod
     def count(self) -> int:
         """How many updates have been folded in."""
+
+    def close(self) -> None:
+        """Releases what the aggregator holds outside memory, such as spill files.
+
+        Idempotent. The default holds nothing and does nothing.
+        """
 
 
 @dataclass(slots=True)

@@ -1,8 +1,12 @@
 """Atomic checkpoints: raw tensors plus a JSON header, never pickle.
 
 A checkpoint file is ``EFLCKPT1``, the length of a JSON metadata block (u64,
-little-endian), the metadata (round, model version, metrics history), then the
-parameters in the tensor file format of :mod:`enclavefl.tensors`. It is written
+little-endian), the metadata (round, model version, metrics history, and the
+JSON part of each stateful server part's state), then the parameters in the
+tensor file format of :mod:`enclavefl.tensors`. The tensors of the parts'
+state (optimizer moments, control variates, ...) follow the model's in the same
+tensor file, named ``@state/<part>/<tensor>``; the metadata says how many
+tensors belong to the model. It is written
 to a temporary file, fsynced and renamed, so a crash leaves either the old
 checkpoint or the new one, never half of one.
 """
@@ -20,12 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from enclavefl.errors import CheckpointError, ProtocolError
+from enclavefl.server.state import PartState
 from enclavefl.tensors import CodecLimits, ParamSet, iter_chunks, read_params, write_params
 
 __all__ = ["Checkpoint", "latest_checkpoint", "load_checkpoint", "params_digest", "save_checkpoint"]
 
 MAGIC = b"EFLCKPT1"
 MAX_META_BYTES = 256 * 2**20
+_STATE_PREFIX = "@state/"
 _NAME = re.compile(r"^round-(\d{6,})\.ckpt$")
 
 
@@ -38,6 +44,41 @@ class Checkpoint:
     params: ParamSet
     history: list[dict[str, Any]] = field(default_factory=list)
     path: Path | None = None
+    parts: dict[str, PartState] = field(default_factory=dict)
+    """State of the stateful server parts by name (``optimizer``, ``algorithm``, ``engine``)."""
+
+
+def _pack(ckpt: Checkpoint) -> tuple[ParamSet, dict[str, Any]]:
+    """The model and every part's tensors as one ParamSet, and the parts' JSON metadata."""
+    items = list(ckpt.params.items())
+    metas: dict[str, Any] = {}
+    for part, state in ckpt.parts.items():
+        if "/" in part or not part:
+            raise CheckpointError(f"checkpoint part name {part!r} must be non-empty and without '/'")
+        metas[part] = {"meta": dict(state.meta), "tensors": list(state.tensors)}
+        items.extend((f"{_STATE_PREFIX}{part}/{name}", value) for name, value in state.tensors.items())
+    return ParamSet(items), metas
+
+
+def _unpack(path: Path, combined: ParamSet, model_tensors: int, metas: Any) -> tuple[ParamSet, dict[str, PartState]]:
+    names = list(combined)
+    if not 0 <= model_tensors <= len(names) or not isinstance(metas, dict):
+        raise CheckpointError(f"{path}: metadata does not describe its tensors (model_tensors={model_tensors})")
+    params = ParamSet((n, combined[n]) for n in names[:model_tensors])
+    parts: dict[str, PartState] = {}
+    rest = set(names[model_tensors:])
+    for part, entry in metas.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("meta"), dict) or not isinstance(entry.get("tensors"), list):
+            raise CheckpointError(f"{path}: state of part {part!r} is malformed")
+        keys = [f"{_STATE_PREFIX}{part}/{t}" for t in entry["tensors"]]
+        missing = [k for k in keys if k not in rest]
+        if missing:
+            raise CheckpointError(f"{path}: state of part {part!r} lacks tensor {missing[0]!r}")
+        rest.difference_update(keys)
+        parts[part] = PartState(entry["meta"], ParamSet((t, combined[k]) for t, k in zip(entry["tensors"], keys)))
+    if rest:
+        raise CheckpointError(f"{path}: tensor {sorted(rest)[0]!r} belongs to no model or part")
+    return params, parts
 
 
 def params_digest(params: ParamSet) -> str:
@@ -58,12 +99,15 @@ def save_checkpoint(directory: Path, ckpt: Checkpoint, *, keep: int = 3) -> Path
     """
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"round-{ckpt.round:06d}.ckpt"
+    combined, metas = _pack(ckpt)
     meta = json.dumps(
         {
             "round": ckpt.round,
             "model_version": ckpt.model_version,
             "digest": params_digest(ckpt.params),
             "history": ckpt.history,
+            "model_tensors": len(ckpt.params),
+            "parts": metas,
         },
         separators=(",", ":"),
     ).encode()
@@ -72,7 +116,7 @@ def save_checkpoint(directory: Path, ckpt: Checkpoint, *, keep: int = 3) -> Path
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(MAGIC + struct.pack("<Q", len(meta)) + meta)
-            write_params(f, ckpt.params)
+            write_params(f, combined)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
@@ -118,7 +162,7 @@ def load_checkpoint(path: Path, limits: CodecLimits = CodecLimits()) -> Checkpoi
             if len(raw) != meta_len:
                 raise CheckpointError(f"{path}: truncated metadata ({len(raw)} of {meta_len} bytes)")
             meta = json.loads(raw)
-            params = read_params(f, limits)
+            combined = read_params(f, limits)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read checkpoint: {exc.strerror or exc}") from exc
     except (ProtocolError, ValueError) as exc:
@@ -128,6 +172,10 @@ def load_checkpoint(path: Path, limits: CodecLimits = CodecLimits()) -> Checkpoi
     version = meta.get("model_version", meta["round"])
     if not isinstance(version, int) or not all(isinstance(row, dict) for row in meta["history"]):
         raise CheckpointError(f"{path}: metadata has a non-integer model_version or a history row that is not an object")
+    model_tensors = meta.get("model_tensors", len(combined))
+    if not isinstance(model_tensors, int):
+        raise CheckpointError(f"{path}: metadata has a non-integer model_tensors")
+    params, parts = _unpack(path, combined, model_tensors, meta.get("parts", {}))
     digest = params_digest(params)
     if meta.get("digest") != digest:
         raise CheckpointError(f"{path}: parameter digest {digest[:16]} does not match the recorded {str(meta.get('digest'))[:16]}")
@@ -137,6 +185,7 @@ def load_checkpoint(path: Path, limits: CodecLimits = CodecLimits()) -> Checkpoi
         params=params,
         history=meta["history"],
         path=path,
+        parts=parts,
     )
 
 

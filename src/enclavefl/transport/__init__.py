@@ -1,5 +1,18 @@
-"""gRPC + TLS plumbing: credentials (per-job CA or attested RA-TLS), the PS service, the worker client."""
+"""gRPC + TLS plumbing: credentials (per-job CA or attested RA-TLS), the PS service, the worker client.
 
+The seam types are defined in :mod:`enclavefl.messages` (grpc-free) and re-exported here.
+"""
+
+from enclavefl.messages import (
+    ClientSettings,
+    FederationHandler,
+    JoinInfo,
+    PeerIdentity,
+    TaskInfo,
+    TaskKind,
+    UpdateMeta,
+    UpdateSink,
+)
 from enclavefl.transport.attested import AttestedCredentials
 from enclavefl.transport.audit import AuditLog, AuditRecord
 from enclavefl.transport.certs import CertBundle, create_job_certs
@@ -9,17 +22,7 @@ from enclavefl.transport.credentials import (
     ChannelSetup,
     Credentials,
     JoinProof,
-    PeerIdentity,
     cert_fingerprint,
-)
-from enclavefl.transport.messages import (
-    ClientSettings,
-    FederationHandler,
-    JoinInfo,
-    TaskInfo,
-    TaskKind,
-    UpdateMeta,
-    UpdateSink,
 )
 from enclavefl.transport.service import FederationServer
 

@@ -63,7 +63,8 @@ from enclavefl.attest.ratls import (
 from enclavefl.attest.tcg_evidence import decode_tagged_evidence
 from enclavefl.errors import EnclaveFLError, StaleSession, Unavailable, VerificationError
 from enclavefl.transport.audit import AuditLog, AuditRecord
-from enclavefl.transport.credentials import ChannelSetup, Credentials, JoinProof, PeerIdentity, cert_fingerprint
+from enclavefl.messages import PeerIdentity
+from enclavefl.transport.credentials import ChannelSetup, Credentials, JoinProof, cert_fingerprint
 
 __all__ = ["JOIN_DOMAIN", "AttestedCredentials", "fetch_server_certificate", "join_message"]
 

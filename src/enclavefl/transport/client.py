@@ -15,7 +15,7 @@ from enclavefl.proto import federation_pb2_grpc as pb_grpc
 from enclavefl.tensors import CodecLimits, ParamSet, StreamDecoder, StreamHeader, iter_chunks
 from enclavefl.transport.framing import DataChunk, chunk_decoder, chunk_payload, encode_data, encode_message
 from enclavefl.transport.credentials import Credentials
-from enclavefl.transport.messages import ClientSettings, JoinInfo, TaskInfo, TaskKind
+from enclavefl.messages import ClientSettings, JoinInfo, TaskInfo, TaskKind
 from enclavefl.transport.service import SESSION_METADATA_KEY, message_limit
 from enclavefl.transport.wire import check_version, error_from_rpc, header_from_proto, header_to_proto
 

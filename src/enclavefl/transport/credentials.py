@@ -24,8 +24,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from enclavefl.errors import ConfigError, ProtocolError, VerificationError
+from enclavefl.messages import PeerIdentity
 
-__all__ = ["CaCredentials", "ChannelSetup", "Credentials", "JoinProof", "PeerIdentity", "cert_fingerprint"]
+__all__ = ["CaCredentials", "ChannelSetup", "Credentials", "JoinProof", "cert_fingerprint"]
 
 
 def cert_fingerprint(cert_pem: bytes) -> str:
@@ -35,15 +36,6 @@ def cert_fingerprint(cert_pem: bytes) -> str:
     except ValueError as exc:
         raise VerificationError("certificate", "a PEM X.509 certificate", "unparsable bytes") from exc
     return hashlib.sha256(der).hexdigest()
-
-
-@dataclass(frozen=True, slots=True)
-class PeerIdentity:
-    """Who is calling: the fingerprint of its TLS certificate and a short label for logs."""
-
-    fingerprint: str
-    label: str
-    measurement: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,9 +31,9 @@ from enclavefl.proto import PROTOCOL_VERSION
 from enclavefl.proto import federation_pb2 as pb
 from enclavefl.proto import federation_pb2_grpc as pb_grpc
 from enclavefl.tensors import StreamHeader, iter_chunks
-from enclavefl.transport.credentials import Credentials, JoinProof, PeerIdentity
+from enclavefl.transport.credentials import Credentials, JoinProof
 from enclavefl.transport.framing import DataChunk, chunk_decoder, chunk_payload, encode_data, encode_message
-from enclavefl.transport.messages import FederationHandler, TaskKind, UpdateMeta
+from enclavefl.messages import FederationHandler, PeerIdentity, TaskKind, UpdateMeta
 from enclavefl.transport.wire import check_version, header_from_proto, header_to_proto
 
 __all__ = ["SESSION_METADATA_KEY", "FederationServer", "message_limit"]

@@ -28,7 +28,7 @@ from enclavefl.tensors import ParamSet, SparseRows
 from enclavefl.training import FitConfig, Trainer
 from enclavefl.transport.client import FederationClient
 from enclavefl.transport.credentials import Credentials
-from enclavefl.transport.messages import ClientSettings, JoinInfo, TaskKind
+from enclavefl.messages import ClientSettings, JoinInfo, TaskKind
 
 __all__ = ["Worker", "WorkerSettings", "compute_delta", "sparsify_rows"]
 

@@ -25,10 +25,10 @@ from enclavefl.errors import ProtocolError, RoundError, StaleSession, UpdateReje
 from enclavefl.server.checkpoint import latest_checkpoint
 from enclavefl.server.ps import ParameterServer
 from enclavefl.tensors import ParamSet, StreamHeader, TensorSpec, iter_chunks
-from enclavefl.transport.credentials import PeerIdentity
-from enclavefl.transport.messages import TaskKind, UpdateMeta
+from enclavefl.messages import PeerIdentity
+from enclavefl.messages import TaskKind, UpdateMeta
 
-PS_LOGGER = "enclavefl.server.ps"
+PS_LOGGER = "enclavefl.server"
 
 
 def f32(values: Any) -> npt.NDArray[np.float32]:
@@ -86,9 +86,9 @@ def engines() -> Iterator[Callable[[ParameterServer], Engine]]:
     for engine in started:  # a failed test must not leave the engine lingering
         deadline = time.monotonic() + 15
         while engine.thread.is_alive() and time.monotonic() < deadline:
-            for worker_id, w in list(engine.ps._workers.items()):
+            for w in engine.ps.core.registry.records():
                 try:
-                    engine.ps.wait_task(PeerIdentity(w.fingerprint, "cleanup"), worker_id, 0.2)
+                    engine.ps.wait_task(PeerIdentity(w.fingerprint, "cleanup"), w.worker_id, 0.2)
                 except StaleSession:
                     pass
         engine.thread.join(1)
@@ -131,7 +131,7 @@ def finish(ps: ParameterServer, engine: Engine, workers: list[tuple[PeerIdentity
 
 
 def rejections(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == PS_LOGGER and "rejected update" in r.getMessage()]
+    return [r.getMessage() for r in caplog.records if r.name.startswith(PS_LOGGER) and "rejected update" in r.getMessage()]
 
 
 # -------------------------------------------------------------- the happy path

@@ -1,0 +1,154 @@
+"""Plain value types that cross the seam between the transport and the PS and worker logic.
+
+They live outside :mod:`enclavefl.transport` so that the server's parts (round,
+aggregators, metrics, engines) and the worker runtime load without grpc,
+cryptography or the attestation stack: the gRPC service translates envelopes
+into these types, and an in-memory transport hands them over directly.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol, TypeAlias
+
+from enclavefl.tensors import ParamSet, StreamHeader
+
+__all__ = [
+    "CONTROL_DELTA_PREFIX",
+    "CONTROL_PREFIX",
+    "ClientSettings",
+    "ConfigValue",
+    "FederationHandler",
+    "JoinInfo",
+    "PeerIdentity",
+    "TaskInfo",
+    "TaskKind",
+    "UpdateKind",
+    "UpdateMeta",
+    "UpdateSink",
+]
+
+CONTROL_PREFIX = "scaffold.c/"
+"""SCAFFOLD: the server control variate travels with the model as tensors named ``scaffold.c/<param>``."""
+
+CONTROL_DELTA_PREFIX = "scaffold.dc/"
+"""SCAFFOLD: a worker's control-variate change travels with its delta as ``scaffold.dc/<param>``."""
+
+ConfigValue: TypeAlias = bool | int | float | str
+"""A value of a task's per-round configuration map (what later stages add travels here)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PeerIdentity:
+    """Who is calling: the fingerprint of its TLS certificate and a short label for logs."""
+
+    fingerprint: str
+    label: str
+    measurement: str = ""
+
+
+class TaskKind(enum.Enum):
+    WAIT = "wait"
+    TRAIN = "train"
+    FINISH = "finish"
+
+
+class UpdateKind(enum.Enum):
+    """What a pushed update holds; the update header says it, the PS checks it."""
+
+    DELTA = "delta"          # new weights minus the model version trained on
+    WEIGHTS = "weights"      # the new weights themselves
+    MASKED = "masked"        # secure aggregation: masked fixed-point values
+    QUANTIZED = "quantized"  # compressed encoding of a delta
+
+
+@dataclass(frozen=True, slots=True)
+class ClientSettings:
+    """Everything the PS controls about local training, sent with every train task.
+
+    The PS is the single source of these: a worker never reads them from its own
+    job file, so a worker with a stale file cannot train with other settings.
+    """
+
+    epochs: int
+    batch_size: int
+    lr: float
+    optimizer: str = "sgd"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    algorithm: str = "fedavg"
+    """``fedavg``, ``fedprox`` or ``scaffold``: what the worker runs around local training."""
+    proximal_mu: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class JoinInfo:
+    worker_id: str
+    job_name: str
+    ps_instance: str
+    rounds: int
+
+
+@dataclass(frozen=True, slots=True)
+class TaskInfo:
+    kind: TaskKind
+    ps_instance: str
+    round: int = 0
+    model_version: int = 0
+    retry_after_s: float = 0.0
+    client: ClientSettings | None = None
+    message: str = ""
+    config: Mapping[str, ConfigValue] = field(default_factory=dict)
+    """Per-round settings of later stages (secure aggregation, privacy, ...), by name."""
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateMeta:
+    """The header of a pushed update, as the worker announced it (not yet trusted)."""
+
+    worker_id: str
+    round: int
+    model_version: int
+    num_samples: int
+    tensors: StreamHeader
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    kind: UpdateKind = UpdateKind.DELTA
+    extensions: Mapping[str, bytes] = field(default_factory=dict)
+    """Opaque per-stage data (e.g. a secure-aggregation share); checked by the part that reads it."""
+
+
+class UpdateSink(ABC):
+    """Receives one update's chunks; either commit() or abort() ends it."""
+
+    @abstractmethod
+    def feed(self, chunk: bytes | memoryview) -> None:
+        """Stages one chunk. Raises ProtocolError on a chunk the header did not announce."""
+
+    @abstractmethod
+    def commit(self) -> None:
+        """Validates the whole update and folds it into the aggregate.
+
+        Raises:
+            UpdateRejected: the update is invalid or late; the aggregate is unchanged.
+        """
+
+    @abstractmethod
+    def abort(self, reason: str) -> None:
+        """Drops the staged update (broken stream); the aggregate is unchanged. Idempotent."""
+
+
+class FederationHandler(Protocol):
+    """What the transport asks of the parameter server. Methods may block."""
+
+    def join(self, peer: PeerIdentity, worker_name: str, num_samples: int) -> JoinInfo: ...
+
+    def wait_task(self, peer: PeerIdentity, worker_id: str, max_wait_s: float) -> TaskInfo: ...
+
+    def model_for(self, peer: PeerIdentity, worker_id: str, model_version: int) -> tuple[int, ParamSet]: ...
+
+    def open_update(self, peer: PeerIdentity, meta: UpdateMeta) -> UpdateSink: ...
+
+    def leave(self, peer: PeerIdentity, worker_id: str, reason: str) -> None: ...

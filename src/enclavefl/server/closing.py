@@ -1,0 +1,122 @@
+"""The round-close pipeline: aggregate -> post-process -> server optimizer -> evaluate -> metrics -> checkpoint.
+
+Both engines close through it. A round whose aggregate (after the hooks) is not
+finite is refused before it can become the model: the caller retries it. The
+new model, its version, the metrics row and the checkpoint are installed in
+that order, the first three as one change under the server lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from enclavefl.errors import RoundError, UpdateRejected
+from enclavefl.server.aggregator import Aggregator
+from enclavefl.server.algorithms import CloseContext
+from enclavefl.server.checkpoint import Checkpoint, save_checkpoint
+from enclavefl.server.core import ServerCore
+from enclavefl.server.round import RoundRecord
+from enclavefl.server.staging import check_finite
+from enclavefl.server.strategy import Strategy
+from enclavefl.tensors import ParamSet
+
+__all__ = ["ClosePipeline", "Evaluator"]
+
+log = logging.getLogger(__name__)
+
+Evaluator = Callable[[ParamSet], Mapping[str, float]]
+"""Scores a global model on held-out data (keys ``loss`` and ``accuracy``, say)."""
+
+
+def _mean(rows: tuple[Mapping[str, float], ...], key: str) -> float | None:
+    values = [float(r[key]) for r in rows if key in r]
+    return float(np.mean(values)) if values else None
+
+
+class ClosePipeline:
+    """Turns a closed round's aggregator into the next model version, its metrics row and checkpoint."""
+
+    def __init__(self, core: ServerCore, strategy: Strategy, evaluator: Evaluator | None, *, checkpoint_dir: Path,
+                 checkpoint_every: int, last_round: int, dense_update_bytes: int) -> None:
+        self._core = core
+        self._strategy = strategy
+        self._evaluator = evaluator
+        self._checkpoint_dir = checkpoint_dir
+        self._checkpoint_every = checkpoint_every
+        self._last_round = last_round
+        self._dense_update_bytes = dense_update_bytes
+
+    def close(self, record: RoundRecord, aggregator: Aggregator, *, seconds_wait: float,
+              extra: Mapping[str, Any] | None = None) -> None:
+        """Makes version ``record.model_version + 1`` and records round ``record.number``.
+
+        Raises:
+            UpdateRejected: the aggregate is not finite (nothing changed; retry the round).
+            RoundError: the server optimizer produced non-finite parameters (a broken configuration).
+        """
+        core, strategy = self._core, self._strategy
+        seconds_train = time.monotonic() - record.opened_at
+        context = CloseContext(record.number, len(record.pushed), max(len(core.registry), len(record.pushed)))
+        t0 = time.monotonic()
+        try:
+            aggregate = aggregator.result()
+        finally:
+            aggregator.close()
+        for hook in strategy.post_process:
+            aggregate = hook(aggregate, context)
+        try:
+            check_finite(aggregate)
+        except UpdateRejected as exc:
+            raise UpdateRejected(f"round {record.number}: the aggregate is not finite ({exc}); refused") from exc
+        new_params = strategy.algorithm.apply(core.params, aggregate, strategy.optimizer, context)
+        try:
+            check_finite(new_params)
+        except UpdateRejected as exc:
+            raise RoundError(f"round {record.number}: the server optimizer produced non-finite parameters ({exc}); "
+                             "lower server.lr") from exc
+        seconds_aggregate = time.monotonic() - t0
+        t1 = time.monotonic()
+        evaluation = dict(self._evaluator(new_params)) if self._evaluator else {}
+        seconds_eval = time.monotonic() - t1
+        row: dict[str, Any] = {
+            "round": record.number,
+            "participants": len(record.pushed),
+            "sampled": len(record.sampled),
+            "rejected": record.rejected,
+            "attempt": record.attempt,
+            "model_version": record.model_version + 1,
+            "num_samples": record.num_samples,
+            "weight": record.weight,
+            "train_loss": _mean(record.worker_metrics, "loss"),
+            "train_accuracy": _mean(record.worker_metrics, "accuracy"),
+            "eval_loss": evaluation.get("loss"),
+            "eval_accuracy": evaluation.get("accuracy"),
+            "bytes_in": record.bytes_in,
+            # What the same updates would have cost as dense tensors (sparse embedding rows save the rest).
+            "bytes_in_dense": len(record.pushed) * self._dense_update_bytes,
+            "bytes_out": record.bytes_out,
+            "seconds_wait": round(seconds_wait, 4),
+            "seconds_train": round(seconds_train, 4),
+            "seconds_aggregate": round(seconds_aggregate, 4),
+            "seconds_eval": round(seconds_eval, 4),
+            "time": round(time.time(), 3),
+        }
+        row.update(extra or {})
+        for key, value in evaluation.items():
+            if key not in ("loss", "accuracy"):
+                row[f"eval_{key}"] = value
+        last = record.number >= self._last_round
+        core.install(new_params, record.model_version + 1, record.number + 1, row, finished=last)
+        if record.number % self._checkpoint_every == 0 or last:
+            path = save_checkpoint(self._checkpoint_dir, Checkpoint(
+                record.number, record.model_version + 1, new_params, list(core.metrics.history), parts=core.part_states()))
+            log.info("ps %s round %d: checkpoint %s", core.instance, record.number, path.name)
+        log.info("ps %s round %d: aggregated %d updates (%d samples) in %.3fs, eval_loss=%s eval_accuracy=%s",
+                 core.instance, record.number, len(record.pushed), record.num_samples, seconds_aggregate,
+                 row["eval_loss"], row["eval_accuracy"])

@@ -1,0 +1,232 @@
+"""Engines decide when rounds open and close; the synchronous one is FedAvg's round loop.
+
+An engine owns every phase transition. The worker-facing handler asks it
+which task a worker gets (:meth:`Engine.task_for`) and where an upload goes
+(:meth:`Engine.target_for`), always with the server lock held, so a new
+engine (async) is a new class, not an edit of the handler.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+
+from enclavefl.config import JobConfig
+from enclavefl.errors import RoundError, UpdateRejected
+from enclavefl.messages import TaskInfo, TaskKind, UpdateMeta
+from enclavefl.server.checkpoint import params_digest
+from enclavefl.server.closing import ClosePipeline
+from enclavefl.server.core import ServerCore
+from enclavefl.server.phases import Phase
+from enclavefl.server.registry import WorkerRecord
+from enclavefl.server.round import Round
+from enclavefl.server.staging import UpdateTarget
+from enclavefl.server.state import PartState
+from enclavefl.server.strategy import Strategy
+from enclavefl.tensors import StreamHeader
+
+__all__ = ["LINGER_S", "Engine", "SyncEngine"]
+
+log = logging.getLogger(__name__)
+
+LINGER_S = 10.0
+"""After the last round, how long the PS keeps answering so workers hear FINISH."""
+
+
+class Engine(ABC):
+    """Runs the job's rounds over a :class:`ServerCore`."""
+
+    def __init__(self, core: ServerCore, strategy: Strategy, pipeline: ClosePipeline, config: JobConfig,
+                 upload_template: StreamHeader) -> None:
+        self.core = core
+        self.strategy = strategy
+        self.pipeline = pipeline
+        self.config = config
+        self.upload_template = upload_template
+
+    @abstractmethod
+    def loop(self) -> None:
+        """Runs rounds until the job is done (the core's phase is FINISHED) or raises RoundError."""
+
+    @abstractmethod
+    def task_for(self, worker: WorkerRecord) -> TaskInfo | None:
+        """A train task for ``worker`` now, or None (caller holds the lock)."""
+
+    @abstractmethod
+    def target_for(self, meta: UpdateMeta) -> tuple[UpdateTarget, int, float]:
+        """Where the upload goes, its staleness and the deadline to get a slot (caller holds the lock).
+
+        Raises:
+            UpdateRejected: no open round or buffer takes this update.
+        """
+
+    def staleness_weight(self, staleness: int) -> float:
+        """The factor an update of this staleness is weighed with (1 in sync rounds)."""
+        return 1.0
+
+    def note_rejection(self) -> None:
+        """An upload was refused before it reached a target (caller holds the lock)."""
+
+    def on_drop(self, worker_id: str) -> None:
+        """A worker left or was dropped (caller holds the lock)."""
+
+    def on_download(self, worker_id: str, nbytes: int) -> None:
+        """A worker pulled the model (caller holds the lock)."""
+
+    def state(self) -> PartState:
+        return PartState()
+
+    def load_state(self, state: PartState) -> None:
+        """Restores what :meth:`state` returned (a resumed job)."""
+
+    def run(self) -> None:
+        """Runs the job, then tells workers to finish.
+
+        Raises:
+            RoundError: the job could not make progress (too few workers or updates after retries).
+        """
+        core = self.core
+        try:
+            self.loop()
+        except RoundError as exc:
+            core.failure = str(exc)
+            raise
+        finally:
+            with core.cond:
+                if core.phase is not Phase.FINISHED:
+                    core.set_phase(Phase.FINISHED)
+            self._linger()
+
+    def _retry_or_fail(self, attempt: int, why: str) -> None:
+        if attempt > self.config.round.max_retries:
+            raise RoundError(f"{why}; gave up after {self.config.round.max_retries} retries")
+        log.warning("ps %s round %d: %s; retry %d of %d", self.core.instance, self.core.next_round, why, attempt,
+                    self.config.round.max_retries)
+
+    def _await_workers(self) -> bool:
+        cfg = self.config.round
+        deadline = time.monotonic() + cfg.start_window_s
+        with self.core.cond:
+            while len(self.core.registry) < cfg.min_workers:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self.core.cond.wait(remaining)
+        return True
+
+    def _linger(self) -> None:
+        """Answers FINISH to every joined worker, for at most LINGER_S."""
+        deadline = time.monotonic() + LINGER_S
+        with self.core.cond:
+            while not self.core.registry.all_finished():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self.core.cond.wait(remaining)
+
+
+class SyncEngine(Engine):
+    """Synchronous rounds: sample, wait for ``update_ratio`` of the updates or the window, close."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.round: Round | None = None
+
+    def loop(self) -> None:
+        core, cfg = self.core, self.config
+        attempt = 0
+        while core.next_round <= cfg.job.rounds and core.phase is not Phase.FINISHED:
+            wait_started = time.monotonic()
+            if not self._await_workers():
+                attempt += 1
+                self._retry_or_fail(attempt, f"fewer than min_workers={cfg.round.min_workers} joined within "
+                                             f"start_window_s={cfg.round.start_window_s}")
+                continue
+            seconds_wait = time.monotonic() - wait_started
+            rnd = self._open_round(attempt)
+            record = self._await_round(rnd)
+            failure = None
+            if len(record.pushed) < cfg.round.min_updates:
+                failure = f"round {rnd.number} got {len(record.pushed)} updates, min_updates={cfg.round.min_updates}"
+                rnd.aggregator.close()
+            else:
+                try:
+                    self.pipeline.close(record, rnd.aggregator, seconds_wait=seconds_wait)
+                except UpdateRejected as exc:
+                    failure = str(exc)
+            with core.cond:
+                self.round = None
+                if core.phase is Phase.AGGREGATING:
+                    core.set_phase(Phase.WAITING)
+            if failure is None:
+                attempt = 0
+            else:
+                attempt += 1
+                self._retry_or_fail(attempt, failure)
+
+    def _open_round(self, attempt: int) -> Round:
+        core, cfg = self.core, self.config
+        with core.cond:
+            ids = self.strategy.sampler.sample(core.registry.candidates(), core.next_round, attempt)
+            required = max(1, int(np.ceil(cfg.round.update_ratio * len(ids) - 1e-9)))
+            rnd = Round(core.next_round, core.version, attempt, frozenset(ids), required,
+                        self.strategy.aggregator(self.upload_template), self.upload_template,
+                        cfg.round.update_window_s, notify=core.notify)
+            self.round = rnd
+            core.set_phase(Phase.TRAINING)
+            joined = len(core.registry)
+        log.info("ps %s round %d: opened (attempt %d), model version %d digest %s, sampled %d of %d, need %d",
+                 core.instance, rnd.number, attempt, rnd.model_version, params_digest(core.params)[:16],
+                 len(ids), joined, required)
+        return rnd
+
+    def _await_round(self, rnd: Round) -> Any:
+        core = self.core
+        with core.cond:
+            while not rnd.done():
+                remaining = rnd.deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                core.cond.wait(remaining)
+            core.set_phase(Phase.AGGREGATING)
+            # Waits for an accept in progress; uploads still streaming are refused when they finish.
+            record = rnd.close()
+            late = record.sampled - record.pushed - record.dropped
+            for worker_id in late:
+                if core.registry.remove(worker_id) is not None:
+                    log.info("ps %s round %d: worker %s dropped (no update by the end of round %d)",
+                             core.instance, rnd.number, worker_id, rnd.number)
+            if late:
+                log.warning("ps %s round %d: closed by its window with %d of %d updates",
+                            core.instance, rnd.number, len(record.pushed), len(record.sampled))
+        return record
+
+    def task_for(self, worker: WorkerRecord) -> TaskInfo | None:
+        rnd = self.round
+        if self.core.phase is not Phase.TRAINING or rnd is None or not rnd.is_training(worker.worker_id):
+            return None
+        return TaskInfo(TaskKind.TRAIN, self.core.instance, round=rnd.number, model_version=rnd.model_version,
+                        client=self.strategy.algorithm.client_settings(self.config.client, rnd.number))
+
+    def target_for(self, meta: UpdateMeta) -> tuple[UpdateTarget, int, float]:
+        rnd = self.round
+        if self.core.phase is not Phase.TRAINING or rnd is None:
+            raise UpdateRejected(f"no round is open (phase {self.core.phase.value})")
+        rnd.admit(meta)
+        return rnd, 0, rnd.deadline
+
+    def note_rejection(self) -> None:
+        if self.round is not None:
+            self.round.note_rejection()
+
+    def on_drop(self, worker_id: str) -> None:
+        if self.round is not None:
+            self.round.mark_dropped(worker_id)
+
+    def on_download(self, worker_id: str, nbytes: int) -> None:
+        if self.round is not None and worker_id in self.round.sampled:
+            self.round.note_download(nbytes)

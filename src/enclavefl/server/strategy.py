@@ -1,0 +1,101 @@
+"""A strategy: how a federation samples, aggregates and steps, as one value the PS is given.
+
+``Strategy`` is a composition of independent parts, not a class hierarchy:
+the client :class:`~enclavefl.server.algorithms.Algorithm` (FedAvg, FedProx,
+SCAFFOLD), the :class:`~enclavefl.server.optimizer.ServerOptimizer`, a factory
+for each round's :class:`~enclavefl.server.aggregator.Aggregator`, the
+:class:`~enclavefl.server.sampling.Sampler`, and post-processing hooks that
+see the aggregate before the optimizer does (later: unmasking, DP noise).
+:func:`build_strategy` makes one from the job file; Python callers may build
+their own, or replace one part with ``dataclasses.replace``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from enclavefl.config import JobConfig
+from enclavefl.errors import ConfigError
+from enclavefl.server.aggregator import Aggregator, WeightedMean
+from enclavefl.server.algorithms import Algorithm, CloseContext, FedAvgAlgorithm, Scaffold
+from enclavefl.server.optimizer import SERVER_OPTIMIZERS, ServerOptimizer
+from enclavefl.server.sampling import Sampler, UniformSampler
+from enclavefl.tensors import ParamSet, StreamHeader
+
+__all__ = ["AggregatorFactory", "PostProcess", "Strategy", "build_strategy"]
+
+AggregatorFactory = Callable[[StreamHeader], Aggregator]
+"""Makes a fresh aggregator for one round, given the header every update must match."""
+
+PostProcess = Callable[[ParamSet, CloseContext], ParamSet]
+"""Sees a round's aggregate before the server optimizer (noise, unmasking, ...); returns the one to use."""
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """The parts that decide what a round does. Stateful parts have state()/load_state()."""
+
+    algorithm: Algorithm
+    optimizer: ServerOptimizer
+    aggregator: AggregatorFactory
+    sampler: Sampler
+    post_process: tuple[PostProcess, ...] = ()
+    buffers: bool = False
+    """Whether the aggregator keeps every update until the round closes (robust aggregators)."""
+
+
+def _aggregator_factory(config: JobConfig, spill_dir: Path) -> tuple[AggregatorFactory, bool]:
+    settings = config.server.aggregator
+    if settings.name == "mean":
+        return WeightedMean, False
+    from enclavefl.server.robust import AGGREGATORS
+
+    cls: Any = AGGREGATORS[settings.name]
+    options: Mapping[str, Any] = settings.model_dump(exclude={"name"})
+    buffers = bool(getattr(cls, "buffers", False))
+    if buffers:
+        limit = config.server.max_buffered_updates
+
+        def make(template: StreamHeader) -> Aggregator:
+            spill_dir.mkdir(parents=True, exist_ok=True)
+            made: Aggregator = cls(template, spill_dir=spill_dir, max_buffered=limit, **options)
+            return made
+
+        return make, True
+
+    def make_streaming(template: StreamHeader) -> Aggregator:
+        made: Aggregator = cls(template, **options)
+        return made
+
+    return make_streaming, False
+
+
+def build_strategy(config: JobConfig, model: StreamHeader, *, spill_dir: Path) -> Strategy:
+    """The strategy the job file describes.
+
+    Args:
+        model: the global model's header (SCAFFOLD sizes its control variates from it).
+        spill_dir: where buffering aggregators keep updates (a directory in the run directory).
+
+    Raises:
+        ConfigError: a part refuses its settings.
+    """
+    server = config.server
+    opt = server.optimizer
+    try:
+        optimizer = SERVER_OPTIMIZERS[opt.name](server.lr, **opt.model_dump(exclude={"name"}))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"server.optimizer {opt.name}: {exc}") from exc
+    algorithm: Algorithm
+    if server.strategy.name == "scaffold":
+        algorithm = Scaffold(model)
+    elif server.strategy.name == "fedprox":
+        algorithm = FedAvgAlgorithm(proximal_mu=server.strategy.mu)
+    else:
+        algorithm = FedAvgAlgorithm()
+    aggregator, buffers = _aggregator_factory(config, spill_dir)
+    sampler = UniformSampler(config.round.fraction, config.round.min_workers, config.job.seed)
+    return Strategy(algorithm=algorithm, optimizer=optimizer, aggregator=aggregator, sampler=sampler, buffers=buffers)
