@@ -24,11 +24,13 @@ __all__ = [
     "FederationHandler",
     "JoinInfo",
     "PeerIdentity",
+    "PushResult",
     "TaskInfo",
     "TaskKind",
     "UpdateKind",
     "UpdateMeta",
     "UpdateSink",
+    "WorkerClient",
 ]
 
 CONTROL_PREFIX = "scaffold.c/"
@@ -152,3 +154,36 @@ class FederationHandler(Protocol):
     def open_update(self, peer: PeerIdentity, meta: UpdateMeta) -> UpdateSink: ...
 
     def leave(self, peer: PeerIdentity, worker_id: str, reason: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PushResult:
+    accepted: bool
+    reason: str
+    bytes_sent: int
+
+
+class WorkerClient(Protocol):
+    """The worker's end of the federation: the gRPC client, or an in-memory one in simulation.
+
+    Errors are the project's own (TransportError and its kinds, StaleSession,
+    VerificationError, ProtocolError); nothing transport-specific reaches the worker.
+    """
+
+    def join(self, worker_name: str, num_samples: int) -> JoinInfo: ...
+
+    def wait_task(self, worker_id: str, max_wait_s: float) -> TaskInfo: ...
+
+    def pull_model(self, worker_id: str, model_version: int) -> tuple[int, ParamSet, int]:
+        """Returns (model version, parameters, bytes received)."""
+        ...
+
+    def push_update(self, worker_id: str, round_: int, model_version: int, update: ParamSet, num_samples: int,
+                    metrics: Mapping[str, float], *, kind: UpdateKind = UpdateKind.DELTA,
+                    extensions: Mapping[str, bytes] | None = None) -> PushResult: ...
+
+    def leave(self, worker_id: str, reason: str) -> None: ...
+
+    def close(self) -> None:
+        """Idempotent."""
+        ...

@@ -8,6 +8,7 @@ from enclavefl.messages import (
     FederationHandler,
     JoinInfo,
     PeerIdentity,
+    PushResult,
     TaskInfo,
     TaskKind,
     UpdateMeta,
@@ -16,7 +17,7 @@ from enclavefl.messages import (
 from enclavefl.transport.attested import AttestedCredentials
 from enclavefl.transport.audit import AuditLog, AuditRecord
 from enclavefl.transport.certs import CertBundle, create_job_certs
-from enclavefl.transport.client import FederationClient, PushResult
+from enclavefl.transport.client import FederationClient
 from enclavefl.transport.credentials import (
     CaCredentials,
     ChannelSetup,

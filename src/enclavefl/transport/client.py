@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 
 import grpc
 
@@ -15,7 +14,7 @@ from enclavefl.proto import federation_pb2_grpc as pb_grpc
 from enclavefl.tensors import CodecLimits, ParamSet, StreamDecoder, StreamHeader, iter_chunks
 from enclavefl.transport.framing import DataChunk, chunk_decoder, chunk_payload, encode_data, encode_message
 from enclavefl.transport.credentials import Credentials
-from enclavefl.messages import ClientSettings, JoinInfo, TaskInfo, TaskKind
+from enclavefl.messages import ClientSettings, JoinInfo, PushResult, TaskInfo, TaskKind
 from enclavefl.transport.service import SESSION_METADATA_KEY, message_limit
 from enclavefl.transport.wire import check_version, error_from_rpc, header_from_proto, header_to_proto
 
@@ -24,13 +23,6 @@ __all__ = ["FederationClient", "PushResult"]
 log = logging.getLogger(__name__)
 
 _KINDS = {pb.Task.WAIT: TaskKind.WAIT, pb.Task.TRAIN: TaskKind.TRAIN, pb.Task.FINISH: TaskKind.FINISH}
-
-
-@dataclass(frozen=True, slots=True)
-class PushResult:
-    accepted: bool
-    reason: str
-    bytes_sent: int
 
 
 class FederationClient:
