@@ -148,3 +148,29 @@ def test_core_imports_without_torch() -> None:
 def test_torch_detection_works(probe: dict[str, dict[str, Any]]) -> None:
     # The check above means something only if importing a torch module is seen.
     assert probe["enclavefl.ml.models"]["torch"]
+
+
+# The server's parts (aggregators, rounds, metrics, engines, strategy) and the seam
+# types load without grpc, cryptography or the attestation stack.
+GRPC_FREE = [
+    "enclavefl.messages",
+    "enclavefl.server.aggregator",
+    "enclavefl.server.robust",
+    "enclavefl.server.metrics",
+    "enclavefl.server.round",
+    "enclavefl.server.engine",
+    "enclavefl.server.strategy",
+    "enclavefl.server.ps",
+]
+
+
+def test_server_parts_import_without_grpc_cryptography_or_attest() -> None:
+    code = (
+        "import importlib, sys\n"
+        f"for name in {GRPC_FREE!r}:\n"
+        "    importlib.import_module(name)\n"
+        "bad = ('grpc', 'cryptography', 'enclavefl.attest', 'enclavefl.transport', 'torch')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in bad or m.startswith(tuple(b + '.' for b in bad))))\n"
+    )
+
+    assert run_python(code).strip() == "[]"

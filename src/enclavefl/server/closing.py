@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from enclavefl.errors import RoundError, UpdateRejected
+from enclavefl.errors import UpdateRejected
 from enclavefl.server.aggregator import Aggregator
 from enclavefl.server.algorithms import CloseContext
 from enclavefl.server.checkpoint import Checkpoint, save_checkpoint
@@ -57,8 +57,8 @@ class ClosePipeline:
         """Makes version ``record.model_version + 1`` and records round ``record.number``.
 
         Raises:
-            UpdateRejected: the aggregate is not finite (nothing changed; retry the round).
-            RoundError: the server optimizer produced non-finite parameters (a broken configuration).
+            UpdateRejected: the aggregate, or the model the optimizer makes of it, is not finite;
+                nothing changed (the optimizer's state is restored): retry the round.
         """
         core, strategy = self._core, self._strategy
         seconds_train = time.monotonic() - record.opened_at
@@ -74,12 +74,16 @@ class ClosePipeline:
             check_finite(aggregate)
         except UpdateRejected as exc:
             raise UpdateRejected(f"round {record.number}: the aggregate is not finite ({exc}); refused") from exc
-        new_params = strategy.algorithm.apply(core.params, aggregate, strategy.optimizer, context)
+        # Parts' states are immutable snapshots: keeping them is how a refused step is undone.
+        saved = (strategy.optimizer.state(), strategy.algorithm.state())
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked for just below
+            new_params = strategy.algorithm.apply(core.params, aggregate, strategy.optimizer, context)
         try:
             check_finite(new_params)
         except UpdateRejected as exc:
-            raise RoundError(f"round {record.number}: the server optimizer produced non-finite parameters ({exc}); "
-                             "lower server.lr") from exc
+            strategy.optimizer.load_state(saved[0])
+            strategy.algorithm.load_state(saved[1])
+            raise UpdateRejected(f"round {record.number}: the next model would not be finite ({exc}); refused") from exc
         seconds_aggregate = time.monotonic() - t0
         t1 = time.monotonic()
         evaluation = dict(self._evaluator(new_params)) if self._evaluator else {}
@@ -112,11 +116,13 @@ class ClosePipeline:
             if key not in ("loss", "accuracy"):
                 row[f"eval_{key}"] = value
         last = record.number >= self._last_round
-        core.install(new_params, record.model_version + 1, record.number + 1, row, finished=last)
+        core.install(new_params, record.model_version + 1, record.number + 1, row)
         if record.number % self._checkpoint_every == 0 or last:
             path = save_checkpoint(self._checkpoint_dir, Checkpoint(
                 record.number, record.model_version + 1, new_params, list(core.metrics.history), parts=core.part_states()))
             log.info("ps %s round %d: checkpoint %s", core.instance, record.number, path.name)
+        if last:  # workers hear FINISH only once the last checkpoint is on disk
+            core.finish()
         log.info("ps %s round %d: aggregated %d updates (%d samples) in %.3fs, eval_loss=%s eval_accuracy=%s",
                  core.instance, record.number, len(record.pushed), record.num_samples, seconds_aggregate,
                  row["eval_loss"], row["eval_accuracy"])

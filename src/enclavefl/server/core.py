@@ -48,16 +48,20 @@ class ServerCore:
         with self.cond:
             self.cond.notify_all()
 
-    def install(self, params: ParamSet, version: int, next_round: int, row: Mapping[str, Any], *, finished: bool) -> None:
+    def install(self, params: ParamSet, version: int, next_round: int, row: Mapping[str, Any]) -> None:
         """Makes ``params`` the global model and records its metrics row, as one change."""
         with self.cond:
             self.params = params
             self.version = version
             self.next_round = next_round
             self.metrics.append(row)
-            if finished:
-                self.set_phase(Phase.FINISHED)
             self.cond.notify_all()
+
+    def finish(self) -> None:
+        """The job is done: every worker is told FINISH from now on."""
+        with self.cond:
+            if self.phase is not Phase.FINISHED:
+                self.set_phase(Phase.FINISHED)
 
     def part_states(self) -> dict[str, PartState]:
         """The checkpointable state of every stateful part, by name."""
