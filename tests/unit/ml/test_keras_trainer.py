@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -247,3 +248,9 @@ def test_fashion_mnist_keras_task_feeds_channels_last_images(tmp_path: Path) -> 
     result = trainer.fit(FitConfig(epochs=1, batch_size=4, lr=0.05))
     assert math.isfinite(result.metrics["loss"])
     assert set(task.initial_parameters()) == set(trainer.get_parameters())
+
+
+def test_missing_keras_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "keras", None)  # what `import keras` meets when it is not installed
+    with pytest.raises(ConfigError, match=r"pip install 'enclavefl\[keras\]'"):
+        keras_trainer_module.import_keras()
