@@ -17,6 +17,7 @@ from enclavefl.config import JobConfig
 from enclavefl.errors import ConfigError
 from enclavefl.ml.array_task import ArrayTask
 from enclavefl.ml.datasets.arrays import ArrayDataset
+from enclavefl.ml.keras_tasks import KERAS_TASKS
 from enclavefl.ml.models import MODELS
 from enclavefl.ml.workloads import WORKLOADS
 from enclavefl.training import Task
@@ -52,6 +53,6 @@ def load_digits_task(config: JobConfig) -> Task:
     )
 
 
-TASKS: dict[str, TaskFactory] = {"digits-mlp": load_digits_task, **WORKLOADS}
-"""Built-in tasks by ``task.name``: the digits demo and the reference workloads."""
+TASKS: dict[str, TaskFactory] = {"digits-mlp": load_digits_task, **WORKLOADS, **KERAS_TASKS}
+"""Built-in tasks by ``task.name``: the digits demo, the reference workloads and their Keras versions."""
 
