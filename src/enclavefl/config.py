@@ -20,7 +20,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from enclavefl.errors import ConfigError
 
@@ -198,9 +208,29 @@ class FedYogiOptimizer(_Variant):
     tau: float = Field(default=1e-3, gt=0, le=10)
 
 
+class RegisteredOptimizer(_Variant):
+    """A server optimizer added with ``register_optimizer`` (checked by name when the PS starts)."""
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    options: dict[str, Any] = Field(default_factory=dict, description="keyword settings of its constructor")
+
+
+_BUILTIN_OPTIMIZERS = ("fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi")
+
+
+def _optimizer_tag(value: Any) -> str:
+    name = value.get("name") if isinstance(value, dict) else getattr(value, "name", None)
+    return name if name in _BUILTIN_OPTIMIZERS else "registered"
+
+
 OptimizerConfig = Annotated[
-    FedAvgOptimizer | FedAvgMOptimizer | FedAdagradOptimizer | FedAdamOptimizer | FedYogiOptimizer,
-    Field(discriminator="name"),
+    Annotated[FedAvgOptimizer, Tag("fedavg")]
+    | Annotated[FedAvgMOptimizer, Tag("fedavgm")]
+    | Annotated[FedAdagradOptimizer, Tag("fedadagrad")]
+    | Annotated[FedAdamOptimizer, Tag("fedadam")]
+    | Annotated[FedYogiOptimizer, Tag("fedyogi")]
+    | Annotated[RegisteredOptimizer, Tag("registered")],
+    Discriminator(_optimizer_tag),
 ]
 
 

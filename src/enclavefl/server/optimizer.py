@@ -35,7 +35,16 @@ from enclavefl.errors import CheckpointError
 from enclavefl.server.state import PartState
 from enclavefl.tensors import ParamSet, SparseRows, Tensor
 
-__all__ = ["SERVER_OPTIMIZERS", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedYogi", "ServerOptimizer"]
+__all__ = [
+    "SERVER_OPTIMIZERS",
+    "FedAdagrad",
+    "FedAdam",
+    "FedAvg",
+    "FedAvgM",
+    "FedYogi",
+    "ServerOptimizer",
+    "register_optimizer",
+]
 
 Array: TypeAlias = npt.NDArray[Any]
 # State tensor name -> (shape, dtype): what a set of moment buffers looks like.
@@ -540,6 +549,26 @@ class FedYogi(ServerOptimizer):
 
 
 #: Server optimizers by the name a job file gives (``server.optimizer``).
-SERVER_OPTIMIZERS: Final[Mapping[str, type[ServerOptimizer]]] = MappingProxyType(
-    {cls.name: cls for cls in (FedAvg, FedAvgM, FedAdagrad, FedAdam, FedYogi)}
-)
+_REGISTRY: dict[str, type[ServerOptimizer]] = {cls.name: cls for cls in (FedAvg, FedAvgM, FedAdagrad, FedAdam, FedYogi)}
+
+SERVER_OPTIMIZERS: Final[Mapping[str, type[ServerOptimizer]]] = MappingProxyType(_REGISTRY)
+"""Server optimizers by name (read-only view; add one with :func:`register_optimizer`)."""
+
+
+def register_optimizer(cls: type[ServerOptimizer]) -> type[ServerOptimizer]:
+    """Makes ``cls`` available as ``server.optimizer: {name: <cls.name>, options: {...}}``.
+
+    Usable as a class decorator. The module defining it must be imported on the
+    PS before the job starts (a user task module is: put the class there).
+
+    Raises:
+        ValueError: the name is taken by another class, or is not a plain identifier.
+    """
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"{cls.__name__}.name must be an identifier, got {name!r}")
+    existing = _REGISTRY.get(name)
+    if existing is not None and existing is not cls:
+        raise ValueError(f"server optimizer name {name!r} is taken by {existing.__name__}")
+    _REGISTRY[name] = cls
+    return cls

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from enclavefl.config import JobConfig
+from enclavefl.config import JobConfig, RegisteredOptimizer
 from enclavefl.errors import ConfigError
 from enclavefl.server.aggregator import Aggregator, WeightedMean
 from enclavefl.server.algorithms import Algorithm, CloseContext, FedAvgAlgorithm, Scaffold
@@ -85,8 +85,14 @@ def build_strategy(config: JobConfig, model: StreamHeader, *, spill_dir: Path) -
     """
     server = config.server
     opt = server.optimizer
+    cls = SERVER_OPTIMIZERS.get(opt.name)
+    if cls is None:
+        raise ConfigError(f"server.optimizer.name = {opt.name!r}: no such server optimizer "
+                          f"(known: {', '.join(sorted(SERVER_OPTIMIZERS))}; a custom one must be registered "
+                          "with register_optimizer in a module the PS imports, such as the task's)")
+    options = opt.options if isinstance(opt, RegisteredOptimizer) else opt.model_dump(exclude={"name"})
     try:
-        optimizer = SERVER_OPTIMIZERS[opt.name](server.lr, **opt.model_dump(exclude={"name"}))
+        optimizer = cls(server.lr, **options)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"server.optimizer {opt.name}: {exc}") from exc
     algorithm: Algorithm
