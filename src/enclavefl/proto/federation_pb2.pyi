@@ -7,6 +7,13 @@ Envelopes are protobuf; tensor payloads are raw little-endian bytes cut in
 chunks of at most transport.chunk_bytes, announced by a TensorHeader that is
 checked against limits before anything is allocated. Every request and reply
 carries the protocol version; a mismatch is refused with FAILED_PRECONDITION.
+
+Protocol version 2 (enclavefl.proto.PROTOCOL_VERSION) added the local
+optimizer and client algorithm to ClientSettings, Task.config and
+UpdateHeader.kind/extensions. The package keeps its name so that a peer of
+another version still reaches the service and is told which versions differ.
+Later stages add data through Task.config and UpdateHeader.extensions rather
+than new fields; existing field numbers never change.
 """
 
 from collections import abc as _abc
@@ -39,6 +46,34 @@ class Encoding(_Encoding, metaclass=_EncodingEnumTypeWrapper): ...
 DENSE: Encoding.ValueType  # 0
 SPARSE_ROWS: Encoding.ValueType  # 1
 Global___Encoding: _TypeAlias = Encoding  # noqa: Y015
+
+class _UpdateKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _UpdateKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UpdateKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DELTA: _UpdateKind.ValueType  # 0
+    """New weights minus the model version trained on."""
+    WEIGHTS: _UpdateKind.ValueType  # 1
+    """The new weights themselves."""
+    MASKED: _UpdateKind.ValueType  # 2
+    """Secure aggregation: masked fixed-point values."""
+    QUANTIZED: _UpdateKind.ValueType  # 3
+    """A compressed encoding of a delta."""
+
+class UpdateKind(_UpdateKind, metaclass=_UpdateKindEnumTypeWrapper):
+    """What a pushed update holds."""
+
+DELTA: UpdateKind.ValueType  # 0
+"""New weights minus the model version trained on."""
+WEIGHTS: UpdateKind.ValueType  # 1
+"""The new weights themselves."""
+MASKED: UpdateKind.ValueType  # 2
+"""Secure aggregation: masked fixed-point values."""
+QUANTIZED: UpdateKind.ValueType  # 3
+"""A compressed encoding of a delta."""
+Global___UpdateKind: _TypeAlias = UpdateKind  # noqa: Y015
 
 @_typing.final
 class TensorSpec(_message.Message):
@@ -266,23 +301,73 @@ class ClientSettings(_message.Message):
     EPOCHS_FIELD_NUMBER: _builtins.int
     BATCH_SIZE_FIELD_NUMBER: _builtins.int
     LR_FIELD_NUMBER: _builtins.int
+    OPTIMIZER_FIELD_NUMBER: _builtins.int
+    MOMENTUM_FIELD_NUMBER: _builtins.int
+    WEIGHT_DECAY_FIELD_NUMBER: _builtins.int
+    ALGORITHM_FIELD_NUMBER: _builtins.int
+    PROXIMAL_MU_FIELD_NUMBER: _builtins.int
     epochs: _builtins.int
     batch_size: _builtins.int
     lr: _builtins.float
+    optimizer: _builtins.str
+    """The worker's local optimizer: "sgd" or "adam"."""
+    momentum: _builtins.float
+    weight_decay: _builtins.float
+    algorithm: _builtins.str
+    """What the worker runs around local training: "fedavg", "fedprox" or "scaffold"."""
+    proximal_mu: _builtins.float
+    """FedProx's proximal weight (0 unless algorithm is "fedprox")."""
     def __init__(
         self,
         *,
         epochs: _builtins.int = ...,
         batch_size: _builtins.int = ...,
         lr: _builtins.float = ...,
+        optimizer: _builtins.str = ...,
+        momentum: _builtins.float = ...,
+        weight_decay: _builtins.float = ...,
+        algorithm: _builtins.str = ...,
+        proximal_mu: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "epochs", b"epochs", "lr", b"lr"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "batch_size", b"batch_size", "epochs", b"epochs", "lr", b"lr", "momentum", b"momentum", "optimizer", b"optimizer", "proximal_mu", b"proximal_mu", "weight_decay", b"weight_decay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ClientSettings: _TypeAlias = ClientSettings  # noqa: Y015
+
+@_typing.final
+class ConfigValue(_message.Message):
+    """One value of Task.config; exactly one field is set."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FLAG_FIELD_NUMBER: _builtins.int
+    INTEGER_FIELD_NUMBER: _builtins.int
+    NUMBER_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    flag: _builtins.bool
+    integer: _builtins.int
+    number: _builtins.float
+    text: _builtins.str
+    def __init__(
+        self,
+        *,
+        flag: _builtins.bool = ...,
+        integer: _builtins.int = ...,
+        number: _builtins.float = ...,
+        text: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["flag", b"flag", "integer", b"integer", "number", b"number", "text", b"text", "value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["flag", b"flag", "integer", b"integer", "number", b"number", "text", b"text", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_value: _TypeAlias = _typing.Literal["flag", "integer", "number", "text"]  # noqa: Y015
+    _WhichOneofArgType_value: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_value) -> _WhichOneofReturnType_value | None: ...
+
+Global___ConfigValue: _TypeAlias = ConfigValue  # noqa: Y015
 
 @_typing.final
 class Task(_message.Message):
@@ -303,6 +388,27 @@ class Task(_message.Message):
     TRAIN: Task.Kind.ValueType  # 1
     FINISH: Task.Kind.ValueType  # 2
 
+    @_typing.final
+    class ConfigEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___ConfigValue: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___ConfigValue | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     ROUND_FIELD_NUMBER: _builtins.int
@@ -311,6 +417,7 @@ class Task(_message.Message):
     RETRY_AFTER_S_FIELD_NUMBER: _builtins.int
     CLIENT_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    CONFIG_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     kind: Global___Task.Kind.ValueType
     round: _builtins.int
@@ -320,6 +427,12 @@ class Task(_message.Message):
     message: _builtins.str
     @_builtins.property
     def client(self) -> Global___ClientSettings: ...
+    @_builtins.property
+    def config(self) -> _containers.MessageMap[_builtins.str, Global___ConfigValue]:
+        """Per-round settings of later stages, by name (at most 256 entries, keys of
+        at most 128 bytes, text values of at most 4096 bytes).
+        """
+
     def __init__(
         self,
         *,
@@ -331,10 +444,11 @@ class Task(_message.Message):
         retry_after_s: _builtins.float = ...,
         client: Global___ClientSettings | None = ...,
         message: _builtins.str = ...,
+        config: _abc.Mapping[_builtins.str, Global___ConfigValue] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["client", b"client"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client", b"client", "kind", b"kind", "message", b"message", "model_version", b"model_version", "protocol_version", b"protocol_version", "ps_instance", b"ps_instance", "retry_after_s", b"retry_after_s", "round", b"round"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client", b"client", "config", b"config", "kind", b"kind", "message", b"message", "model_version", b"model_version", "protocol_version", b"protocol_version", "ps_instance", b"ps_instance", "retry_after_s", b"retry_after_s", "round", b"round"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -440,6 +554,26 @@ class UpdateHeader(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class ExtensionsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.bytes
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.bytes = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
     WORKER_ID_FIELD_NUMBER: _builtins.int
     ROUND_FIELD_NUMBER: _builtins.int
@@ -447,15 +581,24 @@ class UpdateHeader(_message.Message):
     NUM_SAMPLES_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
     TENSORS_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    EXTENSIONS_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     worker_id: _builtins.str
     round: _builtins.int
     model_version: _builtins.int
     num_samples: _builtins.int
+    kind: Global___UpdateKind.ValueType
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
     @_builtins.property
     def tensors(self) -> Global___TensorHeader: ...
+    @_builtins.property
+    def extensions(self) -> _containers.ScalarMap[_builtins.str, _builtins.bytes]:
+        """Opaque per-stage data (at most 64 entries, keys of at most 128 bytes,
+        values of at most 1 MiB each and 8 MiB together).
+        """
+
     def __init__(
         self,
         *,
@@ -466,10 +609,12 @@ class UpdateHeader(_message.Message):
         num_samples: _builtins.int = ...,
         metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         tensors: Global___TensorHeader | None = ...,
+        kind: Global___UpdateKind.ValueType = ...,
+        extensions: _abc.Mapping[_builtins.str, _builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["tensors", b"tensors"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics", "model_version", b"model_version", "num_samples", b"num_samples", "protocol_version", b"protocol_version", "round", b"round", "tensors", b"tensors", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["extensions", b"extensions", "kind", b"kind", "metrics", b"metrics", "model_version", b"model_version", "num_samples", b"num_samples", "protocol_version", b"protocol_version", "round", b"round", "tensors", b"tensors", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -14,16 +14,19 @@ from enclavefl.proto import federation_pb2_grpc as pb_grpc
 from enclavefl.tensors import CodecLimits, ParamSet, StreamDecoder, StreamHeader, iter_chunks
 from enclavefl.transport.framing import DataChunk, chunk_decoder, chunk_payload, encode_data, encode_message
 from enclavefl.transport.credentials import Credentials
-from enclavefl.messages import ClientSettings, JoinInfo, PushResult, TaskInfo, TaskKind
+from enclavefl.messages import JoinInfo, PushResult, TaskInfo, UpdateKind, UpdateMeta, WorkerClient
 from enclavefl.transport.service import SESSION_METADATA_KEY, message_limit
-from enclavefl.transport.wire import check_version, error_from_rpc, header_from_proto, header_to_proto
+from enclavefl.transport.wire import (
+    check_version,
+    error_from_rpc,
+    header_from_proto,
+    task_from_proto,
+    update_meta_to_proto,
+)
 
 __all__ = ["FederationClient", "PushResult"]
 
 log = logging.getLogger(__name__)
-
-_KINDS = {pb.Task.WAIT: TaskKind.WAIT, pb.Task.TRAIN: TaskKind.TRAIN, pb.Task.FINISH: TaskKind.FINISH}
-
 
 class FederationClient:
     """One TLS channel to a parameter server. Close it with close() or a ``with`` block."""
@@ -91,7 +94,7 @@ class FederationClient:
         try:
             if self._credentials.attested_join:
                 challenge = self._stub.Challenge(pb.ChallengeRequest(protocol_version=PROTOCOL_VERSION), timeout=timeout_s)
-                check_version(challenge.protocol_version, "ChallengeReply")
+                check_version(challenge.protocol_version, "ChallengeReply", sender="PS")
                 proof = self._credentials.prove_join(challenge.nonce, self._server_cert_sha256, worker_name)
                 request.attestation.CopyFrom(
                     pb.JoinAttestation(certificate=proof.certificate, nonce=proof.nonce,
@@ -100,11 +103,17 @@ class FederationClient:
             reply = self._stub.Join(request, timeout=timeout_s, wait_for_ready=False)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, f"Join {self.target}") from exc
-        check_version(reply.protocol_version, "JoinReply")
+        check_version(reply.protocol_version, "JoinReply", sender="PS")
         self._metadata = ((SESSION_METADATA_KEY, reply.session_token),) if reply.session_token else ()
         return JoinInfo(reply.worker_id, reply.job_name, reply.ps_instance, int(reply.rounds))
 
     def wait_task(self, worker_id: str, max_wait_s: float) -> TaskInfo:
+        """Long-polls for the next task.
+
+        Raises:
+            ProtocolError: the task breaks the format: unknown kind, client
+                settings out of range, or a config map out of its limits.
+        """
         self._check_open()
         try:
             reply = self._stub.WaitTask(
@@ -114,22 +123,8 @@ class FederationClient:
             )
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, f"WaitTask {self.target}") from exc
-        check_version(reply.protocol_version, "Task")
-        client = None
-        if reply.HasField("client"):
-            client = ClientSettings(int(reply.client.epochs), int(reply.client.batch_size), float(reply.client.lr))
-        kind = _KINDS.get(reply.kind)
-        if kind is None:
-            raise ProtocolError(f"Task: unknown kind {reply.kind}")
-        return TaskInfo(
-            kind=kind,
-            ps_instance=reply.ps_instance,
-            round=int(reply.round),
-            model_version=int(reply.model_version),
-            retry_after_s=float(reply.retry_after_s),
-            client=client,
-            message=reply.message,
-        )
+        check_version(reply.protocol_version, "Task", sender="PS")
+        return task_from_proto(reply)
 
     def pull_model(self, worker_id: str, model_version: int, timeout_s: float = 600.0) -> tuple[int, ParamSet, int]:
         """Streams the global parameters in.
@@ -150,7 +145,7 @@ class FederationClient:
             first = next(stream, None)
             if first is None or isinstance(first, DataChunk) or first.WhichOneof("part") != "header":
                 raise ProtocolError("PullModel: the stream did not start with a model header")
-            check_version(first.header.protocol_version, "ModelHeader")
+            check_version(first.header.protocol_version, "ModelHeader", sender="PS")
             decoder = StreamDecoder(header_from_proto(first.header.tensors), self._limits)
             for msg in stream:
                 data = chunk_payload(msg)
@@ -170,24 +165,37 @@ class FederationClient:
         update: ParamSet,
         num_samples: int,
         metrics: Mapping[str, float],
+        *,
+        kind: UpdateKind = UpdateKind.DELTA,
+        extensions: Mapping[str, bytes] | None = None,
         timeout_s: float = 600.0,
     ) -> PushResult:
-        """Streams an update (header, then chunks) and returns the PS's verdict."""
+        """Streams an update (header, then chunks) and returns the PS's verdict.
+
+        Args:
+            kind: what ``update`` holds, announced in the header for the PS to check.
+            extensions: opaque per-stage data for the header; the PS refuses maps
+                over the limits in :mod:`enclavefl.transport.wire`.
+
+        Raises:
+            ProtocolError: the PS refused the header (for example extensions over their limits).
+        """
         self._check_open()
         header = StreamHeader.of(update)
+        meta = UpdateMeta(
+            worker_id=worker_id,
+            round=round_,
+            model_version=model_version,
+            num_samples=num_samples,
+            tensors=header,
+            metrics=metrics,
+            kind=kind,
+            extensions=extensions or {},
+        )
+        envelope = update_meta_to_proto(meta)
 
         def messages() -> Iterator[pb.UpdateChunk | bytes]:
-            yield pb.UpdateChunk(
-                header=pb.UpdateHeader(
-                    protocol_version=PROTOCOL_VERSION,
-                    worker_id=worker_id,
-                    round=round_,
-                    model_version=model_version,
-                    num_samples=num_samples,
-                    metrics={k: float(v) for k, v in metrics.items()},
-                    tensors=header_to_proto(header),
-                )
-            )
+            yield pb.UpdateChunk(header=envelope)
             for chunk in iter_chunks(update, self._chunk_bytes):
                 yield encode_data(chunk)
 
@@ -195,7 +203,7 @@ class FederationClient:
             reply = self._push(messages(), timeout=timeout_s, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, f"PushUpdate {self.target}") from exc
-        check_version(reply.protocol_version, "PushReply")
+        check_version(reply.protocol_version, "PushReply", sender="PS")
         return PushResult(bool(reply.accepted), reply.reason, header.total_bytes)
 
     def leave(self, worker_id: str, reason: str, timeout_s: float = 5.0) -> None:
@@ -208,3 +216,6 @@ class FederationClient:
             )
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, f"Leave {self.target}") from exc
+
+
+_IS_WORKER_CLIENT: type[WorkerClient] = FederationClient  # mypy checks that the gRPC client satisfies the protocol

@@ -33,8 +33,14 @@ from enclavefl.proto import federation_pb2_grpc as pb_grpc
 from enclavefl.tensors import StreamHeader, iter_chunks
 from enclavefl.transport.credentials import Credentials, JoinProof
 from enclavefl.transport.framing import DataChunk, chunk_decoder, chunk_payload, encode_data, encode_message
-from enclavefl.messages import FederationHandler, PeerIdentity, TaskKind, UpdateMeta
-from enclavefl.transport.wire import check_version, header_from_proto, header_to_proto
+from enclavefl.messages import FederationHandler, PeerIdentity
+from enclavefl.transport.wire import (
+    MAX_EXTENSIONS_TOTAL_BYTES,
+    check_version,
+    header_to_proto,
+    task_to_proto,
+    update_meta_from_proto,
+)
 
 __all__ = ["SESSION_METADATA_KEY", "FederationServer", "message_limit"]
 
@@ -46,12 +52,14 @@ DOWNLOAD_SLOT_TIMEOUT_S = 300.0
 SESSION_METADATA_KEY = "enclavefl-session"
 """gRPC metadata key carrying the session token of an attested join."""
 
-_TASK_KINDS = {TaskKind.WAIT: pb.Task.WAIT, TaskKind.TRAIN: pb.Task.TRAIN, TaskKind.FINISH: pb.Task.FINISH}
-
 
 def message_limit(chunk_bytes: int) -> int:
-    """The largest gRPC message either side accepts: one chunk plus envelope room."""
-    return chunk_bytes + 1024 * 1024
+    """The largest gRPC message either side accepts: one chunk or one update header, plus envelope room.
+
+    An update header may carry up to ``MAX_EXTENSIONS_TOTAL_BYTES`` of
+    extensions, so the limit never drops below that even with small chunks.
+    """
+    return max(chunk_bytes, MAX_EXTENSIONS_TOTAL_BYTES) + 1024 * 1024
 
 
 def _abort(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
@@ -100,7 +108,7 @@ class _Servicer(pb_grpc.FederationServicer):
 
     def Challenge(self, request: pb.ChallengeRequest, context: grpc.ServicerContext) -> pb.ChallengeReply:
         try:
-            check_version(request.protocol_version, "Challenge")
+            check_version(request.protocol_version, "Challenge", sender="worker")
             nonce = self._credentials.issue_challenge()
         except EnclaveFLError as exc:
             _abort(context, exc)
@@ -108,7 +116,7 @@ class _Servicer(pb_grpc.FederationServicer):
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
         try:
-            check_version(request.protocol_version, "Join")
+            check_version(request.protocol_version, "Join", sender="worker")
             proof = None
             if request.HasField("attestation"):
                 a = request.attestation
@@ -131,29 +139,16 @@ class _Servicer(pb_grpc.FederationServicer):
 
     def WaitTask(self, request: pb.WaitTaskRequest, context: grpc.ServicerContext) -> pb.Task:
         try:
-            check_version(request.protocol_version, "WaitTask")
+            check_version(request.protocol_version, "WaitTask", sender="worker")
             wait_s = min(max(float(request.max_wait_s), 0.0), 60.0)
             task = self._handler.wait_task(self._peer(context), request.worker_id, wait_s)
         except EnclaveFLError as exc:
             _abort(context, exc)
-        reply = pb.Task(
-            protocol_version=PROTOCOL_VERSION,
-            kind=_TASK_KINDS[task.kind],
-            round=task.round,
-            model_version=task.model_version,
-            ps_instance=task.ps_instance,
-            retry_after_s=task.retry_after_s,
-            message=task.message,
-        )
-        if task.client is not None:
-            reply.client.CopyFrom(
-                pb.ClientSettings(epochs=task.client.epochs, batch_size=task.client.batch_size, lr=task.client.lr)
-            )
-        return reply
+        return task_to_proto(task)
 
     def PullModel(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[pb.ModelChunk | bytes]:
         try:
-            check_version(request.protocol_version, "PullModel")
+            check_version(request.protocol_version, "PullModel", sender="worker")
             version, params = self._handler.model_for(self._peer(context), request.worker_id, int(request.model_version))
         except EnclaveFLError as exc:
             _abort(context, exc)
@@ -184,15 +179,8 @@ class _Servicer(pb_grpc.FederationServicer):
             _abort(context, ProtocolError("PushUpdate: the first message must be the update header"))
         head = first.header
         try:
-            check_version(head.protocol_version, "PushUpdate")
-            meta = UpdateMeta(
-                worker_id=head.worker_id,
-                round=int(head.round),
-                model_version=int(head.model_version),
-                num_samples=int(head.num_samples),
-                tensors=header_from_proto(head.tensors),
-                metrics=dict(head.metrics),
-            )
+            check_version(head.protocol_version, "PushUpdate", sender="worker")
+            meta = update_meta_from_proto(head)
             sink = self._handler.open_update(peer, meta)
         except UpdateRejected as exc:
             return pb.PushReply(protocol_version=PROTOCOL_VERSION, accepted=False, reason=str(exc))
@@ -221,7 +209,7 @@ class _Servicer(pb_grpc.FederationServicer):
 
     def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveReply:
         try:
-            check_version(request.protocol_version, "Leave")
+            check_version(request.protocol_version, "Leave", sender="worker")
             self._handler.leave(self._peer(context), request.worker_id, request.reason[:200])
         except EnclaveFLError as exc:
             _abort(context, exc)
