@@ -172,7 +172,7 @@ def test_quote_copied_into_another_certificate_is_refused(tmp_path: Path, runnin
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "binding" in (info.value.details() or "")
     assert read_audit(running.audit_path)[-1]["field"] == "binding"
-    assert not running.ps._workers
+    assert not len(running.ps.core.registry)
 
 
 def test_certificate_replayed_without_its_key_is_refused(running: RunningPs, sim: Sim) -> None:
@@ -181,7 +181,7 @@ def test_certificate_replayed_without_its_key_is_refused(running: RunningPs, sim
         raw_join(running, genuine.cert_pem, ec.generate_private_key(ec.SECP256R1()))
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "join.signature" in (info.value.details() or "")
-    assert not running.ps._workers
+    assert not len(running.ps.core.registry)
 
 
 def test_a_nonce_is_single_use(running: RunningPs, sim: Sim) -> None:
@@ -210,7 +210,7 @@ def test_worker_with_one_changed_line_of_code_is_refused(tmp_path: Path, running
     refusal = read_audit(running.audit_path)[-1]
     assert refusal["decision"] == "refused" and refusal["field"] == "mr_enclave"
     assert refusal["mr_enclave"] == other.mr_enclave.hex()
-    assert not running.ps._workers
+    assert not len(running.ps.core.registry)
 
 
 def test_worker_refuses_a_ps_whose_signer_is_not_in_its_policy(tmp_path: Path, running: RunningPs, sim: Sim) -> None:
@@ -222,7 +222,7 @@ def test_worker_refuses_a_ps_whose_signer_is_not_in_its_policy(tmp_path: Path, r
     assert info.value.field == "mr_signer"
     assert wrong_signer.hex() in str(info.value.expected) and info.value.actual == sim.provider.mr_signer.hex()
     # Nothing reached the PS: no challenge, no join, no decision in its audit log.
-    assert read_audit(running.audit_path) == [] and not running.ps._workers
+    assert read_audit(running.audit_path) == [] and not len(running.ps.core.registry)
     assert read_audit(tmp_path / "w0-audit.jsonl")[-1]["field"] == "mr_signer"
 
 
@@ -306,7 +306,7 @@ def test_man_in_the_middle_with_its_own_valid_quote_is_refused(tmp_path: Path, r
     assert read_audit(tmp_path / "w0-audit.jsonl")[0]["decision"] == "accepted"  # the worker was fooled at first...
     refusal = read_audit(running.audit_path)[-1]  # ...but the real PS refused the relayed join
     assert refusal["decision"] == "refused" and refusal["field"] == "join.ps_cert_sha256"
-    assert not running.ps._workers
+    assert not len(running.ps.core.registry)
 
 
 def test_a_restarted_ps_is_verified_anew(tmp_path: Path, sim: Sim) -> None:

@@ -23,7 +23,7 @@ from typing import NoReturn
 
 from enclavefl.config import JobConfig
 from enclavefl.errors import CheckpointError, ProtocolError, RoundError, UpdateRejected
-from enclavefl.messages import JoinInfo, PeerIdentity, TaskInfo, TaskKind, UpdateMeta, UpdateSink
+from enclavefl.messages import JoinInfo, PeerIdentity, TaskInfo, TaskKind, UpdateKind, UpdateMeta, UpdateSink
 from enclavefl.server.checkpoint import Checkpoint, params_digest
 from enclavefl.server.closing import ClosePipeline, Evaluator
 from enclavefl.server.core import ServerCore
@@ -191,7 +191,9 @@ class ParameterServer:
         with core.cond:
             worker = core.registry.get(peer, meta.worker_id)
             reason = None
-            if meta.num_samples <= 0:
+            if meta.kind is not UpdateKind.DELTA:
+                reason = f"update kind {meta.kind.value} is not what this job aggregates (delta)"
+            elif meta.num_samples <= 0:
                 reason = f"num_samples must be positive, got {meta.num_samples}"
             elif worker.num_samples <= 0:
                 reason = f"worker {meta.worker_id} declared no training samples at join"

@@ -460,3 +460,21 @@ def test_too_few_workers_within_the_start_window_fails(
     assert "fewer than min_workers=2" in str(engine.error)
     assert task.kind is TaskKind.FINISH and "fewer than min_workers=2" in task.message
     assert ps.version == 0 and ps.metrics.history == []
+
+
+def test_update_of_a_kind_the_job_does_not_aggregate_is_rejected(
+    tmp_path: Path, engines: Callable[[ParameterServer], Engine]
+) -> None:
+    from dataclasses import replace
+
+    from enclavefl.messages import UpdateKind
+
+    ps = ParameterServer(job(), INITIAL, out_dir=tmp_path)
+    engine, a, b = open_round(ps, engines)
+    with pytest.raises(UpdateRejected, match="update kind masked"):
+        ps.open_update(PEER_A, replace(meta_for(a, DELTA_A, 1), kind=UpdateKind.MASKED))
+
+    push(ps, PEER_A, a, DELTA_A, 1)
+    push(ps, PEER_B, b, DELTA_B, 3)
+    finish(ps, engine, [(PEER_A, a), (PEER_B, b)])
+    assert ps.params == EXPECTED_AB and ps.metrics.history[0]["rejected"] == 1
