@@ -33,6 +33,14 @@ class FitConfig:
         correction: a term added to every local gradient step, per parameter
             name as in ``get_parameters()`` (SCAFFOLD's ``c - c_i``). Tensors it
             does not name get no correction; None adds nothing.
+        optimizer: the local optimizer's name (``sgd`` or ``adam``).
+        momentum: the local optimizer's momentum (SGD's heavy ball).
+        weight_decay: the local optimizer's L2 weight decay.
+
+    ``optimizer``, ``momentum`` and ``weight_decay`` left at None keep the
+    setting the trainer was built with, for callers outside a federation. In a
+    federation the worker sets all three from the PS's task, so the PS alone
+    decides how workers train, whatever their own job files say.
     """
 
     epochs: int
@@ -42,6 +50,9 @@ class FitConfig:
     seed: int = 0
     proximal_mu: float = 0.0
     correction: ParamSet | None = None
+    optimizer: str | None = None
+    momentum: float | None = None
+    weight_decay: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

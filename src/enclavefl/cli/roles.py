@@ -124,7 +124,7 @@ def run_ps(args: argparse.Namespace) -> int:
 
 def run_worker(args: argparse.Namespace) -> int:
     from enclavefl.tasks import load_task
-    from enclavefl.worker.runtime import Worker, WorkerSettings
+    from enclavefl.worker.runtime import Worker, WorkerSettings, grpc_client_factory
 
     setup_logging(logging.DEBUG if args.debug else logging.INFO, args.log_file)
     tune_malloc()
@@ -137,6 +137,7 @@ def run_worker(args: argparse.Namespace) -> int:
     trainer = load_task(config).worker_trainer(args.index, count)
     stop = threading.Event()
     _stop_on_signals(stop)
-    settings = WorkerSettings(name=args.name or f"worker-{args.index}", chunk_bytes=config.transport.chunk_bytes, seed=config.job.seed)
-    Worker(args.connect, credentials, trainer, settings, stop=stop).run()
+    settings = WorkerSettings(name=args.name or f"worker-{args.index}", seed=config.job.seed)
+    connect = grpc_client_factory(args.connect, credentials, chunk_bytes=config.transport.chunk_bytes)
+    Worker(connect, trainer, settings, stop=stop).run()
     return 0

@@ -114,13 +114,12 @@ class DlrmTrainer(TorchTrainer):
     def _sparse_tables(self) -> bool:
         return any(isinstance(t, nn.Embedding) and t.sparse for t in self.dlrm.embeddings)
 
-    def _make_optimizers(self, lr: float) -> list[torch.optim.Optimizer]:
+    def _make_optimizers(self, lr: float, s: OptimizerSettings) -> list[torch.optim.Optimizer]:
         if not self._sparse_tables:
-            return [self._make_optimizer(lr)]
+            return [self._make_optimizer(lr, s)]
         tables = list(self.dlrm.embeddings.parameters())
         table_ids = {id(t) for t in tables}
         mlps = [p for p in self.dlrm.parameters() if id(p) not in table_ids]
-        s = self._optimizer
         # The tables' weight decay is the lazy penalty in fit(), not the optimizer's.
         if s.name == "adam":
             return [torch.optim.SparseAdam(tables, lr=lr), torch.optim.Adam(mlps, lr=lr, weight_decay=s.weight_decay)]
@@ -137,7 +136,8 @@ class DlrmTrainer(TorchTrainer):
         dense = torch.from_numpy(data.dense)
         categorical = torch.from_numpy(data.categorical)
         labels = torch.from_numpy(data.labels)
-        lazy_decay = self._optimizer.weight_decay if self._sparse_tables else 0.0
+        settings = self._optimizer_for(config)
+        lazy_decay = settings.weight_decay if self._sparse_tables else 0.0
         loss_fn = nn.BCELoss()
 
         def batch_loss(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -147,7 +147,7 @@ class DlrmTrainer(TorchTrainer):
             objective = loss + 0.5 * lazy_decay * self.dlrm.embedding_norm(categorical[idx]) if lazy_decay else loss
             return objective, loss, int(((prob.detach() > 0.5).float() == yb).sum())
 
-        result = self._minibatch_loop(len(labels), config, self._make_optimizers(config.lr), batch_loss)
+        result = self._minibatch_loop(len(labels), config, self._make_optimizers(config.lr, settings), batch_loss)
         # Every epoch visits every local sample, so the touched rows are the data's ids.
         self._touched = {
             name: np.unique(data.categorical[:, j]).astype(np.int64) for j, name in enumerate(self.sparse_tensors)

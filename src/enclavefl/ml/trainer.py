@@ -47,11 +47,14 @@ PROGRESS_EVERY_S = 30.0
 
 @dataclass(frozen=True, slots=True)
 class OptimizerSettings:
-    """The client optimizer (from the job's ``client`` section)."""
+    """The client optimizer a trainer is built with; a round's :class:`FitConfig` may override it."""
 
     name: Literal["sgd", "adam"] = "sgd"
     momentum: float = 0.0
     weight_decay: float = 0.0
+
+
+_OPTIMIZER_NAMES: dict[str, Literal["sgd", "adam"]] = {"sgd": "sgd", "adam": "adam"}
 
 
 class TorchTrainer:
@@ -96,8 +99,27 @@ class TorchTrainer:
                     raise ValueError(f"{name}: shape {array.shape} != model {tuple(target.shape)}")
                 target.copy_(torch.from_numpy(np.ascontiguousarray(array).reshape(array.shape)))
 
-    def _make_optimizer(self, lr: float) -> torch.optim.Optimizer:
+    def _optimizer_for(self, config: FitConfig) -> OptimizerSettings:
+        """The optimizer one ``fit`` uses: ``config``'s settings where given, else the constructor's.
+
+        In a federation the PS's settings arrive in ``config``; a trainer used
+        alone keeps what it was built with.
+
+        Raises:
+            ValueError: ``config.optimizer`` is not ``sgd`` or ``adam``.
+        """
         s = self._optimizer
+        name = s.name if config.optimizer is None else _OPTIMIZER_NAMES.get(config.optimizer)
+        if name is None:
+            raise ValueError(f"FitConfig.optimizer must be one of {sorted(_OPTIMIZER_NAMES)}, got {config.optimizer!r}")
+        return OptimizerSettings(
+            name=name,
+            momentum=s.momentum if config.momentum is None else config.momentum,
+            weight_decay=s.weight_decay if config.weight_decay is None else config.weight_decay,
+        )
+
+    def _make_optimizer(self, lr: float, settings: OptimizerSettings | None = None) -> torch.optim.Optimizer:
+        s = self._optimizer if settings is None else settings
         if s.name == "adam":
             return torch.optim.Adam(self.model.parameters(), lr=lr, weight_decay=s.weight_decay)
         return torch.optim.SGD(self.model.parameters(), lr=lr, momentum=s.momentum, weight_decay=s.weight_decay)
@@ -114,7 +136,8 @@ class TorchTrainer:
             loss = loss_fn(logits, y[idx])
             return loss, loss, int((logits.detach().argmax(dim=1) == y[idx]).sum())
 
-        return self._minibatch_loop(len(y), config, [self._make_optimizer(config.lr)], batch_loss)
+        optimizer = self._make_optimizer(config.lr, self._optimizer_for(config))
+        return self._minibatch_loop(len(y), config, [optimizer], batch_loss)
 
     def _minibatch_loop(
         self,

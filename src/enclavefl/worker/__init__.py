@@ -1,5 +1,35 @@
-"""The worker runtime."""
+"""The worker runtime: local training, the update pipeline, and its clients to the PS."""
 
-from enclavefl.worker.runtime import Worker, WorkerSettings, compute_delta
+from enclavefl.worker.control import ScaffoldClient
+from enclavefl.worker.inmemory import InMemoryClient
+from enclavefl.worker.pipeline import (
+    ControlDelta,
+    Delta,
+    SparseTrainer,
+    SparsifyRows,
+    UpdateContext,
+    UpdateTransform,
+    compute_delta,
+    default_transforms,
+    run_pipeline,
+    sparsify_rows,
+)
+from enclavefl.worker.runtime import Worker, WorkerSettings, grpc_client_factory
 
-__all__ = ["Worker", "WorkerSettings", "compute_delta"]
+__all__ = [
+    "ControlDelta",
+    "Delta",
+    "InMemoryClient",
+    "ScaffoldClient",
+    "SparseTrainer",
+    "SparsifyRows",
+    "UpdateContext",
+    "UpdateTransform",
+    "Worker",
+    "WorkerSettings",
+    "compute_delta",
+    "default_transforms",
+    "grpc_client_factory",
+    "run_pipeline",
+    "sparsify_rows",
+]

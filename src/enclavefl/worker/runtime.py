@@ -1,9 +1,25 @@
-"""The worker: join, long-poll, pull, train locally, push the delta; repeat.
+"""The worker: join, long-poll, pull, train locally, push the update; repeat.
+
+How this works: :class:`Worker` talks to the PS through a
+:class:`~enclavefl.messages.WorkerClient` it builds with a factory (the gRPC
+client in a deployment, :class:`~enclavefl.worker.inmemory.InMemoryClient` in a
+simulation or a test). Each train task carries the PS's
+:class:`~enclavefl.messages.ClientSettings`, and the worker trains with those
+alone: epochs, batch size, learning rate, optimizer, momentum, weight decay and
+the client algorithm all come from the PS, so a worker with a stale job file
+trains exactly as the PS says. Around local training it runs the algorithm's
+client side: FedProx's proximal ``mu``, or SCAFFOLD's control variates (the
+server variate arrives as ``scaffold.c/`` tensors after the model; the worker
+keeps its own variate across rounds and re-joins, and sends its change as
+``scaffold.dc/`` tensors; when the PS does not accept the update the variate
+goes back to where it was, as the server did not count the change). The
+trained model then goes through the update pipeline
+(:mod:`enclavefl.worker.pipeline`) and is pushed.
 
 It survives a PS restart: an unreachable PS is retried with exponential
 backoff (bounded by ``give_up_s``), and a PS that no longer knows this worker
 (new instance, or it dropped us) is joined again. After the PS was unreachable
-the channel is rebuilt and the worker joins again, so the credentials check the
+the client is rebuilt and the worker joins again, so the credentials check the
 (possibly new) PS certificate afresh before anything is sent.
 """
 
@@ -13,32 +29,67 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-
-import numpy as np
+from typing import TYPE_CHECKING, final
 
 from enclavefl.errors import (
+    ConfigError,
     DeadlineExceeded,
+    ProtocolError,
     StaleSession,
     TransportError,
     Unavailable,
 )
-from enclavefl.tensors import ParamSet, SparseRows
+from enclavefl.messages import (
+    CONTROL_DELTA_PREFIX,
+    CONTROL_PREFIX,
+    ClientSettings,
+    JoinInfo,
+    PushResult,
+    TaskInfo,
+    TaskKind,
+    UpdateKind,
+    WorkerClient,
+)
+from enclavefl.tensors import ParamSet, Tensor
 from enclavefl.training import FitConfig, Trainer
-from enclavefl.transport.client import FederationClient
-from enclavefl.transport.credentials import Credentials
-from enclavefl.messages import ClientSettings, JoinInfo, TaskKind
+from enclavefl.worker.control import ScaffoldClient
+from enclavefl.worker.pipeline import (
+    UpdateContext,
+    UpdateTransform,
+    compute_delta,
+    default_transforms,
+    run_pipeline,
+    sparsify_rows,
+)
 
-__all__ = ["Worker", "WorkerSettings", "compute_delta", "sparsify_rows"]
+if TYPE_CHECKING:
+    from enclavefl.transport.client import FederationClient
+    from enclavefl.transport.credentials import Credentials
+
+# compute_delta and sparsify_rows live in the pipeline; importable from here as before.
+__all__ = ["Worker", "WorkerSettings", "compute_delta", "grpc_client_factory", "sparsify_rows"]
 
 log = logging.getLogger(__name__)
+
+_ALGORITHMS = ("fedavg", "fedprox", "scaffold")
 
 
 @dataclass(frozen=True, slots=True)
 class WorkerSettings:
+    """How one worker behaves towards the PS (not how it trains: that is the PS's to say).
+
+    Attributes:
+        name: shown in the PS's logs.
+        seed: the job seed; with the round it fixes the local shuffle.
+        poll_s: the longest a task long-poll waits.
+        backoff_initial_s: the first retry delay after the PS was unreachable.
+        backoff_max_s: the longest retry delay.
+        give_up_s: how long an unreachable PS is retried before the worker fails.
+    """
+
     name: str
-    chunk_bytes: int
     seed: int = 0
     poll_s: float = 10.0
     backoff_initial_s: float = 0.2
@@ -46,115 +97,111 @@ class WorkerSettings:
     give_up_s: float = 300.0
 
 
-def compute_delta(new: ParamSet, old: ParamSet) -> ParamSet:
-    """``new - old`` per tensor, in the tensor's own dtype."""
-    out = []
-    for name, value in new.items():
-        base = old[name]
-        a = value.to_dense() if isinstance(value, SparseRows) else value
-        b = base.to_dense() if isinstance(base, SparseRows) else base
-        if a.dtype == np.bool_:
-            out.append((name, np.zeros_like(a)))
+def _split_control(download: ParamSet) -> tuple[ParamSet, ParamSet]:
+    """The downloaded model, and SCAFFOLD's server variate keyed by parameter name."""
+    model: list[tuple[str, Tensor]] = []
+    control: list[tuple[str, Tensor]] = []
+    for name, value in download.items():
+        if name.startswith(CONTROL_PREFIX):
+            control.append((name[len(CONTROL_PREFIX) :], value))
         else:
-            # asarray: on 0-d tensors (BatchNorm num_batches_tracked) ufuncs return a numpy scalar.
-            out.append((name, np.asarray(np.subtract(a, b, dtype=a.dtype))))
-    return ParamSet(out)
+            model.append((name, value))
+    return ParamSet(model), ParamSet(control)
 
 
-def sparsify_rows(update: ParamSet, touched: Mapping[str, np.ndarray]) -> ParamSet:
-    """Sends the tensors in ``touched`` as SparseRows of those row ids (embedding tables).
-
-    A trainer that looks up few rows per round (DLRM) reports them through a
-    ``touched_rows()`` method; the PS averages each row over the workers that sent it.
-
-    Raises:
-        ValueError: a name is not in ``update`` or a row id is out of range.
-    """
-    out: list[tuple[str, np.ndarray | SparseRows]] = []
-    for name, value in update.items():
-        ids = touched.get(name)
-        if ids is None:
-            out.append((name, value))
-            continue
-        dense = value.to_dense() if isinstance(value, SparseRows) else value
-        out.append((name, SparseRows.from_dense(dense, np.unique(np.asarray(ids, dtype=np.int64)))))
-    unknown = sorted(set(touched) - set(update))
-    if unknown:
-        raise ValueError(f"touched_rows names tensors the model does not have: {unknown[:5]}")
-    return ParamSet(out)
-
-
+@final
 class Worker:
     """Runs one worker until the PS says the job is finished."""
 
     def __init__(
         self,
-        target: str,
-        credentials: Credentials,
+        client_factory: Callable[[], WorkerClient],
         trainer: Trainer,
         settings: WorkerSettings,
         *,
         stop: threading.Event | None = None,
-        make_update: Callable[[ParamSet, ParamSet], ParamSet] = compute_delta,
+        transforms: Sequence[UpdateTransform] | None = None,
     ) -> None:
-        self._target = target
-        self._credentials = credentials
+        """Prepares the worker; nothing is sent until :meth:`run`.
+
+        Args:
+            client_factory: opens a connection to the PS. Called again after the
+                PS was unreachable, so each call must verify the PS afresh.
+            trainer: the local model and data.
+            settings: this worker's name, seed, polling and backoff.
+            stop: set it to make :meth:`run` return at its next wait.
+            transforms: the update pipeline; default
+                :func:`~enclavefl.worker.pipeline.default_transforms` of ``trainer``.
+                For SCAFFOLD it must append the control delta
+                (:class:`~enclavefl.worker.pipeline.ControlDelta`).
+        """
+        self._client_factory = client_factory
         self._trainer = trainer
         self._settings = settings
         self._stop = stop or threading.Event()
-        self._make_update = make_update
-        self._client: FederationClient | None = None
-        self._join: JoinInfo | None = None
+        self._transforms: tuple[UpdateTransform, ...] = tuple(
+            default_transforms(trainer) if transforms is None else transforms
+        )
+        self._client: WorkerClient | None = None
+        self._scaffold: ScaffoldClient | None = None  # c_i, kept across rounds and re-joins
         self.rounds_done = 0
+
+    @property
+    def transforms(self) -> tuple[UpdateTransform, ...]:
+        """The update pipeline, in the order it runs."""
+        return self._transforms
 
     def _backoff(self, started: float, attempt: int, why: Exception) -> None:
         s = self._settings
         if time.monotonic() - started > s.give_up_s:
-            raise Unavailable(f"worker {s.name}: PS {self._target} unreachable for {s.give_up_s:.0f}s: {why}") from why
+            raise Unavailable(f"worker {s.name}: PS unreachable for {s.give_up_s:.0f}s: {why}") from why
         delay = min(s.backoff_max_s, s.backoff_initial_s * 2**attempt) * (0.5 + random.random() / 2)
         log.info("worker %s: PS unreachable (%s), retry in %.1fs", s.name, why, delay)
         self._stop.wait(delay)
 
-    def _connect(self) -> JoinInfo:
+    def _connect(self) -> tuple[WorkerClient, JoinInfo]:
         started, attempt = time.monotonic(), 0
         while not self._stop.is_set():
             try:
                 if self._client is None:
-                    self._client = FederationClient(self._target, self._credentials, chunk_bytes=self._settings.chunk_bytes)
+                    self._client = self._client_factory()
                 info = self._client.join(self._settings.name, self._trainer.num_samples)
-                log.info("worker %s: joined job %s as %s (PS instance %s)", self._settings.name, info.job_name, info.worker_id, info.ps_instance)
-                return info
+                log.info("worker %s: joined job %s as %s (PS instance %s)", self._settings.name, info.job_name,
+                         info.worker_id, info.ps_instance)
+                return self._client, info
             except (Unavailable, DeadlineExceeded) as exc:
-                self.close()  # the next channel re-verifies the PS (it may have restarted with a new key)
+                self.close()  # the next client re-verifies the PS (it may have restarted with a new key)
                 self._backoff(started, attempt, exc)
                 attempt += 1
         raise Unavailable(f"worker {self._settings.name}: stopped before joining")
 
     def run(self) -> None:
-        """Blocks until FINISH (returns) or an unrecoverable error (raises).
+        """Blocks until FINISH (returns), ``stop`` is set (returns) or an unrecoverable error (raises).
 
         Raises:
             Unavailable: the PS stayed unreachable for ``give_up_s``.
             VerificationError: the PS (or we, for the PS) failed verification.
+            ProtocolError: the PS sent a task or model this worker cannot follow
+                (an unknown client algorithm, a malformed SCAFFOLD variate).
+            ConfigError: the update transforms do not produce what the task needs.
         """
         s = self._settings
         try:
-            self._join = self._connect()
+            client, join = self._connect()
             started, attempt = time.monotonic(), 0
             while not self._stop.is_set():
-                assert self._client is not None and self._join is not None
                 try:
-                    task = self._client.wait_task(self._join.worker_id, s.poll_s)
+                    task = client.wait_task(join.worker_id, s.poll_s)
                     attempt = 0
                     started = time.monotonic()
                 except StaleSession as exc:
                     log.info("worker %s: %s; joining again", s.name, exc)
-                    self._join = self._connect()
+                    client, join = self._connect()
                     continue
                 except Unavailable as exc:
                     self._backoff(started, attempt, exc)
-                    self.close()  # rebuild the channel: the PS is verified again before we rejoin
-                    self._join = self._connect()
+                    self.close()  # rebuild the client: the PS is verified again before we rejoin
+                    client, join = self._connect()
                     attempt = 0
                     started = time.monotonic()
                     continue
@@ -162,55 +209,178 @@ class Worker:
                     self._backoff(started, attempt, exc)
                     attempt += 1
                     continue
-                if task.ps_instance != self._join.ps_instance:
+                if task.ps_instance != join.ps_instance:
                     log.info("worker %s: PS restarted (instance %s); joining again", s.name, task.ps_instance)
-                    self._join = self._connect()
+                    client, join = self._connect()
                     continue
                 if task.kind is TaskKind.FINISH:
                     log.info("worker %s: job finished after %d rounds here (%s)", s.name, self.rounds_done, task.message)
                     return
                 if task.kind is TaskKind.TRAIN:
                     try:
-                        self._train_round(task.round, task.model_version, task.client)
+                        self._train_round(client, join, task)
                     except StaleSession as exc:
                         log.info("worker %s round %d: %s; joining again", s.name, task.round, exc)
-                        self._join = self._connect()
+                        client, join = self._connect()
                     except TransportError as exc:
                         log.warning("worker %s round %d: round lost: %s", s.name, task.round, exc)
         finally:
             self.close()
 
-    def _train_round(self, round_: int, version: int, client_settings: ClientSettings | None) -> None:
+    def _fit_config(self, c: ClientSettings, round_: int, correction: ParamSet | None) -> FitConfig:
+        """Local training as the PS's settings say; only the shuffle seed is this worker's own."""
+        return FitConfig(
+            epochs=c.epochs,
+            batch_size=c.batch_size,
+            lr=c.lr,
+            round=round_,
+            seed=self._settings.seed,
+            proximal_mu=c.proximal_mu if c.algorithm == "fedprox" else 0.0,
+            correction=correction,
+            optimizer=c.optimizer,
+            momentum=c.momentum,
+            weight_decay=c.weight_decay,
+        )
+
+    def _train_round(self, client: WorkerClient, join: JoinInfo, task: TaskInfo) -> None:
         s = self._settings
-        assert self._client is not None and self._join is not None
+        round_ = task.round
+        c = task.client
+        if c is None:
+            raise TransportError(f"round {round_}: the PS sent a train task without client settings")
+        if c.algorithm not in _ALGORITHMS:
+            raise ProtocolError(
+                f"round {round_}: the PS asks for client algorithm {c.algorithm!r}; this worker runs {list(_ALGORITHMS)}"
+            )
         t0 = time.monotonic()
-        got_version, global_params, nbytes = self._client.pull_model(self._join.worker_id, version)
+        got_version, download, nbytes = client.pull_model(join.worker_id, task.model_version)
         t1 = time.monotonic()
         log.info("worker %s round %d: training on model version %d (%d B pulled in %.2fs)",
                  s.name, round_, got_version, nbytes, t1 - t0)
+        global_params, server_control = _split_control(download)
+        scaffold = c.algorithm == "scaffold"
+        if scaffold and not len(server_control):
+            raise ProtocolError(
+                f"round {round_}: the task runs SCAFFOLD but the model holds no {CONTROL_PREFIX} tensors"
+            )
+        if not scaffold and len(server_control):
+            raise ProtocolError(
+                f"round {round_}: the model holds {CONTROL_PREFIX} tensors but the task runs {c.algorithm}"
+            )
+        scaffold_client: ScaffoldClient | None = None
+        correction = None
+        if scaffold:
+            if self._scaffold is None:
+                self._scaffold = ScaffoldClient(global_params)
+                if c.optimizer != "sgd" or c.momentum:
+                    log.warning("worker %s: SCAFFOLD's option II assumes plain SGD, but the PS asks for %s with "
+                                "momentum %g: the control variate will be off", s.name, c.optimizer, c.momentum)
+            scaffold_client = self._scaffold
+            correction = scaffold_client.correction(server_control)  # checks c against the model
         self._trainer.set_parameters(global_params)
-        if client_settings is None:
-            raise TransportError(f"round {round_}: the PS sent a train task without client settings")
-        c = client_settings
-        result = self._trainer.fit(FitConfig(c.epochs, c.batch_size, c.lr, round=round_, seed=s.seed))
-        update = self._make_update(self._trainer.get_parameters(), global_params)
-        touched = getattr(self._trainer, "touched_rows", None)
-        if callable(touched):
-            update = sparsify_rows(update, touched())
+        result = self._trainer.fit(self._fit_config(c, round_, correction))
+        local_params = self._trainer.get_parameters()
         t2 = time.monotonic()
-        metrics = dict(result.metrics)
-        metrics["seconds_fit"] = t2 - t1
-        reply = self._client.push_update(self._join.worker_id, round_, got_version, update, result.num_samples, metrics)
-        t3 = time.monotonic()
+        control_before: ParamSet | None = None
+        control_delta: ParamSet | None = None
+        if scaffold_client is not None:
+            control_before = scaffold_client.state()
+            control_delta = scaffold_client.update(global_params, local_params, server_control, result.steps, c.lr)
+        accepted = False
+        try:
+            context = UpdateContext(global_params, local_params, result, c, round_, control_delta)
+            update, kind = run_pipeline(self._transforms, context)
+            if control_delta is not None:
+                self._check_control_delta(update, control_delta)
+            metrics = dict(result.metrics)
+            metrics["seconds_fit"] = t2 - t1
+            reply = client.push_update(join.worker_id, round_, got_version, update, result.num_samples, metrics,
+                                       kind=kind)
+            accepted = reply.accepted
+            if accepted:
+                self.rounds_done += 1
+            self._log_push(round_, reply, kind, t2 - t1, metrics, time.monotonic() - t2)
+        finally:
+            if not accepted and scaffold_client is not None and control_before is not None:
+                # The PS did not count this delta c_i, so c_i must not move either (eq. 5 keeps c = mean c_i).
+                scaffold_client.load_state(control_before)
+
+    def _check_control_delta(self, update: ParamSet, control_delta: ParamSet) -> None:
+        expected = [f"{CONTROL_DELTA_PREFIX}{name}" for name in control_delta]
+        missing = [name for name in expected if name not in update]
+        if missing:
+            names = [t.name for t in self._transforms]
+            raise ConfigError(
+                f"worker {self._settings.name}: the task runs SCAFFOLD but the update transforms {names} "
+                f"left out {missing[:3]}; add ControlDelta after Delta"
+            )
+
+    def _log_push(self, round_: int, reply: PushResult, kind: UpdateKind, fit_s: float,
+                  metrics: Mapping[str, float], push_s: float) -> None:
+        s = self._settings
         if reply.accepted:
-            self.rounds_done += 1
-            log.info("worker %s round %d: trained %.2fs (loss %.4f), pushed %d B in %.2fs, accepted",
-                     s.name, round_, t2 - t1, metrics.get("loss", float("nan")), reply.bytes_sent, t3 - t2)
+            log.info("worker %s round %d: trained %.2fs (loss %.4f), pushed %s %d B in %.2fs, accepted",
+                     s.name, round_, fit_s, metrics.get("loss", float("nan")), kind.value, reply.bytes_sent, push_s)
         else:
             log.warning("worker %s round %d: update refused by the PS: %s", s.name, round_, reply.reason)
 
     def close(self) -> None:
-        """Closes the channel. Idempotent."""
+        """Closes the client. Idempotent."""
         if self._client is not None:
-            self._client.close()
-            self._client = None
+            client, self._client = self._client, None
+            client.close()
+
+
+@final
+class _GrpcClient:
+    """A :class:`FederationClient` seen as a :class:`WorkerClient`.
+
+    The wire of this protocol version carries delta updates only, without
+    per-stage extensions; an update of another kind is refused here rather
+    than sent as something it is not.
+    """
+
+    def __init__(self, client: FederationClient) -> None:
+        self._client = client
+
+    def join(self, worker_name: str, num_samples: int) -> JoinInfo:
+        return self._client.join(worker_name, num_samples)
+
+    def wait_task(self, worker_id: str, max_wait_s: float) -> TaskInfo:
+        return self._client.wait_task(worker_id, max_wait_s)
+
+    def pull_model(self, worker_id: str, model_version: int) -> tuple[int, ParamSet, int]:
+        return self._client.pull_model(worker_id, model_version)
+
+    def push_update(self, worker_id: str, round_: int, model_version: int, update: ParamSet, num_samples: int,
+                    metrics: Mapping[str, float], *, kind: UpdateKind = UpdateKind.DELTA,
+                    extensions: Mapping[str, bytes] | None = None) -> PushResult:
+        """Raises ValueError for an update the wire cannot say (not a delta, or with extensions)."""
+        if kind is not UpdateKind.DELTA or extensions:
+            raise ValueError(
+                f"the gRPC transport sends delta updates without extensions; got a {kind.value} update"
+                + (f" with extensions {sorted(extensions)[:5]}" if extensions else "")
+            )
+        return self._client.push_update(worker_id, round_, model_version, update, num_samples, metrics)
+
+    def leave(self, worker_id: str, reason: str) -> None:
+        self._client.leave(worker_id, reason)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def grpc_client_factory(target: str, credentials: Credentials, *, chunk_bytes: int) -> Callable[[], WorkerClient]:
+    """The factory a deployed worker hands to :class:`Worker`: a fresh TLS channel per call.
+
+    Each call opens a new channel, so the credentials verify the PS again
+    (after a restart it may have a new key). gRPC is imported on the first
+    call: the worker runtime itself loads without it.
+    """
+
+    def connect() -> WorkerClient:
+        from enclavefl.transport.client import FederationClient
+
+        return _GrpcClient(FederationClient(target, credentials, chunk_bytes=chunk_bytes))
+
+    return connect

@@ -1,0 +1,143 @@
+"""A :class:`~enclavefl.messages.WorkerClient` that calls a parameter server in the same process.
+
+It lets the worker runtime run against a real :class:`~enclavefl.server.ps.ParameterServer`
+without gRPC, TLS or sockets: unit tests of the runtime, and a whole federation
+simulated in one process. It keeps what matters about the real transport:
+
+- an update goes through ``open_update`` -> ``feed`` per chunk -> ``commit``, so the
+  PS stages, bounds and validates it exactly as for an update that came over gRPC;
+- a pulled model is a copy, so a worker cannot change the PS's global model by
+  writing to the arrays it trains on;
+- a refused update is a :class:`~enclavefl.messages.PushResult` with
+  ``accepted=False``, not an exception, as the gRPC client reports it.
+
+Errors the handler raises (StaleSession, ProtocolError, ...) reach the caller
+as they are: they are the project's own, which is what the gRPC client
+translates its status codes into.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import final
+
+from enclavefl.errors import ClosedError, ProtocolError, UpdateRejected
+from enclavefl.messages import (
+    FederationHandler,
+    JoinInfo,
+    PeerIdentity,
+    PushResult,
+    TaskInfo,
+    UpdateKind,
+    UpdateMeta,
+)
+from enclavefl.tensors import ParamSet, StreamHeader, iter_chunks
+
+__all__ = ["InMemoryClient"]
+
+
+@final
+class InMemoryClient:
+    """One worker's in-process connection to a :class:`~enclavefl.messages.FederationHandler`.
+
+    Not thread-safe: one worker uses it from one thread (as with the gRPC client).
+    """
+
+    def __init__(self, handler: FederationHandler, peer: PeerIdentity, *, chunk_bytes: int = 2**20) -> None:
+        """Binds the client to a handler; nothing is called until :meth:`join`.
+
+        Args:
+            handler: the PS (or anything implementing its handler contract).
+            peer: who this worker is, as the PS sees it: the identity a TLS
+                certificate gives over gRPC.
+            chunk_bytes: the size of the chunks an update is fed in; the PS
+                refuses chunks over its ``transport.chunk_bytes``.
+
+        Raises:
+            ValueError: ``chunk_bytes`` is not an int >= 1.
+        """
+        if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
+            raise ValueError(f"InMemoryClient: chunk_bytes must be an int >= 1, got {chunk_bytes!r}")
+        self._handler = handler
+        self._peer = peer
+        self._chunk_bytes = chunk_bytes
+        self._closed = False
+
+    @property
+    def peer(self) -> PeerIdentity:
+        return self._peer
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(f"InMemoryClient of {self._peer.label} used after close()")
+
+    def join(self, worker_name: str, num_samples: int) -> JoinInfo:
+        self._check_open()
+        return self._handler.join(self._peer, worker_name, num_samples)
+
+    def wait_task(self, worker_id: str, max_wait_s: float) -> TaskInfo:
+        self._check_open()
+        return self._handler.wait_task(self._peer, worker_id, max(float(max_wait_s), 0.0))
+
+    def pull_model(self, worker_id: str, model_version: int) -> tuple[int, ParamSet, int]:
+        """Returns (model version, a deep copy of the parameters, their payload bytes)."""
+        self._check_open()
+        version, params = self._handler.model_for(self._peer, worker_id, model_version)
+        return version, params.copy(), params.nbytes
+
+    def push_update(
+        self,
+        worker_id: str,
+        round_: int,
+        model_version: int,
+        update: ParamSet,
+        num_samples: int,
+        metrics: Mapping[str, float],
+        *,
+        kind: UpdateKind = UpdateKind.DELTA,
+        extensions: Mapping[str, bytes] | None = None,
+    ) -> PushResult:
+        """Streams ``update`` into the handler chunk by chunk and returns its verdict.
+
+        Returns:
+            accepted, or refused with the PS's reason (the update was invalid,
+            late, or broke the stream limits); ``bytes_sent`` is the payload size.
+
+        Raises:
+            StaleSession: the PS does not know this worker (any more).
+        """
+        self._check_open()
+        header = StreamHeader.of(update)
+        meta = UpdateMeta(
+            worker_id=worker_id,
+            round=round_,
+            model_version=model_version,
+            num_samples=num_samples,
+            tensors=header,
+            metrics={k: float(v) for k, v in metrics.items()},
+            kind=kind,
+            extensions=dict(extensions or {}),
+        )
+        try:
+            sink = self._handler.open_update(self._peer, meta)
+        except UpdateRejected as exc:
+            return PushResult(False, str(exc), header.total_bytes)
+        try:
+            for chunk in iter_chunks(update, self._chunk_bytes):
+                sink.feed(chunk)
+            sink.commit()
+        except (UpdateRejected, ProtocolError) as exc:
+            sink.abort(str(exc))
+            return PushResult(False, str(exc), header.total_bytes)
+        except BaseException:
+            sink.abort("stream ended abnormally")
+            raise
+        return PushResult(True, "", header.total_bytes)
+
+    def leave(self, worker_id: str, reason: str) -> None:
+        self._check_open()
+        self._handler.leave(self._peer, worker_id, reason)
+
+    def close(self) -> None:
+        """Marks the client closed; the handler is not told (as a closed channel tells it nothing). Idempotent."""
+        self._closed = True
