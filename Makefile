@@ -21,6 +21,7 @@ demo: $(STAMP)
 	$(VENV)/bin/enclavefl run examples/digits/job.yaml
 
 test: $(STAMP)
+	$(PY) -m mypy
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

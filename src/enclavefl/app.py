@@ -116,8 +116,7 @@ def simulate(task: Task, config: JobConfig, *, workers: int | None = None, out_d
         try:
             trainer = make_trainer(index, n) if make_trainer else task.worker_trainer(index, n)
             peer = PeerIdentity(fingerprint=f"simulated-{index:08d}", label=f"worker-{index} (simulated)")
-            settings = WorkerSettings(name=f"worker-{index}", chunk_bytes=chunk_bytes, seed=config.job.seed,
-                                      poll_s=SIM_POLL_S)
+            settings = WorkerSettings(name=f"worker-{index}", seed=config.job.seed, poll_s=SIM_POLL_S)
             Worker(lambda: InMemoryClient(ps, peer, chunk_bytes=chunk_bytes), trainer, settings, stop=stop).run()
         except BaseException as exc:  # reported below; a worker thread must not die silently
             errors.append(exc)

@@ -29,8 +29,8 @@ BASE: dict[str, Any] = {
 }
 
 CASES: dict[str, dict[str, Any]] = {
-    "fedadam": {"server": {"optimizer": "fedadam", "lr": 0.01}},
-    "scaffold": {"server": {"strategy": "scaffold"}, "client": {"epochs": 1, "batch_size": 32, "lr": 0.1, "momentum": 0.0}},
+    "fedadam": {"server": {"optimizer": "fedadam", "lr": 0.05}},
+    "scaffold": {"server": {"strategy": "scaffold"}, "client": {"epochs": 2, "batch_size": 32, "lr": 0.2, "momentum": 0.0}},
     "trimmed_mean": {"server": {"aggregator": {"name": "trimmed_mean", "trim_ratio": 0.34}}},
     "async": {"job": {"rounds": 6}, "round": {"mode": "async", "min_workers": 3, "buffer_size": 2, "max_staleness": 4}},
 }
@@ -66,6 +66,7 @@ def test_strategy_trains_with_real_processes(tmp_path: Path, case: str) -> None:
         control = ckpt.parts["algorithm"].tensors
         assert len(control) and any(float(abs(v).max()) > 0 for v in control.values())  # type: ignore[union-attr]
     if case == "async":
-        assert all(r["mode"] == "async" and r["participants"] == 2 for r in rows)
+        # One server step per 2 updates; a fast worker may send both.
+        assert all(r["mode"] == "async" and r["updates"] == 2 and 1 <= r["participants"] <= 2 for r in rows)
         assert all(0 <= r["staleness_mean"] <= r["staleness_max"] <= 4 for r in rows)
         assert [r["model_version"] for r in rows] == list(range(1, rounds + 1))

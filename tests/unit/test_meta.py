@@ -161,6 +161,9 @@ GRPC_FREE = [
     "enclavefl.server.engine",
     "enclavefl.server.strategy",
     "enclavefl.server.ps",
+    "enclavefl.worker",
+    "enclavefl.worker.inmemory",
+    "enclavefl.app",
 ]
 
 

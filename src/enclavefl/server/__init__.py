@@ -2,6 +2,7 @@
 
 from enclavefl.server.aggregator import Aggregator, WeightedMean
 from enclavefl.server.algorithms import Algorithm, CloseContext, FedAvgAlgorithm, Scaffold
+from enclavefl.server.async_engine import AsyncEngine
 from enclavefl.server.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, params_digest, save_checkpoint
 from enclavefl.server.closing import ClosePipeline, Evaluator
 from enclavefl.server.core import ServerCore
@@ -15,6 +16,7 @@ from enclavefl.server.round import Round, RoundRecord
 from enclavefl.server.sampling import Candidate, Sampler, UniformSampler
 from enclavefl.server.robust import AGGREGATORS, CoordinateMedian, Krum, NormBounded, TrimmedMean
 from enclavefl.server.spill import UpdateSpill
+from enclavefl.server.staleness import make_staleness
 from enclavefl.server.state import PartState, Stateful
 from enclavefl.server.strategy import AggregatorFactory, PostProcess, Strategy, build_strategy
 
@@ -25,6 +27,7 @@ __all__ = [
     "Aggregator",
     "AggregatorFactory",
     "Algorithm",
+    "AsyncEngine",
     "Candidate",
     "Checkpoint",
     "CloseContext",
@@ -63,6 +66,7 @@ __all__ = [
     "build_strategy",
     "latest_checkpoint",
     "load_checkpoint",
+    "make_staleness",
     "params_digest",
     "save_checkpoint",
 ]

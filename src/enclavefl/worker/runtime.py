@@ -65,7 +65,6 @@ from enclavefl.worker.pipeline import (
 )
 
 if TYPE_CHECKING:
-    from enclavefl.transport.client import FederationClient
     from enclavefl.transport.credentials import Credentials
 
 # compute_delta and sparsify_rows live in the pipeline; importable from here as before.
@@ -331,45 +330,6 @@ class Worker:
             client.close()
 
 
-@final
-class _GrpcClient:
-    """A :class:`FederationClient` seen as a :class:`WorkerClient`.
-
-    The wire of this protocol version carries delta updates only, without
-    per-stage extensions; an update of another kind is refused here rather
-    than sent as something it is not.
-    """
-
-    def __init__(self, client: FederationClient) -> None:
-        self._client = client
-
-    def join(self, worker_name: str, num_samples: int) -> JoinInfo:
-        return self._client.join(worker_name, num_samples)
-
-    def wait_task(self, worker_id: str, max_wait_s: float) -> TaskInfo:
-        return self._client.wait_task(worker_id, max_wait_s)
-
-    def pull_model(self, worker_id: str, model_version: int) -> tuple[int, ParamSet, int]:
-        return self._client.pull_model(worker_id, model_version)
-
-    def push_update(self, worker_id: str, round_: int, model_version: int, update: ParamSet, num_samples: int,
-                    metrics: Mapping[str, float], *, kind: UpdateKind = UpdateKind.DELTA,
-                    extensions: Mapping[str, bytes] | None = None) -> PushResult:
-        """Raises ValueError for an update the wire cannot say (not a delta, or with extensions)."""
-        if kind is not UpdateKind.DELTA or extensions:
-            raise ValueError(
-                f"the gRPC transport sends delta updates without extensions; got a {kind.value} update"
-                + (f" with extensions {sorted(extensions)[:5]}" if extensions else "")
-            )
-        return self._client.push_update(worker_id, round_, model_version, update, num_samples, metrics)
-
-    def leave(self, worker_id: str, reason: str) -> None:
-        self._client.leave(worker_id, reason)
-
-    def close(self) -> None:
-        self._client.close()
-
-
 def grpc_client_factory(target: str, credentials: Credentials, *, chunk_bytes: int) -> Callable[[], WorkerClient]:
     """The factory a deployed worker hands to :class:`Worker`: a fresh TLS channel per call.
 
@@ -381,6 +341,6 @@ def grpc_client_factory(target: str, credentials: Credentials, *, chunk_bytes: i
     def connect() -> WorkerClient:
         from enclavefl.transport.client import FederationClient
 
-        return _GrpcClient(FederationClient(target, credentials, chunk_bytes=chunk_bytes))
+        return FederationClient(target, credentials, chunk_bytes=chunk_bytes)
 
     return connect
