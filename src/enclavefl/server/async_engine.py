@@ -337,6 +337,8 @@ class AsyncEngine(Engine):
             return
         started, attempt = time.monotonic(), 0
         while not self._await_workers():
+            if core.stopping:
+                return
             attempt += 1
             self._retry_or_fail(attempt, f"fewer than min_workers={cfg.round.min_workers} joined within "
                                          f"start_window_s={cfg.round.start_window_s}")
@@ -353,6 +355,10 @@ class AsyncEngine(Engine):
             # The last step leaves no buffer open; a failed close opens one again.
             while core.phase is not Phase.FINISHED and (buf := self.buffer) is not None:
                 count = self._await_buffer(buf)
+                if core.stopping:
+                    log.warning("ps %s round %d: stopped; %d buffered updates are abandoned", core.instance,
+                                buf.number, count)
+                    break
                 if count < cfg.round.buffer_size and count < cfg.round.min_updates:
                     attempt += 1
                     self._retry_or_fail(attempt, f"step {buf.number} got {count} updates within update_window_s="
@@ -377,7 +383,7 @@ class AsyncEngine(Engine):
         core, cfg = self.core, self.config.round
         deadline = time.monotonic() + cfg.update_window_s
         with core.cond:
-            while buf.count < cfg.buffer_size:
+            while buf.count < cfg.buffer_size and not core.stopping:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break

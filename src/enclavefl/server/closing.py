@@ -51,6 +51,7 @@ class ClosePipeline:
         self._checkpoint_every = checkpoint_every
         self._last_round = last_round
         self._dense_update_bytes = dense_update_bytes
+        self._saved_round = core.next_round - 1  # a resumed job: that round is on disk already
 
     def close(self, record: RoundRecord, aggregator: Aggregator, *, seconds_wait: float,
               extra: Mapping[str, Any] | None = None) -> None:
@@ -118,11 +119,24 @@ class ClosePipeline:
         last = record.number >= self._last_round
         core.install(new_params, record.model_version + 1, record.number + 1, row)
         if record.number % self._checkpoint_every == 0 or last:
-            path = save_checkpoint(self._checkpoint_dir, Checkpoint(
-                record.number, record.model_version + 1, new_params, list(core.metrics.history), parts=core.part_states()))
-            log.info("ps %s round %d: checkpoint %s", core.instance, record.number, path.name)
+            self._save(record.number, record.model_version + 1, new_params)
         if last:  # workers hear FINISH only once the last checkpoint is on disk
             core.finish()
         log.info("ps %s round %d: aggregated %d updates (%d samples) in %.3fs, eval_loss=%s eval_accuracy=%s",
                  core.instance, record.number, len(record.pushed), record.num_samples, seconds_aggregate,
                  row["eval_loss"], row["eval_accuracy"])
+
+    def _save(self, round_: int, version: int, params: ParamSet) -> None:
+        core = self._core
+        path = save_checkpoint(self._checkpoint_dir, Checkpoint(
+            round_, version, params, list(core.metrics.history), parts=core.part_states()))
+        self._saved_round = round_
+        log.info("ps %s round %d: checkpoint %s", core.instance, round_, path.name)
+
+    def checkpoint_latest(self) -> None:
+        """Writes the last completed round if no checkpoint holds it yet (a job that fails or is stopped)."""
+        core = self._core
+        with core.cond:
+            round_, version, params = core.next_round - 1, core.version, core.params
+        if round_ > self._saved_round and round_ >= 1:
+            self._save(round_, version, params)

@@ -36,6 +36,8 @@ class ServerCore:
         self.next_round = next_round
         self.metrics = metrics
         self.failure: str | None = None
+        self.stopping = False
+        """Set by :meth:`request_stop`: engines stop opening rounds and end the open one unaggregated."""
         self._part_states = part_states
 
     def set_phase(self, new: Phase) -> None:
@@ -55,6 +57,12 @@ class ServerCore:
             self.version = version
             self.next_round = next_round
             self.metrics.append(row)
+            self.cond.notify_all()
+
+    def request_stop(self) -> None:
+        """Asks the engine to stop: no new round opens, the open one is abandoned, the job ends."""
+        with self.cond:
+            self.stopping = True
             self.cond.notify_all()
 
     def finish(self) -> None:

@@ -96,7 +96,11 @@ class Engine(ABC):
             core.failure = str(exc)
             raise
         finally:
+            # A failed or stopped job keeps its last completed round, whatever checkpoint_every says.
+            self.pipeline.checkpoint_latest()
             with core.cond:
+                if core.stopping and core.failure is None and core.next_round <= self.config.job.rounds:
+                    core.failure = f"stopped after round {core.next_round - 1}"
                 if core.phase is not Phase.FINISHED:
                     core.set_phase(Phase.FINISHED)
             self._linger()
@@ -111,7 +115,7 @@ class Engine(ABC):
         cfg = self.config.round
         deadline = time.monotonic() + cfg.start_window_s
         with self.core.cond:
-            while len(self.core.registry) < cfg.min_workers:
+            while len(self.core.registry) < cfg.min_workers and not self.core.stopping:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
@@ -139,9 +143,11 @@ class SyncEngine(Engine):
     def loop(self) -> None:
         core, cfg = self.core, self.config
         attempt = 0
-        while core.next_round <= cfg.job.rounds and core.phase is not Phase.FINISHED:
+        while core.next_round <= cfg.job.rounds and core.phase is not Phase.FINISHED and not core.stopping:
             wait_started = time.monotonic()
             if not self._await_workers():
+                if core.stopping:
+                    break
                 attempt += 1
                 self._retry_or_fail(attempt, f"fewer than min_workers={cfg.round.min_workers} joined within "
                                              f"start_window_s={cfg.round.start_window_s}")
@@ -149,6 +155,10 @@ class SyncEngine(Engine):
             seconds_wait = time.monotonic() - wait_started
             rnd = self._open_round(attempt)
             record = self._await_round(rnd)
+            if core.stopping:
+                rnd.aggregator.close()
+                log.warning("ps %s round %d: stopped; the open round is abandoned", core.instance, rnd.number)
+                break
             failure = None
             if len(record.pushed) < cfg.round.min_updates:
                 failure = f"round {rnd.number} got {len(record.pushed)} updates, min_updates={cfg.round.min_updates}"
@@ -187,7 +197,7 @@ class SyncEngine(Engine):
     def _await_round(self, rnd: Round) -> Any:
         core = self.core
         with core.cond:
-            while not rnd.done():
+            while not rnd.done() and not core.stopping:
                 remaining = rnd.deadline - time.monotonic()
                 if remaining <= 0:
                     break

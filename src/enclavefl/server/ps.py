@@ -142,6 +142,13 @@ class ParameterServer:
         """
         self.engine.run()
 
+    def stop(self) -> None:
+        """Ends the job from another thread: the open round is abandoned, the last completed one checkpointed.
+
+        ``run()`` returns (after telling workers to finish) without raising.
+        """
+        self.core.request_stop()
+
     # ---------------------------------------------------------- handler
     def join(self, peer: PeerIdentity, worker_name: str, num_samples: int) -> JoinInfo:
         core = self.core
@@ -164,7 +171,7 @@ class ParameterServer:
                     worker.finished = True
                     core.cond.notify_all()
                     return TaskInfo(TaskKind.FINISH, core.instance, message=core.failure or "job complete")
-                task = self.engine.task_for(worker)
+                task = None if core.stopping else self.engine.task_for(worker)
                 if task is not None:
                     return task
                 remaining = deadline - time.monotonic()

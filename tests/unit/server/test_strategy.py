@@ -271,3 +271,36 @@ def test_fedadam_resume_continues_bit_identically(tmp_path: Path) -> None:
     resumed = run(tmp_path / "b", 3, True)
     assert resumed.params.equal(straight.params)
     assert latest_checkpoint(tmp_path / "b" / "checkpoints").parts["optimizer"].meta["step"] == 3  # type: ignore[union-attr]
+
+
+def test_stop_abandons_the_open_round_and_checkpoints_the_last_completed_one(tmp_path: Path) -> None:
+    # checkpoint_every 100: without the stop's checkpoint, round 1 would be lost.
+    cfg = config(job={"rounds": 5}, server={"checkpoint_every": 100})
+    ps = ParameterServer(cfg, INITIAL, out_dir=tmp_path)
+    ids = [ps.join(PEERS[i], f"worker-{i}", 1).worker_id for i in range(2)]
+    engine = Engine(ps)
+    for i in range(2):
+        assert ps.wait_task(PEERS[i], ids[i], 5).round == 1
+        push(ps, PEERS[i], ids[i], delta(1.0), 1, 1, 0)
+    assert ps.wait_task(PEERS[0], ids[0], 5).round == 2  # round 2 is open
+
+    ps.stop()
+    finish = ps.wait_task(PEERS[0], ids[0], 5)
+    ps.wait_task(PEERS[1], ids[1], 5)
+    engine.join(15)
+
+    assert engine.error is None and finish.kind is TaskKind.FINISH and "stopped after round 1" in finish.message
+    ckpt = latest_checkpoint(tmp_path / "checkpoints")
+    assert ckpt is not None and ckpt.round == 1 and ckpt.params.equal(ps.params)
+    assert [row["round"] for row in ps.metrics.history] == [1]
+
+
+def test_stop_while_waiting_for_workers_ends_the_job(tmp_path: Path) -> None:
+    ps = ParameterServer(config(round={"min_workers": 2, "start_window_s": 30}), INITIAL, out_dir=tmp_path)
+    engine = Engine(ps)
+    time.sleep(0.2)
+    started = time.monotonic()
+    ps.stop()
+    engine.join(5)
+    assert engine.error is None and time.monotonic() - started < 5
+    assert latest_checkpoint(tmp_path / "checkpoints") is None

@@ -32,6 +32,7 @@ def ps(idle_ps: ParameterServer) -> Iterator[ParameterServer]:
     thread = threading.Thread(target=lambda: _run_quietly(ps), daemon=True)
     thread.start()
     yield ps
+    ps.stop()  # a test that left the round open must not leave the engine running
     for record in ps.core.registry.records():  # a worker that hears FINISH lets the engine return
         try:
             ps.wait_task(PeerIdentity(record.fingerprint, "cleanup"), record.worker_id, 0.2)
