@@ -205,7 +205,7 @@ class SyncEngine(Engine):
             core.set_phase(Phase.AGGREGATING)
             # Waits for an accept in progress; uploads still streaming are refused when they finish.
             record = rnd.close()
-            late = record.sampled - record.pushed - record.dropped
+            late = frozenset() if core.stopping else record.sampled - record.pushed - record.dropped
             for worker_id in late:
                 if core.registry.remove(worker_id) is not None:
                     log.info("ps %s round %d: worker %s dropped (no update by the end of round %d)",
