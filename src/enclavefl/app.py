@@ -101,7 +101,10 @@ def simulate(task: Task, config: JobConfig, *, workers: int | None = None, out_d
     """Runs the job in this process: the real server and ``workers`` worker runtimes on threads.
 
     Worker ``i`` trains ``task.worker_trainer(i, workers)`` (or ``make_trainer(i, workers)``) and is
-    named ``worker-<i>``, exactly as ``enclavefl run`` names its processes, so sampling matches.
+    named ``worker-<i>``, exactly as ``enclavefl run`` names its processes, so sampling matches. The
+    final model is bit-identical to ``enclavefl run``'s for the same job when the ML framework uses
+    one thread here, as the worker processes do (``torch.set_num_threads(1)``); with more threads
+    its reductions run in another order and the models differ by about a float32 ulp.
 
     Raises:
         RoundError: the job failed (too few updates after retries), or a worker raised.
