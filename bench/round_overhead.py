@@ -7,6 +7,11 @@ worker count it prints one line::
 
     workers=10 s_per_round=1.23 ps_peak_rss_mb=456
 
+With ``--aggregator trimmed_mean`` (or median, krum) the PS buffers every
+update of a round in a spill file instead of streaming them, and the line
+names the aggregator: its memory is bounded by ``server.max_buffered_updates``,
+not by the number of workers.
+
 ``s_per_round`` is the median over rounds 2..R of the PS's own round time
 (wait + train + aggregate, from metrics.jsonl; round 1 includes process start).
 ``ps_peak_rss_mb`` is the PS process's peak resident set (its rusage).
@@ -105,7 +110,8 @@ def make_task(config: JobConfig) -> NoiseTask:
     return NoiseTask(config)
 
 
-def run_once(workers: int, rounds: int, chunk_bytes: int, uploads: int, keep: Path | None = None) -> tuple[float, float, list[float]]:
+def run_once(workers: int, rounds: int, chunk_bytes: int, uploads: int, keep: Path | None = None,
+             aggregator: str = "mean") -> tuple[float, float, list[float]]:
     with tempfile.TemporaryDirectory(prefix="round-overhead-") as tmp:
         root = Path(tmp) if keep is None else keep / f"workers-{workers}"
         root.mkdir(parents=True, exist_ok=keep is None)
@@ -113,7 +119,8 @@ def run_once(workers: int, rounds: int, chunk_bytes: int, uploads: int, keep: Pa
             "job": {"name": f"overhead{workers}", "rounds": rounds, "workers": workers},
             "round": {"min_workers": workers, "start_window_s": 300, "update_window_s": 600},
             "task": {"name": "round_overhead:make_task"},
-            "server": {"checkpoint_every": 1000, "max_concurrent_uploads": uploads},
+            "server": {"checkpoint_every": 1000, "max_concurrent_uploads": uploads, "aggregator": aggregator,
+                       "max_buffered_updates": max(workers, 1)},
             "transport": {"chunk_bytes": chunk_bytes},
             "attestation": {"mode": "none"},
         }
@@ -160,10 +167,14 @@ def main() -> None:
     parser.add_argument("--chunk-bytes", type=int, default=2 * 2**20)
     parser.add_argument("--uploads", type=int, default=4, help="server.max_concurrent_uploads")
     parser.add_argument("--keep", type=Path, help="keep each run's directory (logs, metrics) under this folder")
+    parser.add_argument("--aggregator", default="mean", choices=["mean", "median", "trimmed_mean", "krum"],
+                        help="server.aggregator (the buffering ones spill updates to a file)")
     args = parser.parse_args()
     for n in args.workers:
-        s_per_round, rss_mb, times = run_once(n, args.rounds, args.chunk_bytes, args.uploads, args.keep)
-        print(f"workers={n} s_per_round={s_per_round:.2f} ps_peak_rss_mb={rss_mb:.0f}", flush=True)
+        s_per_round, rss_mb, times = run_once(n, args.rounds, args.chunk_bytes, args.uploads, args.keep,
+                                              args.aggregator)
+        label = "" if args.aggregator == "mean" else f" aggregator={args.aggregator}"
+        print(f"workers={n}{label} s_per_round={s_per_round:.2f} ps_peak_rss_mb={rss_mb:.0f}", flush=True)
         print(f"  rounds: {' '.join(f'{t:.2f}' for t in times)}", file=sys.stderr, flush=True)
 
 
