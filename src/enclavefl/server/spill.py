@@ -5,11 +5,13 @@ directory it is given and sizes it with ``ftruncate`` to ``capacity * dim``
 items. The file starts sparse: disk blocks are used only as rows are written.
 Row ``i`` holds the ``i``-th appended vector.
 
-Writes go through ``os.pwrite``, reads through a read-only memory map. Writing
-through the map would turn a full disk into SIGBUS, which kills the process;
-``pwrite`` turns it into an ``OSError`` that the caller can refuse the update
-with. Reads copy the requested coordinates out of the map, so what stays
-resident is the page cache, which the kernel can evict, not process memory.
+Writes go through ``os.pwrite`` and reads through ``os.preadv`` straight into
+the numpy array returned. No memory map: writing through one would turn a full
+disk into SIGBUS, which kills the process (``pwrite`` turns it into an
+``OSError`` that the caller can refuse the update with), and pages read through
+one count in the process's resident set until it is unmapped, so PS memory
+would grow with every buffered update. What stays resident is the kernel's page
+cache, which it can evict, and the block the caller asked for.
 
 The file holds updates in the clear. Inside a TEE, put the directory on a
 mount the enclave encrypts; a host directory would leak every update.
@@ -17,7 +19,6 @@ mount the enclave encrypts; a host directory would leak every update.
 
 from __future__ import annotations
 
-import mmap
 import os
 import tempfile
 import weakref
@@ -86,13 +87,10 @@ class UpdateSpill:
         self._fd = fd
         try:
             os.ftruncate(fd, capacity * self._row_bytes)
-            self._map = mmap.mmap(fd, capacity * self._row_bytes, access=mmap.ACCESS_READ)
         except BaseException:
             self._closed = True
             self._finalizer()
             raise
-        # (capacity, dim) view of the map; rows at or past len(self) read as zeros.
-        self._rows: npt.NDArray[Any] = np.ndarray((capacity, dim), dtype=self._dtype, buffer=self._map)
 
     @property
     def path(self) -> Path:
@@ -164,7 +162,20 @@ class UpdateSpill:
         self._check_open("block")
         if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop <= self._dim):
             raise ValueError(f"UpdateSpill.block: need 0 <= start <= stop <= {self._dim}, got [{start}, {stop})")
-        return np.array(self._rows[: self._len, start:stop])
+        out = np.empty((self._len, stop - start), dtype=self._dtype)
+        for i in range(self._len):
+            self._read_into(out[i], i * self._row_bytes + start * self._dtype.itemsize)
+        return out
+
+    def _read_into(self, target: npt.NDArray[Any], offset: int) -> None:
+        """Fills the contiguous 1-D ``target`` from the file at ``offset`` (short reads continue)."""
+        view = target.view(np.uint8).data.cast("B")
+        done = 0
+        while done < len(view):
+            got = os.preadv(self._fd, [view[done:]], offset + done)
+            if got == 0:
+                raise OSError(f"{self._path}: unexpected end of file at byte {offset + done}")
+            done += got
 
     def row(self, index: int) -> npt.NDArray[Any]:
         """The `index`-th appended vector, as a copy of shape ``(dim,)``.
@@ -176,19 +187,16 @@ class UpdateSpill:
         self._check_open("row")
         if not (isinstance(index, int) and 0 <= index < self._len):
             raise IndexError(f"UpdateSpill.row: index {index!r} is not in [0, {self._len})")
-        return np.array(self._rows[index])
+        out = np.empty(self._dim, dtype=self._dtype)
+        self._read_into(out, index * self._row_bytes)
+        return out
 
     def close(self) -> None:
-        """Unmap and delete the file. Idempotent; later calls other than close raise ClosedError."""
+        """Close and delete the file. Idempotent; later calls other than close raise ClosedError."""
         if self._closed:
             return
         self._closed = True
-        # Drop our only view of the map first: a map with live views cannot close.
-        self._rows = np.empty((0, self._dim), dtype=self._dtype)
-        try:
-            self._map.close()
-        finally:
-            self._finalizer()
+        self._finalizer()
 
     def __enter__(self) -> UpdateSpill:
         return self
