@@ -36,7 +36,9 @@ from enclavefl.server.ps import ParameterServer
 from enclavefl.server.strategy import Strategy
 from enclavefl.tensors import ParamSet
 from enclavefl.training import Task, Trainer
+from enclavefl.worker.faults import faults_for
 from enclavefl.worker.inmemory import InMemoryClient
+from enclavefl.worker.pipeline import default_transforms
 from enclavefl.worker.runtime import Worker, WorkerSettings
 
 __all__ = ["SimulationResult", "build_server", "simulate", "trainer_evaluator"]
@@ -108,8 +110,10 @@ def simulate(task: Task, config: JobConfig, *, workers: int | None = None, out_d
 
     Raises:
         RoundError: the job failed (too few updates after retries), or a worker raised.
+        ConfigError: the job's ``faults`` section asks for more attackers or stragglers than workers.
     """
     n = workers or config.job.workers
+    faults = [faults_for(config, i, n) for i in range(n)]  # experiments only; none by default
     out_dir.mkdir(parents=True, exist_ok=True)
     ps = build_server(config, task, out_dir=out_dir, strategy=strategy)
     stop = threading.Event()
@@ -119,8 +123,11 @@ def simulate(task: Task, config: JobConfig, *, workers: int | None = None, out_d
         try:
             trainer = make_trainer(index, n) if make_trainer else task.worker_trainer(index, n)
             peer = PeerIdentity(fingerprint=f"simulated-{index:08d}", label=f"worker-{index} (simulated)")
-            settings = WorkerSettings(name=f"worker-{index}", seed=config.job.seed, poll_s=SIM_POLL_S)
-            Worker(lambda: InMemoryClient(ps, peer, chunk_bytes=chunk_bytes), trainer, settings, stop=stop).run()
+            attacks, slowdown = faults[index]
+            settings = WorkerSettings(name=f"worker-{index}", seed=config.job.seed, poll_s=SIM_POLL_S,
+                                      slowdown=slowdown)
+            Worker(lambda: InMemoryClient(ps, peer, chunk_bytes=chunk_bytes), trainer, settings, stop=stop,
+                   transforms=[*default_transforms(trainer), *attacks]).run()
         except BaseException as exc:  # reported below; a worker thread must not die silently
             errors.append(exc)
             log.error("simulated worker %d failed: %s", index, exc)

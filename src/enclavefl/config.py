@@ -40,6 +40,7 @@ __all__ = [
     "AggregatorConfig",
     "AttestationConfig",
     "ClientConfig",
+    "FaultsConfig",
     "JobConfig",
     "JobSection",
     "OptimizerConfig",
@@ -353,6 +354,37 @@ class SummaryConfig(_Section):
     metrics_file: str = "metrics.jsonl"
 
 
+class FaultsConfig(_Section):
+    """FOR EXPERIMENTS ONLY: makes some workers misbehave on purpose. Off by default.
+
+    This section exists to measure robust aggregators and asynchronous rounds
+    against known misbehaviour (Byzantine updates, stragglers) in a real run;
+    a production job leaves it out. A worker it applies to logs
+    ``FAULT INJECTION`` when it starts.
+
+    Workers ``0 .. byzantine-1`` attack: after the rest of their update
+    pipeline they send, for every floating-point tensor of their update
+    (integer and bool tensors pass unchanged):
+
+    - ``sign_flip``: ``-scale x delta`` (with ``scale: 1`` the plain sign flip);
+    - ``scale``: ``scale x delta``;
+    - ``noise``: Gaussian noise ``N(0, scale^2)`` of the delta's shape in place of
+      the delta, drawn from (job seed, worker index, round).
+
+    The LAST ``slow`` worker indices are stragglers, so by default they do not
+    overlap the attackers: after each local fit such a worker waits
+    ``(slowdown - 1) x`` the fit's time before pushing, so its rounds take
+    ``slowdown`` times as long. More attackers or stragglers than workers is
+    refused when the workers start.
+    """
+
+    byzantine: int = Field(default=0, ge=0, le=1024, description="workers 0..byzantine-1 send attacked updates")
+    attack: Literal["sign_flip", "scale", "noise"] = "sign_flip"
+    scale: float = Field(default=10.0, gt=0, le=1e6, description="sign_flip and scale factor; noise standard deviation")
+    slow: int = Field(default=0, ge=0, le=1024, description="the last `slow` workers are stragglers")
+    slowdown: float = Field(default=5.0, ge=1, le=1000, description="a straggler's rounds take this many times as long")
+
+
 class JobConfig(_Section):
     """A whole job file."""
 
@@ -364,6 +396,7 @@ class JobConfig(_Section):
     transport: TransportConfig = Field(default_factory=TransportConfig)
     attestation: AttestationConfig = Field(default_factory=AttestationConfig)
     summary: SummaryConfig = Field(default_factory=SummaryConfig)
+    faults: FaultsConfig = Field(default_factory=FaultsConfig)
 
     @model_validator(mode="after")
     def _compatible(self) -> JobConfig:

@@ -287,6 +287,51 @@ def test_set_overrides_a_cloud_alias_given_in_the_file() -> None:
     assert config.round.update_window_s == pytest.approx(60.0)
 
 
+# ------------------------------------------------------------------ faults (experiments)
+
+
+def test_faults_are_off_by_default() -> None:
+    faults = parse_job({}).faults
+
+    assert (faults.byzantine, faults.slow) == (0, 0)
+    assert (faults.attack, faults.scale, faults.slowdown) == ("sign_flip", 10.0, 5.0)
+
+
+def test_faults_section_is_read_from_the_file_and_from_set() -> None:
+    config = parse_job({"faults": {"byzantine": 2, "attack": "noise"}}, overrides=["faults.slow=3", "faults.scale=0.5"])
+
+    assert (config.faults.byzantine, config.faults.attack, config.faults.slow, config.faults.scale) == (2, "noise", 3, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("byzantine", -1, "faults.byzantine = -1"),
+        ("slow", -2, "faults.slow = -2"),
+        ("scale", 0, "faults.scale = 0"),
+        ("slowdown", 0.5, "faults.slowdown = 0.5"),
+        ("byzantine", True, "faults.byzantine = True"),
+    ],
+)
+def test_faults_rejects_out_of_range_values(key: str, value: Any, expected: str) -> None:
+    message = config_error({"faults": {key: value}})
+
+    assert expected in message
+
+
+def test_faults_rejects_an_unknown_attack_naming_the_allowed_ones() -> None:
+    message = config_error({"faults": {"attack": "backdoor"}})
+
+    assert "faults.attack = 'backdoor'" in message
+    assert "sign_flip" in message and "noise" in message
+
+
+def test_faults_rejects_an_unknown_key() -> None:
+    message = config_error({"faults": {"stragglers": 2}})
+
+    assert "faults.stragglers: unknown key" in message
+
+
 # ------------------------------------------------------------------ load_job
 
 

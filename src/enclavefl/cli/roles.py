@@ -124,6 +124,8 @@ def run_ps(args: argparse.Namespace) -> int:
 
 def run_worker(args: argparse.Namespace) -> int:
     from enclavefl.tasks import load_task
+    from enclavefl.worker.faults import faults_for
+    from enclavefl.worker.pipeline import default_transforms
     from enclavefl.worker.runtime import Worker, WorkerSettings, grpc_client_factory
 
     setup_logging(logging.DEBUG if args.debug else logging.INFO, args.log_file)
@@ -137,7 +139,8 @@ def run_worker(args: argparse.Namespace) -> int:
     trainer = load_task(config).worker_trainer(args.index, count)
     stop = threading.Event()
     _stop_on_signals(stop)
-    settings = WorkerSettings(name=args.name or f"worker-{args.index}", seed=config.job.seed)
+    attacks, slowdown = faults_for(config, args.index, count)  # experiments only; none by default
+    settings = WorkerSettings(name=args.name or f"worker-{args.index}", seed=config.job.seed, slowdown=slowdown)
     connect = grpc_client_factory(args.connect, credentials, chunk_bytes=config.transport.chunk_bytes)
-    Worker(connect, trainer, settings, stop=stop).run()
+    Worker(connect, trainer, settings, stop=stop, transforms=[*default_transforms(trainer), *attacks]).run()
     return 0

@@ -55,6 +55,7 @@ from enclavefl.messages import (
 from enclavefl.tensors import ParamSet, Tensor
 from enclavefl.training import FitConfig, Trainer
 from enclavefl.worker.control import ScaffoldClient
+from enclavefl.worker.faults import Slowdown
 from enclavefl.worker.pipeline import (
     UpdateContext,
     UpdateTransform,
@@ -86,6 +87,8 @@ class WorkerSettings:
         backoff_initial_s: the first retry delay after the PS was unreachable.
         backoff_max_s: the longest retry delay.
         give_up_s: how long an unreachable PS is retried before the worker fails.
+        slowdown: FOR EXPERIMENTS (the job's ``faults`` section): above 1, the worker
+            waits ``(slowdown - 1) x`` each fit's time before pushing, a straggler.
     """
 
     name: str
@@ -94,6 +97,7 @@ class WorkerSettings:
     backoff_initial_s: float = 0.2
     backoff_max_s: float = 5.0
     give_up_s: float = 300.0
+    slowdown: float = 1.0
 
 
 def _split_control(download: ParamSet) -> tuple[ParamSet, ParamSet]:
@@ -143,6 +147,7 @@ class Worker:
         )
         self._client: WorkerClient | None = None
         self._scaffold: ScaffoldClient | None = None  # c_i, kept across rounds and re-joins
+        self._slowdown = Slowdown(settings.slowdown, self._stop) if settings.slowdown != 1.0 else None
         self.rounds_done = 0
 
     @property
@@ -280,6 +285,9 @@ class Worker:
         result = self._trainer.fit(self._fit_config(c, round_, correction))
         local_params = self._trainer.get_parameters()
         t2 = time.monotonic()
+        if self._slowdown is not None and self._slowdown.after_fit(t2 - t1):
+            log.info("worker %s round %d: stopped while slowed down; round abandoned", s.name, round_)
+            return
         control_before: ParamSet | None = None
         control_delta: ParamSet | None = None
         if scaffold_client is not None:
