@@ -1,6 +1,9 @@
 """The Python API: build a parameter server or a worker from a job, or simulate a federation in one process.
 
-The command line is argument parsing over these functions. :func:`simulate`
+The command line is argument parsing over these functions: ``enclavefl ps``
+is :func:`build_server` then :func:`serve`, ``enclavefl worker`` is
+:func:`run_worker` over :func:`~enclavefl.worker.runtime.grpc_client_factory`,
+and ``enclavefl simulate`` is :func:`simulate`. :func:`simulate`
 runs the very same server (engine, strategy, staging, close pipeline) and
 worker runtime as a real deployment, with workers on threads that talk to the
 server through :class:`~enclavefl.worker.inmemory.InMemoryClient` instead of
@@ -25,11 +28,11 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from enclavefl.config import JobConfig
-from enclavefl.errors import RoundError
-from enclavefl.messages import PeerIdentity
+from enclavefl.errors import ConfigError, RoundError
+from enclavefl.messages import PeerIdentity, WorkerClient
 from enclavefl.server.checkpoint import latest_checkpoint
 from enclavefl.server.closing import Evaluator
 from enclavefl.server.ps import ParameterServer
@@ -41,12 +44,18 @@ from enclavefl.worker.inmemory import InMemoryClient
 from enclavefl.worker.pipeline import default_transforms
 from enclavefl.worker.runtime import Worker, WorkerSettings
 
-__all__ = ["SimulationResult", "build_server", "simulate", "trainer_evaluator"]
+if TYPE_CHECKING:
+    from enclavefl.transport.credentials import Credentials
+
+__all__ = ["RoundCallback", "SimulationResult", "build_server", "run_worker", "serve", "simulate", "trainer_evaluator"]
 
 log = logging.getLogger(__name__)
 
 SIM_POLL_S = 0.5
 """How long a simulated worker's WaitTask long-poll lasts (short: nothing crosses a network)."""
+
+RoundCallback = Callable[[dict[str, Any]], None]
+"""Receives each completed round's metrics row (the keys of ``metrics.jsonl``), as it is recorded."""
 
 
 def trainer_evaluator(trainer: Trainer) -> Evaluator:
@@ -88,6 +97,72 @@ def build_server(config: JobConfig, task: Task, *, out_dir: Path, resume: bool =
                            strategy=strategy)
 
 
+def serve(ps: ParameterServer, credentials: Credentials, *,
+          on_listening: Callable[[int], None] | None = None) -> None:
+    """Serves ``ps`` to workers over gRPC and TLS on ``transport.listen`` until the job ends.
+
+    gRPC is imported here, not with this module: a simulation never needs it.
+
+    Args:
+        credentials: the PS's TLS identity (see :func:`enclavefl.transport.provisioning.make_credentials`).
+        on_listening: called with the bound port once the server listens, before the first round
+            (``transport.listen`` may ask for port 0, any free port).
+
+    Raises:
+        RoundError: too few workers or updates within ``round.max_retries`` retries.
+        TransportError: the address cannot be bound.
+    """
+    from enclavefl.transport.service import FederationServer
+
+    config = ps.config
+    server = FederationServer.start(ps, credentials, listen=config.transport.listen,
+                                    chunk_bytes=config.transport.chunk_bytes,
+                                    max_downloads=config.server.max_concurrent_downloads)
+    try:
+        log.info("ps %s: listening on port %d, job %s, %d rounds, model %d tensors / %d bytes",
+                 ps.instance, server.port, config.job.name, config.job.rounds, len(ps.params), ps.params.nbytes)
+        if on_listening is not None:
+            on_listening(server.port)
+        ps.run()
+    finally:
+        server.stop()
+    log.info("ps %s: job %s finished", ps.instance, config.job.name)
+
+
+def run_worker(config: JobConfig, task: Task, index: int, num_workers: int,
+               client_factory: Callable[[], WorkerClient], *, name: str | None = None,
+               stop: threading.Event | None = None) -> int:
+    """Runs worker ``index`` of ``num_workers`` until the PS finishes the job or ``stop`` is set.
+
+    The worker trains ``task.worker_trainer(index, num_workers)`` (its partition of
+    the data) and, like every worker, takes its training settings from the PS.
+
+    Args:
+        client_factory: opens a connection to the PS (see :class:`~enclavefl.worker.runtime.Worker`):
+            :func:`~enclavefl.worker.runtime.grpc_client_factory` in a deployment.
+        name: shown in the PS's logs; default ``worker-<index>``, the name ``enclavefl run`` gives.
+        stop: set it from another thread to make the worker return at its next wait.
+
+    Returns:
+        How many of this worker's updates the PS accepted.
+
+    Raises:
+        ConfigError: ``index`` is not in ``0..num_workers - 1``, or the job's ``faults`` section
+            asks for more attackers or stragglers than workers.
+        Unavailable: the PS stayed unreachable for the worker's give-up time.
+        VerificationError: the PS (or this worker, for the PS) failed verification.
+        ProtocolError: the PS sent a task or model this worker cannot follow.
+    """
+    if not 0 <= index < num_workers:
+        raise ConfigError(f"worker index {index} is outside 0..{num_workers - 1} (num_workers {num_workers})")
+    attacks, slowdown = faults_for(config, index, num_workers)  # experiments only; none by default
+    trainer = task.worker_trainer(index, num_workers)
+    settings = WorkerSettings(name=name or f"worker-{index}", seed=config.job.seed, slowdown=slowdown)
+    worker = Worker(client_factory, trainer, settings, stop=stop, transforms=[*default_transforms(trainer), *attacks])
+    worker.run()
+    return worker.rounds_done
+
+
 @dataclass(frozen=True)
 class SimulationResult:
     """What a simulated job produced."""
@@ -99,7 +174,8 @@ class SimulationResult:
 
 def simulate(task: Task, config: JobConfig, *, workers: int | None = None, out_dir: Path,
              strategy: Strategy | None = None, chunk_bytes: int = 1 << 20,
-             make_trainer: Callable[[int, int], Trainer] | None = None) -> SimulationResult:
+             make_trainer: Callable[[int, int], Trainer] | None = None,
+             on_round: RoundCallback | None = None) -> SimulationResult:
     """Runs the job in this process: the real server and ``workers`` worker runtimes on threads.
 
     Worker ``i`` trains ``task.worker_trainer(i, workers)`` (or ``make_trainer(i, workers)``) and is
@@ -107,6 +183,13 @@ def simulate(task: Task, config: JobConfig, *, workers: int | None = None, out_d
     final model is bit-identical to ``enclavefl run``'s for the same job when the ML framework uses
     one thread here, as the worker processes do (``torch.set_num_threads(1)``); with more threads
     its reductions run in another order and the models differ by about a float32 ulp.
+    ``out_dir`` receives ``metrics.jsonl`` and the checkpoints, as a deployed PS writes them.
+
+    Args:
+        on_round: called with each completed round's metrics row as it is recorded, on this
+            thread (which runs the rounds) while the server holds its lock: keep it short
+            (print, collect) and do not call into the server. If it raises, the error is
+            logged and the job goes on.
 
     Raises:
         RoundError: the job failed (too few updates after retries), or a worker raised.
@@ -116,6 +199,8 @@ def simulate(task: Task, config: JobConfig, *, workers: int | None = None, out_d
     faults = [faults_for(config, i, n) for i in range(n)]  # experiments only; none by default
     out_dir.mkdir(parents=True, exist_ok=True)
     ps = build_server(config, task, out_dir=out_dir, strategy=strategy)
+    if on_round is not None:
+        ps.metrics.subscribe(on_round)
     stop = threading.Event()
     errors: list[BaseException] = []
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from enclavefl.cli.attest_cmd import prepare_simulated_attestation
 from enclavefl.config import parse_job
+from enclavefl.transport.provisioning import prepare_simulated_attestation
 from tests.integration.cluster import Cluster, free_port
 
 REPO = Path(__file__).resolve().parents[2]

@@ -30,13 +30,14 @@ def exit_code(exc: BaseException) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from enclavefl.cli import attest_cmd, baseline_cmd, certs_cmd, predict_cmd, report_cmd, roles, run_cmd
+    from enclavefl.cli import attest_cmd, baseline_cmd, certs_cmd, predict_cmd, report_cmd, roles, run_cmd, simulate_cmd
 
     parser = argparse.ArgumentParser(prog="enclavefl", description="Federated learning with attested TLS.")
     parser.add_argument("--version", action="version", version=f"enclavefl {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run_cmd.add_parser(sub)
+    simulate_cmd.add_parser(sub)
     roles.add_ps_parser(sub)
     roles.add_worker_parser(sub)
     certs_cmd.add_parser(sub)
@@ -53,13 +54,18 @@ def add_overrides_option(parser: argparse.ArgumentParser) -> None:
                         help="override a configuration key (repeatable)")
 
 
-def setup_logging(level: int, path: str | None = None) -> None:
-    """One line per event; only the CLI configures logging."""
+def setup_logging(level: int, path: str | None = None) -> logging.Handler:
+    """One line per event, to ``path`` or stderr; only the CLI configures logging.
+
+    Returns:
+        The handler, for a command that must close its log file before it returns.
+    """
     handler: logging.Handler = logging.FileHandler(path) if path else logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    return handler
 
 
 def main(argv: Sequence[str] | None = None) -> int:

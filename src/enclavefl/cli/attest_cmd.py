@@ -1,8 +1,7 @@
 """``enclavefl attest``: measure this node, verify evidence, create a simulated root.
 
-Also the glue the ``ps``, ``worker`` and ``run`` commands use to turn a job's
-``attestation`` section into :class:`AttestedCredentials` (policy and sim root
-paths are relative to the job file's folder, never taken from the environment).
+Turning a job's ``attestation`` section into credentials is library code:
+:mod:`enclavefl.transport.provisioning`.
 """
 
 from __future__ import annotations
@@ -10,117 +9,25 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
-import importlib.util
-import json
-import logging
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 
 from enclavefl.attest.collateral import Collateral
-from enclavefl.attest.measurement import CodeMeasurement, measure_code, signer_id
+from enclavefl.attest.measurement import measure_code, signer_id
 from enclavefl.attest.pck import certificate_fingerprint, intel_sgx_root_ca
 from enclavefl.attest.policy import Policy, load_policy
-from enclavefl.attest.providers import EvidenceProvider, GramineProvider, SimulatedProvider
 from enclavefl.attest.quote import Quote, parse_quote
 from enclavefl.attest.ratls import LEGACY_QUOTE_OIDS, TCG_EVIDENCE_OID, verify_ratls_certificate
 from enclavefl.attest.simroot import SimRoot, init_sim_root
 from enclavefl.attest.tcg_evidence import decode_tagged_evidence
 from enclavefl.attest.verifier import QuoteVerification, verify_quote
-from enclavefl.config import JobConfig
 from enclavefl.errors import AttestationError, ConfigError, VerificationError
-from enclavefl.transport.attested import AttestedCredentials
-from enclavefl.transport.audit import AuditLog
 
-__all__ = ["add_parser", "make_attested_credentials", "prepare_simulated_attestation", "task_code_paths"]
-
-log = logging.getLogger("enclavefl.cli")
-
-SIM_ROOT_DIR = "attestation/simroot"
-POLICY_FILE = "attestation/policy.json"
+__all__ = ["add_parser"]
 
 
-def task_code_paths(config: JobConfig) -> list[Path]:
-    """The user task's module file (or package directory): part of the measured code.
-
-    Built-in tasks live in the enclavefl package, which is always measured.
-
-    Raises:
-        ConfigError: the task module cannot be found.
-    """
-    name = config.task.name
-    if ":" not in name:
-        return []
-    module = name.partition(":")[0]
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError) as exc:
-        raise ConfigError(f"task.name = {name!r}: cannot find module {module}: {exc}") from exc
-    if spec is None or spec.origin is None:
-        raise ConfigError(f"task.name = {name!r}: module {module} not found (cannot measure it)")
-    if spec.submodule_search_locations:
-        return [Path(next(iter(spec.submodule_search_locations)))]
-    return [Path(spec.origin)]
-
-
-def _resolve(job_dir: Path, value: str | None, key: str) -> Path:
-    if not value:
-        raise ConfigError(f"attestation.{key} is required for this attestation mode (a path relative to the job file)")
-    path = Path(value)
-    return path if path.is_absolute() else job_dir / path
-
-
-def _provider(config: JobConfig, job_dir: Path) -> EvidenceProvider:
-    att = config.attestation
-    if att.mode == "gramine":
-        return GramineProvider(Path(att.device_dir))
-    sim_root = SimRoot.load(_resolve(job_dir, att.sim_root, "sim_root"))
-    return SimulatedProvider(sim_root, measure_code(task_code_paths(config)))
-
-
-def make_attested_credentials(config: JobConfig, *, job_dir: Path, role: str, node: str,
-                              audit_path: Path | None) -> AttestedCredentials:
-    """Credentials for ``attestation.mode`` simulated or gramine.
-
-    Raises:
-        ConfigError: the policy, sim root or collateral is missing or invalid.
-        AttestationError: no evidence can be produced.
-    """
-    att = config.attestation
-    if att.mode == "none":
-        raise ConfigError("attestation.mode is none: use the per-job CA credentials")
-    policy = load_policy(_resolve(job_dir, att.policy, "policy"))
-    collateral = Collateral.from_file(_resolve(job_dir, att.collateral, "collateral")) if att.collateral else None
-    if att.mode == "simulated":
-        log.warning("%s %s: attestation mode simulated: development only, NOT A REAL TEE", role, node)
-    return AttestedCredentials.create(
-        _provider(config, job_dir), policy, node=node, role="ps" if role == "ps" else "worker",
-        audit=AuditLog(audit_path), server_name=config.transport.tls.server_name, collateral=collateral,
-    )
-
-
-def prepare_simulated_attestation(run_dir: Path, config: JobConfig) -> tuple[str, str, CodeMeasurement, bytes]:
-    """Creates a sim root in ``run_dir``, measures the code and writes a policy allowing exactly it.
-
-    Returns:
-        (sim root path, policy path) relative to ``run_dir``, the measurement and mr_signer.
-    """
-    root_dir = run_dir / SIM_ROOT_DIR
-    sim_root = SimRoot.load(root_dir) if (root_dir / "root_ca.pem").exists() else init_sim_root(root_dir, name=config.job.name)
-    measurement = measure_code(task_code_paths(config))
-    mr_signer = signer_id(sim_root.signer_key.public_key())
-    policy = {
-        "verify_mr_enclave": "on", "verify_mr_signer": "on", "verify_isv_prod_id": "on", "verify_isv_svn": "on",
-        "sgx_mrs": [{"mr_enclave": measurement.mr_enclave.hex(), "mr_signer": mr_signer.hex(), "isv_prod_id": 0, "isv_svn": 0}],
-        "allow_simulated": True,
-        "simulated_root_sha256": sim_root.root_fingerprint,
-    }
-    (run_dir / POLICY_FILE).write_text(json.dumps(policy, indent=2) + "\n")
-    return SIM_ROOT_DIR, POLICY_FILE, measurement, mr_signer
-
-
-# ------------------------------------------------------------------ subcommands
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("attest", help="measure this node, verify evidence, create a simulated root")
     asub = p.add_subparsers(dest="attest_command", required=True, metavar="ACTION")

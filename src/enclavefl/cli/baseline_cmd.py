@@ -1,34 +1,23 @@
 """``enclavefl baseline JOB.yaml``: the centralized reference a federated run is judged against.
 
-Trains the job's model on the pooled data (every worker's partition, that is
-the whole training split: the task's trainer for worker 0 of 1) with the same
-client hyper-parameters and the same number of passes (``job.rounds`` x
-``client.epochs`` epochs), and scores the same held-out set after every
-``client.epochs`` epochs, a "round". Rows go to ``baseline.jsonl`` in the run
-directory, with the keys of ``metrics.jsonl`` where they mean the same thing.
+The training is :func:`enclavefl.ml.baseline.train_baseline`; this command
+parses the arguments, picks the run directory and prints the outcome.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import math
-import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from enclavefl.cli import add_overrides_option, setup_logging
-from enclavefl.config import JobConfig, load_job
-from enclavefl.errors import ConfigError
-from enclavefl.training import FitConfig
+from enclavefl.config import load_job
+from enclavefl.ml.baseline import BASELINE_FILE, train_baseline
+from enclavefl.tasks import load_task
 
-__all__ = ["BASELINE_FILE", "add_parser", "run_baseline", "train_baseline"]
-
-log = logging.getLogger(__name__)
-
-BASELINE_FILE = "baseline.jsonl"
+__all__ = ["add_parser", "run_baseline"]
 
 
 def add_parser(sub: Any) -> None:
@@ -39,57 +28,6 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=run_baseline)
 
 
-def _clean(value: Any) -> Any:
-    return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
-def train_baseline(config: JobConfig, out_dir: Path) -> list[dict[str, Any]]:
-    """Runs the centralized training and writes ``out_dir/baseline.jsonl``; returns its rows.
-
-    Raises:
-        ConfigError: the task has no held-out evaluation set.
-    """
-    from enclavefl.tasks import load_task
-
-    task = load_task(config)
-    evaluator = task.server_evaluator()
-    if evaluator is None:
-        raise ConfigError(f"task {config.task.name!r} has no held-out set; a baseline needs one to score")
-    trainer = task.worker_trainer(0, 1)
-    trainer.set_parameters(task.initial_parameters())
-    c = config.client
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / BASELINE_FILE
-    rows: list[dict[str, Any]] = []
-    started = time.monotonic()
-    with path.open("w", encoding="utf-8") as f:
-        for rnd in range(1, config.job.rounds + 1):
-            t0 = time.monotonic()
-            result = trainer.fit(FitConfig(c.epochs, c.batch_size, c.lr, round=rnd, seed=config.job.seed))
-            evaluator.set_parameters(trainer.get_parameters())
-            evaluation = dict(evaluator.evaluate())
-            row: dict[str, Any] = {
-                "round": rnd,
-                "epochs": rnd * c.epochs,
-                "num_samples": result.num_samples,
-                "train_loss": result.metrics.get("loss"),
-                "train_accuracy": result.metrics.get("accuracy"),
-                "eval_loss": evaluation.get("loss"),
-                "eval_accuracy": evaluation.get("accuracy"),
-            }
-            row.update({f"eval_{k}": v for k, v in evaluation.items() if k not in ("loss", "accuracy")})
-            row["seconds"] = round(time.monotonic() - t0, 4)
-            row["seconds_total"] = round(time.monotonic() - started, 4)
-            row = {k: _clean(v) for k, v in row.items()}
-            f.write(json.dumps(row, separators=(",", ":")) + "\n")
-            f.flush()
-            rows.append(row)
-            auc = f" eval_auc={row['eval_auc']}" if row.get("eval_auc") is not None else ""
-            log.info("baseline round %d/%d: eval_loss=%s eval_accuracy=%s%s (%.1fs)", rnd, config.job.rounds,
-                     row["eval_loss"], row["eval_accuracy"], auc, row["seconds"])
-    return rows
-
-
 def run_baseline(args: argparse.Namespace) -> int:
     # A centralized run can take an hour: its per-round and progress lines go to stderr.
     setup_logging(logging.DEBUG if args.debug else logging.INFO)
@@ -97,7 +35,7 @@ def run_baseline(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / f"{config.job.name}-baseline-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     print(f"enclavefl baseline: job {config.job.name}, task {config.task.name}, {config.job.rounds} rounds "
           f"x {config.client.epochs} epochs on the pooled data")
-    rows = train_baseline(config, out)
+    rows = train_baseline(load_task(config), config, out)
     last = rows[-1] if rows else {}
     auc = f" eval_auc {last['eval_auc']:.4f}" if last.get("eval_auc") is not None else ""
     acc = last.get("eval_accuracy")

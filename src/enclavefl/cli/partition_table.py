@@ -10,17 +10,22 @@ from rich.console import Console
 from rich.table import Table
 
 from enclavefl.config import JobConfig
+from enclavefl.training import Task
 
 __all__ = ["print_partition_table"]
 
 MAX_SHOWN_CLASSES = 10
 
 
-def print_partition_table(console: Console, config: JobConfig) -> None:
-    """Prints one row per worker; tasks without ``partition_summary`` are skipped with a note."""
+def print_partition_table(console: Console, config: JobConfig, task: Task | None = None) -> None:
+    """Prints one row per worker; tasks without ``partition_summary`` are skipped with a note.
+
+    Args:
+        task: the job's task if the caller has it already (default: loaded from ``config``).
+    """
     from enclavefl.tasks import load_task
 
-    task = load_task(config)
+    task = task if task is not None else load_task(config)
     summarize = getattr(task, "partition_summary", None)
     if not callable(summarize):
         console.print(f"partition: task {config.task.name} does not describe its split")

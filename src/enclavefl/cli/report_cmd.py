@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from enclavefl.errors import ConfigError
+from enclavefl.ml.baseline import BASELINE_FILE
 
 __all__ = ["Series", "add_parser", "read_series", "run_report", "write_report"]
 
 METRICS_FILE = "metrics.jsonl"
-BASELINE_FILE = "baseline.jsonl"
 
 
 def add_parser(sub: Any) -> None:

@@ -16,19 +16,16 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
-import yaml
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from enclavefl.cli import add_overrides_option
 from enclavefl.cli.partition_table import print_partition_table
+from enclavefl.cli.runs import RoundProgress, choose_run_dir, claim_run_dir, print_summary, write_config
 from enclavefl.config import JobConfig, load_job, parse_job
-from enclavefl.errors import EnclaveFLError, RoundError
+from enclavefl.errors import RoundError
 from enclavefl.transport.certs import create_job_certs
 
 PORT_TIMEOUT_S = 120.0
@@ -105,7 +102,7 @@ def _attestation_setup(console: Console, config: JobConfig, job_file: Path, run_
     att = config.attestation
     if att.mode == "none":
         return config
-    from enclavefl.cli.attest_cmd import prepare_simulated_attestation
+    from enclavefl.transport.provisioning import prepare_simulated_attestation
 
     doc = config.to_dict()
     if att.mode == "simulated" and not att.policy and not att.sim_root:
@@ -124,63 +121,20 @@ def _attestation_setup(console: Console, config: JobConfig, job_file: Path, run_
     return parse_job(doc, source=str(job_file))
 
 
-def _run_dir(config: JobConfig, out: Path | None) -> Path:
-    if out is not None:
-        return out
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{config.job.name}-{stamp}"
-
-
-def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def _summary(console: Console, rows: list[dict[str, Any]], wall_s: float) -> None:
-    # Click models are judged by AUC: show it when the rows carry one.
-    metric = "auc" if any(r.get("eval_auc") is not None for r in rows) else "acc"
-    key = "eval_auc" if metric == "auc" else "eval_accuracy"
-    table = Table(title="enclavefl run summary")
-    for col in ("rounds", f"final {metric}", f"best {metric}", "final loss", "MB in", "MB out", "wall s"):
-        table.add_column(col, justify="right")
-    scores = [r[key] for r in rows if r.get(key) is not None]
-    last = rows[-1] if rows else {}
-    table.add_row(
-        str(len(rows)),
-        _fmt(last.get(key)),
-        _fmt(max(scores) if scores else None),
-        _fmt(last.get("eval_loss")),
-        f"{sum(r.get('bytes_in', 0) for r in rows) / 1e6:.1f}",
-        f"{sum(r.get('bytes_out', 0) for r in rows) / 1e6:.1f}",
-        f"{wall_s:.1f}",
-    )
-    console.print(table)
-
-
 def run(args: argparse.Namespace) -> int:
     console = Console(stderr=False, highlight=False)
     overrides = list(args.overrides)
     if args.workers is not None:
         overrides.append(f"job.workers={args.workers}")
     config = load_job(args.job, overrides)
-    run_dir = _run_dir(config, args.out)
-    if args.resume:
-        if not (run_dir / "config.yaml").is_file():
-            raise EnclaveFLError(f"--resume: {run_dir} holds no earlier run (config.yaml missing)")
-    else:
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise EnclaveFLError(f"{run_dir} already exists and is not empty; choose another --out or use --resume")
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    run_dir = choose_run_dir(config, args.out)
+    claim_run_dir(run_dir, resume=args.resume)
     console.print(f"enclavefl run: job [bold]{config.job.name}[/], {config.job.workers} workers, "
                   f"{config.job.rounds} rounds, task {config.task.name}")
     console.print(f"run directory: {run_dir}")
     print_partition_table(console, config)
     config = _attestation_setup(console, config, args.job, run_dir)
-    config_path = run_dir / "config.yaml"
-    config_path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    config_path = write_config(run_dir, config)
     certs_dir = run_dir / "certs"
     tls_args: list[str] = []
     if config.attestation.mode == "none":
@@ -232,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         cluster.close()
     wall = time.monotonic() - started
-    _summary(console, rows, wall)
+    print_summary(console, rows, wall, title="enclavefl run summary")
     console.print(f"run directory: {run_dir}")
     if code != 0:
         console.print(f"[red]the PS failed (exit {code}):[/]\n{_tail(ps.log_path)}")
@@ -253,25 +207,14 @@ def _read_rows(path: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
 
 
 def _follow(console: Console, ps: _Child, metrics_path: Path, config: JobConfig, *, quiet: bool) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
+    """Shows the rows the PS appends to ``metrics.jsonl`` until it exits (it is another process: the file is the channel)."""
     offset = 0
-    progress = Progress(TextColumn("rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=console, disable=quiet, transient=True)
-    with progress:
-        bar = progress.add_task("rounds", total=config.job.rounds)
+    with RoundProgress(console, config.job.rounds, quiet=quiet) as progress:
         while True:
             finished = ps.proc.poll() is not None
             new, offset = _read_rows(metrics_path, offset)
             for row in new:
-                rows = [r for r in rows if r["round"] < row["round"]] + [row]
-                if not quiet:
-                    seconds = row["seconds_wait"] + row["seconds_train"] + row["seconds_aggregate"]
-                    progress.console.print(
-                        f"round {row['round']:>3}/{config.job.rounds}  workers {row['participants']:>2}  "
-                        f"loss {_fmt(row.get('train_loss'), 3)}  eval_loss {_fmt(row.get('eval_loss'), 3)}  "
-                        f"eval_acc {_fmt(row.get('eval_accuracy'), 3)}  {seconds:.1f}s"
-                    )
-                progress.update(bar, completed=len(rows) and rows[-1]["round"])
+                progress.add(row)
             if finished:
-                return rows
+                return progress.rows
             time.sleep(0.2)

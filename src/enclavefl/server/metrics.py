@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+import logging
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["REQUIRED_KEYS", "MetricsLog"]
+__all__ = ["REQUIRED_KEYS", "MetricsLog", "RowListener"]
+
+log = logging.getLogger(__name__)
+
+RowListener = Callable[[dict[str, Any]], None]
+"""Receives a copy of each row as it is recorded (progress output, dashboards, event streams)."""
 
 REQUIRED_KEYS = (
     "round",
@@ -42,6 +48,7 @@ class MetricsLog:
     def __init__(self, path: Path, history: Iterable[Mapping[str, Any]] = ()) -> None:
         self.path = path
         self.history: list[dict[str, Any]] = [dict(h) for h in history]
+        self._listeners: list[RowListener] = []
         path.parent.mkdir(parents=True, exist_ok=True)
         # Rewritten from the history, so a resumed job's file matches its checkpoint.
         with path.open("w", encoding="utf-8") as f:
@@ -56,3 +63,13 @@ class MetricsLog:
         self.history.append(clean)
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(clean, separators=(",", ":")) + "\n")
+        for listener in list(self._listeners):
+            try:
+                listener(dict(clean))
+            except Exception:
+                # The row and the model are already recorded: a failing listener must not fail the round.
+                log.exception("a metrics listener failed on round %s; the job goes on", clean.get("round"))
+
+    def subscribe(self, listener: RowListener) -> None:
+        """Calls ``listener`` with each later row, on the thread that records it (keep it short)."""
+        self._listeners.append(listener)

@@ -99,3 +99,22 @@ def test_history_is_copied_not_shared(tmp_path: Path) -> None:
     log.history[0]["round"] = 99
 
     assert history[0]["round"] == 1
+
+
+def test_subscribers_get_each_new_row_and_a_failing_one_does_not_stop_the_log(tmp_path: Path) -> None:
+    log = MetricsLog(tmp_path / "m.jsonl")
+    seen: list[dict[str, Any]] = []
+
+    def broken(row: dict[str, Any]) -> None:
+        raise RuntimeError("listener bug")
+
+    log.subscribe(broken)
+    log.subscribe(seen.append)
+    row = {k: 1 for k in REQUIRED_KEYS}
+    log.append(row)
+    log.append({**row, "round": 2})
+
+    assert [r["round"] for r in seen] == [1, 2]
+    assert len(log.history) == 2 and len((tmp_path / "m.jsonl").read_text().splitlines()) == 2
+    seen[0]["round"] = 99  # a copy: listeners cannot change the history
+    assert log.history[0]["round"] == 1
