@@ -418,41 +418,33 @@ def _adaptive_step(
 
 
 
-@final
-class FedAdagrad(ServerOptimizer):
-    """FedAdagrad, Algorithm 2 of Reddi et al. 2021: v_t = v_{t-1} + delta_t^2.
+class _Adaptive(ServerOptimizer):
+    """The step of Algorithm 2 (Reddi et al. 2021) shared by the three adaptive optimizers.
 
     m_t = beta1 m_{t-1} + (1 - beta1) delta_t and
-    x_{t+1} = x_t + lr m_t / (sqrt(v_t) + tau), with m_{-1} = 0, v_{-1} = tau^2
-    and no bias correction (as in the paper). beta1 = 0 is Adagrad without momentum.
+    x_{t+1} = x_t + lr m_t / (sqrt(v_t) + tau), with m_{-1} = 0, v_{-1} = tau^2 and
+    no bias correction (as in the paper, unlike client-side Adam). A subclass says
+    only how v moves (:meth:`_second_moment`). State: ``{"step": t}`` and the
+    moments ``"m/<param>"`` and ``"v/<param>"``.
     """
 
-    name: ClassVar[str] = "fedadagrad"
-
-    def __init__(self, lr: float, *, beta1: float = 0.0, tau: float = 1e-3) -> None:
+    def __init__(self, lr: float, *, beta1: float, tau: float) -> None:
         """Raises ValueError unless lr > 0, 0 <= beta1 < 1 and tau > 0."""
         super().__init__(lr)
-        self.beta1 = _fraction("FedAdagrad", "beta1", beta1)
-        self.tau = _positive("FedAdagrad", "tau", tau)
-        self._moments = _Moments("FedAdagrad", ("m", "v"), nonnegative=("v",))
+        owner = type(self).__name__
+        self.beta1 = _fraction(owner, "beta1", beta1)
+        self.tau = _positive(owner, "tau", tau)
+        self._moments = _Moments(owner, ("m", "v"), nonnegative=("v",))
 
+    @abstractmethod
     def _second_moment(self, v: Array, d2: Array) -> Array:
-        return v + d2
+        """v_t from v_{t-1} and delta_t^2 (float64 arrays)."""
 
     def step(self, params: ParamSet, mean_delta: ParamSet) -> ParamSet:
-        return _adaptive_step(
-            "FedAdagrad",
-            self._moments,
-            params,
-            mean_delta,
-            lr=self.lr,
-            beta1=self.beta1,
-            tau=self.tau,
-            second_moment=self._second_moment,
-        )
+        return _adaptive_step(type(self).__name__, self._moments, params, mean_delta, lr=self.lr,
+                              beta1=self.beta1, tau=self.tau, second_moment=self._second_moment)
 
     def state(self) -> PartState:
-        """``{"step": t}`` and the moments ``"m/<param>"`` and ``"v/<param>"``."""
         return self._moments.state()
 
     def load_state(self, state: PartState) -> None:
@@ -460,92 +452,52 @@ class FedAdagrad(ServerOptimizer):
 
 
 @final
-class FedAdam(ServerOptimizer):
-    """FedAdam, Algorithm 2 of Reddi et al. 2021: v_t = beta2 v_{t-1} + (1 - beta2) delta_t^2.
+class FedAdagrad(_Adaptive):
+    """FedAdagrad: v_t = v_{t-1} + delta_t^2. beta1 = 0 is Adagrad without momentum."""
 
-    m_t = beta1 m_{t-1} + (1 - beta1) delta_t and
-    x_{t+1} = x_t + lr m_t / (sqrt(v_t) + tau), with m_{-1} = 0, v_{-1} = tau^2
-    and no bias correction (as in the paper, unlike client-side Adam).
-    """
+    name: ClassVar[str] = "fedadagrad"
+
+    def __init__(self, lr: float, *, beta1: float = 0.0, tau: float = 1e-3) -> None:
+        super().__init__(lr, beta1=beta1, tau=tau)
+
+    def _second_moment(self, v: Array, d2: Array) -> Array:
+        return v + d2
+
+
+@final
+class FedAdam(_Adaptive):
+    """FedAdam: v_t = beta2 v_{t-1} + (1 - beta2) delta_t^2."""
 
     name: ClassVar[str] = "fedadam"
 
     def __init__(self, lr: float, *, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3) -> None:
         """Raises ValueError unless lr > 0, 0 <= beta1, beta2 < 1 and tau > 0."""
-        super().__init__(lr)
-        self.beta1 = _fraction("FedAdam", "beta1", beta1)
+        super().__init__(lr, beta1=beta1, tau=tau)
         self.beta2 = _fraction("FedAdam", "beta2", beta2)
-        self.tau = _positive("FedAdam", "tau", tau)
-        self._moments = _Moments("FedAdam", ("m", "v"), nonnegative=("v",))
 
     def _second_moment(self, v: Array, d2: Array) -> Array:
         return self.beta2 * v + (1.0 - self.beta2) * d2
 
-    def step(self, params: ParamSet, mean_delta: ParamSet) -> ParamSet:
-        return _adaptive_step(
-            "FedAdam",
-            self._moments,
-            params,
-            mean_delta,
-            lr=self.lr,
-            beta1=self.beta1,
-            tau=self.tau,
-            second_moment=self._second_moment,
-        )
-
-    def state(self) -> PartState:
-        """``{"step": t}`` and the moments ``"m/<param>"`` and ``"v/<param>"``."""
-        return self._moments.state()
-
-    def load_state(self, state: PartState) -> None:
-        self._moments.load(state)
-
 
 @final
-class FedYogi(ServerOptimizer):
-    """FedYogi, Algorithm 2 of Reddi et al. 2021.
+class FedYogi(_Adaptive):
+    """FedYogi: v_t = v_{t-1} - (1 - beta2) delta_t^2 sign(v_{t-1} - delta_t^2).
 
-    v_t = v_{t-1} - (1 - beta2) delta_t^2 sign(v_{t-1} - delta_t^2): v moves
-    towards delta^2 by an additive step instead of Adam's multiplicative one,
-    so a burst of large deltas does not make v forget its history.
-    m_t = beta1 m_{t-1} + (1 - beta1) delta_t and
-    x_{t+1} = x_t + lr m_t / (sqrt(v_t) + tau), with m_{-1} = 0, v_{-1} = tau^2
-    and no bias correction (as in the paper).
+    v moves towards delta^2 by an additive step instead of Adam's multiplicative
+    one, so a burst of large deltas does not make v forget its history.
     """
 
     name: ClassVar[str] = "fedyogi"
 
     def __init__(self, lr: float, *, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3) -> None:
         """Raises ValueError unless lr > 0, 0 <= beta1, beta2 < 1 and tau > 0."""
-        super().__init__(lr)
-        self.beta1 = _fraction("FedYogi", "beta1", beta1)
+        super().__init__(lr, beta1=beta1, tau=tau)
         self.beta2 = _fraction("FedYogi", "beta2", beta2)
-        self.tau = _positive("FedYogi", "tau", tau)
-        self._moments = _Moments("FedYogi", ("m", "v"), nonnegative=("v",))
 
     def _second_moment(self, v: Array, d2: Array) -> Array:
         # v stays > 0: it grows when v < d2 and, when v > d2, loses less than d2.
         step: Array = (1.0 - self.beta2) * d2 * np.sign(v - d2)
         return v - step
-
-    def step(self, params: ParamSet, mean_delta: ParamSet) -> ParamSet:
-        return _adaptive_step(
-            "FedYogi",
-            self._moments,
-            params,
-            mean_delta,
-            lr=self.lr,
-            beta1=self.beta1,
-            tau=self.tau,
-            second_moment=self._second_moment,
-        )
-
-    def state(self) -> PartState:
-        """``{"step": t}`` and the moments ``"m/<param>"`` and ``"v/<param>"``."""
-        return self._moments.state()
-
-    def load_state(self, state: PartState) -> None:
-        self._moments.load(state)
 
 
 #: Server optimizers by the name a job file gives (``server.optimizer``).
