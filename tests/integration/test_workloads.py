@@ -15,6 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from enclavefl.config import load_job
+from enclavefl.server.checkpoint import latest_checkpoint
+from enclavefl.tasks import load_task
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,6 +35,21 @@ CASES = {
 
 def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def assert_model_trained(out: Path) -> None:
+    """The final global model moved away from the task's initial one: training did something."""
+    config = load_job(out / "config.yaml")
+    initial = load_task(config).initial_parameters()
+    final = latest_checkpoint(out / config.server.checkpoint_dir)
+    assert final is not None
+    moved = 0.0
+    for name, value in initial.items():
+        if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+            after = final.params[name]
+            assert isinstance(after, np.ndarray)
+            moved = max(moved, float(np.linalg.norm(after - value)) / (float(np.linalg.norm(value)) + 1e-12))
+    assert moved > 1e-3, f"the global model barely moved (largest relative change {moved:.2e})"
 
 
 def _run(example: str, data_dir: Path, rounds: int, extra: list[str], out: Path) -> subprocess.CompletedProcess[str]:
@@ -58,6 +77,7 @@ def test_cifar10_example_on_files_in_the_official_binary_layout(tmp_path: Path) 
     rows = _rows(out / "metrics.jsonl")
     assert [r["round"] for r in rows] == [1] and rows[0]["participants"] == 2
     assert "worker 1 of 2 holds 30 samples" in (out / "logs" / "worker-1.log").read_text()
+    assert_model_trained(out)
 
 
 @pytest.mark.shared
@@ -77,6 +97,7 @@ def test_workload_runs_federated(case: str, tmp_path: Path) -> None:
         assert row["participants"] == 2 and row["eval_accuracy"] is not None
     worker_log = (out / "logs" / "worker-0.log").read_text()
     assert "worker 0 of 2 holds" in worker_log
+    assert_model_trained(out)
     if case == "criteo":
         for row in rows:
             assert 0.0 <= row["eval_auc"] <= 1.0
