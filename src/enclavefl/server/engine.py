@@ -23,7 +23,7 @@ from enclavefl.server.closing import ClosePipeline
 from enclavefl.server.core import ServerCore
 from enclavefl.server.phases import Phase
 from enclavefl.server.registry import WorkerRecord
-from enclavefl.server.round import Round
+from enclavefl.server.round import Round, RoundRecord
 from enclavefl.server.staging import UpdateTarget
 from enclavefl.server.state import PartState
 from enclavefl.server.strategy import Strategy
@@ -194,7 +194,7 @@ class SyncEngine(Engine):
                  len(ids), joined, required)
         return rnd
 
-    def _await_round(self, rnd: Round) -> Any:
+    def _await_round(self, rnd: Round) -> RoundRecord:
         core = self.core
         with core.cond:
             while not rnd.done() and not core.stopping:
