@@ -412,7 +412,11 @@ class AsyncEngine(Engine):
         }
         failure = None
         try:
-            self.pipeline.close(record, buf.aggregator, seconds_wait=seconds_wait, extra=extra)
+            # FedBuff's step is sum_k s(tau_k) w_k delta_k / sum_k w_k: the aggregator's weighted mean
+            # divides by sum_k s(tau_k) w_k instead, so a buffer of stale updates would still take a
+            # full step. Scaling by the ratio of the two sums makes staleness shrink the step.
+            scale = record.weight / record.num_samples if record.num_samples > 0 else 1.0
+            self.pipeline.close(record, buf.aggregator, seconds_wait=seconds_wait, extra=extra, scale=scale)
         except UpdateRejected as exc:
             failure = str(exc)
         with core.cond:

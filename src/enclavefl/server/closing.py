@@ -54,8 +54,11 @@ class ClosePipeline:
         self._saved_round = core.next_round - 1  # a resumed job: that round is on disk already
 
     def close(self, record: RoundRecord, aggregator: Aggregator, *, seconds_wait: float,
-              extra: Mapping[str, Any] | None = None) -> None:
+              extra: Mapping[str, Any] | None = None, scale: float = 1.0) -> None:
         """Makes version ``record.model_version + 1`` and records round ``record.number``.
+
+        ``scale`` multiplies the aggregate's floating tensors before anything else sees it
+        (the async engine shrinks a step made of stale updates with it).
 
         Raises:
             UpdateRejected: the aggregate, or the model the optimizer makes of it, is not finite;
@@ -69,6 +72,9 @@ class ClosePipeline:
             aggregate = aggregator.result()
         finally:
             aggregator.close()
+        if scale != 1.0:
+            aggregate = ParamSet((name, np.asarray(value * scale, dtype=value.dtype) if isinstance(value, np.ndarray)
+                                  and value.dtype.kind == "f" else value) for name, value in aggregate.items())
         for hook in strategy.post_process:
             aggregate = hook(aggregate, context)
         try:

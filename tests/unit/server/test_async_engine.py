@@ -123,10 +123,10 @@ def start(ps: ParameterServer, engines: Callable[[ParameterServer], Engine], nam
 def two_steps(tmp_path: Path, engines: Callable[[ParameterServer], Engine]) -> Fed:
     """Step 1: A and B on version 0. Step 2: C, still on version 0 (tau 1), and A on version 1.
 
-    By hand, FedAvg with lr 1:
+    By hand, FedAvg with lr 1; FedBuff's step divides by the samples, not the staleness-weighted samples:
       v1 = [1, 2] + (1 * [2, 0] + 3 * [0, 4]) / (1 + 3) = [1, 2] + [0.5, 3] = [1.5, 5]
       step 2 weights: C 2 samples * s(1) = 2 * 1/2 = 1, A 1 sample * s(0) = 1
-      v2 = [1.5, 5] + (1 * [4, 4] + 1 * [0, -2]) / 2 = [1.5, 5] + [2, 1] = [3.5, 6]
+      v2 = [1.5, 5] + (1 * [4, 4] + 1 * [0, -2]) / (2 + 1) = [1.5, 5] + [4/3, 2/3] = [2.8333, 5.6667]
     """
     ps = ParameterServer(job(), INITIAL, out_dir=tmp_path)
     fed = start(ps, engines)
@@ -177,7 +177,8 @@ def test_stale_update_is_weighed_by_the_staleness_function(
     fed = two_steps(tmp_path, engines)
 
     assert fed.ps.version == 2
-    assert fed.ps.params == vec(3.5, 6)  # by hand in two_steps; with s = 1 it would be [1.5 + 8/3, 7]
+    # By hand in two_steps; with s = 1 it would be [1.5 + 8/3, 7], and normalised by the weights [3.5, 6].
+    np.testing.assert_allclose(fed.ps.params["w"], [1.5 + 4 / 3, 5 + 2 / 3], rtol=1e-6)
 
 
 def test_metrics_rows_carry_step_staleness_and_mode(
@@ -397,12 +398,12 @@ def test_update_completed_during_a_close_goes_into_the_next_step(
     fed.finish()
 
     # Assert: C is in step 2 only, 1 step old (tau against the version it is applied to,
-    # although version 1 did not exist yet when it arrived): the model is two_steps' [3.5, 6].
+    # although version 1 did not exist yet when it arrived): the model is two_steps' one.
     assert seen == [Phase.AGGREGATING, "accepted"]
     first, second = ps.metrics.history
     assert (first["updates"], second["updates"]) == (2, 2)
     assert (second["staleness_mean"], second["staleness_max"]) == (0.5, 1)
-    assert ps.params == vec(3.5, 6)
+    np.testing.assert_allclose(ps.params["w"], [1.5 + 4 / 3, 5 + 2 / 3], rtol=1e-6)
 
 
 def test_update_completed_during_the_last_close_is_refused(
@@ -463,7 +464,8 @@ def test_concurrent_updates_each_land_in_exactly_one_step(
     tmp_path: Path, engines: Callable[[ParameterServer], Engine]
 ) -> None:
     # Prepare: buffer of 1, three workers push at once: each update is its own step, or refused.
-    ps = ParameterServer(job(rounds=3, buffer_size=1, max_staleness=5), INITIAL, out_dir=tmp_path)
+    # Constant staleness: every step is its update whole, whatever order they land in.
+    ps = ParameterServer(job(rounds=3, buffer_size=1, max_staleness=5, staleness="constant"), INITIAL, out_dir=tmp_path)
     fed = start(ps, engines)
     outcome: dict[str, str] = {}
 
