@@ -3,8 +3,13 @@
 Every section is a frozen pydantic model with ``extra="forbid"``, so an unknown
 key, a wrong type or an out-of-range value is refused before anything starts,
 with a message naming the file, the dotted key path, the value given and what
-is allowed. ``--set section.key=value`` overrides are applied to the raw
-document and validated the same way.
+is allowed (an unknown key's message lists the valid ones and suggests the
+closest). ``--set section.key=value`` overrides are applied to the raw
+document and validated the same way; an error in a value they gave is blamed
+on the ``--set``. Settings that can never work together are refused too: fewer
+``job.workers`` than ``round.min_workers`` would wait for a round that never
+opens. A built-in task's ``task.params`` are checked against its model
+(:mod:`enclavefl.task_params`).
 
 Keys of the cloud FL cluster this project replaces are accepted as top-level
 aliases (``fl_iteration_num: 20`` means ``job.rounds: 20``); see
@@ -32,7 +37,9 @@ from pydantic import (
     model_validator,
 )
 
+from enclavefl.config_errors import describe_errors
 from enclavefl.errors import ConfigError
+from enclavefl.task_params import BUILTIN_TASK_PARAMS
 
 __all__ = [
     "BUFFERING_AGGREGATORS",
@@ -53,7 +60,9 @@ __all__ = [
     "TlsConfig",
     "TransportConfig",
     "apply_overrides",
+    "check_worker_count",
     "load_job",
+    "override_key",
     "parse_job",
 ]
 
@@ -146,7 +155,11 @@ class TaskConfig(_Section):
     data_dir: str | None = None
     partition: Literal["iid", "dirichlet", "quantity", "writer"] = "iid"
     alpha: float = Field(default=0.5, gt=0)
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="a built-in task's settings (checked against its model in enclavefl.task_params); "
+                    "free-form for a user task",
+    )
 
     @field_validator("name")
     @classmethod
@@ -400,6 +413,9 @@ class JobConfig(_Section):
 
     @model_validator(mode="after")
     def _compatible(self) -> JobConfig:
+        problem = _worker_count_problem(self.round, self.job.workers, "job.workers")
+        if problem is not None:
+            raise ValueError(problem)
         strategy, aggregator = self.server.strategy.name, self.server.aggregator.name
         if strategy == "scaffold" and aggregator != "mean":
             raise ValueError(
@@ -416,6 +432,36 @@ class JobConfig(_Section):
     def to_dict(self) -> dict[str, Any]:
         """Plain data, suitable for YAML or JSON (the resolved configuration)."""
         return self.model_dump(mode="json")
+
+
+def _worker_count_problem(rounds: RoundConfig, workers: int, key: str) -> str | None:
+    """Why ``workers`` workers can never complete a round of ``rounds``, or None if they can."""
+    given = f"{key} {workers}" if key.startswith("--") else f"{key} = {workers}"
+    if workers < rounds.min_workers:
+        return (f"{given} is below round.min_workers = {rounds.min_workers}: no round could ever open; "
+                f"lower round.min_workers or raise {key}")
+    if rounds.mode == "sync" and workers < rounds.min_updates:
+        return (f"{given} is below round.min_updates = {rounds.min_updates}: every round would be retried "
+                f"until the job fails; lower round.min_updates or raise {key}")
+    return None
+
+
+def check_worker_count(config: JobConfig, workers: int, key: str) -> None:
+    """Refuses a number of workers the job's rounds can never be completed with.
+
+    ``job.workers`` is checked when the job is parsed; this is for a count given
+    elsewhere, such as ``enclavefl worker --of``.
+
+    Args:
+        key: how the count was given, for the message (``--of``).
+
+    Raises:
+        ConfigError: fewer workers than ``round.min_workers``, or (sync rounds) than
+            ``round.min_updates``; the message names both settings.
+    """
+    problem = _worker_count_problem(config.round, workers, key)
+    if problem is not None:
+        raise ConfigError(problem)
 
 
 # Cloud FL cluster key -> (our dotted key, factor applied to the value).
@@ -485,61 +531,83 @@ def apply_overrides(doc: Mapping[str, Any], overrides: Sequence[str]) -> dict[st
     return out
 
 
-_TAGGED = frozenset({"strategy", "optimizer", "aggregator", "staleness"})
+def override_key(item: str) -> str:
+    """The dotted key a ``--set`` item sets (a cloud FL cluster key is translated): ``job.rounds`` for ``job.rounds=4``."""
+    key = item.partition("=")[0].strip()
+    return CLOUD_KEY_ALIASES[key][0] if key in CLOUD_KEY_ALIASES else key
 
 
-def _key_path(loc: Sequence[Any]) -> str:
-    # A tagged union puts the variant's tag into the location (server.optimizer.fedadam.beta1): drop it.
-    parts = [str(p) for i, p in enumerate(loc) if not (i > 0 and loc[i - 1] in _TAGGED and isinstance(p, str) and i < len(loc) - 1)]
-    return ".".join(parts)
+def _task_params_errors(doc: Mapping[str, Any]) -> list[str]:
+    """``task.params`` checked against the params model of the built-in task the document names."""
+    task = doc.get("task", {})
+    if not isinstance(task, dict):
+        return []  # the job's own validation reports it
+    name = task.get("name", TaskConfig.model_fields["name"].default)
+    params = task.get("params", {})
+    model = BUILTIN_TASK_PARAMS.get(name) if isinstance(name, str) else None
+    if model is None or not isinstance(params, dict):
+        return []  # a user task's params are free-form
+    try:
+        model.model_validate(params)
+    except ValidationError as exc:
+        return describe_errors(exc, root=model, prefix=("task", "params"))
+    return []
 
 
-def _describe(error: Mapping[str, Any]) -> str:
-    path = _key_path(error["loc"]) or "(top level)"
-    kind = error["type"]
-    given = error.get("input")
-    if kind == "union_tag_invalid":
-        ctx = error.get("ctx") or {}
-        return f"{path}.name = {ctx.get('tag')!r}: must be one of {ctx.get('expected_tags')}"
-    if kind == "value_error" and not error["loc"]:
-        return str(error["msg"]).removeprefix("Value error, ")
-    if kind == "extra_forbidden":
-        return f"{path}: unknown key (given {given!r})"
-    if kind == "missing":
-        return f"{path}: required key is missing"
-    ctx = error.get("ctx") or {}
-    msg = str(error["msg"])
-    if "expected" in ctx and kind.startswith("literal"):
-        msg = f"must be one of {ctx['expected']}"
-    return f"{path} = {given!r}: {msg}"
+def _blame(line: str, overrides: Sequence[str]) -> str | None:
+    """The last ``--set`` item that set the key a line is about, if any did."""
+    path = line.split(" ", 1)[0].rstrip(":")
+    for item in reversed(overrides):
+        key = override_key(item)
+        if path == key or path.startswith(key + ".") or key.startswith(path + "."):
+            return item
+        if re.search(rf"(?<![\w.]){re.escape(key)}(?![\w])", line):  # a rule over several keys names them
+            return item
+    return None
 
 
 def parse_job(doc: Any, *, source: str = "<job>", overrides: Iterable[str] = ()) -> JobConfig:
     """Validates a raw job document (already parsed YAML) into a :class:`JobConfig`.
 
+    ``None`` stands for an empty document, which gives the defaults (here, from
+    Python; :func:`load_job` refuses an empty file). A built-in task's
+    ``task.params`` are checked against its model in :mod:`enclavefl.task_params`.
+
     Raises:
-        ConfigError: naming the source, every bad key path, the value and what is allowed.
+        ConfigError: naming every bad key path, the value and what is allowed, each
+            blamed on the ``--set`` item that gave it or else on ``source``.
     """
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):
         raise ConfigError(f"{source}: a job file is a mapping of sections, got {type(doc).__name__}")
+    overrides = list(overrides)
     # Aliases in the file first, so a --set in our spelling overrides them; then
     # aliases given with --set.
     doc = _resolve_aliases(copy.deepcopy(doc), source)
-    doc = _resolve_aliases(apply_overrides(doc, list(overrides)), "--set")
+    doc = _resolve_aliases(apply_overrides(doc, overrides), "--set")
+    lines = _task_params_errors(doc)
+    config = None
     try:
-        return JobConfig.model_validate(doc)
+        config = JobConfig.model_validate(doc)
     except ValidationError as exc:
-        lines = [_describe(e) for e in exc.errors(include_url=False)]
-        raise ConfigError(f"{source}: invalid job configuration:\n  " + "\n  ".join(lines)) from None
+        lines = describe_errors(exc, root=JobConfig, aliases=list(CLOUD_KEY_ALIASES)) + lines
+    if config is not None and not lines:
+        return config
+    blamed = [(_blame(line, overrides), line) for line in lines]
+    if len(blamed) == 1:
+        item, line = blamed[0]
+        raise ConfigError(f"--set {item}: {line}" if item else f"{source}: {line}")
+    header = "invalid --set overrides" if all(item for item, _ in blamed) else f"{source}: invalid job configuration"
+    body = [f"--set {item}: {line}" if item else line for item, line in blamed]
+    raise ConfigError(header + ":\n  " + "\n  ".join(body))
 
 
 def load_job(path: str | Path, overrides: Iterable[str] = ()) -> JobConfig:
     """Loads and validates a job file (YAML, safe loader only).
 
     Raises:
-        ConfigError: the file is missing, not YAML, or invalid.
+        ConfigError: the file is missing, empty (or only comments), not YAML, or invalid.
     """
     path = Path(path)
     try:
@@ -550,4 +618,7 @@ def load_job(path: str | Path, overrides: Iterable[str] = ()) -> JobConfig:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if doc is None or doc == {}:
+        # Defaults would train the digits demo: surely not what an empty file meant.
+        raise ConfigError(f"{path}: the job file is empty; write at least its job and task sections")
     return parse_job(doc, source=str(path), overrides=overrides)

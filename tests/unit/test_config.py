@@ -8,7 +8,16 @@ from typing import Any
 
 import pytest
 
-from enclavefl.config import CLOUD_KEY_ALIASES, JobConfig, apply_overrides, load_job, parse_job
+from enclavefl.config import (
+    CLOUD_KEY_ALIASES,
+    JobConfig,
+    RoundConfig,
+    apply_overrides,
+    check_worker_count,
+    load_job,
+    override_key,
+    parse_job,
+)
 from enclavefl.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,13 +62,36 @@ def test_config_is_frozen() -> None:
 # ------------------------------------------------------------------ rejections
 
 
-def test_rejects_unknown_key_naming_the_dotted_path_and_value() -> None:
+def test_rejects_unknown_key_naming_the_file_and_the_dotted_path() -> None:
     message = config_error({"transport": {"tls": {"bogus": 17}}})
 
-    assert "job.yaml" in message
-    assert "transport.tls.bogus" in message
-    assert "unknown key" in message
-    assert "17" in message
+    assert message.startswith("job.yaml: transport.tls.bogus: unknown key")
+
+
+def test_unknown_key_suggests_the_closest_and_lists_the_valid_keys() -> None:
+    message = config_error({"round": {"min_worker": 3}})
+
+    valid = ", ".join(sorted(RoundConfig.model_fields))
+    assert message == f"job.yaml: round.min_worker: unknown key; did you mean min_workers? (valid: {valid})"
+
+
+def test_unknown_key_without_a_close_one_lists_the_valid_keys_only() -> None:
+    message = config_error({"client": {"zzz": 1}})
+
+    assert "client.zzz: unknown key (valid: batch_size, epochs, lr, momentum, optimizer, weight_decay)" in message
+    assert "did you mean" not in message
+
+
+def test_unknown_key_inside_a_tagged_variant_lists_that_variants_keys() -> None:
+    message = config_error({"server": {"optimizer": {"name": "fedadam", "bet1": 0.9}}})
+
+    assert "server.optimizer.bet1: unknown key; did you mean beta1? (valid: beta1, beta2, name, tau)" in message
+
+
+def test_unknown_top_level_key_suggests_a_cloud_alias() -> None:
+    message = config_error({"fl_iteration_nun": 3})
+
+    assert "fl_iteration_nun: unknown key; did you mean fl_iteration_num?" in message
 
 
 def test_rejects_unknown_section() -> None:
@@ -94,10 +126,10 @@ def test_rejects_boolean_where_a_number_is_expected(section: str, key: str, valu
 @pytest.mark.parametrize(
     ("doc", "path", "allowed"),
     [
-        ({"job": {"rounds": 0}}, "job.rounds = 0", "greater than or equal to 1"),
-        ({"round": {"fraction": 1.5}}, "round.fraction = 1.5", "less than or equal to 1"),
-        ({"round": {"update_window_s": -1}}, "round.update_window_s = -1", "greater than 0"),
-        ({"transport": {"chunk_bytes": 10}}, "transport.chunk_bytes = 10", "greater than or equal to 4096"),
+        ({"job": {"rounds": 0}}, "job.rounds = 0", "must be >= 1"),
+        ({"round": {"fraction": 1.5}}, "round.fraction = 1.5", "must be <= 1"),
+        ({"round": {"update_window_s": -1}}, "round.update_window_s = -1", "must be > 0"),
+        ({"transport": {"chunk_bytes": 10}}, "transport.chunk_bytes = 10", "must be >= 4096"),
         ({"client": {"optimizer": "rmsprop"}}, "client.optimizer = 'rmsprop'", "must be one of 'sgd' or 'adam'"),
         ({"attestation": {"mode": "off"}}, "attestation.mode = 'off'", "must be one of"),
         ({"task": {"name": "a:b:c"}}, "task.name = 'a:b:c'", "package.module:function"),
@@ -134,7 +166,79 @@ def test_rejects_a_section_that_is_not_a_mapping() -> None:
     assert "job = 5" in message
 
 
+# ------------------------------------------------------------------ settings that can never work
+
+
+def test_refuses_fewer_workers_than_min_workers_naming_both_keys() -> None:
+    message = config_error({"job": {"workers": 2}, "round": {"min_workers": 3}})
+
+    assert message.startswith("job.yaml: job.workers = 2 is below round.min_workers = 3: no round could ever open")
+
+
+def test_fewer_workers_from_a_set_is_blamed_on_the_set() -> None:
+    # What `enclavefl run JOB --workers 2` passes for a job with min_workers 3.
+    message = config_error({"job": {"workers": 3}, "round": {"min_workers": 3}}, ["job.workers=2"])
+
+    assert message.startswith("--set job.workers=2: job.workers = 2 is below round.min_workers = 3")
+
+
+def test_min_workers_raised_by_a_set_is_blamed_on_the_set() -> None:
+    message = config_error({"job": {"workers": 3}}, ["round.min_workers=4"])
+
+    assert message.startswith("--set round.min_workers=4: job.workers = 3 is below round.min_workers = 4")
+
+
+def test_accepts_min_workers_below_workers() -> None:
+    # Rounds that need fewer than all workers (a worker may be lost) are a valid intent.
+    config = parse_job({"job": {"workers": 10}, "round": {"min_workers": 8}})
+
+    assert (config.job.workers, config.round.min_workers) == (10, 8)
+
+
+def test_accepts_min_workers_equal_to_workers() -> None:
+    config = parse_job({"job": {"workers": 3}, "round": {"min_workers": 3}})
+
+    assert config.round.min_workers == 3
+
+
+def test_refuses_sync_min_updates_above_workers() -> None:
+    message = config_error({"job": {"workers": 2}, "round": {"min_updates": 3}})
+
+    assert "job.workers = 2 is below round.min_updates = 3" in message
+
+
+def test_accepts_async_min_updates_above_workers() -> None:
+    # Async updates accumulate across steps: a few workers can send many updates.
+    config = parse_job({"job": {"workers": 2}, "round": {"mode": "async", "min_updates": 3}})
+
+    assert config.round.min_updates == 3
+
+
+def test_check_worker_count_names_the_given_count_and_min_workers() -> None:
+    config = parse_job({"job": {"workers": 3}, "round": {"min_workers": 3}})
+
+    with pytest.raises(ConfigError) as info:
+        check_worker_count(config, 2, "--of")
+
+    assert str(info.value).startswith("--of 2 is below round.min_workers = 3")
+
+
+def test_check_worker_count_accepts_enough_workers() -> None:
+    config = parse_job({"job": {"workers": 3}, "round": {"min_workers": 2}})
+
+    check_worker_count(config, 2, "--of")
+
+
 # ------------------------------------------------------------------ --set overrides
+
+
+@pytest.mark.parametrize(
+    ("item", "key"), [("job.rounds=4", "job.rounds"), (" round.fraction = 0.5", "round.fraction"),
+                      ("fl_iteration_num=3", "job.rounds")]
+)
+def test_override_key_is_the_dotted_key_set(item: str, key: str) -> None:
+    assert override_key(item) == key
+
 
 
 def test_set_reads_typed_yaml_scalars() -> None:
@@ -197,10 +301,10 @@ def test_set_rejects_a_key_that_is_not_a_path(item: str) -> None:
         parse_job({}, overrides=[item])
 
 
-def test_set_rejects_an_unknown_key_path() -> None:
+def test_set_rejects_an_unknown_key_path_blaming_the_set() -> None:
     message = config_error({}, ["job.roundz=3"])
 
-    assert "job.roundz: unknown key (given 3)" in message
+    assert message.startswith("--set job.roundz=3: job.roundz: unknown key; did you mean rounds? (valid: ")
 
 
 def test_set_rejects_descending_into_a_value() -> None:
@@ -209,11 +313,32 @@ def test_set_rejects_descending_into_a_value() -> None:
     assert "'rounds' in 'job.rounds.max' is not a section" in message
 
 
-def test_set_value_is_validated_like_the_file() -> None:
-    message = config_error({}, ["round.fraction=2"])
+def test_set_value_is_validated_like_the_file_and_blamed_on_the_set() -> None:
+    message = config_error({"round": {"fraction": 0.5}}, ["round.fraction=2"])
 
-    assert "round.fraction = 2" in message
-    assert "less than or equal to 1" in message
+    assert message == "--set round.fraction=2: round.fraction = 2: must be <= 1"
+
+
+def test_set_alias_error_is_blamed_on_the_set() -> None:
+    message = config_error({}, ["fl_iteration_num=0"])
+
+    assert message == "--set fl_iteration_num=0: job.rounds = 0: must be >= 1"
+
+
+def test_errors_from_file_and_set_are_each_blamed_on_their_origin() -> None:
+    message = config_error({"job": {"rounds": 0}}, ["client.lr=0"])
+
+    assert message.splitlines() == [
+        "job.yaml: invalid job configuration:",
+        "  job.rounds = 0: must be >= 1",
+        "  --set client.lr=0: client.lr = 0: must be > 0",
+    ]
+
+
+def test_only_the_set_that_gave_the_bad_value_is_blamed() -> None:
+    message = config_error({"round": {"fraction": 2}}, ["job.rounds=3"])
+
+    assert message.startswith("job.yaml: round.fraction = 2")
 
 
 def test_set_rejects_a_value_that_is_not_yaml() -> None:
@@ -230,7 +355,7 @@ def test_set_rejects_a_value_that_is_not_yaml() -> None:
     ("alias", "value", "section", "key", "expected"),
     [
         ("fl_iteration_num", 20, "job", "rounds", 20),
-        ("start_fl_job_threshold", 4, "round", "min_workers", 4),
+        ("start_fl_job_threshold", 2, "round", "min_workers", 2),
         ("start_fl_job_time_window", 3000, "round", "start_window_s", 3.0),
         ("update_model_ratio", 0.5, "round", "update_ratio", 0.5),
         ("update_model_time_window", 45000, "round", "update_window_s", 45.0),
@@ -383,11 +508,16 @@ def test_load_job_names_the_file_and_key_of_a_bad_value(tmp_path: Path) -> None:
     assert "round.update_ratio = 0" in str(info.value)
 
 
-def test_load_job_on_empty_file_gives_defaults(tmp_path: Path) -> None:
+@pytest.mark.parametrize("text", ["", "# only a comment\n\n# and another\n", "{}\n"])
+def test_load_job_refuses_an_empty_file(tmp_path: Path, text: str) -> None:
+    # Defaults would train the digits demo, which an empty file surely did not mean.
     path = tmp_path / "empty.yaml"
-    path.write_text("", encoding="utf-8")
+    path.write_text(text, encoding="utf-8")
 
-    assert load_job(path) == JobConfig()
+    with pytest.raises(ConfigError) as info:
+        load_job(path, ["job.rounds=2"])
+
+    assert str(info.value).startswith(f"{path}: the job file is empty")
 
 
 def test_examples_exist() -> None:

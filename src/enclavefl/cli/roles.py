@@ -19,8 +19,11 @@ from typing import Any
 
 from enclavefl.cli import add_overrides_option, setup_logging
 from enclavefl.cli.malloc import tune_malloc
-from enclavefl.config import load_job
+from enclavefl.cli.runs import CONFIG_FILE, RESUMABLE_KEYS, plan_resume, record_config, write_config
+from enclavefl.config import JobConfig, check_worker_count, load_job
 from enclavefl.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -34,8 +37,12 @@ def _common(p: argparse.ArgumentParser) -> None:
 def add_ps_parser(sub: Any) -> None:
     p = sub.add_parser("ps", help="run the parameter server")
     _common(p)
-    p.add_argument("--out", type=Path, default=Path("."), help="run directory (metrics, checkpoints)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument("--out", type=Path, default=Path("."), help="run directory (config.yaml, metrics, checkpoints)")
+    p.add_argument("--resume", action="store_true",
+                   help=f"continue from the newest checkpoint in --out, with the run's own {CONFIG_FILE} (the --config "
+                        f"file is not read; --set may change only {', '.join(RESUMABLE_KEYS)})")
+    p.add_argument("--resume-or-start", action="store_true",
+                   help="like --resume, but start at round 1 when --out holds no checkpoint (or no run)")
     p.add_argument("--port-file", type=Path, help="write the bound port here once listening")
     p.set_defaults(func=run_ps)
 
@@ -64,12 +71,36 @@ def run_ps(args: argparse.Namespace) -> int:
 
     setup_logging(logging.DEBUG if args.debug else logging.INFO, args.log_file)
     tune_malloc()
-    config = load_job(args.config, args.overrides)
-    credentials = make_credentials(config, args.tls_dir, "ps", job_dir=args.config.parent,
+    config, config_path, resume = _ps_config(args)
+    credentials = make_credentials(config, args.tls_dir, "ps", job_dir=config_path.parent,
                                    audit_path=args.audit_file or args.out / "audit.jsonl")
-    ps = build_server(config, load_task(config), out_dir=args.out, resume=args.resume)
+    ps = build_server(config, load_task(config), out_dir=args.out, resume=resume)
     serve(ps, credentials, on_listening=functools.partial(_write_port_file, args.port_file) if args.port_file else None)
     return 0
+
+
+def _ps_config(args: argparse.Namespace) -> tuple[JobConfig, Path, bool]:
+    """The PS's configuration, the file it came from, and whether to resume from a checkpoint.
+
+    A new run reads ``--config`` and records it as ``--out``/config.yaml; a resumed
+    one reads that record back (see :func:`enclavefl.cli.runs.plan_resume`).
+    """
+    run_config = args.out / CONFIG_FILE
+    if not (args.resume or args.resume_or_start) or (args.resume_or_start and not run_config.is_file()):
+        config = load_job(args.config, args.overrides)
+        return config, record_config(args.out, config, args.config), False
+    plan = plan_resume(args.out, args.overrides, allow_start=args.resume_or_start)
+    if not (args.config.exists() and run_config.samefile(args.config)):
+        log.info("resume: the run's configuration is %s; %s is not read", run_config, args.config)
+    for key, old, new in plan.changes:
+        log.info("resume: %s %r -> %r (%s updated)", key, old, new, run_config)
+    if plan.changes:
+        write_config(args.out, plan.config)
+    if plan.checkpoint_round is None:
+        log.warning("resume: no checkpoint in %s; starting at round 1 (--resume-or-start)", args.out)
+    else:
+        log.info("resumed from round %d (%s)", plan.checkpoint_round, plan.checkpoint_path)
+    return plan.config, run_config, plan.checkpoint_round is not None
 
 
 def _write_port_file(path: Path, port: int) -> None:
@@ -89,6 +120,8 @@ def run_worker(args: argparse.Namespace) -> int:
     tune_malloc()
     config = load_job(args.config, args.overrides)
     count = args.of or config.job.workers
+    if args.of is not None:
+        check_worker_count(config, args.of, "--of")  # job.workers was checked with the job
     if not 0 <= args.index < count:
         raise ConfigError(f"--index {args.index} is outside 0..{count - 1}")
     credentials = make_credentials(config, args.tls_dir, f"worker-{args.index}", job_dir=args.config.parent,

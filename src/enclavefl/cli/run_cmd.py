@@ -4,6 +4,10 @@ The parent makes the run directory (resolved configuration, certificates,
 logs), starts the PS, waits for the port it bound, starts the workers, follows
 ``metrics.jsonl`` to show progress, and tears everything down at the end or on
 Ctrl-C. It exits non-zero when the PS did.
+
+``--resume`` continues the run in ``--out`` with that run's own ``config.yaml``
+(the job file is not read again) from its newest checkpoint; see
+:func:`enclavefl.cli.runs.plan_resume` for what ``--set`` may still change.
 """
 
 from __future__ import annotations
@@ -23,9 +27,19 @@ from rich.console import Console
 
 from enclavefl.cli import add_overrides_option
 from enclavefl.cli.partition_table import print_partition_table
-from enclavefl.cli.runs import RoundProgress, choose_run_dir, claim_run_dir, print_summary, write_config
+from enclavefl.cli.runs import (
+    CONFIG_FILE,
+    RESUMABLE_KEYS,
+    ResumePlan,
+    RoundProgress,
+    choose_run_dir,
+    claim_run_dir,
+    plan_resume,
+    print_summary,
+    write_config,
+)
 from enclavefl.config import JobConfig, load_job, parse_job
-from enclavefl.errors import RoundError
+from enclavefl.errors import ConfigError, RoundError
 from enclavefl.transport.certs import create_job_certs
 
 PORT_TIMEOUT_S = 120.0
@@ -34,11 +48,16 @@ WORKER_EXIT_TIMEOUT_S = 20.0
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("run", help="run a whole job locally: 1 PS + N workers as separate processes")
-    p.add_argument("job", type=Path, help="job YAML file")
+    p.add_argument("job", type=Path, nargs="?", help="job YAML file (not read with --resume)")
     add_overrides_option(p)
     p.add_argument("--out", type=Path, help="run directory (default runs/<job name>-<timestamp>)")
-    p.add_argument("--workers", type=int, help="number of workers (default job.workers)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    p.add_argument("--workers", type=int, help="number of workers (default job.workers; the same as --set job.workers=N)")
+    p.add_argument("--resume", action="store_true",
+                   help=f"continue the run in --out from its newest checkpoint, with the run's own {CONFIG_FILE}; "
+                        f"--set may change only {', '.join(RESUMABLE_KEYS)}")
+    p.add_argument("--resume-or-start", action="store_true",
+                   help="like --resume, but start at round 1 when --out holds no checkpoint, or start JOB there "
+                        "when it holds no run")
     p.add_argument("--quiet", action="store_true", help="no progress bar, only the summary")
     p.set_defaults(func=run)
 
@@ -121,20 +140,62 @@ def _attestation_setup(console: Console, config: JobConfig, job_file: Path, run_
     return parse_job(doc, source=str(job_file))
 
 
+def _plan(console: Console, args: argparse.Namespace, overrides: list[str]) -> ResumePlan | None:
+    """The resume plan for ``--resume``/``--resume-or-start``, or None for a new run.
+
+    Raises:
+        ConfigError: no --out, no earlier run there (or no checkpoint) where one is required,
+            or no job file for a new run.
+    """
+    if not (args.resume or args.resume_or_start):
+        if args.job is None:
+            raise ConfigError("a job file is required (or --resume --out RUN_DIR to continue a run)")
+        return None
+    flag = "--resume-or-start" if args.resume_or_start else "--resume"
+    if args.out is None:
+        raise ConfigError(f"{flag} needs --out RUN_DIR, the run to continue")
+    if args.resume_or_start and not (args.out / CONFIG_FILE).is_file():
+        if args.job is None:
+            raise ConfigError(f"{flag}: {args.out} holds no earlier run, and no job file was given to start one")
+        console.print(f"{flag}: {args.out} holds no earlier run: starting {args.job} there")
+        return None
+    plan = plan_resume(args.out, overrides, allow_start=args.resume_or_start)
+    if args.job is not None:
+        console.print(f"resume: the run's configuration is {args.out / CONFIG_FILE}; {args.job} is not read "
+                      f"(--set job.rounds=N extends the job)")
+    return plan
+
+
 def run(args: argparse.Namespace) -> int:
     console = Console(stderr=False, highlight=False)
     overrides = list(args.overrides)
     if args.workers is not None:
         overrides.append(f"job.workers={args.workers}")
-    config = load_job(args.job, overrides)
-    run_dir = choose_run_dir(config, args.out)
-    claim_run_dir(run_dir, resume=args.resume)
+    plan = _plan(console, args, overrides)
+    if plan is None:
+        config = load_job(args.job, overrides)
+        run_dir = choose_run_dir(config, args.out)
+    else:
+        config, run_dir = plan.config, args.out
+    claim_run_dir(run_dir, resume=plan is not None)
     console.print(f"enclavefl run: job [bold]{config.job.name}[/], {config.job.workers} workers, "
                   f"{config.job.rounds} rounds, task {config.task.name}")
     console.print(f"run directory: {run_dir}")
     print_partition_table(console, config)
-    config = _attestation_setup(console, config, args.job, run_dir)
-    config_path = write_config(run_dir, config)
+    if plan is None:
+        config = _attestation_setup(console, config, args.job, run_dir)
+        config_path = write_config(run_dir, config)
+    else:
+        # The run's config.yaml is already resolved (attestation paths included): changed only where --set asked.
+        config_path = run_dir / CONFIG_FILE
+        for key, old, new in plan.changes:
+            console.print(f"resume: {key} {old!r} -> {new!r}")
+        if plan.changes:
+            write_config(run_dir, config)
+            console.print(f"resume: {config_path} updated")
+        if plan.checkpoint_round is None:
+            console.print(f"[yellow]resume: no checkpoint in {run_dir / config.server.checkpoint_dir}; "
+                          "starting at round 1 (--resume-or-start)[/]")
     certs_dir = run_dir / "certs"
     tls_args: list[str] = []
     if config.attestation.mode == "none":
@@ -154,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         ps_argv = python + ["ps", "--config", str(config_path), "--out", str(run_dir), *tls_args, *audit_args,
                             "--port-file", str(port_file)]
-        if args.resume:
+        if plan is not None and plan.checkpoint_round is not None:
             ps_argv.append("--resume")
         ps = cluster.spawn("ps", ps_argv)
         deadline = time.monotonic() + PORT_TIMEOUT_S
@@ -169,6 +230,9 @@ def run(args: argparse.Namespace) -> int:
             cluster.spawn(f"worker-{i}", python + ["worker", "--config", str(config_path), *tls_args, *audit_args,
                                                     "--connect", f"127.0.0.1:{port}", "--index", str(i)])
         console.print(f"PS listening on 127.0.0.1:{port}; logs in {run_dir / 'logs'}")
+        if plan is not None and plan.checkpoint_round is not None:
+            console.print(f"resumed from round {plan.checkpoint_round} ({plan.checkpoint_path}); "
+                          f"rounds {plan.checkpoint_round + 1}..{config.job.rounds} to go")
         rows = _follow(console, ps, metrics_path, config, quiet=args.quiet)
         code = ps.proc.returncode
         workers = [c for c in cluster.children if c.name.startswith("worker")]

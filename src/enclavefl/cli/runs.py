@@ -1,12 +1,20 @@
-"""What ``enclavefl run`` and ``enclavefl simulate`` share: the run directory and the round-by-round view.
+"""What ``enclavefl run``, ``simulate`` and ``ps`` share: the run directory and the round-by-round view.
 
-Both commands write the same run directory (``config.yaml``, ``metrics.jsonl``,
+The commands write the same run directory (``config.yaml``, ``metrics.jsonl``,
 ``checkpoints/``, ``logs/``) and show a job the same way: a progress bar over
 the rounds, one line per completed round, and a summary table at the end.
+
+``config.yaml`` is the resolved configuration the run started with, and
+``--resume`` reads it back instead of the job file, so that forgetting a
+``--set`` cannot silently change a job half-way. Only the keys in
+:data:`RESUMABLE_KEYS` may change on resume (how long the job runs and how long
+its rounds wait); they never change what a round computes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
@@ -17,12 +25,32 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from enclavefl.config import JobConfig
-from enclavefl.errors import EnclaveFLError
+from enclavefl.config import JobConfig, load_job, override_key, parse_job
+from enclavefl.errors import ConfigError, EnclaveFLError
+from enclavefl.server.checkpoint import latest_checkpoint
 
-__all__ = ["RoundProgress", "choose_run_dir", "claim_run_dir", "fmt", "print_summary", "round_line", "write_config"]
+__all__ = [
+    "RESUMABLE_KEYS",
+    "ResumePlan",
+    "RoundProgress",
+    "choose_run_dir",
+    "claim_run_dir",
+    "fmt",
+    "plan_resume",
+    "print_summary",
+    "record_config",
+    "round_line",
+    "write_config",
+]
 
 CONFIG_FILE = "config.yaml"
+
+RESUMABLE_KEYS = ("job.rounds", "round.start_window_s", "round.update_window_s", "round.max_retries", "transport.listen")
+"""The keys ``--set`` may change when a run resumes: the number of rounds (to extend a job), the rounds' waiting
+windows and retries, and the PS's address. Every other key would change what the resumed job computes."""
+
+_RUN_PATH_KEYS = ("policy", "sim_root", "collateral")
+"""``attestation`` paths, relative to the job file; a recorded config.yaml holds them absolute."""
 
 
 def choose_run_dir(config: JobConfig, out: Path | None) -> Path:
@@ -49,10 +77,118 @@ def claim_run_dir(run_dir: Path, *, resume: bool) -> None:
 
 
 def write_config(run_dir: Path, config: JobConfig) -> Path:
-    """Writes the resolved configuration the run uses (``enclavefl predict`` reads it back)."""
+    """Writes the resolved configuration the run uses (``--resume`` and ``enclavefl predict`` read it back)."""
     path = run_dir / CONFIG_FILE
     path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     return path
+
+
+def record_config(run_dir: Path, config: JobConfig, job_file: Path) -> Path:
+    """Writes ``config.yaml`` for a PS started from ``job_file``, so that ``--resume`` can read it back.
+
+    Attestation paths, relative to the job file, are written absolute. Nothing
+    is written when ``job_file`` is that very file (``enclavefl run`` wrote it).
+
+    Returns:
+        The path of the run's ``config.yaml``.
+
+    Raises:
+        ConfigError: ``run_dir`` already holds a different ``config.yaml`` (another run: it is not replaced).
+    """
+    path = run_dir / CONFIG_FILE
+    if path.exists() and job_file.exists() and path.samefile(job_file):
+        return path
+    doc = config.to_dict()
+    for key in _RUN_PATH_KEYS:
+        value = doc["attestation"].get(key)
+        if value and not Path(value).is_absolute():
+            doc["attestation"][key] = str((job_file.parent / value).resolve())
+    resolved = parse_job(doc, source=str(job_file))
+    if path.is_file():
+        if load_job(path) == resolved:
+            return path
+        raise ConfigError(f"{path} holds the configuration of another run; continue that run with --resume, "
+                          "or choose another --out for a new one")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return write_config(run_dir, resolved)
+
+
+@dataclass(frozen=True, slots=True)
+class ResumePlan:
+    """What a resumed run will do: its configuration, what ``--set`` changed, and where it starts."""
+
+    config: JobConfig
+    """The run's ``config.yaml`` with the allowed ``--set`` overrides applied."""
+    changes: tuple[tuple[str, Any, Any], ...]
+    """(dotted key, value in ``config.yaml``, new value) for every key the overrides changed."""
+    checkpoint_round: int | None
+    """The round of the newest checkpoint, or None: the run starts again at round 1."""
+    checkpoint_path: Path | None
+
+
+def _leaves(doc: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in doc.items():
+        if isinstance(value, Mapping):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _changes(before: JobConfig, after: JobConfig) -> tuple[tuple[str, Any, Any], ...]:
+    old, new = _leaves(before.to_dict()), _leaves(after.to_dict())
+    return tuple((k, old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k))
+
+
+def _setter(key: str, overrides: Sequence[str]) -> str | None:
+    """The last ``--set`` item that set ``key`` (or the section holding it)."""
+    for item in reversed(overrides):
+        set_key = override_key(item)
+        if key == set_key or key.startswith(set_key + "."):
+            return item
+    return None
+
+
+def plan_resume(run_dir: Path, overrides: Sequence[str], *, allow_start: bool = False) -> ResumePlan:
+    """Reads a run directory back for ``--resume``: its ``config.yaml``, the allowed overrides, its newest checkpoint.
+
+    Args:
+        overrides: ``--set`` items; each may change only a key of :data:`RESUMABLE_KEYS`
+            (one that sets a key to the value it has already is accepted).
+        allow_start: ``--resume-or-start``: without a checkpoint the run starts again at round 1.
+
+    Raises:
+        ConfigError: ``config.yaml`` is missing or invalid, an override changes a key that must not
+            change, there is no checkpoint (unless ``allow_start``), or the checkpoint is of the
+            last round already.
+        CheckpointError: the newest checkpoint is corrupt.
+    """
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"--resume: {run_dir} holds no earlier run ({CONFIG_FILE} missing: a run writes the "
+                          "resolved configuration there when it starts)")
+    before = load_job(path)
+    config = load_job(path, overrides)
+    changes = _changes(before, config)
+    refused = [key for key, _, _ in changes if key not in RESUMABLE_KEYS]
+    if refused:
+        key = refused[0]
+        item = _setter(key, overrides)
+        old = dict((k, v) for k, v, _ in changes)[key]
+        raise ConfigError(f"{'--set ' + item if item else '--resume'}: {key} cannot change when a run resumes "
+                          f"({path} has {old!r}); only {', '.join(RESUMABLE_KEYS)} may")
+    checkpoint = latest_checkpoint(run_dir / config.server.checkpoint_dir)
+    if checkpoint is None:
+        if not allow_start:
+            raise ConfigError(f"--resume: {run_dir / config.server.checkpoint_dir} holds no checkpoint, so there is "
+                              "nothing to resume; use --resume-or-start to start the run again at round 1")
+        return ResumePlan(config, changes, None, None)
+    if checkpoint.round >= config.job.rounds:
+        raise ConfigError(f"--resume: the run has completed all its rounds (checkpoint of round {checkpoint.round}, "
+                          f"job.rounds = {config.job.rounds}); extend it with --set job.rounds=N, "
+                          f"N > {checkpoint.round}")
+    return ResumePlan(config, changes, checkpoint.round, checkpoint.path)
 
 
 def fmt(value: Any, digits: int = 4) -> str:

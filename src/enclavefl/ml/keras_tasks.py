@@ -37,6 +37,7 @@ from enclavefl.ml.keras_trainer import KerasTrainer, import_keras
 from enclavefl.ml.partition import PartitionRow, label_histogram
 from enclavefl.ml.trainer import OptimizerSettings
 from enclavefl.ml.workloads import load_fashion_mnist_resnet20
+from enclavefl.task_params import KerasResNetParams, task_params
 from enclavefl.tensors import ParamSet
 from enclavefl.training import Task, Trainer
 
@@ -151,18 +152,12 @@ class KerasTask:
         return KerasTrainer(self._model(), None, self._images(self.data.test))
 
 
-def _int_param(config: JobConfig, key: str, default: int) -> int:
-    value = config.task.params.get(key, default)
-    if type(value) is not int or value < 1:  # exact: True is not an int here
-        raise ConfigError(f"task.params.{key} = {value!r}: expected an integer >= 1")
-    return value
-
-
 def _keras_task(
     config: JobConfig, name: str, load: Callable[[JobConfig], Task], image_shape: tuple[int, int, int]
 ) -> KerasTask:
     """The Keras ResNet over the data of the PyTorch task ``load`` builds; params and Keras checked first."""
-    width, blocks = _int_param(config, "width", 16), _int_param(config, "blocks", 1)
+    params = task_params(config, KerasResNetParams)
+    width, blocks = params.width, params.blocks
     import_keras()
     data = load(config)
     if not isinstance(data, ArrayTask):  # pragma: no cover - the PyTorch loaders return ArrayTasks

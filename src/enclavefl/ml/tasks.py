@@ -20,6 +20,7 @@ from enclavefl.ml.datasets.arrays import ArrayDataset
 from enclavefl.ml.keras_tasks import KERAS_TASKS
 from enclavefl.ml.models import MODELS
 from enclavefl.ml.workloads import WORKLOADS
+from enclavefl.task_params import DigitsMlpParams, task_params
 from enclavefl.training import Task
 
 __all__ = ["TASKS", "ArrayTask", "load_digits_task"]
@@ -42,7 +43,7 @@ def load_digits_task(config: JobConfig) -> Task:
     order = np.random.default_rng(config.job.seed).permutation(len(y))
     cut = int(round(len(y) * 0.2))
     test_idx, train_idx = np.sort(order[:cut]), np.sort(order[cut:])
-    hidden = tuple(int(h) for h in config.task.params.get("hidden", (64,)))
+    hidden = tuple(task_params(config, DigitsMlpParams).hidden)
     return ArrayTask(
         name="digits-mlp",
         make_model=lambda: MODELS["mlp"](in_features=64, hidden=hidden, num_classes=10),
@@ -54,5 +55,8 @@ def load_digits_task(config: JobConfig) -> Task:
 
 
 TASKS: dict[str, TaskFactory] = {"digits-mlp": load_digits_task, **WORKLOADS, **KERAS_TASKS}
-"""Built-in tasks by ``task.name``: the digits demo, the reference workloads and their Keras versions."""
+"""Built-in tasks by ``task.name``: the digits demo, the reference workloads and their Keras versions.
+
+Each has its ``task.params`` model in :data:`enclavefl.task_params.BUILTIN_TASK_PARAMS` (a test keeps the two in step).
+"""
 

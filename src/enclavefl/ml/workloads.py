@@ -15,10 +15,12 @@ current working directory of the process (``enclavefl run`` starts the PS and
 the workers in its own working directory), never relative to the job file,
 because the nodes read a copy of the job written into the run directory.
 
-``task.params`` (all optional):
+``task.params`` (all optional; the models in :mod:`enclavefl.task_params` list
+them, and a key a task does not read is refused when the job is parsed):
 
-* ``max_train_samples`` / ``max_eval_samples``: a seeded subsample, for short runs.
-* ``num_classes``: classifier outputs (default from the data set: 10, FEMNIST 62).
+* the image tasks: ``max_train_samples`` / ``max_eval_samples`` (a seeded
+  subsample, for short runs) and ``num_classes`` (classifier outputs, default
+  from the data set: 10, FEMNIST 62).
 * criteo-dlrm: ``table_size`` (rows per embedding table, default 10000),
   ``embedding_dim`` (16), ``bottom_mlp`` ([64, 32, embedding_dim]),
   ``top_mlp`` ([64, 32, 1]), ``eval_fraction`` (0.1), ``eval_fold`` (0: which
@@ -26,16 +28,15 @@ because the nodes read a copy of the job written into the run directory.
   cross-validation on small samples), ``sparse_gradients`` (true: embedding
   tables get row-sparse gradients and a lazy optimizer, see
   :mod:`enclavefl.ml.dlrm_trainer`), ``train_file`` (default ``train.txt``,
-  else ``train_sample.txt``).
+  else ``train_sample.txt``), ``max_rows`` (rows read) and ``max_train_samples``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -67,6 +68,7 @@ from enclavefl.ml.partition import (
 )
 from enclavefl.ml.array_task import ArrayTask
 from enclavefl.ml.trainer import OptimizerSettings
+from enclavefl.task_params import CriteoDlrmParams, ImageWorkloadParams, task_params
 from enclavefl.tensors import ParamSet
 from enclavefl.training import Task, Trainer
 
@@ -105,26 +107,6 @@ def resolve_data_dir(config: JobConfig) -> Path:
     return path
 
 
-def _param(config: JobConfig, key: str, default: Any, kind: type, minimum: float | None = None) -> Any:
-    value: Any = config.task.params.get(key, default)
-    if value is None:
-        return None
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if type(value) is not kind:  # exact: True is not an int here, 1 is not a bool
-        raise ConfigError(f"task.params.{key} = {value!r}: expected {kind.__name__}")
-    if minimum is not None and isinstance(value, int | float) and value < minimum:
-        raise ConfigError(f"task.params.{key} = {value!r}: must be >= {minimum}")
-    return value
-
-
-def _int_list(config: JobConfig, key: str, default: Sequence[int]) -> tuple[int, ...]:
-    value = config.task.params.get(key, default)
-    if not isinstance(value, list | tuple) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        raise ConfigError(f"task.params.{key} = {value!r}: expected a list of integers")
-    return tuple(value)
-
-
 def _sample(n: int, limit: int | None, seed: int) -> npt.NDArray[np.int64]:
     """Sorted indices of a seeded subsample of ``limit`` out of ``n`` (all when ``limit`` is None)."""
     if limit is None or limit >= n:
@@ -134,7 +116,8 @@ def _sample(n: int, limit: int | None, seed: int) -> npt.NDArray[np.int64]:
 
 def _limits(config: JobConfig) -> tuple[int | None, int | None]:
     """``max_train_samples`` and ``max_eval_samples``, checked before any data is read."""
-    return _param(config, "max_train_samples", None, int, 1), _param(config, "max_eval_samples", None, int, 1)
+    params = task_params(config, ImageWorkloadParams)
+    return params.max_train_samples, params.max_eval_samples
 
 
 def _limited(data: ArrayDataset, limit: int | None, seed: int) -> ArrayDataset:
@@ -157,7 +140,7 @@ def _image_task(
     default_classes: int,
     writers: FederatedDataset | None = None,
 ) -> ArrayTask:
-    num_classes = _param(config, "num_classes", default_classes, int, 1)
+    num_classes = task_params(config, ImageWorkloadParams).num_classes or default_classes
     top = max(int(np.max(d.y)) if len(d) else 0 for d in (train, test))
     if top >= num_classes:
         raise ConfigError(f"task.params.num_classes = {num_classes}: the data holds label {top}")
@@ -235,13 +218,13 @@ class DlrmShape:
     @classmethod
     def from_config(cls, config: JobConfig) -> DlrmShape:
         """Raises: ConfigError: a ``task.params`` key has the wrong type or range."""
-        embedding_dim = _param(config, "embedding_dim", 16, int, 1)
+        params = task_params(config, CriteoDlrmParams)
         return cls(
-            table_size=_param(config, "table_size", 10_000, int, 2),
-            embedding_dim=embedding_dim,
-            bottom_mlp=_int_list(config, "bottom_mlp", (64, 32, embedding_dim)),
-            top_mlp=_int_list(config, "top_mlp", (64, 32, 1)),
-            sparse_gradients=_param(config, "sparse_gradients", True, bool),
+            table_size=params.table_size,
+            embedding_dim=params.embedding_dim,
+            bottom_mlp=params.bottom_layers,
+            top_mlp=tuple(params.top_mlp),
+            sparse_gradients=params.sparse_gradients,
         )
 
     def build(self, seed: int) -> DLRM:
@@ -331,20 +314,14 @@ def _held_out_split(
 def load_criteo_dlrm(config: JobConfig) -> Task:
     """DLRM on a Criteo TSV in the train format; a seeded ``eval_fraction`` of the distinct rows is held out."""
     root = resolve_data_dir(config)
-    name = _param(config, "train_file", None, str)
+    params = task_params(config, CriteoDlrmParams)  # eval_fraction in (0, 1), eval_fold within its folds
+    name = params.train_file
     if name is None:
         found = [n for n in CRITEO_TRAIN_FILES if (root / n).is_file()]
         name = found[0] if found else CRITEO_TRAIN_FILES[0]
     shape = DlrmShape.from_config(config)
-    fraction = _param(config, "eval_fraction", 0.1, float, 0.0)
-    if not 0 < fraction < 1:
-        raise ConfigError(f"task.params.eval_fraction = {fraction}: must be in (0, 1)")
-    folds = int(1 / fraction + 1e-9)
-    fold = _param(config, "eval_fold", 0, int, 0)
-    if fold >= folds:
-        raise ConfigError(f"task.params.eval_fold = {fold}: eval_fraction={fraction} gives folds 0..{folds - 1}")
-    max_rows = _param(config, "max_rows", None, int, 1)
-    data = load_criteo(root / name, table_size=shape.table_size, max_rows=max_rows)
+    fraction, fold = params.eval_fraction, params.eval_fold
+    data = load_criteo(root / name, table_size=shape.table_size, max_rows=params.max_rows)
     test_idx, train_idx, distinct = _held_out_split(data, fraction, config.job.seed, fold)
     if len(test_idx) == 0 or len(train_idx) == 0:
         raise ConfigError(f"{root / name}: {distinct} distinct rows are too few for eval_fraction={fraction}")
@@ -353,8 +330,7 @@ def load_criteo_dlrm(config: JobConfig) -> Task:
                     "distinct row, so no evaluation row is also a training row", root / name, len(data), distinct)
     test = data.subset(test_idx)
     train = data.subset(train_idx)
-    limit = _param(config, "max_train_samples", None, int, 1)
-    train = train.subset(_sample(len(train), limit, config.job.seed))
+    train = train.subset(_sample(len(train), params.max_train_samples, config.job.seed))
     log.info("task criteo-dlrm: %s, %d train rows, %d held out, table_size %d", root / name, len(train), len(test), shape.table_size)
     return CriteoTask(name="criteo-dlrm", train=train, test=test, config=config, shape=shape)
 

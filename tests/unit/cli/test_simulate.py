@@ -59,9 +59,10 @@ def test_simulate_quiet_prints_no_round_lines(job_file: Path, tmp_path: Path,
 
 def test_a_failed_job_exits_1_with_its_reason(job_file: Path, tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
-    # Two workers never reach round.min_workers 3 within the start window.
-    code = main(["simulate", str(job_file), "--out", str(tmp_path / "run"), "--workers", "2",
-                 "--set", "round.start_window_s=0.2", "--set", "round.max_retries=0"])
+    # No update arrives within a 1 ms window, and a round needs all three (too few workers is refused at start).
+    code = main(["simulate", str(job_file), "--out", str(tmp_path / "run"), "--workers", "3",
+                 "--set", "round.update_window_s=0.001", "--set", "round.min_updates=3",
+                 "--set", "round.max_retries=0"])
 
     assert code == 1
     assert "the job failed:" in capsys.readouterr().out

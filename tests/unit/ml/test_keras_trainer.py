@@ -227,7 +227,7 @@ def test_digits_keras_task_trains_and_scores_images() -> None:
 
 
 def test_keras_task_width_must_be_a_positive_int() -> None:
-    with pytest.raises(ConfigError, match=r"task.params.width = 0: expected an integer >= 1"):
+    with pytest.raises(ConfigError, match=r"task.params.width = 0: must be >= 1"):
         TASKS["digits-keras-resnet"](_job("digits-keras-resnet", width=0))
 
 

@@ -165,5 +165,5 @@ def test_criteo_eval_folds_partition_the_distinct_rows() -> None:
 
 
 def test_bool_param_must_be_a_bool(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"task.params.sparse_gradients = 1: expected bool"):
+    with pytest.raises(ConfigError, match=r"task.params.sparse_gradients = 1: must be a valid boolean"):
         load_task(_job("criteo-dlrm", tmp_path, sparse_gradients=1))
