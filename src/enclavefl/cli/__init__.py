@@ -30,7 +30,8 @@ def exit_code(exc: BaseException) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from enclavefl.cli import attest_cmd, baseline_cmd, certs_cmd, predict_cmd, report_cmd, roles, run_cmd, simulate_cmd
+    from enclavefl.cli import (attest_cmd, baseline_cmd, certs_cmd, export_cmd, predict_cmd, report_cmd, roles,
+                               run_cmd, simulate_cmd)
 
     parser = argparse.ArgumentParser(prog="enclavefl", description="Federated learning with attested TLS.")
     parser.add_argument("--version", action="version", version=f"enclavefl {__version__}")
@@ -45,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     baseline_cmd.add_parser(sub)
     report_cmd.add_parser(sub)
     predict_cmd.add_parser(sub)
+    export_cmd.add_parser(sub)
     return parser
 
 

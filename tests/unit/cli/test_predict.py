@@ -121,10 +121,10 @@ def test_errors_name_what_is_missing(run_dir: Path, tmp_path: Path, capsys: pyte
     assert "needs --config" in capsys.readouterr().err
     assert main(["predict", str(run_dir), "--input", str(tmp_path / "absent.txt"), "--out", str(tmp_path / "p.csv")]) == 2
     assert "absent.txt: cannot read" in capsys.readouterr().err
-    digits = dict(JOB, task={"name": "digits-mlp"})
-    (tmp_path / "digits.yaml").write_text(yaml.safe_dump(digits))
-    assert main(["predict", str(ckpt), "--config", str(tmp_path / "digits.yaml"), "--input", str(test)]) == 2
-    assert "task 'digits-mlp' cannot score files" in capsys.readouterr().err
+    user = dict(JOB, task={"name": "mypkg.tasks:build"})
+    (tmp_path / "user.yaml").write_text(yaml.safe_dump(user))
+    assert main(["predict", str(ckpt), "--config", str(tmp_path / "user.yaml"), "--input", str(test)]) == 2
+    assert "task 'mypkg.tasks:build' is a user task; predict supports the built-in tasks" in capsys.readouterr().err
 
 
 def test_unknown_path_is_refused(tmp_path: Path) -> None:
@@ -143,3 +143,16 @@ def test_scoring_in_blocks_changes_nothing(run_dir: Path, tmp_path: Path, monkey
     assert blocks.labels is not None and whole.labels is not None
     np.testing.assert_array_equal(blocks.labels, whole.labels)
     assert len(blocks.scores) == 25
+
+
+def test_a_corrupt_checkpoint_exits_2_in_one_line(run_dir: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    test = tmp_path / "test.txt"
+    test.write_text(_rows(3, False))
+    ckpt = next((run_dir / "checkpoints").glob("*.ckpt"))
+    ckpt.write_bytes(ckpt.read_bytes()[:-50])
+
+    assert main(["predict", str(run_dir), "--input", str(test), "--out", str(tmp_path / "p.csv")]) == 2
+
+    err = capsys.readouterr().err.strip()
+    assert ckpt.name in err and len(err.splitlines()) == 1

@@ -22,6 +22,7 @@ from enclavefl.ml.datasets.cifar import (
 )
 from enclavefl.ml.datasets.criteo import CRITEO_URL, NUM_CATEGORICAL, NUM_DENSE, CriteoData, iter_criteo, load_criteo
 from enclavefl.ml.datasets.femnist import LEAF_URL, load_femnist, load_leaf_json
+from enclavefl.ml.datasets.images import ImageInputs, load_images
 from enclavefl.ml.datasets.idx import (
     FASHION_MNIST_URL,
     MNIST_URL,
@@ -42,6 +43,7 @@ __all__ = [
     "ArrayDataset",
     "CriteoData",
     "FederatedDataset",
+    "ImageInputs",
     "IndexArray",
     "concatenate",
     "flatten_federated",
@@ -54,6 +56,7 @@ __all__ = [
     "load_femnist",
     "load_idx_images",
     "load_idx_labels",
+    "load_images",
     "load_leaf_json",
     "load_mnist",
 ]
