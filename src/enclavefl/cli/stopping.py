@@ -88,6 +88,7 @@ class StopSignals:
 
     Create it on the main thread (signal handlers can only be set there) and
     :meth:`close` it when the command ends; the previous handlers come back then.
+    A second stop signal while the first is handled exits at once (Ctrl-C twice).
     """
 
     def __init__(self, *, parent_pid: int | None = None) -> None:
@@ -110,6 +111,10 @@ class StopSignals:
         self._thread.start()
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
+        if self._event.is_set() and not self._closed.is_set():
+            # A second stop signal (Ctrl-C pressed again) while the first is handled: stop now.
+            os.write(2, f"{signal.Signals(signum).name} again: exiting at once\n".encode())
+            os._exit(exit_code_for(self.signum or signum))
         if self.signum is None:
             self.signum = signum
         self._event.set()

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -79,3 +81,22 @@ def test_close_restores_the_handlers_and_calls_nothing() -> None:
 
     assert signal.getsignal(signal.SIGTERM) is before
     assert calls == [] and not stopper.stopped
+
+
+def test_a_second_stop_signal_exits_at_once() -> None:
+    # The first SIGTERM starts a stop that never ends (its callback blocks); the second exits with 143.
+    code = (
+        "import os, signal, threading, time\n"
+        "from enclavefl.cli.stopping import StopSignals\n"
+        "stopper = StopSignals()\n"
+        "stopper.on_stop(threading.Event().wait)\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(1.0)\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(10.0)\n"
+    )
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+
+    assert done.returncode == 143
+    assert done.stderr.endswith("SIGTERM again: exiting at once\n")
