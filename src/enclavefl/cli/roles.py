@@ -121,20 +121,22 @@ def run_ps(args: argparse.Namespace) -> int:
         stopper.on_stop(ps.stop)
         ps.metrics.subscribe(lambda row: console.print(round_line(row, config.job.rounds)))
         host = config.transport.listen.rpartition(":")[0]
+        started: list[float] = []
 
         def listening(port: int) -> None:
+            started.append(time.monotonic())
             if args.port_file:
                 _write_port_file(args.port_file, port)
             console.print(f"PS listening on {host}:{port}", soft_wrap=True)
 
-        started = time.monotonic()
         try:
             serve(ps, credentials, on_listening=listening)
         finally:
-            latest: dict[int, dict[str, Any]] = {row["round"]: row for row in ps.metrics.history}
-            print_summary(console, [latest[r] for r in sorted(latest)], time.monotonic() - started,
-                          title="enclavefl ps summary")
-            console.print(f"run directory: {out}")
+            if started:  # a PS that never listened has nothing to sum up
+                latest: dict[int, dict[str, Any]] = {row["round"]: row for row in ps.metrics.history}
+                print_summary(console, [latest[r] for r in sorted(latest)], time.monotonic() - started[0],
+                              title="enclavefl ps summary")
+                console.print(f"run directory: {out}")
     finally:
         stopper.close()
     return exit_code_for(stopper.signum) if stopper.signum is not None else 0
