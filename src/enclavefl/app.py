@@ -32,12 +32,13 @@ from typing import TYPE_CHECKING, Any
 
 from enclavefl.config import JobConfig
 from enclavefl.errors import ConfigError, RoundError
+from enclavefl.job_digest import job_digests
 from enclavefl.messages import PeerIdentity, WorkerClient
 from enclavefl.server.checkpoint import latest_checkpoint
 from enclavefl.server.closing import Evaluator
 from enclavefl.server.ps import ParameterServer
 from enclavefl.server.strategy import Strategy
-from enclavefl.tensors import ParamSet
+from enclavefl.tensors import ParamSet, StreamHeader
 from enclavefl.training import Task, Trainer
 from enclavefl.worker.faults import faults_for
 from enclavefl.worker.inmemory import InMemoryClient
@@ -101,7 +102,9 @@ def serve(ps: ParameterServer, credentials: Credentials, *,
           on_listening: Callable[[int], None] | None = None) -> None:
     """Serves ``ps`` to workers over gRPC and TLS on ``transport.listen`` until the job ends.
 
-    gRPC is imported here, not with this module: a simulation never needs it.
+    A worker whose job settings (task, partition, seed, model) differ from the
+    PS's is refused at join (:mod:`enclavefl.job_digest`). gRPC is imported
+    here, not with this module: a simulation never needs it.
 
     Args:
         credentials: the PS's TLS identity (see :func:`enclavefl.transport.provisioning.make_credentials`).
@@ -110,14 +113,15 @@ def serve(ps: ParameterServer, credentials: Credentials, *,
 
     Raises:
         RoundError: too few workers or updates within ``round.max_retries`` retries.
-        TransportError: the address cannot be bound.
+        TransportError: the address cannot be bound (in use, or not on this host).
     """
     from enclavefl.transport.service import FederationServer
 
     config = ps.config
     server = FederationServer.start(ps, credentials, listen=config.transport.listen,
                                     chunk_bytes=config.transport.chunk_bytes,
-                                    max_downloads=config.server.max_concurrent_downloads)
+                                    max_downloads=config.server.max_concurrent_downloads,
+                                    job_settings=job_digests(config, StreamHeader.of(ps.params)))
     try:
         log.info("ps %s: listening on port %d, job %s, %d rounds, model %d tensors / %d bytes",
                  ps.instance, server.port, config.job.name, config.job.rounds, len(ps.params), ps.params.nbytes)
@@ -131,7 +135,7 @@ def serve(ps: ParameterServer, credentials: Credentials, *,
 
 def run_worker(config: JobConfig, task: Task, index: int, num_workers: int,
                client_factory: Callable[[], WorkerClient], *, name: str | None = None,
-               stop: threading.Event | None = None) -> int:
+               stop: threading.Event | None = None, connect_timeout_s: float = 300.0) -> int:
     """Runs worker ``index`` of ``num_workers`` until the PS finishes the job or ``stop`` is set.
 
     The worker trains ``task.worker_trainer(index, num_workers)`` (its partition of
@@ -142,14 +146,17 @@ def run_worker(config: JobConfig, task: Task, index: int, num_workers: int,
             :func:`~enclavefl.worker.runtime.grpc_client_factory` in a deployment.
         name: shown in the PS's logs; default ``worker-<index>``, the name ``enclavefl run`` gives.
         stop: set it from another thread to make the worker return at its next wait.
+        connect_timeout_s: how long an unreachable PS is retried (at the start, or after
+            it went away) before the worker gives up.
 
     Returns:
         How many of this worker's updates the PS accepted.
 
     Raises:
-        ConfigError: ``index`` is not in ``0..num_workers - 1``, or the job's ``faults`` section
-            asks for more attackers or stragglers than workers.
-        Unavailable: the PS stayed unreachable for the worker's give-up time.
+        ConfigError: ``index`` is not in ``0..num_workers - 1``, the job's ``faults`` section
+            asks for more attackers or stragglers than workers, the PS refused this worker's
+            job settings (they differ from its own), or TLS refused the PS certificate.
+        Unavailable: the PS stayed unreachable for ``connect_timeout_s``.
         VerificationError: the PS (or this worker, for the PS) failed verification.
         ProtocolError: the PS sent a task or model this worker cannot follow.
     """
@@ -157,7 +164,9 @@ def run_worker(config: JobConfig, task: Task, index: int, num_workers: int,
         raise ConfigError(f"worker index {index} is outside 0..{num_workers - 1} (num_workers {num_workers})")
     attacks, slowdown = faults_for(config, index, num_workers)  # experiments only; none by default
     trainer = task.worker_trainer(index, num_workers)
-    settings = WorkerSettings(name=name or f"worker-{index}", seed=config.job.seed, slowdown=slowdown)
+    settings = WorkerSettings(name=name or f"worker-{index}", seed=config.job.seed, slowdown=slowdown,
+                              give_up_s=connect_timeout_s,
+                              job_settings=job_digests(config, StreamHeader.of(trainer.get_parameters())))
     worker = Worker(client_factory, trainer, settings, stop=stop, transforms=[*default_transforms(trainer), *attacks])
     worker.run()
     return worker.rounds_done

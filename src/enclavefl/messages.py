@@ -170,7 +170,17 @@ class WorkerClient(Protocol):
     VerificationError, ProtocolError); nothing transport-specific reaches the worker.
     """
 
-    def join(self, worker_name: str, num_samples: int) -> JoinInfo: ...
+    def join(self, worker_name: str, num_samples: int, *, job_settings: Mapping[str, str] | None = None) -> JoinInfo:
+        """Joins the job.
+
+        Args:
+            job_settings: digests of the settings every node must share, for the PS to
+                compare (:mod:`enclavefl.job_digest`); None: nothing to compare.
+
+        Raises:
+            ConfigError: the PS refused the join because the settings differ.
+        """
+        ...
 
     def wait_task(self, worker_id: str, max_wait_s: float) -> TaskInfo: ...
 

@@ -1,21 +1,33 @@
 """The ``enclavefl`` command: one function per subcommand, wired here.
 
 A failure prints one line to stderr and returns an exit code: 2 for usage and
-configuration errors, 3 for attestation, 4 for the network, 1 for anything
-else; ``--debug`` shows the traceback.
+configuration errors (a missing optional extra among them), 3 for
+attestation, 4 for the network, 1 for anything else; ``--debug`` shows the
+traceback. A command stopped by SIGINT, SIGTERM or SIGHUP exits with 128 + the
+signal number (130, 143, 129).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from enclavefl import __version__
 from enclavefl.errors import AttestationError, ConfigError, DataError, EnclaveFLError, TransportError
 
-__all__ = ["add_overrides_option", "exit_code", "main", "setup_logging"]
+__all__ = ["EXTRAS", "add_overrides_option", "exit_code", "main", "missing_extra", "setup_logging"]
+
+EXTRAS: Mapping[str, str] = {
+    "torch": "ml",
+    "sklearn": "ml",
+    "matplotlib": "report",
+    "keras": "ml,keras",
+}
+"""Optional packages by top-level module, and the extras of ``enclavefl`` that install them."""
 
 
 def exit_code(exc: BaseException) -> int:
@@ -27,6 +39,15 @@ def exit_code(exc: BaseException) -> int:
     if isinstance(exc, TransportError):
         return 4
     return 1
+
+
+def missing_extra(exc: ImportError) -> str | None:
+    """What to install when ``exc`` is an optional package that is not installed; None for other import errors."""
+    name = getattr(exc, "name", None) or ""
+    extra = EXTRAS.get(name.partition(".")[0])
+    if not isinstance(exc, ModuleNotFoundError) or extra is None:
+        return None
+    return f"this needs {name.partition('.')[0]}, which is not installed: pip install 'enclavefl[{extra}]'"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -72,16 +93,28 @@ def setup_logging(level: int, path: str | None = None) -> logging.Handler:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (tests call it directly)."""
+    arguments = list(argv) if argv is not None else sys.argv[1:]
+    if "--debug" not in arguments:
+        # gRPC's core logs a line of its own for events we report in ours (a failed TLS handshake):
+        # only its errors, unless --debug. Read once, when gRPC loads (the parser's imports load it).
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     parser = _parser()
-    args = parser.parse_args(list(argv) if argv is not None else None)
+    args = parser.parse_args(arguments)
     try:
         result: int = args.func(args)
         return result
-    except KeyboardInterrupt:
-        print("enclavefl: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"enclavefl {args.command}: {'interrupted' if signum == signal.SIGINT else exc}", file=sys.stderr)
+        return 128 + signum
     except EnclaveFLError as exc:
         if args.debug:
             raise
         print(f"enclavefl {args.command}: error: {exc}", file=sys.stderr)
         return exit_code(exc)
+    except ModuleNotFoundError as exc:
+        hint = missing_extra(exc)
+        if hint is None or args.debug:
+            raise
+        print(f"enclavefl {args.command}: error: {hint}", file=sys.stderr)
+        return 2

@@ -4,24 +4,44 @@
 Both are argument parsing over the library: credentials from
 :mod:`enclavefl.transport.provisioning`, then :func:`enclavefl.app.build_server`
 and :func:`enclavefl.app.serve`, or :func:`enclavefl.app.run_worker`.
+
+`enclavefl ps` keeps what a run directory holds in ``--out``: the resolved
+``config.yaml``, ``logs/ps.log``, ``audit.jsonl``, ``metrics.jsonl`` and the
+checkpoints; the console shows warnings, one line per round and the summary.
+Both stop cleanly on SIGINT, SIGTERM and SIGHUP (:mod:`enclavefl.cli.stopping`):
+the PS checkpoints its last completed round and tells the workers to finish.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import os
-import signal
+import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+
 from enclavefl.cli import add_overrides_option, setup_logging
 from enclavefl.cli.malloc import tune_malloc
-from enclavefl.cli.runs import CONFIG_FILE, RESUMABLE_KEYS, plan_resume, record_config, write_config
-from enclavefl.config import JobConfig, check_worker_count, load_job
-from enclavefl.errors import ConfigError
+from enclavefl.cli.runs import (
+    CONFIG_FILE,
+    RESUMABLE_KEYS,
+    plan_resume,
+    print_summary,
+    record_config,
+    round_line,
+    write_config,
+)
+from enclavefl.cli.stopping import StopSignals, exit_code_for
+from enclavefl.config import JobConfig, check_worker_count, load_job, parse_job
+from enclavefl.errors import ConfigError, Unavailable
+
+DEFAULT_CONNECT_TIMEOUT_S = 120.0
+"""How long ``enclavefl worker`` retries an unreachable PS before it gives up (exit 4)."""
 
 log = logging.getLogger(__name__)
 
@@ -30,20 +50,24 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, type=Path, help="job YAML file")
     add_overrides_option(p)
     p.add_argument("--tls-dir", type=Path, help="directory made by `enclavefl certs` (ca.pem, ps.pem, worker-<i>.pem ...)")
-    p.add_argument("--log-file", help="write logs here instead of stderr")
     p.add_argument("--audit-file", type=Path, help="append attestation decisions here as JSON lines")
+    # `enclavefl run` passes its pid: the child stops when `run` is gone, however it died.
+    p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
 
 
 def add_ps_parser(sub: Any) -> None:
     p = sub.add_parser("ps", help="run the parameter server")
     _common(p)
-    p.add_argument("--out", type=Path, default=Path("."), help="run directory (config.yaml, metrics, checkpoints)")
+    p.add_argument("--out", type=Path, default=Path("."),
+                   help="run directory: config.yaml, logs/ps.log, audit.jsonl, metrics, checkpoints (default .)")
+    p.add_argument("--log-file", help="write logs here (default OUT/logs/ps.log)")
     p.add_argument("--resume", action="store_true",
                    help=f"continue from the newest checkpoint in --out, with the run's own {CONFIG_FILE} (the --config "
                         f"file is not read; --set may change only {', '.join(RESUMABLE_KEYS)})")
     p.add_argument("--resume-or-start", action="store_true",
                    help="like --resume, but start at round 1 when --out holds no checkpoint (or no run)")
     p.add_argument("--port-file", type=Path, help="write the bound port here once listening")
+    p.add_argument("--quiet", action="store_true", help="nothing on the console: logs only")
     p.set_defaults(func=run_ps)
 
 
@@ -54,14 +78,18 @@ def add_worker_parser(sub: Any) -> None:
     p.add_argument("--index", type=int, required=True, help="this worker's index (its data partition)")
     p.add_argument("--of", type=int, help="number of workers the data is split across (default job.workers)")
     p.add_argument("--name", help="name shown in PS logs (default worker-<index>)")
+    p.add_argument("--log-file", help="write logs here instead of stderr")
+    p.add_argument("--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT_S, metavar="S",
+                   help=f"give up when the PS stays unreachable this long (default {DEFAULT_CONNECT_TIMEOUT_S:.0f})")
     p.set_defaults(func=run_worker)
 
 
-def _stop_on_signals(event: threading.Event) -> None:
-    def handler(signum: int, frame: object) -> None:
-        event.set()
-
-    signal.signal(signal.SIGTERM, handler)
+def _warnings_on_console(role: str) -> None:
+    """Warnings and errors also go to stderr, one line each, while the full log goes to the file."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter(f"enclavefl {role}: %(levelname)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
 
 
 def run_ps(args: argparse.Namespace) -> int:
@@ -69,14 +97,44 @@ def run_ps(args: argparse.Namespace) -> int:
     from enclavefl.tasks import load_task
     from enclavefl.transport.provisioning import make_credentials
 
-    setup_logging(logging.DEBUG if args.debug else logging.INFO, args.log_file)
+    out: Path = args.out
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    log_path = args.log_file or str(out / "logs" / "ps.log")
+    setup_logging(logging.DEBUG if args.debug else logging.INFO, log_path)
+    if not args.quiet:
+        _warnings_on_console("ps")
     tune_malloc()
-    config, config_path, resume = _ps_config(args)
-    credentials = make_credentials(config, args.tls_dir, "ps", job_dir=config_path.parent,
-                                   audit_path=args.audit_file or args.out / "audit.jsonl")
-    ps = build_server(config, load_task(config), out_dir=args.out, resume=resume)
-    serve(ps, credentials, on_listening=functools.partial(_write_port_file, args.port_file) if args.port_file else None)
-    return 0
+    console = Console(highlight=False, quiet=args.quiet)
+    stopper = StopSignals(parent_pid=args.parent_pid)
+    try:
+        config, config_path, resume = _ps_config(args)
+        console.print(f"enclavefl ps: job {config.job.name}, {config.job.rounds} rounds, task {config.task.name}; "
+                      f"run directory {out}, log {log_path}", soft_wrap=True)
+        credentials = make_credentials(config, args.tls_dir, "ps", job_dir=config_path.parent,
+                                       audit_path=args.audit_file or out / "audit.jsonl")
+        ps = build_server(config, load_task(config), out_dir=out, resume=resume)
+        stopper.on_stop(ps.stop)
+        ps.metrics.subscribe(lambda row: console.print(round_line(row, config.job.rounds)))
+        host = config.transport.listen.rpartition(":")[0]
+        started: list[float] = []
+
+        def listening(port: int) -> None:
+            started.append(time.monotonic())
+            if args.port_file:
+                _write_port_file(args.port_file, port)
+            console.print(f"PS listening on {host}:{port}", soft_wrap=True)
+
+        try:
+            serve(ps, credentials, on_listening=listening)
+        finally:
+            if started:  # a PS that never listened has nothing to sum up
+                latest: dict[int, dict[str, Any]] = {row["round"]: row for row in ps.metrics.history}
+                print_summary(console, [latest[r] for r in sorted(latest)], time.monotonic() - started[0],
+                              title="enclavefl ps summary")
+                console.print(f"run directory: {out}")
+    finally:
+        stopper.close()
+    return exit_code_for(stopper.signum) if stopper.signum is not None else 0
 
 
 def _ps_config(args: argparse.Namespace) -> tuple[JobConfig, Path, bool]:
@@ -118,16 +176,29 @@ def run_worker(args: argparse.Namespace) -> int:
 
     setup_logging(logging.DEBUG if args.debug else logging.INFO, args.log_file)
     tune_malloc()
-    config = load_job(args.config, args.overrides)
-    count = args.of or config.job.workers
-    if args.of is not None:
-        check_worker_count(config, args.of, "--of")  # job.workers was checked with the job
-    if not 0 <= args.index < count:
-        raise ConfigError(f"--index {args.index} is outside 0..{count - 1}")
-    credentials = make_credentials(config, args.tls_dir, f"worker-{args.index}", job_dir=args.config.parent,
-                                   audit_path=args.audit_file)
-    stop = threading.Event()
-    _stop_on_signals(stop)
-    connect = grpc_client_factory(args.connect, credentials, chunk_bytes=config.transport.chunk_bytes)
-    app.run_worker(config, load_task(config), args.index, count, connect, name=args.name, stop=stop)
-    return 0
+    if not args.connect_timeout > 0:
+        raise ConfigError(f"--connect-timeout {args.connect_timeout:g}: must be > 0 seconds")
+    stopper = StopSignals(parent_pid=args.parent_pid)
+    try:
+        config = load_job(args.config, args.overrides)
+        count = args.of or config.job.workers
+        if args.of is not None:
+            check_worker_count(config, args.of, "--of")  # job.workers was checked with the job
+        if not 0 <= args.index < count:
+            raise ConfigError(f"--index {args.index} is outside 0..{count - 1}")
+        credentials = make_credentials(config, args.tls_dir, f"worker-{args.index}", job_dir=args.config.parent,
+                                       audit_path=args.audit_file)
+        stop = threading.Event()
+        stopper.on_stop(stop.set)
+        connect = grpc_client_factory(args.connect, credentials, chunk_bytes=config.transport.chunk_bytes)
+        try:
+            app.run_worker(config, load_task(config), args.index, count, connect, name=args.name, stop=stop,
+                           connect_timeout_s=args.connect_timeout)
+        except Unavailable as exc:
+            if stopper.stopped:
+                return exit_code_for(stopper.signum or 0)
+            raise Unavailable(f"{exc}; is the PS running and reachable at {args.connect}? "
+                              f"(--connect-timeout {args.connect_timeout:g}s)") from exc
+    finally:
+        stopper.close()
+    return exit_code_for(stopper.signum) if stopper.signum is not None else 0

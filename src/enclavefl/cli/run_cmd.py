@@ -3,7 +3,11 @@
 The parent makes the run directory (resolved configuration, certificates,
 logs), starts the PS, waits for the port it bound, starts the workers, follows
 ``metrics.jsonl`` to show progress, and tears everything down at the end or on
-Ctrl-C. It exits non-zero when the PS did.
+Ctrl-C, SIGTERM or SIGHUP (the PS first, so that it checkpoints its last
+completed round and tells the workers to finish). It exits non-zero when the
+PS did, and 128 + the signal number when a signal stopped it. The children
+watch this process and stop when it is gone, even after a SIGKILL
+(:mod:`enclavefl.cli.stopping`).
 
 ``--resume`` continues the run in ``--out`` with that run's own ``config.yaml``
 (the job file is not read again) from its newest checkpoint; see
@@ -38,12 +42,15 @@ from enclavefl.cli.runs import (
     print_summary,
     write_config,
 )
+from enclavefl.cli.stopping import exit_code_for, raise_on_stop_signals
 from enclavefl.config import JobConfig, load_job, parse_job
 from enclavefl.errors import ConfigError, RoundError
 from enclavefl.transport.certs import create_job_certs
 
 PORT_TIMEOUT_S = 120.0
 WORKER_EXIT_TIMEOUT_S = 20.0
+PS_STOP_GRACE_S = 20.0
+"""How long a stopped PS gets to checkpoint and tell the workers to finish before it is killed."""
 
 
 def add_parser(sub: Any) -> None:
@@ -91,7 +98,15 @@ class _Cluster:
         return child
 
     def close(self, grace_s: float = 5.0) -> None:
-        alive = [c for c in self.children if c.proc.poll() is None]
+        """Stops the PS first (it checkpoints and tells the workers to finish), then whatever is left."""
+        self._stop([c for c in self.children if c.name == "ps"], PS_STOP_GRACE_S)
+        self._stop([c for c in self.children if c.name != "ps"], grace_s)
+        for c in self.children:
+            c.log_file.close()
+
+    @staticmethod
+    def _stop(children: list[_Child], grace_s: float) -> None:
+        alive = [c for c in children if c.proc.poll() is None]
         for c in alive:
             c.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace_s
@@ -101,8 +116,6 @@ class _Cluster:
             except subprocess.TimeoutExpired:
                 c.proc.kill()
                 c.proc.wait(5)
-        for c in self.children:
-            c.log_file.close()
 
 
 def _tail(path: Path, lines: int = 8) -> str:
@@ -167,6 +180,11 @@ def _plan(console: Console, args: argparse.Namespace, overrides: list[str]) -> R
 
 
 def run(args: argparse.Namespace) -> int:
+    with raise_on_stop_signals():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     console = Console(stderr=False, highlight=False)
     overrides = list(args.overrides)
     if args.workers is not None:
@@ -206,6 +224,7 @@ def run(args: argparse.Namespace) -> int:
     audit_args = ["--audit-file", str(run_dir / "audit.jsonl")]
 
     python = [sys.executable, "-m", "enclavefl"] + (["--debug"] if args.debug else [])
+    watch_args = ["--parent-pid", str(os.getpid())]
     cluster = _Cluster(run_dir)
     started = time.monotonic()
     port_file = run_dir / "ps.port"
@@ -214,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     try:
         ps_argv = python + ["ps", "--config", str(config_path), "--out", str(run_dir), *tls_args, *audit_args,
-                            "--port-file", str(port_file)]
+                            "--port-file", str(port_file), "--quiet", *watch_args]
         if plan is not None and plan.checkpoint_round is not None:
             ps_argv.append("--resume")
         ps = cluster.spawn("ps", ps_argv)
@@ -228,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
         port = int(port_file.read_text())
         for i in range(config.job.workers):
             cluster.spawn(f"worker-{i}", python + ["worker", "--config", str(config_path), *tls_args, *audit_args,
-                                                    "--connect", f"127.0.0.1:{port}", "--index", str(i)])
+                                                    "--connect", f"127.0.0.1:{port}", "--index", str(i), *watch_args])
         console.print(f"PS listening on 127.0.0.1:{port}; logs in {run_dir / 'logs'}")
         if plan is not None and plan.checkpoint_round is not None:
             console.print(f"resumed from round {plan.checkpoint_round} ({plan.checkpoint_path}); "
@@ -242,11 +261,12 @@ def run(args: argparse.Namespace) -> int:
                 w.proc.wait(max(end - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
                 pass
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted: stopping the PS and the workers[/]")
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        console.print(f"[yellow]{'interrupted' if signum == signal.SIGINT else exc}: stopping the PS and the workers[/]")
         cluster.close()
         console.print(f"run directory: {run_dir}")
-        return 130
+        return exit_code_for(signum)
     finally:
         cluster.close()
     wall = time.monotonic() - started

@@ -86,7 +86,8 @@ def write_config(run_dir: Path, config: JobConfig) -> Path:
 def record_config(run_dir: Path, config: JobConfig, job_file: Path) -> Path:
     """Writes ``config.yaml`` for a PS started from ``job_file``, so that ``--resume`` can read it back.
 
-    Attestation paths, relative to the job file, are written absolute. Nothing
+    Attestation paths (relative to the job file) and TLS paths (relative to the
+    working directory) are written absolute. Nothing
     is written when ``job_file`` is that very file (``enclavefl run`` wrote it).
 
     Returns:
@@ -103,6 +104,10 @@ def record_config(run_dir: Path, config: JobConfig, job_file: Path) -> Path:
         value = doc["attestation"].get(key)
         if value and not Path(value).is_absolute():
             doc["attestation"][key] = str((job_file.parent / value).resolve())
+    for key in ("ca_cert", "cert", "key"):  # TLS files are relative to the working directory
+        value = doc["transport"]["tls"].get(key)
+        if value and not Path(value).is_absolute():
+            doc["transport"]["tls"][key] = str(Path(value).resolve())
     resolved = parse_job(doc, source=str(job_file))
     if path.is_file():
         if load_job(path) == resolved:

@@ -13,7 +13,9 @@ optimizer and client algorithm to ClientSettings, Task.config and
 UpdateHeader.kind/extensions. The package keeps its name so that a peer of
 another version still reaches the service and is told which versions differ.
 Later stages add data through Task.config and UpdateHeader.extensions rather
-than new fields; existing field numbers never change.
+than new fields; existing field numbers never change. Fields added since
+(JoinRequest/JoinReply.job_settings) are optional: a peer that does not know
+them leaves them empty and the other side skips what they check.
 """
 
 from collections import abc as _abc
@@ -208,15 +210,43 @@ Global___JoinAttestation: _TypeAlias = JoinAttestation  # noqa: Y015
 class JoinRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class JobSettingsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
     WORKER_NAME_FIELD_NUMBER: _builtins.int
     NUM_SAMPLES_FIELD_NUMBER: _builtins.int
     ATTESTATION_FIELD_NUMBER: _builtins.int
+    JOB_SETTINGS_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     worker_name: _builtins.str
     num_samples: _builtins.int
     @_builtins.property
     def attestation(self) -> Global___JoinAttestation: ...
+    @_builtins.property
+    def job_settings(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Digests of the job settings that must be the same on every node (task,
+        partition, seed, model shapes), by key: the PS refuses a join whose
+        digests differ from its own, naming the keys. Empty from older workers.
+        """
+
     def __init__(
         self,
         *,
@@ -224,10 +254,11 @@ class JoinRequest(_message.Message):
         worker_name: _builtins.str = ...,
         num_samples: _builtins.int = ...,
         attestation: Global___JoinAttestation | None = ...,
+        job_settings: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["attestation", b"attestation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attestation", b"attestation", "num_samples", b"num_samples", "protocol_version", b"protocol_version", "worker_name", b"worker_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attestation", b"attestation", "job_settings", b"job_settings", "num_samples", b"num_samples", "protocol_version", b"protocol_version", "worker_name", b"worker_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -237,12 +268,33 @@ Global___JoinRequest: _TypeAlias = JoinRequest  # noqa: Y015
 class JoinReply(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class JobSettingsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
     WORKER_ID_FIELD_NUMBER: _builtins.int
     JOB_NAME_FIELD_NUMBER: _builtins.int
     PS_INSTANCE_FIELD_NUMBER: _builtins.int
     ROUNDS_FIELD_NUMBER: _builtins.int
     SESSION_TOKEN_FIELD_NUMBER: _builtins.int
+    JOB_SETTINGS_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     worker_id: _builtins.str
     job_name: _builtins.str
@@ -251,6 +303,10 @@ class JoinReply(_message.Message):
     rounds: _builtins.int
     session_token: _builtins.str
     """With attestation: sent back as "enclavefl-session" metadata on every later call."""
+    @_builtins.property
+    def job_settings(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The PS's digests of the same settings (see JoinRequest.job_settings)."""
+
     def __init__(
         self,
         *,
@@ -260,10 +316,11 @@ class JoinReply(_message.Message):
         ps_instance: _builtins.str = ...,
         rounds: _builtins.int = ...,
         session_token: _builtins.str = ...,
+        job_settings: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_name", b"job_name", "protocol_version", b"protocol_version", "ps_instance", b"ps_instance", "rounds", b"rounds", "session_token", b"session_token", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_name", b"job_name", "job_settings", b"job_settings", "protocol_version", b"protocol_version", "ps_instance", b"ps_instance", "rounds", b"rounds", "session_token", b"session_token", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -16,7 +16,7 @@ from enclavefl.messages import (
 )
 from enclavefl.transport.attested import AttestedCredentials
 from enclavefl.transport.audit import AuditLog, AuditRecord
-from enclavefl.transport.certs import CertBundle, create_job_certs
+from enclavefl.transport.certs import CertBundle, add_worker_cert, create_job_certs
 from enclavefl.transport.client import FederationClient
 from enclavefl.transport.credentials import (
     CaCredentials,
@@ -47,6 +47,7 @@ __all__ = [
     "TaskKind",
     "UpdateMeta",
     "UpdateSink",
+    "add_worker_cert",
     "cert_fingerprint",
     "create_job_certs",
 ]

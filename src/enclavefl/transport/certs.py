@@ -1,8 +1,11 @@
 """A per-job certificate authority for plain mutual TLS (``attestation.mode: none``).
 
-`enclavefl run` makes one automatically inside the run directory; `enclavefl certs`
+`enclavefl run` makes one automatically inside the run directory and keeps no
+CA key: nobody can issue more certificates for that run. `enclavefl certs`
 makes the same files for a multi-host deployment, where the operator copies the
-CA certificate to every host and each host's own certificate and key to it.
+CA certificate to every host and each host's own certificate and key to it; it
+keeps the CA key in a directory of its own (never copied to a host), from which
+:func:`add_worker_cert` issues a certificate for a site that joins later.
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from enclavefl.errors import ConfigError
 
-__all__ = ["CertBundle", "create_job_certs", "make_ca", "make_node_cert"]
+__all__ = ["CA_KEY_FILE", "CertBundle", "add_worker_cert", "create_job_certs", "make_ca", "make_node_cert"]
 
 DEFAULT_VALIDITY = dt.timedelta(days=30)
+CA_KEY_FILE = "ca.key"
+"""The CA's private key, in the CA directory (next to a copy of ``ca.pem``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +122,10 @@ def _write(path: Path, data: bytes, private: bool) -> None:
         f.write(data)
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    return path.resolve() == folder.resolve() or folder.resolve() in path.resolve().parents
+
+
 def create_job_certs(
     out_dir: Path,
     job_name: str,
@@ -124,23 +133,38 @@ def create_job_certs(
     workers: int,
     server_names: tuple[str, ...] = ("enclavefl-ps", "localhost", "127.0.0.1"),
     validity: dt.timedelta = DEFAULT_VALIDITY,
+    ca_dir: Path | None = None,
 ) -> dict[str, Path]:
     """Writes ``ca.pem``, ``ps.pem``/``ps.key`` and ``worker-<i>.pem``/``.key`` into ``out_dir``.
 
-    The CA key is not kept: once every node has its certificate, nobody can issue
-    more, which is what a fixed-membership job wants. Keys are written 0600.
+    Without ``ca_dir`` the CA key is not kept: once every node has its
+    certificate, nobody can issue more, which is what a fixed-membership job
+    wants. With it, the key is kept there (``ca.key``, 0600, in a 0700
+    directory, with a copy of ``ca.pem``) for :func:`add_worker_cert`. Keys are written 0600.
 
     Returns:
         A mapping of role names (``ca``, ``ps``, ``worker-0`` ...) to certificate paths.
 
     Raises:
-        ConfigError: ``out_dir`` already holds certificates (nothing is overwritten).
+        ConfigError: ``out_dir`` or ``ca_dir`` already holds certificates (nothing is
+            overwritten), or ``ca_dir`` lies inside ``out_dir`` (whose files are copied to hosts).
     """
+    if ca_dir is not None:
+        if _inside(ca_dir, out_dir):
+            raise ConfigError(f"the CA directory {ca_dir} is inside {out_dir}, whose files go to every host: "
+                              "keep the CA key apart")
+        if (ca_dir / CA_KEY_FILE).exists():
+            raise ConfigError(f"{ca_dir}: already holds {CA_KEY_FILE}; refusing to overwrite a CA")
     out_dir.mkdir(parents=True, exist_ok=True)
     if (out_dir / "ca.pem").exists():
         raise ConfigError(f"{out_dir}: already holds ca.pem; refusing to overwrite certificates")
     ca_cert, ca_key = make_ca(job_name, validity)
     ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
+    if ca_dir is not None:
+        ca_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(ca_dir, 0o700)
+        _write(ca_dir / CA_KEY_FILE, _key_pem(ca_key), private=True)
+        _write(ca_dir / "ca.pem", ca_pem, private=False)
     _write(out_dir / "ca.pem", ca_pem, private=False)
     paths = {"ca": out_dir / "ca.pem"}
     roles = [("ps", server_names)] + [(f"worker-{i}", ()) for i in range(workers)]
@@ -150,3 +174,40 @@ def create_job_certs(
         _write(out_dir / f"{role}.key", bundle.key_pem, private=True)
         paths[role] = out_dir / f"{role}.pem"
     return paths
+
+
+def add_worker_cert(ca_dir: Path, out_dir: Path, index: int, *, validity: dt.timedelta = DEFAULT_VALIDITY) -> Path:
+    """Issues ``worker-<index>.pem``/``.key`` into ``out_dir`` with the CA kept in ``ca_dir``.
+
+    For a site that joins after :func:`create_job_certs`: the PS trusts the
+    job CA, so the new certificate works without touching the PS.
+
+    Returns:
+        The new certificate's path.
+
+    Raises:
+        ConfigError: ``ca_dir`` holds no CA key or certificate (or they do not
+            pair), or ``out_dir`` already holds that worker's certificate.
+    """
+    if index < 0:
+        raise ConfigError(f"worker index {index}: must be >= 0")
+    try:
+        ca_cert = x509.load_pem_x509_certificate((ca_dir / "ca.pem").read_bytes())
+        ca_key = serialization.load_pem_private_key((ca_dir / CA_KEY_FILE).read_bytes(), password=None)
+    except OSError as exc:
+        raise ConfigError(f"{ca_dir}: no CA here ({exc.strerror or exc}: {exc.filename}); it is the directory "
+                          "`enclavefl certs --ca-dir` wrote") from exc
+    except ValueError as exc:
+        raise ConfigError(f"{ca_dir}: ca.pem or {CA_KEY_FILE} is not PEM: {exc}") from exc
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey) or ca_key.public_key() != ca_cert.public_key():
+        raise ConfigError(f"{ca_dir}: {CA_KEY_FILE} is not the key of ca.pem")
+    role = f"worker-{index}"
+    if (out_dir / f"{role}.pem").exists() or (out_dir / f"{role}.key").exists():
+        raise ConfigError(f"{out_dir}: already holds {role}.pem or {role}.key; refusing to overwrite it")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bundle = make_node_cert(ca_cert, ca_key, f"enclavefl {role}", validity=validity)
+    _write(out_dir / f"{role}.pem", bundle.cert_pem, private=False)
+    _write(out_dir / f"{role}.key", bundle.key_pem, private=True)
+    if not (out_dir / "ca.pem").exists():
+        _write(out_dir / "ca.pem", bundle.ca_cert_pem, private=False)
+    return out_dir / f"{role}.pem"

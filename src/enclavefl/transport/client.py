@@ -7,7 +7,8 @@ from collections.abc import Iterator, Mapping
 
 import grpc
 
-from enclavefl.errors import ClosedError, ProtocolError
+from enclavefl.errors import ClosedError, ConfigError, EnclaveFLError, ProtocolError
+from enclavefl.job_digest import differing_settings
 from enclavefl.proto import PROTOCOL_VERSION
 from enclavefl.proto import federation_pb2 as pb
 from enclavefl.proto import federation_pb2_grpc as pb_grpc
@@ -17,10 +18,12 @@ from enclavefl.transport.credentials import Credentials
 from enclavefl.messages import JoinInfo, PushResult, TaskInfo, UpdateKind, UpdateMeta, WorkerClient
 from enclavefl.transport.service import SESSION_METADATA_KEY, message_limit
 from enclavefl.transport.wire import (
+    SETTINGS_MISMATCH,
     check_version,
     error_from_rpc,
     header_from_proto,
     task_from_proto,
+    tls_failure,
     update_meta_to_proto,
 )
 
@@ -83,14 +86,40 @@ class FederationClient:
         if self._closed:
             raise ClosedError("FederationClient used after close()")
 
-    def join(self, worker_name: str, num_samples: int, timeout_s: float = 30.0) -> JoinInfo:
+    def _error(self, exc: grpc.RpcError, what: str) -> EnclaveFLError:
+        """Our error for a failed call; a refused TLS handshake under the job CA is a configuration error.
+
+        With a pinned PS certificate (attested credentials) a failed handshake
+        means the PS restarted with a new key since it was verified, and the
+        worker verifies it again, so it stays a transport error there.
+        """
+        details = (exc.details() if hasattr(exc, "details") else None) or ""
+        reason = None if self._server_cert_sha256 else tls_failure(details)
+        if reason is not None:
+            log.debug("%s %s: TLS handshake failed: %s", what, self.target, details)
+            return ConfigError(
+                f"{what} {self.target}: {reason}; check that ca.pem (--tls-dir, or transport.tls.ca_cert) is the CA "
+                "that issued the PS certificate, and that transport.tls.server_name is a name in it"
+            )
+        return error_from_rpc(exc, f"{what} {self.target}")
+
+    def join(self, worker_name: str, num_samples: int, timeout_s: float = 30.0, *,
+             job_settings: Mapping[str, str] | None = None) -> JoinInfo:
         """Joins; with attested credentials, first proves this node's evidence over a PS challenge.
+
+        Args:
+            job_settings: this node's digests of the settings every node must share
+                (:func:`enclavefl.job_digest.job_digests`), for the PS to compare.
 
         Raises:
             VerificationError: the PS refused this worker's evidence or proof.
+            ConfigError: the TLS handshake refused the PS certificate (another CA or name), or
+                this worker's job settings differ from the PS's (the message names the keys).
         """
         self._check_open()
-        request = pb.JoinRequest(protocol_version=PROTOCOL_VERSION, worker_name=worker_name, num_samples=num_samples)
+        ours = dict(job_settings or {})
+        request = pb.JoinRequest(protocol_version=PROTOCOL_VERSION, worker_name=worker_name, num_samples=num_samples,
+                                 job_settings=ours)
         try:
             if self._credentials.attested_join:
                 challenge = self._stub.Challenge(pb.ChallengeRequest(protocol_version=PROTOCOL_VERSION), timeout=timeout_s)
@@ -102,8 +131,12 @@ class FederationClient:
                 )
             reply = self._stub.Join(request, timeout=timeout_s, wait_for_ready=False)
         except grpc.RpcError as exc:
-            raise error_from_rpc(exc, f"Join {self.target}") from exc
+            raise self._error(exc, "Join") from exc
         check_version(reply.protocol_version, "JoinReply", sender="PS")
+        differ = differing_settings(ours, reply.job_settings) if ours and reply.job_settings else []
+        if differ:
+            raise ConfigError(f"Join {self.target}: {SETTINGS_MISMATCH} from the PS's in {', '.join(differ)}: "
+                              "every node must run the same job file")
         self._metadata = ((SESSION_METADATA_KEY, reply.session_token),) if reply.session_token else ()
         return JoinInfo(reply.worker_id, reply.job_name, reply.ps_instance, int(reply.rounds))
 
@@ -122,7 +155,7 @@ class FederationClient:
                 metadata=self._metadata,
             )
         except grpc.RpcError as exc:
-            raise error_from_rpc(exc, f"WaitTask {self.target}") from exc
+            raise self._error(exc, "WaitTask") from exc
         check_version(reply.protocol_version, "Task", sender="PS")
         return task_from_proto(reply)
 
@@ -154,7 +187,7 @@ class FederationClient:
                 decoder.feed(data)
             params = decoder.finish()
         except grpc.RpcError as exc:
-            raise error_from_rpc(exc, f"PullModel {self.target}") from exc
+            raise self._error(exc, "PullModel") from exc
         return int(first.header.model_version), params, decoder.bytes_received
 
     def push_update(
@@ -202,7 +235,7 @@ class FederationClient:
         try:
             reply = self._push(messages(), timeout=timeout_s, metadata=self._metadata)
         except grpc.RpcError as exc:
-            raise error_from_rpc(exc, f"PushUpdate {self.target}") from exc
+            raise self._error(exc, "PushUpdate") from exc
         check_version(reply.protocol_version, "PushReply", sender="PS")
         return PushResult(bool(reply.accepted), reply.reason, header.total_bytes)
 
@@ -215,7 +248,7 @@ class FederationClient:
                 metadata=self._metadata,
             )
         except grpc.RpcError as exc:
-            raise error_from_rpc(exc, f"Leave {self.target}") from exc
+            raise self._error(exc, "Leave") from exc
 
 
 _IS_WORKER_CLIENT: type[WorkerClient] = FederationClient  # mypy checks that the gRPC client satisfies the protocol

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import serialization
 
 from enclavefl.errors import ConfigError, ProtocolError, VerificationError
 from enclavefl.messages import PeerIdentity
+from enclavefl.transport.handshakes import HandshakeWatch
 
 __all__ = ["CaCredentials", "ChannelSetup", "Credentials", "JoinProof", "cert_fingerprint"]
 
@@ -124,6 +125,21 @@ class Credentials(ABC):
             raise ProtocolError("Join: this PS takes no attested joins (attestation.mode is none)")
         return self.identify_peer(cert_pem), ""
 
+    def observe_call(self, peer: str) -> None:
+        """Notes that a call arrived on the connection ``peer`` (gRPC's peer address; PS side).
+
+        The default does nothing; credentials that watch failed handshakes count it.
+        """
+
+
+def _subject(cert_pem: bytes) -> str:
+    """A certificate's common name, for messages ("?" when it has none or does not parse)."""
+    try:
+        names = x509.load_pem_x509_certificate(cert_pem).subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    except ValueError:
+        return "?"
+    return str(names[0].value) if names else "?"
+
 
 class CaCredentials(Credentials):
     """Mutual TLS where every node holds a certificate issued by the per-job CA."""
@@ -133,6 +149,9 @@ class CaCredentials(Credentials):
         self._cert = cert
         self._key = key
         self._server_name = server_name
+        self.handshakes = HandshakeWatch(f"this PS trusts the CA {_subject(ca_cert)!r} (its ca.pem); "
+                                         "the worker's log says what its side saw")
+        """Incoming connections that failed their handshake (PS side), logged rate-limited."""
 
     @classmethod
     def from_files(cls, ca_cert: str | Path, cert: str | Path, key: str | Path, *, server_name: str = "enclavefl-ps") -> CaCredentials:
@@ -153,9 +172,16 @@ class CaCredentials(Credentials):
         return cls(blobs[0], blobs[1], blobs[2], server_name=server_name)
 
     def server_credentials(self) -> grpc.ServerCredentials:
-        return grpc.ssl_server_credentials(
-            [(self._key, self._cert)], root_certificates=self._ca, require_client_auth=True
-        )
+        # The dynamic form only to hear of every connection before its handshake: the certificate never changes.
+        config = grpc.ssl_server_certificate_configuration([(self._key, self._cert)], root_certificates=self._ca)
+
+        def before_handshake() -> None:
+            self.handshakes.connection_started()
+
+        return grpc.dynamic_ssl_server_credentials(config, before_handshake, require_client_authentication=True)
+
+    def observe_call(self, peer: str) -> None:
+        self.handshakes.call_seen(peer)
 
     def channel_setup(self, target: str) -> ChannelSetup:
         creds = grpc.ssl_channel_credentials(

@@ -8,9 +8,11 @@ errors become gRPC status codes here; the handler never sees grpc.
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -19,14 +21,17 @@ import grpc
 
 from enclavefl.errors import (
     ClosedError,
+    ConfigError,
     EnclaveFLError,
     ProtocolError,
     RoundError,
     StaleSession,
+    TransportError,
     UpdateRejected,
     VerificationError,
     VersionMismatch,
 )
+from enclavefl.job_digest import differing_settings
 from enclavefl.proto import PROTOCOL_VERSION
 from enclavefl.proto import federation_pb2 as pb
 from enclavefl.proto import federation_pb2_grpc as pb_grpc
@@ -36,6 +41,7 @@ from enclavefl.transport.framing import DataChunk, chunk_decoder, chunk_payload,
 from enclavefl.messages import FederationHandler, PeerIdentity
 from enclavefl.transport.wire import (
     MAX_EXTENSIONS_TOTAL_BYTES,
+    SETTINGS_MISMATCH,
     check_version,
     header_to_proto,
     task_to_proto,
@@ -71,7 +77,7 @@ def _abort(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
         code = grpc.StatusCode.PERMISSION_DENIED
     elif isinstance(exc, ProtocolError):
         code = grpc.StatusCode.INVALID_ARGUMENT
-    elif isinstance(exc, RoundError | ClosedError):
+    elif isinstance(exc, RoundError | ClosedError | ConfigError):
         code = grpc.StatusCode.FAILED_PRECONDITION
     else:
         code = grpc.StatusCode.INTERNAL
@@ -80,10 +86,12 @@ def _abort(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
 
 
 class _Servicer(pb_grpc.FederationServicer):
-    def __init__(self, handler: FederationHandler, credentials: Credentials, chunk_bytes: int, max_downloads: int) -> None:
+    def __init__(self, handler: FederationHandler, credentials: Credentials, chunk_bytes: int, max_downloads: int,
+                 job_settings: Mapping[str, str]) -> None:
         self._handler = handler
         self._credentials = credentials
         self._chunk_bytes = chunk_bytes
+        self._job_settings = dict(job_settings)
         # gRPC buffers a chunk or two per open stream; bounding the streams bounds that memory.
         self._download_slots = threading.BoundedSemaphore(max_downloads)
 
@@ -93,7 +101,21 @@ class _Servicer(pb_grpc.FederationServicer):
         cert: bytes | None = certs[0]
         return cert
 
+    def _seen(self, context: grpc.ServicerContext) -> None:
+        self._credentials.observe_call(context.peer())
+
+    def _check_settings(self, request: pb.JoinRequest) -> None:
+        """Refuses a worker whose job settings differ from this PS's (a worker that sends none is let in)."""
+        theirs = dict(request.job_settings)
+        if not theirs or not self._job_settings:
+            return
+        differ = differing_settings(self._job_settings, theirs)
+        if differ:
+            raise ConfigError(f"Join refused: worker {request.worker_name[:64]!r}: {SETTINGS_MISMATCH} from the PS's "
+                              f"in {', '.join(differ)}: every node must run the same job file")
+
     def _peer(self, context: grpc.ServicerContext) -> PeerIdentity:
+        self._seen(context)
         session = ""
         for key, value in context.invocation_metadata() or ():
             if key == SESSION_METADATA_KEY and isinstance(value, str):
@@ -107,6 +129,7 @@ class _Servicer(pb_grpc.FederationServicer):
             _abort(context, exc)
 
     def Challenge(self, request: pb.ChallengeRequest, context: grpc.ServicerContext) -> pb.ChallengeReply:
+        self._seen(context)
         try:
             check_version(request.protocol_version, "Challenge", sender="worker")
             nonce = self._credentials.issue_challenge()
@@ -115,15 +138,17 @@ class _Servicer(pb_grpc.FederationServicer):
         return pb.ChallengeReply(protocol_version=PROTOCOL_VERSION, nonce=nonce)
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+        self._seen(context)
         try:
             check_version(request.protocol_version, "Join", sender="worker")
+            self._check_settings(request)
             proof = None
             if request.HasField("attestation"):
                 a = request.attestation
                 proof = JoinProof(a.certificate, a.nonce, a.ps_cert_sha256, a.signature)
             peer, session = self._credentials.admit(proof, request.worker_name, self._cert(context))
             info = self._handler.join(peer, request.worker_name, int(request.num_samples))
-        except VerificationError as exc:
+        except (VerificationError, ConfigError) as exc:
             log.warning("refused join from %s: %s", context.peer(), exc)
             _abort(context, exc)
         except EnclaveFLError as exc:
@@ -135,6 +160,7 @@ class _Servicer(pb_grpc.FederationServicer):
             ps_instance=info.ps_instance,
             rounds=info.rounds,
             session_token=session,
+            job_settings=self._job_settings,
         )
 
     def WaitTask(self, request: pb.WaitTaskRequest, context: grpc.ServicerContext) -> pb.Task:
@@ -240,6 +266,34 @@ def _register(servicer: _Servicer, server: Any) -> None:
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("enclavefl.v1.Federation", handlers),))
 
 
+def _check_bindable(listen: str) -> None:
+    """Binds ``listen`` once with a plain socket, to name why it cannot be used before gRPC tries.
+
+    gRPC reports a failed bind as a generic error (and logs its own line); the
+    socket's errno says "in use" or "not an address of this host". Port 0 is
+    always bindable.
+
+    Raises:
+        TransportError: the address cannot be bound.
+    """
+    host, _, port_text = listen.rpartition(":")
+    host = host.strip("[]")
+    if not port_text.isdigit() or int(port_text) == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host or None, int(port_text), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise TransportError(f"cannot listen on {listen}: {exc.strerror or exc}") from exc
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: a port in TIME_WAIT is free
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            what = "the port is in use (another PS?)" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+            raise TransportError(f"cannot listen on {listen}: {what}") from exc
+
+
 @dataclass
 class FederationServer:
     """A started gRPC server; ``port`` is the one actually bound. Close with stop()."""
@@ -257,12 +311,19 @@ class FederationServer:
         chunk_bytes: int,
         max_threads: int = 128,
         max_downloads: int = 8,
+        job_settings: Mapping[str, str] | None = None,
     ) -> FederationServer:
         """Binds ``listen`` with TLS and starts serving.
 
+        Args:
+            job_settings: digests of the settings every node must share
+                (:func:`enclavefl.job_digest.job_digests`); a worker whose digests
+                differ is refused at join. None: no check.
+
         Raises:
-            OSError: the address cannot be bound.
+            TransportError: the address cannot be bound (in use, or not on this host).
         """
+        _check_bindable(listen)
         limit = message_limit(chunk_bytes)
         server = grpc.server(
             ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="grpc"),
@@ -275,11 +336,14 @@ class FederationServer:
             ],
             maximum_concurrent_rpcs=max_threads * 4,
         )
-        servicer = _Servicer(handler, credentials, chunk_bytes, max_downloads)
+        servicer = _Servicer(handler, credentials, chunk_bytes, max_downloads, job_settings or {})
         _register(servicer, server)
-        port = server.add_secure_port(listen, credentials.server_credentials())
+        try:
+            port = server.add_secure_port(listen, credentials.server_credentials())
+        except RuntimeError as exc:  # gRPC's words for a failed bind
+            raise TransportError(f"cannot listen on {listen}: {exc}") from exc
         if port == 0:
-            raise OSError(f"cannot bind {listen}")
+            raise TransportError(f"cannot listen on {listen}")
         server.start()
         return cls(server=server, port=port)
 

@@ -14,12 +14,14 @@ by the callers (they know which call the envelope belongs to).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from typing import Literal, NoReturn
 
 import grpc
 
 from enclavefl.errors import (
+    ConfigError,
     DeadlineExceeded,
     EnclaveFLError,
     ProtocolError,
@@ -44,6 +46,7 @@ __all__ = [
     "MAX_EXTENSION_BYTES",
     "MAX_EXTENSION_KEY_BYTES",
     "OPTIMIZERS",
+    "SETTINGS_MISMATCH",
     "STATUS_ERRORS",
     "check_version",
     "config_from_proto",
@@ -56,6 +59,7 @@ __all__ = [
     "settings_to_proto",
     "task_from_proto",
     "task_to_proto",
+    "tls_failure",
     "update_meta_from_proto",
     "update_meta_to_proto",
 ]
@@ -79,6 +83,10 @@ OPTIMIZERS = frozenset({"sgd", "adam"})
 """The worker's local optimizers, as ``ClientSettings.optimizer`` names them."""
 ALGORITHMS = frozenset({"fedavg", "fedprox", "scaffold"})
 """What a worker runs around local training, as ``ClientSettings.algorithm`` names it."""
+
+SETTINGS_MISMATCH = "job settings differ"
+"""Words of the PS's refusal of a join whose job settings differ (FAILED_PRECONDITION): the worker's
+:func:`error_from_rpc` recognises them and raises :class:`ConfigError`, a mistake in the job file."""
 
 _ENCODINGS = {pb.DENSE: "dense", pb.SPARSE_ROWS: "sparse_rows"}
 _ENCODING_IDS = {v: k for k, v in _ENCODINGS.items()}
@@ -108,7 +116,8 @@ STATUS_ERRORS: Mapping[grpc.StatusCode, type[EnclaveFLError]] = {
 def error_from_rpc(exc: grpc.RpcError, what: str) -> EnclaveFLError:
     """Our exception for a failed call of the worker's client; ``what`` names the call for the message.
 
-    A refusal for another protocol version becomes :class:`VersionMismatch`.
+    A refusal for another protocol version becomes :class:`VersionMismatch`, a
+    join refused for differing job settings :class:`ConfigError`.
     """
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = (exc.details() if hasattr(exc, "details") else None) or str(code)
@@ -116,12 +125,37 @@ def error_from_rpc(exc: grpc.RpcError, what: str) -> EnclaveFLError:
     kind = STATUS_ERRORS.get(code, TransportError)
     if code == grpc.StatusCode.FAILED_PRECONDITION and "protocol version" in details:
         kind = VersionMismatch
+    if code == grpc.StatusCode.FAILED_PRECONDITION and SETTINGS_MISMATCH in details:
+        return ConfigError(message)
     if kind is VersionMismatch and "speaks protocol" not in details:
         # A protocol-1 PS's refusal ("this build speaks 1") does not say which side it is on: say ours.
         message += f" (this worker speaks protocol {PROTOCOL_VERSION}: run the PS and the workers of one release)"
     if kind is VerificationError:
         return VerificationError("peer", "accepted by the peer", "refused", message)
     return kind(message)
+
+
+_SSL_REASON = re.compile(r"SSL_ERROR_SSL: error:[0-9a-fA-F]+:SSL routines:OPENSSL_internal:([A-Z0-9_]+)(?:: ([^:]+))?")
+
+
+def tls_failure(details: str) -> str | None:
+    """Why a call's TLS handshake failed, from gRPC's details; None when it was not the handshake.
+
+    A handshake the peer's certificate fails (another CA, expired, another
+    name) is a deployment mistake that retrying cannot mend; a refused or
+    closed connection is not recognised here (the PS may just be down).
+    """
+    if "Hostname Verification Check failed" in details:
+        return "the PS certificate does not hold the name this node checks (transport.tls.server_name)"
+    match = _SSL_REASON.search(details)
+    if match is not None:
+        code, reason = match.group(1), (match.group(2) or "").strip()
+        if code == "CERTIFICATE_VERIFY_FAILED":
+            return f"the PS certificate failed verification ({reason or code}): it is not from this node's CA"
+        return f"the TLS handshake failed ({code}{': ' + reason if reason else ''})"
+    if "handshake failed" in details.lower():
+        return "the TLS handshake failed"
+    return None
 
 
 def check_version(version: int, what: str, *, sender: Literal["PS", "worker"]) -> None:

@@ -71,7 +71,8 @@ class InMemoryClient:
         if self._closed:
             raise ClosedError(f"InMemoryClient of {self._peer.label} used after close()")
 
-    def join(self, worker_name: str, num_samples: int) -> JoinInfo:
+    def join(self, worker_name: str, num_samples: int, *, job_settings: Mapping[str, str] | None = None) -> JoinInfo:
+        """Joins; ``job_settings`` are not compared: a simulation's workers share the PS's job."""
         self._check_open()
         return self._handler.join(self._peer, worker_name, num_samples)
 

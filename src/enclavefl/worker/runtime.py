@@ -30,7 +30,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, final
 
 from enclavefl.errors import (
@@ -89,6 +89,8 @@ class WorkerSettings:
         give_up_s: how long an unreachable PS is retried before the worker fails.
         slowdown: FOR EXPERIMENTS (the job's ``faults`` section): above 1, the worker
             waits ``(slowdown - 1) x`` each fit's time before pushing, a straggler.
+        job_settings: digests of the settings every node must share, sent with each
+            join for the PS to compare (:func:`enclavefl.job_digest.job_digests`); empty: none sent.
     """
 
     name: str
@@ -98,6 +100,7 @@ class WorkerSettings:
     backoff_max_s: float = 5.0
     give_up_s: float = 300.0
     slowdown: float = 1.0
+    job_settings: Mapping[str, str] = field(default_factory=dict)
 
 
 def _split_control(download: ParamSet) -> tuple[ParamSet, ParamSet]:
@@ -169,7 +172,9 @@ class Worker:
             try:
                 if self._client is None:
                     self._client = self._client_factory()
-                info = self._client.join(self._settings.name, self._trainer.num_samples)
+                settings = self._settings.job_settings
+                info = (self._client.join(self._settings.name, self._trainer.num_samples, job_settings=settings)
+                        if settings else self._client.join(self._settings.name, self._trainer.num_samples))
                 log.info("worker %s: joined job %s as %s (PS instance %s)", self._settings.name, info.job_name,
                          info.worker_id, info.ps_instance)
                 return self._client, info
@@ -187,7 +192,9 @@ class Worker:
             VerificationError: the PS (or we, for the PS) failed verification.
             ProtocolError: the PS sent a task or model this worker cannot follow
                 (an unknown client algorithm, a malformed SCAFFOLD variate).
-            ConfigError: the update transforms do not produce what the task needs.
+            ConfigError: the update transforms do not produce what the task needs, the
+                TLS handshake refused the PS certificate, or the PS refused this worker's
+                job settings (they differ from its own).
         """
         s = self._settings
         try:
