@@ -14,6 +14,9 @@ UpdateHeader.kind/extensions. The package keeps its name so that a peer of
 another version still reaches the service and is told which versions differ.
 Later stages add data through Task.config and UpdateHeader.extensions rather
 than new fields; existing field numbers never change.
+
+Additions that keep version 2 (an older peer ignores or never calls them):
+JoinReply.heartbeat_s and the Heartbeat call.
 """
 
 from collections import abc as _abc
@@ -243,6 +246,7 @@ class JoinReply(_message.Message):
     PS_INSTANCE_FIELD_NUMBER: _builtins.int
     ROUNDS_FIELD_NUMBER: _builtins.int
     SESSION_TOKEN_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_S_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     worker_id: _builtins.str
     job_name: _builtins.str
@@ -251,6 +255,10 @@ class JoinReply(_message.Message):
     rounds: _builtins.int
     session_token: _builtins.str
     """With attestation: sent back as "enclavefl-session" metadata on every later call."""
+    heartbeat_s: _builtins.float
+    """How often the PS must hear from the worker (round.heartbeat_s); 0 from a PS
+    that does not track liveness (send no heartbeats).
+    """
     def __init__(
         self,
         *,
@@ -260,10 +268,11 @@ class JoinReply(_message.Message):
         ps_instance: _builtins.str = ...,
         rounds: _builtins.int = ...,
         session_token: _builtins.str = ...,
+        heartbeat_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_name", b"job_name", "protocol_version", b"protocol_version", "ps_instance", b"ps_instance", "rounds", b"rounds", "session_token", b"session_token", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_s", b"heartbeat_s", "job_name", b"job_name", "protocol_version", b"protocol_version", "ps_instance", b"ps_instance", "rounds", b"rounds", "session_token", b"session_token", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -713,3 +722,44 @@ class LeaveReply(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LeaveReply: _TypeAlias = LeaveReply  # noqa: Y015
+
+@_typing.final
+class HeartbeatRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    protocol_version: _builtins.int
+    worker_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        protocol_version: _builtins.int = ...,
+        worker_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["protocol_version", b"protocol_version", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeartbeatRequest: _TypeAlias = HeartbeatRequest  # noqa: Y015
+
+@_typing.final
+class HeartbeatReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
+    protocol_version: _builtins.int
+    def __init__(
+        self,
+        *,
+        protocol_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["protocol_version", b"protocol_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeartbeatReply: _TypeAlias = HeartbeatReply  # noqa: Y015
