@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from enclavefl.cli import add_overrides_option, setup_logging
+from enclavefl.cli.events import EventsFileHandler
 from enclavefl.cli.malloc import tune_malloc
 from enclavefl.config import load_job
 from enclavefl.errors import ConfigError
@@ -37,6 +38,8 @@ def add_ps_parser(sub: Any) -> None:
     p.add_argument("--out", type=Path, default=Path("."), help="run directory (metrics, checkpoints)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     p.add_argument("--port-file", type=Path, help="write the bound port here once listening")
+    p.add_argument("--events-file", type=Path,
+                   help="append warnings here as JSON lines, for a console to show (default OUT/events.jsonl)")
     p.set_defaults(func=run_ps)
 
 
@@ -63,6 +66,7 @@ def run_ps(args: argparse.Namespace) -> int:
     from enclavefl.transport.provisioning import make_credentials
 
     setup_logging(logging.DEBUG if args.debug else logging.INFO, args.log_file)
+    logging.getLogger().addHandler(EventsFileHandler(args.events_file or args.out / "events.jsonl"))
     tune_malloc()
     config = load_job(args.config, args.overrides)
     credentials = make_credentials(config, args.tls_dir, "ps", job_dir=args.config.parent,
