@@ -196,5 +196,5 @@ def test_without_restarts_too_few_workers_fail_quickly_with_a_checkpoint_and_a_r
     assert [r["round"] for r in run.rows()] == [1, 2]
     assert (run.out / "checkpoints" / "round-000002.ckpt").is_file()
     assert "worker-2 (lost) did not join again" in run.console
-    hint = f"round 2 is checkpointed; resume with: enclavefl run {run.job_file} --out {run.out} --resume"
+    hint = f"round 2 is checkpointed; resume with: enclavefl run --resume --out {run.out}"
     assert hint in run.console, run.console
