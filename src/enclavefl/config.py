@@ -138,6 +138,10 @@ class RoundConfig(_Section):
     update_window_s: float = Field(default=120.0, gt=0, le=86_400)
     min_updates: int = Field(default=1, ge=1, description="fewer updates at the window's end: retry the round")
     max_retries: int = Field(default=5, ge=0, le=1000)
+    heartbeat_s: float = Field(default=2.0, gt=0, le=3600,
+                               description="a joined worker is heard at least this often (long-poll or heartbeat)")
+    worker_timeout_s: float = Field(default=8.0, gt=0, le=86_400,
+                                    description="a worker silent for longer is dropped and its round stops waiting")
     buffer_size: int = Field(default=4, ge=1, le=100_000, description="async: updates folded per server step")
     max_staleness: int = Field(default=10, ge=0, le=1_000_000, description="async: older updates are refused")
     staleness: StalenessConfig = Field(default_factory=PolynomialStaleness)
@@ -416,6 +420,10 @@ class JobConfig(_Section):
         problem = _worker_count_problem(self.round, self.job.workers, "job.workers")
         if problem is not None:
             raise ValueError(problem)
+        heartbeat_s, timeout_s = self.round.heartbeat_s, self.round.worker_timeout_s
+        if timeout_s < 2 * heartbeat_s:
+            # A live worker is heard every heartbeat_s plus a round trip: a shorter timeout drops live workers.
+            raise ValueError(f"round.worker_timeout_s={timeout_s:g} must be at least twice round.heartbeat_s={heartbeat_s:g}")
         strategy, aggregator = self.server.strategy.name, self.server.aggregator.name
         if strategy == "scaffold" and aggregator != "mean":
             raise ValueError(

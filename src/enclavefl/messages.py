@@ -92,6 +92,8 @@ class JoinInfo:
     job_name: str
     ps_instance: str
     rounds: int
+    heartbeat_s: float = 0.0
+    """How often the PS must hear from this worker (its ``round.heartbeat_s``); 0: the PS does not ask."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +157,10 @@ class FederationHandler(Protocol):
 
     def leave(self, peer: PeerIdentity, worker_id: str, reason: str) -> None: ...
 
+    def heartbeat(self, peer: PeerIdentity, worker_id: str) -> None:
+        """The worker is alive (it is training, pulling or pushing). Raises StaleSession if it was dropped."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class PushResult:
@@ -193,6 +199,10 @@ class WorkerClient(Protocol):
                     extensions: Mapping[str, bytes] | None = None) -> PushResult: ...
 
     def leave(self, worker_id: str, reason: str) -> None: ...
+
+    def heartbeat(self, worker_id: str) -> None:
+        """Tells the PS this worker is alive; may be called from another thread than the other calls."""
+        ...
 
     def close(self) -> None:
         """Idempotent."""

@@ -26,6 +26,7 @@ from typing import Any
 from rich.console import Console
 
 from enclavefl.cli import add_overrides_option, setup_logging
+from enclavefl.cli.events import EventsFileHandler
 from enclavefl.cli.malloc import tune_malloc
 from enclavefl.cli.runs import (
     CONFIG_FILE,
@@ -68,6 +69,8 @@ def add_ps_parser(sub: Any) -> None:
                    help="like --resume, but start at round 1 when --out holds no checkpoint (or no run)")
     p.add_argument("--port-file", type=Path, help="write the bound port here once listening")
     p.add_argument("--quiet", action="store_true", help="nothing on the console: logs only")
+    p.add_argument("--events-file", type=Path,
+                   help="append warnings here as JSON lines, for a console to show (default OUT/events.jsonl)")
     p.set_defaults(func=run_ps)
 
 
@@ -101,6 +104,7 @@ def run_ps(args: argparse.Namespace) -> int:
     (out / "logs").mkdir(parents=True, exist_ok=True)
     log_path = args.log_file or str(out / "logs" / "ps.log")
     setup_logging(logging.DEBUG if args.debug else logging.INFO, log_path)
+    logging.getLogger().addHandler(EventsFileHandler(args.events_file or out / "events.jsonl"))
     if not args.quiet:
         _warnings_on_console("ps")
     tune_malloc()

@@ -5,24 +5,34 @@ logs), starts the PS, waits for the port it bound, starts the workers, follows
 ``metrics.jsonl`` to show progress, and tears everything down at the end or on
 Ctrl-C, SIGTERM or SIGHUP (the PS first, so that it checkpoints its last
 completed round and tells the workers to finish). It exits non-zero when the
-PS did, and 128 + the signal number when a signal stopped it. The children
-watch this process and stop when it is gone, even after a SIGKILL
+PS did, and 128 + the signal number when a signal stopped it; either way it
+then prints the command that resumes the job from its last checkpoint. The
+children watch this process and stop when it is gone, even after a SIGKILL
 (:mod:`enclavefl.cli.stopping`).
 
 ``--resume`` continues the run in ``--out`` with that run's own ``config.yaml``
 (the job file is not read again) from its newest checkpoint; see
 :func:`enclavefl.cli.runs.plan_resume` for what ``--set`` may still change.
+
+While the job runs it also follows ``events.jsonl``, where the PS appends its
+warnings (:mod:`enclavefl.cli.events`): retries, dropped workers, refused joins
+and rejected updates show on the console, one rate-limited line each. Crashed
+workers are started again with backoff (:mod:`enclavefl.cli.supervisor`).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -30,6 +40,7 @@ from typing import IO, Any
 from rich.console import Console
 
 from enclavefl.cli import add_overrides_option
+from enclavefl.cli.events import EventFeed
 from enclavefl.cli.partition_table import print_partition_table
 from enclavefl.cli.runs import (
     CONFIG_FILE,
@@ -43,6 +54,7 @@ from enclavefl.cli.runs import (
     write_config,
 )
 from enclavefl.cli.stopping import exit_code_for, raise_on_stop_signals
+from enclavefl.cli.supervisor import MAX_RESTARTS, WorkerSupervisor
 from enclavefl.config import JobConfig, load_job, parse_job
 from enclavefl.errors import ConfigError, RoundError
 from enclavefl.transport.certs import create_job_certs
@@ -51,6 +63,7 @@ PORT_TIMEOUT_S = 120.0
 WORKER_EXIT_TIMEOUT_S = 20.0
 PS_STOP_GRACE_S = 20.0
 """How long a stopped PS gets to checkpoint and tell the workers to finish before it is killed."""
+EVENTS_FILE = "events.jsonl"
 
 
 def add_parser(sub: Any) -> None:
@@ -65,7 +78,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--resume-or-start", action="store_true",
                    help="like --resume, but start at round 1 when --out holds no checkpoint, or start JOB there "
                         "when it holds no run")
-    p.add_argument("--quiet", action="store_true", help="no progress bar, only the summary")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, only the summary (and warnings)")
+    p.add_argument("--restart-workers", action=argparse.BooleanOptionalAction, default=True,
+                   help="start a crashed worker again, with backoff (default: on)")
+    p.add_argument("--max-restarts", type=int, default=MAX_RESTARTS, metavar="N",
+                   help=f"restarts per worker (default {MAX_RESTARTS})")
     p.set_defaults(func=run)
 
 
@@ -83,6 +100,11 @@ class _Cluster:
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
         self.children: list[_Child] = []
+        self._argv: dict[str, list[str]] = {}
+
+    def respawn(self, name: str) -> subprocess.Popen[bytes]:
+        """Starts child ``name`` again with the same command line (its log is appended to)."""
+        return self.spawn(name, self._argv[name]).proc
 
     def spawn(self, name: str, argv: list[str]) -> _Child:
         log_path = self.run_dir / "logs" / f"{name}.log"
@@ -95,6 +117,7 @@ class _Cluster:
                                 start_new_session=True)
         child = _Child(name, proc, log_path, log_file)
         self.children.append(child)
+        self._argv[name] = argv
         return child
 
     def close(self, grace_s: float = 5.0) -> None:
@@ -123,6 +146,44 @@ def _tail(path: Path, lines: int = 8) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
+
+
+def _worker_error(path: Path) -> str:
+    """A failed worker's one-line error (or its traceback's last line) from its log, or ''."""
+    lines = [line.strip() for line in _tail(path, 30).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("enclavefl worker: error:"):
+            return line
+    if any(line.startswith("Traceback") for line in lines):
+        return lines[-1]
+    return ""
+
+
+def _ps_failure(path: Path) -> str:
+    """Why the PS failed: its one-line error if it printed one, else the end of its log."""
+    for line in reversed(_tail(path, 20).splitlines()):
+        if line.startswith("enclavefl ps: error:"):
+            return line
+    return _tail(path)
+
+
+def _resume_hint(run_dir: Path, config: JobConfig) -> str:
+    """The exact command that continues this run, and from which round.
+
+    A resumed run reads the run directory's own ``config.yaml``, not the job
+    file, so the command needs no job file and no ``--set`` it was started with.
+    """
+    base = ["enclavefl", "run", "--resume", "--out", str(run_dir)]
+    rounds = [int(m.group(1)) for p in (run_dir / config.server.checkpoint_dir).glob("round-*.ckpt")
+              if (m := re.fullmatch(r"round-(\d+)\.ckpt", p.name))]
+    if not rounds:
+        argv = ["enclavefl", "run", "--resume-or-start", "--out", str(run_dir)]
+        return f"no round was completed (no checkpoint); start again with: {shlex.join(argv)}"
+    last = max(rounds)
+    if last >= config.job.rounds:
+        return (f"all {config.job.rounds} rounds are checkpointed; run more with: "
+                f"{shlex.join(base)} --set job.rounds=N")
+    return f"round {last} is checkpointed; resume with: {shlex.join(base)}"
 
 
 def _attestation_setup(console: Console, config: JobConfig, job_file: Path, run_dir: Path) -> JobConfig:
@@ -226,14 +287,20 @@ def _run(args: argparse.Namespace) -> int:
     python = [sys.executable, "-m", "enclavefl"] + (["--debug"] if args.debug else [])
     watch_args = ["--parent-pid", str(os.getpid())]
     cluster = _Cluster(run_dir)
-    started = time.monotonic()
+    started, started_wall = time.monotonic(), time.time()
     port_file = run_dir / "ps.port"
     port_file.unlink(missing_ok=True)
     metrics_path = run_dir / config.summary.metrics_file
+    events = EventFeed(run_dir / EVENTS_FILE, functools.partial(_show_event, console, started_wall, args.quiet))
+    supervisor = WorkerSupervisor(cluster.respawn, lambda line: console.print(line, style="yellow", markup=False),
+                                  restart=args.restart_workers, min_workers=config.round.min_workers,
+                                  max_restarts=max(args.max_restarts, 0),
+                                  why_exit=lambda name: _worker_error(run_dir / "logs" / f"{name}.log"))
     rows: list[dict[str, Any]] = []
     try:
         ps_argv = python + ["ps", "--config", str(config_path), "--out", str(run_dir), *tls_args, *audit_args,
-                            "--port-file", str(port_file), "--quiet", *watch_args]
+                            "--port-file", str(port_file), "--events-file", str(run_dir / EVENTS_FILE), "--quiet",
+                            *watch_args]
         if plan is not None and plan.checkpoint_round is not None:
             ps_argv.append("--resume")
         ps = cluster.spawn("ps", ps_argv)
@@ -246,13 +313,24 @@ def _run(args: argparse.Namespace) -> int:
             time.sleep(0.05)
         port = int(port_file.read_text())
         for i in range(config.job.workers):
-            cluster.spawn(f"worker-{i}", python + ["worker", "--config", str(config_path), *tls_args, *audit_args,
-                                                    "--connect", f"127.0.0.1:{port}", "--index", str(i), *watch_args])
-        console.print(f"PS listening on 127.0.0.1:{port}; logs in {run_dir / 'logs'}")
+            # The argv kept for a restart includes --parent-pid: a restarted worker also follows this process.
+            worker = cluster.spawn(f"worker-{i}", python + ["worker", "--config", str(config_path), *tls_args,
+                                                             *audit_args, "--connect", f"127.0.0.1:{port}",
+                                                             "--index", str(i), *watch_args])
+            supervisor.watch(worker.name, worker.proc)
+        console.print(f"PS listening on 127.0.0.1:{port}; logs in {run_dir / 'logs'}; "
+                      f"waiting for {config.round.min_workers} of {config.job.workers} workers to join")
         if plan is not None and plan.checkpoint_round is not None:
             console.print(f"resumed from round {plan.checkpoint_round} ({plan.checkpoint_path}); "
                           f"rounds {plan.checkpoint_round + 1}..{config.job.rounds} to go")
-        rows = _follow(console, ps, metrics_path, config, quiet=args.quiet)
+
+        def tick() -> None:
+            events.poll()
+            supervisor.poll()
+
+        rows = _follow(console, ps, metrics_path, config, quiet=args.quiet, tick=tick)
+        events.poll()
+        events.flush()
         code = ps.proc.returncode
         workers = [c for c in cluster.children if c.name.startswith("worker")]
         end = time.monotonic() + WORKER_EXIT_TIMEOUT_S
@@ -266,6 +344,7 @@ def _run(args: argparse.Namespace) -> int:
         console.print(f"[yellow]{'interrupted' if signum == signal.SIGINT else exc}: stopping the PS and the workers[/]")
         cluster.close()
         console.print(f"run directory: {run_dir}")
+        console.print(_resume_hint(run_dir, config), markup=False)
         return exit_code_for(signum)
     finally:
         cluster.close()
@@ -273,9 +352,22 @@ def _run(args: argparse.Namespace) -> int:
     print_summary(console, rows, wall, title="enclavefl run summary")
     console.print(f"run directory: {run_dir}")
     if code != 0:
-        console.print(f"[red]the PS failed (exit {code}):[/]\n{_tail(ps.log_path)}")
+        console.print(f"[red]the PS failed (exit {code}):[/]")
+        console.print(_ps_failure(ps.log_path), markup=False)
+        console.print(_resume_hint(run_dir, config), markup=False)
         return 1
     return 0
+
+
+def _show_event(console: Console, started_wall: float, quiet: bool, event: dict[str, Any], text: str) -> None:
+    """One PS event on the console: warnings always, the start-up line unless ``quiet``."""
+    level = event.get("level")
+    if event.get("event") == "first_round":
+        if not quiet:
+            console.print(f"start-up {float(event.get('time', started_wall)) - started_wall:.1f}s: {text}",
+                          markup=False)
+    elif level in ("warning", "error", "critical"):
+        console.print(f"ps: {text}", style="red" if level != "warning" else "yellow", markup=False)
 
 
 def _read_rows(path: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
@@ -290,12 +382,19 @@ def _read_rows(path: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
     return rows, offset + end
 
 
-def _follow(console: Console, ps: _Child, metrics_path: Path, config: JobConfig, *, quiet: bool) -> list[dict[str, Any]]:
-    """Shows the rows the PS appends to ``metrics.jsonl`` until it exits (it is another process: the file is the channel)."""
+def _follow(console: Console, ps: _Child, metrics_path: Path, config: JobConfig, *, quiet: bool,
+            tick: Callable[[], None] = lambda: None) -> list[dict[str, Any]]:
+    """Shows the rows the PS appends to ``metrics.jsonl`` until it exits (it is another process: the file is the channel).
+
+    Args:
+        tick: called every pass (events, worker supervision), while the PS runs.
+    """
     offset = 0
     with RoundProgress(console, config.job.rounds, quiet=quiet) as progress:
         while True:
             finished = ps.proc.poll() is not None
+            if not finished:
+                tick()
             new, offset = _read_rows(metrics_path, offset)
             for row in new:
                 progress.add(row)

@@ -45,9 +45,11 @@ __all__ = [
 
 CONFIG_FILE = "config.yaml"
 
-RESUMABLE_KEYS = ("job.rounds", "round.start_window_s", "round.update_window_s", "round.max_retries", "transport.listen")
+RESUMABLE_KEYS = ("job.rounds", "round.start_window_s", "round.update_window_s", "round.max_retries",
+                  "round.heartbeat_s", "round.worker_timeout_s", "transport.listen")
 """The keys ``--set`` may change when a run resumes: the number of rounds (to extend a job), the rounds' waiting
-windows and retries, and the PS's address. Every other key would change what the resumed job computes."""
+windows and retries, how often workers are heard and how long a silent one is waited for, and the PS's address.
+Every other key would change what the resumed job computes."""
 
 _RUN_PATH_KEYS = ("policy", "sim_root", "collateral")
 """``attestation`` paths, relative to the job file; a recorded config.yaml holds them absolute."""
@@ -206,11 +208,23 @@ def fmt(value: Any, digits: int = 4) -> str:
 
 
 def round_line(row: dict[str, Any], rounds: int) -> str:
-    """One completed round as a console line, from its ``metrics.jsonl`` row."""
-    seconds = row["seconds_wait"] + row["seconds_train"] + row["seconds_aggregate"]
-    return (f"round {row['round']:>3}/{rounds}  workers {row['participants']:>2}  "
+    """One completed round as a console line, from its ``metrics.jsonl`` row.
+
+    The round's time is its own (training and aggregation); time spent waiting
+    for workers to join before it opened (start-up, for the first round) is
+    shown apart, as are dropped workers and rejected updates.
+    """
+    seconds = row["seconds_train"] + row["seconds_aggregate"]
+    line = (f"round {row['round']:>3}/{rounds}  workers {row['participants']:>2}  "
             f"loss {fmt(row.get('train_loss'), 3)}  eval_loss {fmt(row.get('eval_loss'), 3)}  "
             f"eval_acc {fmt(row.get('eval_accuracy'), 3)}  {seconds:.1f}s")
+    if row["seconds_wait"] >= 0.5:
+        line += f" (+{row['seconds_wait']:.1f}s waiting for workers)"
+    if row.get("dropped"):
+        line += f"  dropped {row['dropped']}"
+    if row.get("rejected"):
+        line += f"  rejected {row['rejected']}"
+    return line
 
 
 @final

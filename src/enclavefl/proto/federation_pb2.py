@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n enclavefl/proto/federation.proto\x12\x0c\x65nclavefl.v1\"t\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12(\n\x08\x65ncoding\x18\x04 \x01(\x0e\x32\x16.enclavefl.v1.Encoding\x12\x10\n\x08nnz_rows\x18\x05 \x01(\x03\"9\n\x0cTensorHeader\x12)\n\x07tensors\x18\x01 \x03(\x0b\x32\x18.enclavefl.v1.TensorSpec\",\n\x10\x43hallengeRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\"9\n\x0e\x43hallengeReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05nonce\x18\x02 \x01(\x0c\"`\n\x0fJoinAttestation\x12\x13\n\x0b\x63\x65rtificate\x18\x01 \x01(\x0c\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\x16\n\x0eps_cert_sha256\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"\xfb\x01\n\x0bJoinRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x13\n\x0bworker_name\x18\x02 \x01(\t\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x03\x12\x32\n\x0b\x61ttestation\x18\x04 \x01(\x0b\x32\x1d.enclavefl.v1.JoinAttestation\x12@\n\x0cjob_settings\x18\x05 \x03(\x0b\x32*.enclavefl.v1.JoinRequest.JobSettingsEntry\x1a\x32\n\x10JobSettingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xfa\x01\n\tJoinReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x10\n\x08job_name\x18\x03 \x01(\t\x12\x13\n\x0bps_instance\x18\x04 \x01(\t\x12\x0e\n\x06rounds\x18\x05 \x01(\x03\x12\x15\n\rsession_token\x18\x06 \x01(\t\x12>\n\x0cjob_settings\x18\x07 \x03(\x0b\x32(.enclavefl.v1.JoinReply.JobSettingsEntry\x1a\x32\n\x10JobSettingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"R\n\x0fWaitTaskRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x12\n\nmax_wait_s\x18\x03 \x01(\x01\"\xa3\x01\n\x0e\x43lientSettings\x12\x0e\n\x06\x65pochs\x18\x01 \x01(\x05\x12\x12\n\nbatch_size\x18\x02 \x01(\x05\x12\n\n\x02lr\x18\x03 \x01(\x01\x12\x11\n\toptimizer\x18\x04 \x01(\t\x12\x10\n\x08momentum\x18\x05 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x06 \x01(\x01\x12\x11\n\talgorithm\x18\x07 \x01(\t\x12\x13\n\x0bproximal_mu\x18\x08 \x01(\x01\"[\n\x0b\x43onfigValue\x12\x0e\n\x04\x66lag\x18\x01 \x01(\x08H\x00\x12\x11\n\x07integer\x18\x02 \x01(\x03H\x00\x12\x10\n\x06number\x18\x03 \x01(\x01H\x00\x12\x0e\n\x04text\x18\x04 \x01(\tH\x00\x42\x07\n\x05value\"\xfb\x02\n\x04Task\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12%\n\x04kind\x18\x02 \x01(\x0e\x32\x17.enclavefl.v1.Task.Kind\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\x12\x13\n\x0bps_instance\x18\x05 \x01(\t\x12\x15\n\rretry_after_s\x18\x06 \x01(\x01\x12,\n\x06\x63lient\x18\x07 \x01(\x0b\x32\x1c.enclavefl.v1.ClientSettings\x12\x0f\n\x07message\x18\x08 \x01(\t\x12.\n\x06\x63onfig\x18\t \x03(\x0b\x32\x1e.enclavefl.v1.Task.ConfigEntry\x1aH\n\x0b\x43onfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.enclavefl.v1.ConfigValue:\x02\x38\x01\"\'\n\x04Kind\x12\x08\n\x04WAIT\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\n\n\x06\x46INISH\x10\x02\"Q\n\x0bPullRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\"Q\n\nModelChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.enclavefl.v1.ModelHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"k\n\x0bModelHeader\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12+\n\x07tensors\x18\x03 \x01(\x0b\x32\x1a.enclavefl.v1.TensorHeader\"\xa8\x03\n\x0cUpdateHeader\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\x12\x13\n\x0bnum_samples\x18\x05 \x01(\x03\x12\x38\n\x07metrics\x18\x06 \x03(\x0b\x32\'.enclavefl.v1.UpdateHeader.MetricsEntry\x12+\n\x07tensors\x18\x07 \x01(\x0b\x32\x1a.enclavefl.v1.TensorHeader\x12&\n\x04kind\x18\x08 \x01(\x0e\x32\x18.enclavefl.v1.UpdateKind\x12>\n\nextensions\x18\t \x03(\x0b\x32*.enclavefl.v1.UpdateHeader.ExtensionsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x31\n\x0f\x45xtensionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"S\n\x0bUpdateChunk\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.enclavefl.v1.UpdateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"G\n\tPushReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"K\n\x0cLeaveRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"&\n\nLeaveReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r*&\n\x08\x45ncoding\x12\t\n\x05\x44\x45NSE\x10\x00\x12\x0f\n\x0bSPARSE_ROWS\x10\x01*?\n\nUpdateKind\x12\t\n\x05\x44\x45LTA\x10\x00\x12\x0b\n\x07WEIGHTS\x10\x01\x12\n\n\x06MASKED\x10\x02\x12\r\n\tQUANTIZED\x10\x03\x32\x99\x03\n\nFederation\x12I\n\tChallenge\x12\x1e.enclavefl.v1.ChallengeRequest\x1a\x1c.enclavefl.v1.ChallengeReply\x12:\n\x04Join\x12\x19.enclavefl.v1.JoinRequest\x1a\x17.enclavefl.v1.JoinReply\x12=\n\x08WaitTask\x12\x1d.enclavefl.v1.WaitTaskRequest\x1a\x12.enclavefl.v1.Task\x12\x42\n\tPullModel\x12\x19.enclavefl.v1.PullRequest\x1a\x18.enclavefl.v1.ModelChunk0\x01\x12\x42\n\nPushUpdate\x12\x19.enclavefl.v1.UpdateChunk\x1a\x17.enclavefl.v1.PushReply(\x01\x12=\n\x05Leave\x12\x1a.enclavefl.v1.LeaveRequest\x1a\x18.enclavefl.v1.LeaveReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n enclavefl/proto/federation.proto\x12\x0c\x65nclavefl.v1\"t\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12(\n\x08\x65ncoding\x18\x04 \x01(\x0e\x32\x16.enclavefl.v1.Encoding\x12\x10\n\x08nnz_rows\x18\x05 \x01(\x03\"9\n\x0cTensorHeader\x12)\n\x07tensors\x18\x01 \x03(\x0b\x32\x18.enclavefl.v1.TensorSpec\",\n\x10\x43hallengeRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\"9\n\x0e\x43hallengeReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05nonce\x18\x02 \x01(\x0c\"`\n\x0fJoinAttestation\x12\x13\n\x0b\x63\x65rtificate\x18\x01 \x01(\x0c\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\x16\n\x0eps_cert_sha256\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"\xfb\x01\n\x0bJoinRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x13\n\x0bworker_name\x18\x02 \x01(\t\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x03\x12\x32\n\x0b\x61ttestation\x18\x04 \x01(\x0b\x32\x1d.enclavefl.v1.JoinAttestation\x12@\n\x0cjob_settings\x18\x05 \x03(\x0b\x32*.enclavefl.v1.JoinRequest.JobSettingsEntry\x1a\x32\n\x10JobSettingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8f\x02\n\tJoinReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x10\n\x08job_name\x18\x03 \x01(\t\x12\x13\n\x0bps_instance\x18\x04 \x01(\t\x12\x0e\n\x06rounds\x18\x05 \x01(\x03\x12\x15\n\rsession_token\x18\x06 \x01(\t\x12>\n\x0cjob_settings\x18\x07 \x03(\x0b\x32(.enclavefl.v1.JoinReply.JobSettingsEntry\x12\x13\n\x0bheartbeat_s\x18\x08 \x01(\x01\x1a\x32\n\x10JobSettingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"R\n\x0fWaitTaskRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x12\n\nmax_wait_s\x18\x03 \x01(\x01\"\xa3\x01\n\x0e\x43lientSettings\x12\x0e\n\x06\x65pochs\x18\x01 \x01(\x05\x12\x12\n\nbatch_size\x18\x02 \x01(\x05\x12\n\n\x02lr\x18\x03 \x01(\x01\x12\x11\n\toptimizer\x18\x04 \x01(\t\x12\x10\n\x08momentum\x18\x05 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x06 \x01(\x01\x12\x11\n\talgorithm\x18\x07 \x01(\t\x12\x13\n\x0bproximal_mu\x18\x08 \x01(\x01\"[\n\x0b\x43onfigValue\x12\x0e\n\x04\x66lag\x18\x01 \x01(\x08H\x00\x12\x11\n\x07integer\x18\x02 \x01(\x03H\x00\x12\x10\n\x06number\x18\x03 \x01(\x01H\x00\x12\x0e\n\x04text\x18\x04 \x01(\tH\x00\x42\x07\n\x05value\"\xfb\x02\n\x04Task\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12%\n\x04kind\x18\x02 \x01(\x0e\x32\x17.enclavefl.v1.Task.Kind\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\x12\x13\n\x0bps_instance\x18\x05 \x01(\t\x12\x15\n\rretry_after_s\x18\x06 \x01(\x01\x12,\n\x06\x63lient\x18\x07 \x01(\x0b\x32\x1c.enclavefl.v1.ClientSettings\x12\x0f\n\x07message\x18\x08 \x01(\t\x12.\n\x06\x63onfig\x18\t \x03(\x0b\x32\x1e.enclavefl.v1.Task.ConfigEntry\x1aH\n\x0b\x43onfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.enclavefl.v1.ConfigValue:\x02\x38\x01\"\'\n\x04Kind\x12\x08\n\x04WAIT\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\n\n\x06\x46INISH\x10\x02\"Q\n\x0bPullRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\"Q\n\nModelChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.enclavefl.v1.ModelHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"k\n\x0bModelHeader\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12+\n\x07tensors\x18\x03 \x01(\x0b\x32\x1a.enclavefl.v1.TensorHeader\"\xa8\x03\n\x0cUpdateHeader\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\x12\x13\n\x0bnum_samples\x18\x05 \x01(\x03\x12\x38\n\x07metrics\x18\x06 \x03(\x0b\x32\'.enclavefl.v1.UpdateHeader.MetricsEntry\x12+\n\x07tensors\x18\x07 \x01(\x0b\x32\x1a.enclavefl.v1.TensorHeader\x12&\n\x04kind\x18\x08 \x01(\x0e\x32\x18.enclavefl.v1.UpdateKind\x12>\n\nextensions\x18\t \x03(\x0b\x32*.enclavefl.v1.UpdateHeader.ExtensionsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x31\n\x0f\x45xtensionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"S\n\x0bUpdateChunk\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.enclavefl.v1.UpdateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"G\n\tPushReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"K\n\x0cLeaveRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"&\n\nLeaveReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\"?\n\x10HeartbeatRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tworker_id\x18\x02 \x01(\t\"*\n\x0eHeartbeatReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r*&\n\x08\x45ncoding\x12\t\n\x05\x44\x45NSE\x10\x00\x12\x0f\n\x0bSPARSE_ROWS\x10\x01*?\n\nUpdateKind\x12\t\n\x05\x44\x45LTA\x10\x00\x12\x0b\n\x07WEIGHTS\x10\x01\x12\n\n\x06MASKED\x10\x02\x12\r\n\tQUANTIZED\x10\x03\x32\xe4\x03\n\nFederation\x12I\n\tChallenge\x12\x1e.enclavefl.v1.ChallengeRequest\x1a\x1c.enclavefl.v1.ChallengeReply\x12:\n\x04Join\x12\x19.enclavefl.v1.JoinRequest\x1a\x17.enclavefl.v1.JoinReply\x12=\n\x08WaitTask\x12\x1d.enclavefl.v1.WaitTaskRequest\x1a\x12.enclavefl.v1.Task\x12\x42\n\tPullModel\x12\x19.enclavefl.v1.PullRequest\x1a\x18.enclavefl.v1.ModelChunk0\x01\x12\x42\n\nPushUpdate\x12\x19.enclavefl.v1.UpdateChunk\x1a\x17.enclavefl.v1.PushReply(\x01\x12=\n\x05Leave\x12\x1a.enclavefl.v1.LeaveRequest\x1a\x18.enclavefl.v1.LeaveReply\x12I\n\tHeartbeat\x12\x1e.enclavefl.v1.HeartbeatRequest\x1a\x1c.enclavefl.v1.HeartbeatReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,10 +41,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPDATEHEADER_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_UPDATEHEADER_EXTENSIONSENTRY']._loaded_options = None
   _globals['_UPDATEHEADER_EXTENSIONSENTRY']._serialized_options = b'8\001'
-  _globals['_ENCODING']._serialized_start=2639
-  _globals['_ENCODING']._serialized_end=2677
-  _globals['_UPDATEKIND']._serialized_start=2679
-  _globals['_UPDATEKIND']._serialized_end=2742
+  _globals['_ENCODING']._serialized_start=2769
+  _globals['_ENCODING']._serialized_end=2807
+  _globals['_UPDATEKIND']._serialized_start=2809
+  _globals['_UPDATEKIND']._serialized_end=2872
   _globals['_TENSORSPEC']._serialized_start=50
   _globals['_TENSORSPEC']._serialized_end=166
   _globals['_TENSORHEADER']._serialized_start=168
@@ -60,41 +60,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOINREQUEST_JOBSETTINGSENTRY']._serialized_start=632
   _globals['_JOINREQUEST_JOBSETTINGSENTRY']._serialized_end=682
   _globals['_JOINREPLY']._serialized_start=685
-  _globals['_JOINREPLY']._serialized_end=935
+  _globals['_JOINREPLY']._serialized_end=956
   _globals['_JOINREPLY_JOBSETTINGSENTRY']._serialized_start=632
   _globals['_JOINREPLY_JOBSETTINGSENTRY']._serialized_end=682
-  _globals['_WAITTASKREQUEST']._serialized_start=937
-  _globals['_WAITTASKREQUEST']._serialized_end=1019
-  _globals['_CLIENTSETTINGS']._serialized_start=1022
-  _globals['_CLIENTSETTINGS']._serialized_end=1185
-  _globals['_CONFIGVALUE']._serialized_start=1187
-  _globals['_CONFIGVALUE']._serialized_end=1278
-  _globals['_TASK']._serialized_start=1281
-  _globals['_TASK']._serialized_end=1660
-  _globals['_TASK_CONFIGENTRY']._serialized_start=1547
-  _globals['_TASK_CONFIGENTRY']._serialized_end=1619
-  _globals['_TASK_KIND']._serialized_start=1621
-  _globals['_TASK_KIND']._serialized_end=1660
-  _globals['_PULLREQUEST']._serialized_start=1662
-  _globals['_PULLREQUEST']._serialized_end=1743
-  _globals['_MODELCHUNK']._serialized_start=1745
-  _globals['_MODELCHUNK']._serialized_end=1826
-  _globals['_MODELHEADER']._serialized_start=1828
-  _globals['_MODELHEADER']._serialized_end=1935
-  _globals['_UPDATEHEADER']._serialized_start=1938
-  _globals['_UPDATEHEADER']._serialized_end=2362
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=2265
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=2311
-  _globals['_UPDATEHEADER_EXTENSIONSENTRY']._serialized_start=2313
-  _globals['_UPDATEHEADER_EXTENSIONSENTRY']._serialized_end=2362
-  _globals['_UPDATECHUNK']._serialized_start=2364
-  _globals['_UPDATECHUNK']._serialized_end=2447
-  _globals['_PUSHREPLY']._serialized_start=2449
-  _globals['_PUSHREPLY']._serialized_end=2520
-  _globals['_LEAVEREQUEST']._serialized_start=2522
-  _globals['_LEAVEREQUEST']._serialized_end=2597
-  _globals['_LEAVEREPLY']._serialized_start=2599
-  _globals['_LEAVEREPLY']._serialized_end=2637
-  _globals['_FEDERATION']._serialized_start=2745
-  _globals['_FEDERATION']._serialized_end=3154
+  _globals['_WAITTASKREQUEST']._serialized_start=958
+  _globals['_WAITTASKREQUEST']._serialized_end=1040
+  _globals['_CLIENTSETTINGS']._serialized_start=1043
+  _globals['_CLIENTSETTINGS']._serialized_end=1206
+  _globals['_CONFIGVALUE']._serialized_start=1208
+  _globals['_CONFIGVALUE']._serialized_end=1299
+  _globals['_TASK']._serialized_start=1302
+  _globals['_TASK']._serialized_end=1681
+  _globals['_TASK_CONFIGENTRY']._serialized_start=1568
+  _globals['_TASK_CONFIGENTRY']._serialized_end=1640
+  _globals['_TASK_KIND']._serialized_start=1642
+  _globals['_TASK_KIND']._serialized_end=1681
+  _globals['_PULLREQUEST']._serialized_start=1683
+  _globals['_PULLREQUEST']._serialized_end=1764
+  _globals['_MODELCHUNK']._serialized_start=1766
+  _globals['_MODELCHUNK']._serialized_end=1847
+  _globals['_MODELHEADER']._serialized_start=1849
+  _globals['_MODELHEADER']._serialized_end=1956
+  _globals['_UPDATEHEADER']._serialized_start=1959
+  _globals['_UPDATEHEADER']._serialized_end=2383
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=2286
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=2332
+  _globals['_UPDATEHEADER_EXTENSIONSENTRY']._serialized_start=2334
+  _globals['_UPDATEHEADER_EXTENSIONSENTRY']._serialized_end=2383
+  _globals['_UPDATECHUNK']._serialized_start=2385
+  _globals['_UPDATECHUNK']._serialized_end=2468
+  _globals['_PUSHREPLY']._serialized_start=2470
+  _globals['_PUSHREPLY']._serialized_end=2541
+  _globals['_LEAVEREQUEST']._serialized_start=2543
+  _globals['_LEAVEREQUEST']._serialized_end=2618
+  _globals['_LEAVEREPLY']._serialized_start=2620
+  _globals['_LEAVEREPLY']._serialized_end=2658
+  _globals['_HEARTBEATREQUEST']._serialized_start=2660
+  _globals['_HEARTBEATREQUEST']._serialized_end=2723
+  _globals['_HEARTBEATREPLY']._serialized_start=2725
+  _globals['_HEARTBEATREPLY']._serialized_end=2767
+  _globals['_FEDERATION']._serialized_start=2875
+  _globals['_FEDERATION']._serialized_end=3359
 # @@protoc_insertion_point(module_scope)

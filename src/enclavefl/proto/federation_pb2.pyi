@@ -16,6 +16,9 @@ Later stages add data through Task.config and UpdateHeader.extensions rather
 than new fields; existing field numbers never change. Fields added since
 (JoinRequest/JoinReply.job_settings) are optional: a peer that does not know
 them leaves them empty and the other side skips what they check.
+
+Additions that keep version 2 (an older peer ignores or never calls them):
+JoinReply.heartbeat_s and the Heartbeat call.
 """
 
 from collections import abc as _abc
@@ -295,6 +298,7 @@ class JoinReply(_message.Message):
     ROUNDS_FIELD_NUMBER: _builtins.int
     SESSION_TOKEN_FIELD_NUMBER: _builtins.int
     JOB_SETTINGS_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_S_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     worker_id: _builtins.str
     job_name: _builtins.str
@@ -303,6 +307,10 @@ class JoinReply(_message.Message):
     rounds: _builtins.int
     session_token: _builtins.str
     """With attestation: sent back as "enclavefl-session" metadata on every later call."""
+    heartbeat_s: _builtins.float
+    """How often the PS must hear from the worker (round.heartbeat_s); 0 from a PS
+    that does not track liveness (send no heartbeats).
+    """
     @_builtins.property
     def job_settings(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """The PS's digests of the same settings (see JoinRequest.job_settings)."""
@@ -317,10 +325,11 @@ class JoinReply(_message.Message):
         rounds: _builtins.int = ...,
         session_token: _builtins.str = ...,
         job_settings: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        heartbeat_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_name", b"job_name", "job_settings", b"job_settings", "protocol_version", b"protocol_version", "ps_instance", b"ps_instance", "rounds", b"rounds", "session_token", b"session_token", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_s", b"heartbeat_s", "job_name", b"job_name", "job_settings", b"job_settings", "protocol_version", b"protocol_version", "ps_instance", b"ps_instance", "rounds", b"rounds", "session_token", b"session_token", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -770,3 +779,44 @@ class LeaveReply(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LeaveReply: _TypeAlias = LeaveReply  # noqa: Y015
+
+@_typing.final
+class HeartbeatRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    protocol_version: _builtins.int
+    worker_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        protocol_version: _builtins.int = ...,
+        worker_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["protocol_version", b"protocol_version", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeartbeatRequest: _TypeAlias = HeartbeatRequest  # noqa: Y015
+
+@_typing.final
+class HeartbeatReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
+    protocol_version: _builtins.int
+    def __init__(
+        self,
+        *,
+        protocol_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["protocol_version", b"protocol_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeartbeatReply: _TypeAlias = HeartbeatReply  # noqa: Y015

@@ -64,6 +64,11 @@ class FederationStub:
                 request_serializer=enclavefl_dot_proto_dot_federation__pb2.LeaveRequest.SerializeToString,
                 response_deserializer=enclavefl_dot_proto_dot_federation__pb2.LeaveReply.FromString,
                 _registered_method=True)
+        self.Heartbeat = channel.unary_unary(
+                '/enclavefl.v1.Federation/Heartbeat',
+                request_serializer=enclavefl_dot_proto_dot_federation__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=enclavefl_dot_proto_dot_federation__pb2.HeartbeatReply.FromString,
+                _registered_method=True)
 
 
 class FederationServicer:
@@ -112,6 +117,14 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Heartbeat(self, request, context):
+        """"Still here" while the worker is not long-polling (pulling, training, pushing):
+        a worker the PS has not heard from for round.worker_timeout_s is dropped.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -144,6 +157,11 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.Leave,
                     request_deserializer=enclavefl_dot_proto_dot_federation__pb2.LeaveRequest.FromString,
                     response_serializer=enclavefl_dot_proto_dot_federation__pb2.LeaveReply.SerializeToString,
+            ),
+            'Heartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Heartbeat,
+                    request_deserializer=enclavefl_dot_proto_dot_federation__pb2.HeartbeatRequest.FromString,
+                    response_serializer=enclavefl_dot_proto_dot_federation__pb2.HeartbeatReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -308,6 +326,33 @@ class Federation:
             '/enclavefl.v1.Federation/Leave',
             enclavefl_dot_proto_dot_federation__pb2.LeaveRequest.SerializeToString,
             enclavefl_dot_proto_dot_federation__pb2.LeaveReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/enclavefl.v1.Federation/Heartbeat',
+            enclavefl_dot_proto_dot_federation__pb2.HeartbeatRequest.SerializeToString,
+            enclavefl_dot_proto_dot_federation__pb2.HeartbeatReply.FromString,
             options,
             channel_credentials,
             insecure,

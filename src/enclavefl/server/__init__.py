@@ -7,6 +7,7 @@ from enclavefl.server.checkpoint import Checkpoint, latest_checkpoint, load_chec
 from enclavefl.server.closing import ClosePipeline, Evaluator
 from enclavefl.server.core import ServerCore
 from enclavefl.server.engine import Engine, SyncEngine
+from enclavefl.server.liveness import LivenessMonitor
 from enclavefl.server.metrics import REQUIRED_KEYS, MetricsLog
 from enclavefl.server.optimizer import SERVER_OPTIMIZERS, FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi, ServerOptimizer
 from enclavefl.server.phases import Phase
@@ -42,6 +43,7 @@ __all__ = [
     "FedAvgM",
     "FedYogi",
     "Krum",
+    "LivenessMonitor",
     "MetricsLog",
     "NormBounded",
     "ParameterServer",

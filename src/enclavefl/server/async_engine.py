@@ -141,7 +141,8 @@ class UpdateBuffer:
         with self._lock:
             self.number, self.model_version = number, model_version
 
-    def close(self, *, attempt: int, sampled: frozenset[str], rejected: int, bytes_out: int) -> RoundRecord:
+    def close(self, *, attempt: int, sampled: frozenset[str], rejected: int, bytes_out: int,
+              dropped: frozenset[str] = frozenset(), rejected_ids: frozenset[str] = frozenset()) -> RoundRecord:
         """No fold is accepted after this; waits for a fold in progress. Returns the step's record."""
         with self._lock:
             self._closed = True
@@ -151,7 +152,7 @@ class UpdateBuffer:
                 attempt=attempt,
                 sampled=sampled,
                 pushed=frozenset(self._workers),
-                dropped=frozenset(),
+                dropped=dropped,
                 rejected=rejected,
                 num_samples=self._num_samples,
                 weight=self._weight,
@@ -160,6 +161,7 @@ class UpdateBuffer:
                 opened_at=self.opened_at,
                 worker_metrics=tuple(self._metrics),
                 staleness=tuple(self._staleness),
+                rejected_ids=rejected_ids,
             )
 
 
@@ -199,9 +201,9 @@ class _Upload:
     def end_upload(self, worker_id: str) -> None:
         self._engine._end_upload(worker_id)
 
-    def note_rejection(self) -> None:
+    def note_rejection(self, worker_id: str) -> None:
         with self._engine.core.cond:
-            self._engine.note_rejection()
+            self._engine.note_rejection(worker_id)
 
 
 @final
@@ -218,6 +220,8 @@ class AsyncEngine(Engine):
         # Per step, reset when the buffer is swapped (all under the server lock):
         self._asked: set[str] = set()
         self._rejected = 0
+        self._rejected_ids: set[str] = set()
+        self._dropped: set[str] = set()
         self._bytes_out = 0
 
     # ----------------------------------------------------------- handler side (server lock held)
@@ -257,7 +261,7 @@ class AsyncEngine(Engine):
     def target_for(self, meta: UpdateMeta) -> tuple[UpdateTarget, int, float]:
         buf = self.buffer
         if buf is None:
-            self._rejected += 1
+            self.note_rejection(meta.worker_id)
             raise UpdateRejected(f"no buffer is open (phase {self.core.phase.value})")
         tau = buf.model_version - meta.model_version
         reason = self._staleness_refusal(meta.model_version, tau)
@@ -270,17 +274,22 @@ class AsyncEngine(Engine):
             given = "no task" if task is None else f"a task on model version {task.version}"
             reason = (f"worker {meta.worker_id} pushed an update on model version {meta.model_version} "
                       f"but was given {given}")
-        self._rejected += 1
+        self.note_rejection(meta.worker_id)
         if task is not None:  # a worker with a task has no upload in flight: it is idle now
             task.worker.busy_since = None
         raise UpdateRejected(reason)
 
-    def note_rejection(self) -> None:
+    def _grace_window(self) -> str:
+        return f"update_window_s={self.config.round.update_window_s:g} of a step that gets too few updates"
+
+    def note_rejection(self, worker_id: str) -> None:
         self._rejected += 1
+        self._rejected_ids.add(worker_id)
 
     def on_drop(self, worker_id: str) -> None:
         self._busy.pop(worker_id, None)
         self._uploading.pop(worker_id, None)
+        self._dropped.add(worker_id)
 
     def on_download(self, worker_id: str, nbytes: int) -> None:
         self._bytes_out += nbytes
@@ -345,6 +354,7 @@ class AsyncEngine(Engine):
         seconds_wait = time.monotonic() - started
         with core.cond:
             self.buffer = self._open(core.next_round, core.version)
+            self._opened()
             core.set_phase(Phase.TRAINING)
             joined = len(core.registry)
         log.info("ps %s round %d: async steps start on model version %d digest %s, %d joined, buffer_size=%d",
@@ -360,6 +370,7 @@ class AsyncEngine(Engine):
                                 buf.number, count)
                     break
                 if count < cfg.round.buffer_size and count < cfg.round.min_updates:
+                    self._fail_if_lost(buf.number, self._grace_window())
                     attempt += 1
                     self._retry_or_fail(attempt, f"step {buf.number} got {count} updates within update_window_s="
                                                  f"{cfg.round.update_window_s}, min_updates={cfg.round.min_updates}")
@@ -399,8 +410,11 @@ class AsyncEngine(Engine):
             # The fresh buffer's updates apply to the version this close makes.
             self.buffer = None if last else self._open(buf.number + 1, buf.model_version + 1)
             sampled, rejected, bytes_out = frozenset(self._asked), self._rejected, self._bytes_out
+            dropped, rejected_ids = frozenset(self._dropped), frozenset(self._rejected_ids)
             self._asked, self._rejected, self._bytes_out = set(), 0, 0
-        record = buf.close(attempt=attempt, sampled=sampled, rejected=rejected, bytes_out=bytes_out)
+            self._dropped, self._rejected_ids = set(), set()
+        record = buf.close(attempt=attempt, sampled=sampled, rejected=rejected, bytes_out=bytes_out,
+                           dropped=dropped, rejected_ids=rejected_ids)
         staleness = np.asarray(record.staleness, dtype=np.float64)
         extra = {
             "mode": "async",

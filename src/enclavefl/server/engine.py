@@ -8,6 +8,7 @@ engine (async) is a new class, not an edit of the handler.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from abc import ABC, abstractmethod
@@ -47,6 +48,10 @@ class Engine(ABC):
         self.pipeline = pipeline
         self.config = config
         self.upload_template = upload_template
+        self._opened_any = False
+        """A round (or the async steps) opened in this process: the job had its workers once."""
+        self._lost: list[str] = []
+        """Names of the workers lost (silent, or left) since a round last opened."""
 
     @abstractmethod
     def loop(self) -> None:
@@ -68,11 +73,61 @@ class Engine(ABC):
         """The factor an update of this staleness is weighed with (1 in sync rounds)."""
         return 1.0
 
-    def note_rejection(self) -> None:
-        """An upload was refused before it reached a target (caller holds the lock)."""
+    def note_rejection(self, worker_id: str) -> None:
+        """An upload of ``worker_id`` was refused before it reached a target (caller holds the lock)."""
 
     def on_drop(self, worker_id: str) -> None:
         """A worker left or was dropped (caller holds the lock)."""
+
+    def note_lost(self, name: str) -> None:
+        """Worker ``name`` is gone (silent, or it left), after :meth:`on_drop` (caller holds the lock).
+
+        Once the job has had its workers, falling below ``round.min_workers`` is
+        said at once: the next round waits one start window for them, then the
+        job fails (see :meth:`_missing_lost`).
+        """
+        self._lost.append(name)
+        core, need = self.core, self.config.round.min_workers
+        joined = len(core.registry)
+        if self._opened_any and joined < need and core.phase is not Phase.FINISHED and not core.stopping:
+            log.warning("ps %s round %d: %d workers joined, fewer than min_workers=%d: the job fails unless %d "
+                        "(re)join within %s", core.instance, core.next_round, joined, need, need - joined,
+                        self._grace_window())
+
+    def _grace_window(self) -> str:
+        """The window lost workers have to join again in, for messages."""
+        return f"start_window_s={self.config.round.start_window_s:g} of the next round"
+
+    def _opened(self) -> None:
+        """A round opened with enough workers: workers lost before it no longer matter (caller holds the lock)."""
+        if not self._opened_any:
+            log.info("ps %s round %d: the first round opens, %d workers joined", self.core.instance,
+                     self.core.next_round, len(self.core.registry), extra={"event": "first_round"})
+        self._opened_any = True
+        self._lost.clear()
+
+    def _missing_lost(self) -> list[str]:
+        """The lost workers that have not joined again (caller holds the lock)."""
+        joined = {w.name for w in self.core.registry.records()}
+        return sorted({name for name in self._lost if name not in joined})
+
+    def _fail_if_lost(self, round_: int, waited: str) -> None:
+        """After a window without min_workers: fail now if workers lost after the job had its workers are missing.
+
+        Args:
+            waited: the window that just passed, for the message (``start_window_s=60``).
+
+        Raises:
+            RoundError: fewer than ``min_workers`` are joined and lost workers have not come back;
+                retrying the window would not bring them back.
+        """
+        cfg = self.config.round
+        with self.core.cond:
+            joined = len(self.core.registry)
+            missing = self._missing_lost() if self._opened_any and joined < cfg.min_workers else []
+        if missing:
+            raise RoundError(f"round {round_}: {joined} workers joined, fewer than min_workers={cfg.min_workers}, "
+                             f"and {', '.join(missing)} (lost) did not join again within {waited}; not retried")
 
     def on_download(self, worker_id: str, nbytes: int) -> None:
         """A worker pulled the model (caller holds the lock)."""
@@ -148,6 +203,7 @@ class SyncEngine(Engine):
             if not self._await_workers():
                 if core.stopping:
                     break
+                self._fail_if_lost(core.next_round, self._grace_window())
                 attempt += 1
                 self._retry_or_fail(attempt, f"fewer than min_workers={cfg.round.min_workers} joined within "
                                              f"start_window_s={cfg.round.start_window_s}")
@@ -187,6 +243,7 @@ class SyncEngine(Engine):
                         self.strategy.aggregator(self.upload_template), self.upload_template,
                         cfg.round.update_window_s, notify=core.notify)
             self.round = rnd
+            self._opened()
             core.set_phase(Phase.TRAINING)
             joined = len(core.registry)
         log.info("ps %s round %d: opened (attempt %d), model version %d digest %s, sampled %d of %d, need %d",
@@ -213,6 +270,7 @@ class SyncEngine(Engine):
             if late:
                 log.warning("ps %s round %d: closed by its window with %d of %d updates",
                             core.instance, rnd.number, len(record.pushed), len(record.sampled))
+                record = dataclasses.replace(record, dropped=record.dropped | late)
         return record
 
     def task_for(self, worker: WorkerRecord) -> TaskInfo | None:
@@ -229,9 +287,9 @@ class SyncEngine(Engine):
         rnd.admit(meta)
         return rnd, 0, rnd.deadline
 
-    def note_rejection(self) -> None:
+    def note_rejection(self, worker_id: str) -> None:
         if self.round is not None:
-            self.round.note_rejection()
+            self.round.note_rejection(worker_id)
 
     def on_drop(self, worker_id: str) -> None:
         if self.round is not None:

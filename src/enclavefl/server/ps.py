@@ -2,15 +2,16 @@
 
 How this works: gRPC threads (or an in-memory transport) call the
 :class:`~enclavefl.messages.FederationHandler` methods (join, wait_task,
-model_for, open_update, leave); the engine thread runs :meth:`run`, which owns
-every phase transition. The parts:
+model_for, open_update, leave, heartbeat); the engine thread runs :meth:`run`,
+which owns every phase transition. The parts:
 
 - :class:`~enclavefl.server.core.ServerCore`: the lock, phase, global model, worker registry;
 - :class:`~enclavefl.server.strategy.Strategy`: sampler, aggregator factory, server optimizer, client algorithm;
 - an engine (:class:`~enclavefl.server.engine.SyncEngine` or
   :class:`~enclavefl.server.async_engine.AsyncEngine`) that opens and closes rounds;
 - :class:`~enclavefl.server.staging.StagedUpdate`: bounded decode of one upload;
-- :class:`~enclavefl.server.closing.ClosePipeline`: aggregate to next model, metrics, checkpoint.
+- :class:`~enclavefl.server.closing.ClosePipeline`: aggregate to next model, metrics, checkpoint;
+- :class:`~enclavefl.server.liveness.LivenessMonitor`: drops workers silent for ``round.worker_timeout_s``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from enclavefl.server.checkpoint import Checkpoint, params_digest
 from enclavefl.server.closing import ClosePipeline, Evaluator
 from enclavefl.server.core import ServerCore
 from enclavefl.server.engine import Engine, SyncEngine
+from enclavefl.server.liveness import LivenessMonitor
 from enclavefl.server.metrics import MetricsLog
 from enclavefl.server.phases import Phase
 from enclavefl.server.registry import WorkerRecord
@@ -135,12 +137,14 @@ class ParameterServer:
                     raise CheckpointError(f"{ckpt.path}: {name}: {exc}") from exc
 
     def run(self) -> None:
-        """Runs the job's rounds, then tells workers to finish.
+        """Runs the job's rounds, then tells workers to finish; workers silent for too long are dropped meanwhile.
 
         Raises:
-            RoundError: too few workers or updates within ``round.max_retries`` retries.
+            RoundError: too few workers or updates within ``round.max_retries`` retries, or
+                fewer than ``round.min_workers`` after workers were lost and a start window passed.
         """
-        self.engine.run()
+        with LivenessMonitor(self.core, self._drop_silent, timeout_s=self.config.round.worker_timeout_s):
+            self.engine.run()
 
     def stop(self) -> None:
         """Ends the job from another thread: the open round is abandoned, the last completed one checkpointed.
@@ -159,11 +163,13 @@ class ParameterServer:
             log.info("ps %s round %d: worker %s (%s, %s) joined, %d joined", core.instance, core.next_round,
                      record.worker_id, record.name, peer.label, len(core.registry))
             core.cond.notify_all()
-        return JoinInfo(record.worker_id, self.config.job.name, core.instance, self.config.job.rounds)
+        return JoinInfo(record.worker_id, self.config.job.name, core.instance, self.config.job.rounds,
+                        heartbeat_s=self.config.round.heartbeat_s)
 
     def wait_task(self, peer: PeerIdentity, worker_id: str, max_wait_s: float) -> TaskInfo:
         core = self.core
-        deadline = time.monotonic() + max_wait_s
+        # A long-poll ends by round.heartbeat_s, so a waiting worker is heard that often (its next poll).
+        deadline = time.monotonic() + min(max_wait_s, self.config.round.heartbeat_s)
         with core.cond:
             while True:
                 worker = core.registry.get(peer, worker_id)
@@ -209,7 +215,7 @@ class ParameterServer:
             target: UpdateTarget | None = None
             staleness, deadline = 0, 0.0
             if reason is not None:
-                self.engine.note_rejection()
+                self.engine.note_rejection(meta.worker_id)
             else:
                 try:
                     target, staleness, deadline = self.engine.target_for(meta)
@@ -235,7 +241,7 @@ class ParameterServer:
 
     def _refuse(self, target: UpdateTarget, meta: UpdateMeta, reason: str) -> NoReturn:
         """Forgets an upload that never got staged, logs why and refuses it."""
-        target.note_rejection()
+        target.note_rejection(meta.worker_id)
         target.end_upload(meta.worker_id)
         log.warning("ps %s round %d: rejected update from %s: %s", self.core.instance, meta.round, meta.worker_id, reason)
         raise UpdateRejected(reason)
@@ -243,12 +249,34 @@ class ParameterServer:
     def leave(self, peer: PeerIdentity, worker_id: str, reason: str) -> None:
         with self.core.cond:
             self.core.registry.get(peer, worker_id)
-            self._drop(worker_id, f"left: {reason}")
+            self._drop(worker_id, f"left: {reason}", lost=True)
             self.core.cond.notify_all()
 
-    def _drop(self, worker_id: str, why: str) -> None:
-        """Forgets a worker (caller holds the lock)."""
-        if self.core.registry.remove(worker_id) is None:
+    def heartbeat(self, peer: PeerIdentity, worker_id: str) -> None:
+        """Notes that the worker is alive (``registry.get`` stamps it).
+
+        Raises:
+            StaleSession: the worker was dropped (or joined another PS instance): it must join again.
+        """
+        with self.core.cond:
+            self.core.registry.get(peer, worker_id)
+
+    def _drop_silent(self, worker_id: str, why: str) -> None:
+        """The liveness monitor's verdict (caller holds the lock)."""
+        self._drop(worker_id, why, lost=True)
+        self.core.cond.notify_all()
+
+    def _drop(self, worker_id: str, why: str, *, lost: bool = False) -> None:
+        """Forgets a worker (caller holds the lock).
+
+        Args:
+            lost: the worker is gone (silent, or it left), rather than replaced by a new session of its own.
+        """
+        record = self.core.registry.remove(worker_id)
+        if record is None:
             return
         self.engine.on_drop(worker_id)
-        log.info("ps %s round %d: worker %s dropped (%s)", self.core.instance, self.core.next_round, worker_id, why)
+        log.warning("ps %s round %d: worker %s (%s) dropped (%s)", self.core.instance, self.core.next_round,
+                    worker_id, record.name, why)
+        if lost:
+            self.engine.note_lost(record.name)

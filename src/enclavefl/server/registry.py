@@ -24,6 +24,7 @@ class WorkerRecord:
     num_samples: int
     """What the worker declared at join: an upper bound on the weight of its updates."""
     last_seen: float
+    """time.monotonic() of the worker's last call (any call: a long-poll, a heartbeat, a pull or a push)."""
     finished: bool = False
     busy_since: float | None = None
     """Async mode: when the worker was last handed a model to train on (None: idle)."""
@@ -69,6 +70,10 @@ class WorkerRegistry:
             raise StaleSession(f"worker {worker_id!r} is bound to another certificate")
         w.last_seen = time.monotonic()
         return w
+
+    def silent(self, timeout_s: float, now: float) -> list[WorkerRecord]:
+        """The workers not heard from for more than ``timeout_s`` at ``now`` (those told FINISH excepted)."""
+        return [w for w in self._workers.values() if not w.finished and now - w.last_seen > timeout_s]
 
     def remove(self, worker_id: str) -> WorkerRecord | None:
         return self._workers.pop(worker_id, None)

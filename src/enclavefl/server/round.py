@@ -42,6 +42,8 @@ class RoundRecord:
     opened_at: float
     worker_metrics: tuple[Mapping[str, float], ...] = ()
     staleness: tuple[int, ...] = ()
+    rejected_ids: frozenset[str] = frozenset()
+    """The workers whose updates (at least one) were refused."""
 
 
 @dataclass(eq=False)
@@ -64,6 +66,7 @@ class Round:
     _dropped: set[str] = field(default_factory=set)
     _uploading: set[str] = field(default_factory=set)
     _rejected: int = 0
+    _rejected_ids: set[str] = field(default_factory=set)
     _num_samples: int = 0
     _weight: float = 0.0
     _bytes_in: int = 0
@@ -111,6 +114,7 @@ class Round:
                 self._uploading.add(meta.worker_id)
                 return
             self._rejected += 1
+            self._rejected_ids.add(meta.worker_id)
         raise UpdateRejected(reason)
 
     def accept(self, worker_id: str, update: ParamSet, weight: float, num_samples: int, nbytes: int,
@@ -138,19 +142,24 @@ class Round:
             self._uploading.discard(worker_id)
         self.notify()
 
-    def note_rejection(self) -> None:
+    def note_rejection(self, worker_id: str) -> None:
         with self._lock:
             self._rejected += 1
+            self._rejected_ids.add(worker_id)
 
     def note_download(self, nbytes: int) -> None:
         with self._lock:
             self._bytes_out += nbytes
 
     def mark_dropped(self, worker_id: str) -> None:
+        """The worker will not answer (it left or was dropped).
+
+        Called with the PS lock held, so it does not call ``notify`` (which takes
+        that lock): the caller wakes the engine once it has forgotten the worker.
+        """
         with self._lock:
             if worker_id in self.sampled:
                 self._dropped.add(worker_id)
-        self.notify()
 
     def done(self) -> bool:
         """Enough updates arrived, or nobody else can still answer."""
@@ -178,4 +187,5 @@ class Round:
                 bytes_out=self._bytes_out,
                 opened_at=self.opened_at,
                 worker_metrics=tuple(self._metrics),
+                rejected_ids=frozenset(self._rejected_ids),
             )

@@ -35,7 +35,9 @@ class UpdateTarget(Protocol):
 
     def end_upload(self, worker_id: str) -> None: ...
 
-    def note_rejection(self) -> None: ...
+    def note_rejection(self, worker_id: str) -> None:
+        """An upload of ``worker_id`` was refused (counted, and named in the metrics row)."""
+        ...
 
 
 def check_finite(update: ParamSet) -> None:
@@ -88,7 +90,7 @@ class StagedUpdate(UpdateSink):
         self._release()
 
     def _rejected(self, reason: str) -> None:
-        self._target.note_rejection()
+        self._target.note_rejection(self._meta.worker_id)
         log.warning("%s round %d: rejected update from %s: %s", self._log_prefix, self._target.number,
                     self._meta.worker_id, reason)
 

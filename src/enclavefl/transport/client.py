@@ -138,7 +138,8 @@ class FederationClient:
             raise ConfigError(f"Join {self.target}: {SETTINGS_MISMATCH} from the PS's in {', '.join(differ)}: "
                               "every node must run the same job file")
         self._metadata = ((SESSION_METADATA_KEY, reply.session_token),) if reply.session_token else ()
-        return JoinInfo(reply.worker_id, reply.job_name, reply.ps_instance, int(reply.rounds))
+        return JoinInfo(reply.worker_id, reply.job_name, reply.ps_instance, int(reply.rounds),
+                        heartbeat_s=max(float(reply.heartbeat_s), 0.0))
 
     def wait_task(self, worker_id: str, max_wait_s: float) -> TaskInfo:
         """Long-polls for the next task.
@@ -249,6 +250,23 @@ class FederationClient:
             )
         except grpc.RpcError as exc:
             raise self._error(exc, "Leave") from exc
+
+    def heartbeat(self, worker_id: str, timeout_s: float = 5.0) -> None:
+        """Tells the PS this worker is alive (thread-safe: the worker calls it while it trains).
+
+        Raises:
+            StaleSession: the PS dropped this worker, or restarted.
+        """
+        self._check_open()
+        try:
+            reply = self._stub.Heartbeat(
+                pb.HeartbeatRequest(protocol_version=PROTOCOL_VERSION, worker_id=worker_id),
+                timeout=timeout_s,
+                metadata=self._metadata,
+            )
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, f"Heartbeat {self.target}") from exc
+        check_version(reply.protocol_version, "HeartbeatReply", sender="PS")
 
 
 _IS_WORKER_CLIENT: type[WorkerClient] = FederationClient  # mypy checks that the gRPC client satisfies the protocol

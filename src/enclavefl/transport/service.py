@@ -161,6 +161,7 @@ class _Servicer(pb_grpc.FederationServicer):
             rounds=info.rounds,
             session_token=session,
             job_settings=self._job_settings,
+            heartbeat_s=info.heartbeat_s,
         )
 
     def WaitTask(self, request: pb.WaitTaskRequest, context: grpc.ServicerContext) -> pb.Task:
@@ -241,6 +242,14 @@ class _Servicer(pb_grpc.FederationServicer):
             _abort(context, exc)
         return pb.LeaveReply(protocol_version=PROTOCOL_VERSION)
 
+    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
+        try:
+            check_version(request.protocol_version, "Heartbeat", sender="worker")
+            self._handler.heartbeat(self._peer(context), request.worker_id)
+        except EnclaveFLError as exc:
+            _abort(context, exc)
+        return pb.HeartbeatReply(protocol_version=PROTOCOL_VERSION)
+
 
 def _register(servicer: _Servicer, server: Any) -> None:
     """The generated registration, except that tensor chunks use the framing fast path."""
@@ -249,6 +258,7 @@ def _register(servicer: _Servicer, server: Any) -> None:
         "Join": (pb.JoinRequest, pb.JoinReply),
         "WaitTask": (pb.WaitTaskRequest, pb.Task),
         "Leave": (pb.LeaveRequest, pb.LeaveReply),
+        "Heartbeat": (pb.HeartbeatRequest, pb.HeartbeatReply),
     }
     handlers: dict[str, Any] = {
         name: grpc.unary_unary_rpc_method_handler(

@@ -1,6 +1,7 @@
 """The worker runtime: local training, the update pipeline, and its clients to the PS."""
 
 from enclavefl.worker.control import ScaffoldClient
+from enclavefl.worker.heartbeat import Heartbeat
 from enclavefl.worker.inmemory import InMemoryClient
 from enclavefl.worker.pipeline import (
     ControlDelta,
@@ -19,6 +20,7 @@ from enclavefl.worker.runtime import Worker, WorkerSettings, grpc_client_factory
 __all__ = [
     "ControlDelta",
     "Delta",
+    "Heartbeat",
     "InMemoryClient",
     "ScaffoldClient",
     "SparseTrainer",

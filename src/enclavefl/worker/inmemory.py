@@ -40,7 +40,8 @@ __all__ = ["InMemoryClient"]
 class InMemoryClient:
     """One worker's in-process connection to a :class:`~enclavefl.messages.FederationHandler`.
 
-    Not thread-safe: one worker uses it from one thread (as with the gRPC client).
+    One worker uses it from one thread (as with the gRPC client), except :meth:`heartbeat`,
+    which the worker's heartbeat thread may call meanwhile.
     """
 
     def __init__(self, handler: FederationHandler, peer: PeerIdentity, *, chunk_bytes: int = 2**20) -> None:
@@ -138,6 +139,10 @@ class InMemoryClient:
     def leave(self, worker_id: str, reason: str) -> None:
         self._check_open()
         self._handler.leave(self._peer, worker_id, reason)
+
+    def heartbeat(self, worker_id: str) -> None:
+        self._check_open()
+        self._handler.heartbeat(self._peer, worker_id)
 
     def close(self) -> None:
         """Marks the client closed; the handler is not told (as a closed channel tells it nothing). Idempotent."""

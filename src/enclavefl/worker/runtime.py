@@ -16,6 +16,11 @@ goes back to where it was, as the server did not count the change). The
 trained model then goes through the update pipeline
 (:mod:`enclavefl.worker.pipeline`) and is pushed.
 
+It keeps the PS told that it is alive: each long-poll lasts at most the
+``heartbeat_s`` the PS gave at join, and while it pulls, trains and pushes a
+:class:`~enclavefl.worker.heartbeat.Heartbeat` thread says so as often; the PS
+drops a worker it has not heard from for ``round.worker_timeout_s``.
+
 It survives a PS restart: an unreachable PS is retried with exponential
 backoff (bounded by ``give_up_s``), and a PS that no longer knows this worker
 (new instance, or it dropped us) is joined again. After the PS was unreachable
@@ -25,6 +30,7 @@ the client is rebuilt and the worker joins again, so the credentials check the
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import threading
@@ -56,6 +62,7 @@ from enclavefl.tensors import ParamSet, Tensor
 from enclavefl.training import FitConfig, Trainer
 from enclavefl.worker.control import ScaffoldClient
 from enclavefl.worker.faults import Slowdown
+from enclavefl.worker.heartbeat import Heartbeat
 from enclavefl.worker.pipeline import (
     UpdateContext,
     UpdateTransform,
@@ -83,7 +90,7 @@ class WorkerSettings:
     Attributes:
         name: shown in the PS's logs.
         seed: the job seed; with the round it fixes the local shuffle.
-        poll_s: the longest a task long-poll waits.
+        poll_s: the longest a task long-poll waits (shorter if the PS asks for a shorter heartbeat).
         backoff_initial_s: the first retry delay after the PS was unreachable.
         backoff_max_s: the longest retry delay.
         give_up_s: how long an unreachable PS is retried before the worker fails.
@@ -201,8 +208,9 @@ class Worker:
             client, join = self._connect()
             started, attempt = time.monotonic(), 0
             while not self._stop.is_set():
+                poll_s = min(s.poll_s, join.heartbeat_s) if join.heartbeat_s > 0 else s.poll_s
                 try:
-                    task = client.wait_task(join.worker_id, s.poll_s)
+                    task = client.wait_task(join.worker_id, poll_s)
                     attempt = 0
                     started = time.monotonic()
                 except StaleSession as exc:
@@ -229,7 +237,9 @@ class Worker:
                     return
                 if task.kind is TaskKind.TRAIN:
                     try:
-                        self._train_round(client, join, task)
+                        beat = functools.partial(client.heartbeat, join.worker_id)
+                        with Heartbeat(beat, join.heartbeat_s, name=s.name):
+                            self._train_round(client, join, task)
                     except StaleSession as exc:
                         log.info("worker %s round %d: %s; joining again", s.name, task.round, exc)
                         client, join = self._connect()

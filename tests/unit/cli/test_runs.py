@@ -1,4 +1,5 @@
-"""The run directory on resume: config.yaml is read back, only some keys may change, a checkpoint is required."""
+"""The run directory on resume (config.yaml is read back, only some keys may change, a checkpoint is required)
+and how a completed round reads on the console."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from enclavefl.cli.runs import RESUMABLE_KEYS, plan_resume, record_config, write_config
+from enclavefl.cli.runs import RESUMABLE_KEYS, plan_resume, record_config, round_line, write_config
 from enclavefl.config import load_job, parse_job
 from enclavefl.errors import ConfigError
 from enclavefl.server.checkpoint import Checkpoint, save_checkpoint
@@ -68,6 +69,7 @@ def test_resume_accepts_a_cloud_alias_for_an_allowed_key(tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize("item", ["round.start_window_s=5", "round.update_window_s=7", "round.max_retries=1",
+                                  "round.heartbeat_s=1", "round.worker_timeout_s=20",
                                   "transport.listen=0.0.0.0:7443"])
 def test_resume_may_change_the_waiting_windows_and_the_address(tmp_path: Path, item: str) -> None:
     plan = plan_resume(_run_dir(tmp_path), [item])
@@ -181,3 +183,26 @@ def test_record_config_accepts_the_same_job_again(tmp_path: Path) -> None:
     job_file.write_text(yaml.safe_dump(JOB))
 
     assert record_config(run, load_job(job_file), job_file) == run / "config.yaml"
+
+
+def row(**extra: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {"round": 1, "participants": 3, "train_loss": 0.5, "eval_loss": 0.4,
+                            "eval_accuracy": 0.9, "seconds_wait": 0.0, "seconds_train": 2.0,
+                            "seconds_aggregate": 0.25}
+    base.update(extra)
+    return base
+
+
+def test_round_time_leaves_out_the_wait_for_workers_and_shows_it_apart() -> None:
+    line = round_line(row(seconds_wait=12.0), 10)
+
+    # 2.0 s training + 0.25 s aggregation = 2.2 s (rounded); the 12 s of start-up apart.
+    assert line.endswith("2.2s (+12.0s waiting for workers)")
+
+
+def test_short_waits_are_not_shown() -> None:
+    assert round_line(row(seconds_wait=0.1), 10).endswith("eval_acc 0.900  2.2s")
+
+
+def test_dropped_workers_and_rejected_updates_are_shown() -> None:
+    assert round_line(row(dropped=1, rejected=2), 10).endswith("2.2s  dropped 1  rejected 2")
