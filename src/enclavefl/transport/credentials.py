@@ -73,6 +73,9 @@ class Credentials(ABC):
     def server_credentials(self) -> grpc.ServerCredentials:
         """Credentials for the PS's listening port (requires client certificates)."""
 
+    def close(self) -> None:
+        """Stops whatever the credentials watch in the background (the server is stopping). Idempotent."""
+
     @abstractmethod
     def channel_setup(self, target: str) -> ChannelSetup:
         """Credentials for a worker's channel to ``target`` (``host:port``).
@@ -152,6 +155,9 @@ class CaCredentials(Credentials):
         self.handshakes = HandshakeWatch(f"this PS trusts the CA {_subject(ca_cert)!r} (its ca.pem); "
                                          "the worker's log says what its side saw")
         """Incoming connections that failed their handshake (PS side), logged rate-limited."""
+
+    def close(self) -> None:
+        self.handshakes.close()
 
     @classmethod
     def from_files(cls, ca_cert: str | Path, cert: str | Path, key: str | Path, *, server_name: str = "enclavefl-ps") -> CaCredentials:

@@ -55,12 +55,15 @@ class HandshakeWatch:
         self._unreported = 0
         self._last_report: float | None = None
         self._checker: threading.Thread | None = None
+        self._closed = False
         self.failed_total = 0
         """Connections counted as failed since the start."""
 
     def connection_started(self) -> None:
         """A connection arrived and its TLS handshake begins (the certificate callback)."""
         with self._cond:
+            if self._closed:
+                return
             self._waiting.append(time.monotonic())
             if self._checker is None:
                 self._checker = threading.Thread(target=self._check, name="handshake-watch", daemon=True)
@@ -81,7 +84,7 @@ class HandshakeWatch:
     def _check(self) -> None:
         """Runs while connections wait for their first call; ends when none do."""
         with self._cond:
-            while self._waiting:
+            while self._waiting and not self._closed:
                 now = time.monotonic()
                 while self._waiting and now - self._waiting[0] >= self._grace_s:
                     self._waiting.popleft()
@@ -91,6 +94,19 @@ class HandshakeWatch:
                 if self._waiting:
                     self._cond.wait(self._waiting[0] + self._grace_s - now)
             self._checker = None
+
+    def close(self) -> None:
+        """Stops watching (the server stopped): the checker thread ends; connections still waiting are not counted.
+
+        Idempotent; waits at most a second for the thread.
+        """
+        with self._cond:
+            self._closed = True
+            self._waiting.clear()
+            checker = self._checker
+            self._cond.notify_all()
+        if checker is not None and checker is not threading.current_thread():
+            checker.join(1.0)
 
     def _report(self, now: float) -> None:
         if not self._unreported:

@@ -310,6 +310,7 @@ class FederationServer:
 
     server: Any
     port: int
+    credentials: Credentials | None = None
 
     @classmethod
     def start(
@@ -355,8 +356,10 @@ class FederationServer:
         if port == 0:
             raise TransportError(f"cannot listen on {listen}")
         server.start()
-        return cls(server=server, port=port)
+        return cls(server=server, port=port, credentials=credentials)
 
     def stop(self, grace_s: float = 2.0) -> None:
-        """Stops accepting calls and waits up to ``grace_s`` for running ones. Idempotent."""
+        """Stops accepting calls, waits up to ``grace_s`` for running ones, stops the credentials' watchers. Idempotent."""
         self.server.stop(grace_s).wait(grace_s + 1)
+        if self.credentials is not None:
+            self.credentials.close()

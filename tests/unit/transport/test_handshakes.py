@@ -60,3 +60,16 @@ def test_failures_are_logged_at_most_once_per_period(caplog: pytest.LogCaptureFi
 
     assert watch.failed_total == 3
     assert len(caplog.records) == 1
+
+
+def test_close_stops_the_checker_thread_without_reporting(caplog: pytest.LogCaptureFixture) -> None:
+    watch = HandshakeWatch("hint", grace_s=30.0)
+    watch.connection_started()
+    checker = watch._checker
+    assert checker is not None and checker.is_alive()
+
+    watch.close()
+
+    assert not checker.is_alive() and watch.failed_total == 0
+    watch.connection_started()  # after close: nothing starts again
+    assert watch._checker is None
