@@ -9,18 +9,16 @@ comes from the run directory's ``config.yaml``, as the run resolved it.
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 from typing import Any
 
 from enclavefl.config import JobConfig, load_job
 from enclavefl.errors import CheckpointError, ConfigError, DataError
-from enclavefl.server.checkpoint import Checkpoint, load_checkpoint
+from enclavefl.server.checkpoint import Checkpoint, list_checkpoints, load_checkpoint
 
 __all__ = ["add_parser", "checkpoint_rounds", "load_run_checkpoint", "run_export"]
 
 _FORMATS = ("safetensors", "torch", "onnx")  # enclavefl.ml.export.FORMATS, without importing torch to parse argv
-_NAME = re.compile(r"^round-(\d{6,})\.ckpt$")
 _KEPT = 3
 
 
@@ -37,10 +35,7 @@ def add_parser(sub: Any) -> None:
 
 def checkpoint_rounds(directory: Path) -> dict[int, Path]:
     """The checkpoints in ``directory`` by round, oldest first (empty when there is none)."""
-    if not directory.is_dir():
-        return {}
-    found = {int(m.group(1)): p for p in directory.iterdir() if (m := _NAME.match(p.name))}
-    return dict(sorted(found.items()))
+    return dict(list_checkpoints(directory))
 
 
 def load_run_checkpoint(run_dir: Path, config: JobConfig, round_number: int | None) -> Checkpoint:

@@ -3,7 +3,14 @@
 from enclavefl.server.aggregator import Aggregator, WeightedMean
 from enclavefl.server.algorithms import Algorithm, CloseContext, FedAvgAlgorithm, Scaffold
 from enclavefl.server.async_engine import AsyncEngine
-from enclavefl.server.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, params_digest, save_checkpoint
+from enclavefl.server.checkpoint import (
+    Checkpoint,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    params_digest,
+    save_checkpoint,
+)
 from enclavefl.server.closing import ClosePipeline, Evaluator
 from enclavefl.server.core import ServerCore
 from enclavefl.server.engine import Engine, SyncEngine
@@ -67,6 +74,7 @@ __all__ = [
     "WorkerRegistry",
     "build_strategy",
     "latest_checkpoint",
+    "list_checkpoints",
     "load_checkpoint",
     "make_staleness",
     "params_digest",

@@ -27,7 +27,7 @@ from enclavefl.errors import CheckpointError, ProtocolError
 from enclavefl.server.state import PartState
 from enclavefl.tensors import CodecLimits, ParamSet, iter_chunks, read_params, write_params
 
-__all__ = ["Checkpoint", "latest_checkpoint", "load_checkpoint", "params_digest", "save_checkpoint"]
+__all__ = ["Checkpoint", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "params_digest", "save_checkpoint"]
 
 MAGIC = b"EFLCKPT1"
 MAX_META_BYTES = 256 * 2**20
@@ -128,12 +128,13 @@ def save_checkpoint(directory: Path, ckpt: Checkpoint, *, keep: int = 3) -> Path
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise CheckpointError(f"{final}: cannot write checkpoint: {exc.strerror or exc}") from exc
-    for old in sorted(_checkpoints(directory))[:-keep]:
+    for old in sorted(list_checkpoints(directory))[:-keep]:
         old[1].unlink(missing_ok=True)
     return final
 
 
-def _checkpoints(directory: Path) -> list[tuple[int, Path]]:
+def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
+    """The checkpoint files in ``directory`` as (round, path), oldest first; empty when there is none."""
     if not directory.is_dir():
         return []
     found = []
@@ -195,7 +196,7 @@ def latest_checkpoint(directory: Path, limits: CodecLimits = CodecLimits()) -> C
     Raises:
         CheckpointError: the newest checkpoint is corrupt (it is not silently skipped).
     """
-    found = _checkpoints(directory)
+    found = list_checkpoints(directory)
     if not found:
         return None
     return load_checkpoint(found[-1][1], limits)

@@ -14,6 +14,7 @@ from enclavefl.errors import CheckpointError
 from enclavefl.server.checkpoint import (
     Checkpoint,
     latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     params_digest,
     save_checkpoint,
@@ -240,3 +241,13 @@ def test_digest_depends_on_names_shapes_and_values() -> None:
     assert params_digest(a) != params_digest(ParamSet({"v": np.zeros((2, 3), np.float32)}))
     assert params_digest(a) != params_digest(ParamSet({"w": np.zeros((3, 2), np.float32)}))
     assert params_digest(a) != params_digest(ParamSet({"w": np.ones((2, 3), np.float32)}))
+
+
+def test_list_checkpoints_by_round_oldest_first(tmp_path: Path) -> None:
+    params = ParamSet({"w": np.zeros(2, dtype=np.float32)})
+    for r in (3, 1, 12):
+        save_checkpoint(tmp_path, Checkpoint(r, r, params), keep=10)
+    (tmp_path / "round-x.ckpt").write_bytes(b"")  # not a checkpoint name
+
+    assert [r for r, _ in list_checkpoints(tmp_path)] == [1, 3, 12]
+    assert list_checkpoints(tmp_path / "missing") == []
