@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import select
 import socket
 import ssl
 import threading
@@ -266,25 +267,26 @@ class TlsProxy:
             conn.close()
             return
 
-        def pump(a: ssl.SSLSocket, b: ssl.SSLSocket) -> None:
-            try:
-                while data := a.recv(65536):
-                    b.sendall(data)
-            except (OSError, ssl.SSLError):
-                pass
-            finally:
-                for s in (a, b):
-                    try:
-                        s.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
-
-        other = threading.Thread(target=pump, args=(up, down), daemon=True)
-        other.start()
-        pump(down, up)
-        other.join(5)
-        down.close()
-        up.close()
+        # One thread does every read and write of both TLS sockets: OpenSSL connections are not safe
+        # to read in one thread while another writes (two pump threads corrupted records under load).
+        socks = (down, up)
+        try:
+            while True:
+                ready = [sock for sock in socks if sock.pending()] or select.select(socks, [], [], 1.0)[0]
+                for src in ready:
+                    data = src.recv(65536)
+                    if not data:
+                        return
+                    (up if src is down else down).sendall(data)
+        except (OSError, ssl.SSLError, ValueError):
+            pass
+        finally:
+            for sock in socks:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
 
     def close(self) -> None:
         self._listener.close()
