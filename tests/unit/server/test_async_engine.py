@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ import numpy.typing as npt
 import pytest
 
 from enclavefl.config import JobConfig, parse_job
-from enclavefl.errors import RoundError, StaleSession, UpdateRejected
+from enclavefl.errors import RoundError, UpdateRejected
 from enclavefl.messages import PeerIdentity, TaskInfo, TaskKind, UpdateMeta
 from enclavefl.server.aggregator import WeightedMean
 from enclavefl.server.algorithms import CloseContext
@@ -30,7 +30,7 @@ from enclavefl.server.phases import Phase
 from enclavefl.server.ps import ParameterServer
 from enclavefl.server.strategy import build_strategy
 from enclavefl.tensors import ParamSet, StreamHeader, iter_chunks
-from tests.unit.server.test_ps import Engine
+from tests.unit.server.test_ps import Engine, engines  # noqa: F401  (the fixture, shared)
 
 
 def f32(values: Any) -> npt.NDArray[np.float32]:
@@ -52,27 +52,6 @@ def job(rounds: int = 2, **round_section: Any) -> JobConfig:
     }
     section.update(round_section)
     return parse_job({"job": {"rounds": rounds}, "round": section, "attestation": {"mode": "none"}})
-
-
-@pytest.fixture
-def engines() -> Iterator[Callable[[ParameterServer], Engine]]:
-    started: list[Engine] = []
-
-    def start(ps: ParameterServer) -> Engine:
-        engine = Engine(ps)
-        started.append(engine)
-        return engine
-
-    yield start
-    for engine in started:  # a failed test must not leave the engine lingering
-        deadline = time.monotonic() + 15
-        while engine.thread.is_alive() and time.monotonic() < deadline:
-            for w in engine.ps.core.registry.records():
-                try:
-                    engine.ps.wait_task(PeerIdentity(w.fingerprint, "cleanup"), w.worker_id, 0.2)
-                except StaleSession:
-                    pass
-        engine.thread.join(1)
 
 
 class Fed:
