@@ -108,7 +108,8 @@ class SimDcap:
         self.leaf = _cert("Test PCK Certificate", self.leaf_key, self.pck_ca.subject, self.ca_key, ca=False,
                           extra=[self.extension.to_extension()])
         self.tcb_key = ec.generate_private_key(ec.SECP256R1())
-        self.tcb_signer = _cert("Test TCB Signing", self.tcb_key, self.root.subject, self.root_key, ca=False)
+        # Named as Intel names its TCB signer: the verifier pins that name (QVL: "SGX TCB Signing").
+        self.tcb_signer = _cert("Intel SGX TCB Signing", self.tcb_key, self.root.subject, self.root_key, ca=False)
         self.attestation_key = ec.generate_private_key(ec.SECP256R1())
 
     @property
