@@ -6,7 +6,10 @@ store (:meth:`Collateral.from_file`) or as Intel PCS/PCCS responses
 ``tcbInfo`` / ``enclaveIdentity`` JSON object, so those bytes are kept verbatim
 (:func:`split_signed_envelope` cuts them out of a PCS response without
 re-serialising). :meth:`Collateral.verify` then checks, at a given time: the
-issuer chains to a trusted root, the ECDSA signatures on both JSON documents,
+issuer chains to a trusted root, that TCB info and QE identity are signed by the
+TCB Signing certificate itself (named ``Intel SGX TCB Signing``, not a CA, issued
+directly by the root: any other certificate of the root, such as a PCK CA, is
+refused, as the QVL's ``TCBSigningChain`` does), the ECDSA signatures on both JSON documents,
 their issueDate/nextUpdate window, the CRL signatures and windows, and that no
 certificate of those chains is revoked. TCB status is computed elsewhere
 (``tcb.py``) from the parsed values here.
@@ -20,25 +23,42 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
 
 from enclavefl.attest.tcb import EnclaveIdentity, TcbInfo, parse_enclave_identity, parse_tcb_info
-from enclavefl.attest.pck import as_utc, verify_certificate_chain
+from enclavefl.attest.pck import INTEL_SGX_ROOT_CA_SHA256, as_utc, certificate_fingerprint, verify_certificate_chain
 from enclavefl.attest.quote import QuoteFormatError, parse_pem_chain
 from enclavefl.errors import AttestationError, VerificationError
 
 __all__ = [
+    "INTEL_TCB_SIGNING_SUBJECT",
+    "TCB_SIGNING_COMMON_NAME",
     "Collateral",
     "CollateralFormatError",
     "check_not_revoked",
     "split_signed_envelope",
 ]
+
+#: Subject CN of the certificate that signs TCB info and QE identity (under any root).
+TCB_SIGNING_COMMON_NAME: Final = "Intel SGX TCB Signing"
+#: The full subject of Intel's TCB Signing certificate, pinned when the root is Intel's.
+INTEL_TCB_SIGNING_SUBJECT: Final = x509.Name(
+    [
+        x509.NameAttribute(NameOID.COMMON_NAME, TCB_SIGNING_COMMON_NAME),
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Intel Corporation"),
+        x509.NameAttribute(NameOID.LOCALITY_NAME, "Santa Clara"),
+        x509.NameAttribute(NameOID.STATE_OR_PROVINCE_NAME, "CA"),
+        x509.NameAttribute(NameOID.COUNTRY_NAME, "US"),
+    ]
+)
 
 _MAX_FILE_BYTES = 4 << 20
 _COMBINED_KEYS = (
@@ -194,6 +214,34 @@ def _check_crl(crl: x509.CertificateRevocationList, issuer: x509.Certificate, at
         raise VerificationError(f"{field}.validity", window, at.isoformat(), "CRL not current at that time")
 
 
+def _check_tcb_signer(chain: Sequence[x509.Certificate], root: x509.Certificate, field: str) -> None:
+    """The chain must be exactly the TCB Signing certificate, issued directly by ``root``.
+
+    ``verify_certificate_chain`` only proves the chain leads to the root; any
+    certificate the root issued (a PCK CA, say) would pass that. Intel's QVL also
+    requires the signer's name and that the root issued it directly.
+    """
+    root_der = root.public_bytes(Encoding.DER)
+    below_root = [cert for cert in chain if cert.public_bytes(Encoding.DER) != root_der]
+    if len(below_root) != 1:
+        raise VerificationError(
+            field, "the TCB Signing certificate, issued directly by the root", f"{len(below_root)} certificates below the root"
+        )
+    signer = below_root[0]
+    names = signer.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    common_name = str(names[0].value) if len(names) == 1 else None
+    intel_root = certificate_fingerprint(root) == INTEL_SGX_ROOT_CA_SHA256
+    if common_name != TCB_SIGNING_COMMON_NAME or (intel_root and signer.subject != INTEL_TCB_SIGNING_SUBJECT):
+        expected = INTEL_TCB_SIGNING_SUBJECT.rfc4514_string() if intel_root else f"CN={TCB_SIGNING_COMMON_NAME}"
+        raise VerificationError(f"{field}[0].subject", expected, signer.subject.rfc4514_string(), "not the TCB signer")
+    try:
+        is_ca = signer.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    if is_ca:
+        raise VerificationError(f"{field}[0].basic_constraints", "CA:FALSE (a signing certificate)", "CA:TRUE")
+
+
 def _check_signed_json(
     body: bytes,
     signature: bytes,
@@ -339,6 +387,8 @@ class Collateral:
             found = f"{len(roots)} different roots"
             raise VerificationError("collateral.root", "one root for all issuer chains", found)
         root = next(iter(roots.values()))
+        _check_tcb_signer(self.tcb_info_issuer_chain, root, "tcb_info_issuer_chain")
+        _check_tcb_signer(self.qe_identity_issuer_chain, root, "qe_identity_issuer_chain")
         _check_crl(self.root_ca_crl, root, at, "root_ca_crl")
         pck_ca = self.pck_crl_issuer_chain[0]
         _check_crl(self.pck_crl, pck_ca, at, "pck_crl")
