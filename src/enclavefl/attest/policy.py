@@ -10,11 +10,19 @@ reference, on purpose: values are parsed properly (``"3"`` and ``3`` both mean
 an error instead of silently becoming 32 zero bytes.
 
 Our own keys add what the reference leaves to environment variables or does
-not have: debug enclaves, TCB status, simulated evidence, TDX measurements and
-an extra (non-Intel) root. Every key has a safe default: debug refused,
-simulated evidence refused, only ``UpToDate`` TCB accepted. Real evidence
-checked without collateral has the pseudo-status ``NotEvaluated``, refused
-unless listed in ``accepted_tcb_statuses`` (or ``allow_outdated_tcb``).
+not have: debug enclaves, TCB status, simulated evidence, TDX measurements,
+enclave attributes and an extra (non-Intel) root. Every key has a safe default:
+debug refused, simulated evidence refused, only ``UpToDate`` TCB accepted,
+PROVISION_KEY refused.
+
+Two decisions are kept apart on purpose. ``allow_outdated_tcb`` and
+``accepted_tcb_statuses`` judge a TCB status that was evaluated from Intel's
+collateral, which always also checks the QE identity and PCK revocation. Real
+evidence verified *without* collateral (no TCB level, no QE identity, no
+revocation check) is accepted only with ``allow_missing_collateral``: a weaker
+verdict, logged as a WARNING on every use and returned by :meth:`Policy.evaluate`
+so the caller can audit it. Listing ``NotEvaluated`` in ``accepted_tcb_statuses``
+is refused when the policy loads, so the old spelling cannot silently mean that.
 
 The file is read from the path the job names, never from the environment.
 """
@@ -32,6 +40,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from enclavefl.attest.pck import INTEL_SGX_ROOT_CA_SHA256
+from enclavefl.attest.quote import SgxReportBody
 from enclavefl.attest.tcb import TCB_STATUSES
 from enclavefl.attest.verifier import QuoteVerification
 from enclavefl.errors import ConfigError, VerificationError
@@ -39,6 +48,9 @@ from enclavefl.errors import ConfigError, VerificationError
 __all__ = [
     "OUTDATED_TCB_STATUSES",
     "TCB_NOT_EVALUATED",
+    "WEAKER_MISSING_COLLATERAL",
+    "WEAKER_OUTDATED_TCB",
+    "WEAKER_PROVISION_KEY",
     "Policy",
     "SgxMeasurement",
     "load_policy",
@@ -60,10 +72,19 @@ OUTDATED_TCB_STATUSES: Final = frozenset(
     }
 )
 _NEVER_ACCEPTED: Final = frozenset({"Revoked"})
-#: The status of real evidence verified without collateral: its TCB was not
-#: evaluated. Accepted only if listed in ``accepted_tcb_statuses`` or with
-#: ``allow_outdated_tcb``.
+#: The pseudo-status of real evidence verified without collateral: its TCB, QE
+#: identity and revocation were not checked. Not a status a policy may list;
+#: only ``allow_missing_collateral`` accepts such evidence.
 TCB_NOT_EVALUATED: Final = "NotEvaluated"
+#: Names :meth:`Policy.evaluate` returns for each allowance it had to use (a weaker verdict).
+WEAKER_MISSING_COLLATERAL: Final = "missing_collateral"
+WEAKER_OUTDATED_TCB: Final = "outdated_tcb"
+WEAKER_PROVISION_KEY: Final = "provision_key"
+# SGX ATTRIBUTES.FLAGS bits (Intel SDM; Gramine's sgx_arch.h names them the same way).
+_FLAG_INIT: Final = 0x01
+_FLAG_MODE64BIT: Final = 0x04
+_FLAG_PROVISION_KEY: Final = 0x10
+_FLAG_EINITTOKEN_KEY: Final = 0x20
 _MAX_LISTED = 8  # measurements shown in an error message before "... N more"
 
 
@@ -143,6 +164,8 @@ class Policy(BaseModel):
     min_isv_svn: U16 | None = None
     allow_debug: bool = False
     allow_outdated_tcb: bool = False
+    allow_missing_collateral: bool = False
+    allow_provision_key: bool = False
     accepted_tcb_statuses: tuple[str, ...] = ("UpToDate",)
     accepted_advisories: tuple[str, ...] = ()
     allow_simulated: bool = False
@@ -164,7 +187,13 @@ class Policy(BaseModel):
         bad = _NEVER_ACCEPTED.intersection(self.accepted_tcb_statuses)
         if bad:
             raise ValueError(f"accepted_tcb_statuses may not contain {sorted(bad)}")
-        known = (TCB_STATUSES - _NEVER_ACCEPTED) | {TCB_NOT_EVALUATED}
+        if TCB_NOT_EVALUATED in self.accepted_tcb_statuses:
+            raise ValueError(
+                f"accepted_tcb_statuses may not list {TCB_NOT_EVALUATED!r}: TCB statuses judge collateral that "
+                "was checked; to accept real evidence verified without collateral (no TCB, QE identity or "
+                "revocation check) set allow_missing_collateral: true instead (a weaker verdict, logged)"
+            )
+        known = TCB_STATUSES - _NEVER_ACCEPTED
         unknown = sorted(set(self.accepted_tcb_statuses) - known)
         if unknown:
             raise ValueError(f"accepted_tcb_statuses has unknown {unknown}; known: {sorted(known)}")
@@ -185,12 +214,18 @@ class Policy(BaseModel):
         return root_sha256 not in (INTEL_SGX_ROOT_CA_SHA256, self.trusted_root_sha256)
 
     # -- evaluation ---------------------------------------------------------------
-    def evaluate(self, v: QuoteVerification, *, simulated: bool) -> None:
+    def evaluate(self, v: QuoteVerification, *, simulated: bool) -> tuple[str, ...]:
         """Accept or refuse verified evidence.
 
         Args:
             v: the result of a successful cryptographic quote verification.
             simulated: the evidence comes from the simulated provider (not a TEE).
+
+        Returns:
+            The allowances this acceptance relied on, empty for a full verdict:
+            ``missing_collateral`` (no TCB, QE identity or revocation check),
+            ``outdated_tcb`` (a status outside ``accepted_tcb_statuses`` let in by
+            ``allow_outdated_tcb``), ``provision_key``. Record them with the verdict.
 
         Raises:
             VerificationError: the first rule the evidence breaks, naming the
@@ -199,11 +234,13 @@ class Policy(BaseModel):
         self.check_root(v.root_fingerprint, simulated=simulated)
         if v.debug and not self.allow_debug:
             raise VerificationError("debug", "a production enclave (allow_debug is off)", "debug enclave")
-        self._check_tcb(v, simulated=simulated)
+        weaker = self._check_tcb(v, simulated=simulated)
         if v.tee == "tdx":
             self._check_tdx(v)
         else:
+            weaker += self._check_attributes(v)
             self._check_sgx(v)
+        return weaker
 
     def check_root(self, root_fingerprint: str, *, simulated: bool) -> None:
         """Refuse a PCK chain root this policy does not trust.
@@ -232,25 +269,59 @@ class Policy(BaseModel):
         if root_fingerprint not in allowed:
             raise VerificationError("root_sha256", f"one of {allowed}", root_fingerprint)
 
-    def _check_tcb(self, v: QuoteVerification, *, simulated: bool) -> None:
+    def _check_tcb(self, v: QuoteVerification, *, simulated: bool) -> tuple[str, ...]:
         if simulated:
-            return  # a simulated platform has no TCB to evaluate
+            return ()  # a simulated platform has no TCB to evaluate (and is flagged as simulated)
         if v.tcb_status is None:
-            if self.allow_outdated_tcb or TCB_NOT_EVALUATED in self.accepted_tcb_statuses:
-                return
-            raise VerificationError(
-                "tcb_status", f"one of {list(self.accepted_tcb_statuses)}", f"{TCB_NOT_EVALUATED} (no collateral)",
-                f"pass collateral, or list {TCB_NOT_EVALUATED!r} in accepted_tcb_statuses",
+            # Only this switch accepts it: allow_outdated_tcb judges an evaluated status.
+            if not self.allow_missing_collateral:
+                raise VerificationError(
+                    "tcb_status", f"one of {list(self.accepted_tcb_statuses)}", f"{TCB_NOT_EVALUATED} (no collateral)",
+                    "without collateral the TCB level, QE identity and PCK revocation are not checked; pass "
+                    "collateral, or set allow_missing_collateral: true to accept that weaker verdict",
+                )
+            logger.warning(
+                "accepting %s evidence mr_enclave=%s WITHOUT collateral (allow_missing_collateral): "
+                "TCB level, QE identity and PCK revocation NOT checked",
+                v.tee, v.mr_enclave.hex()[:16],
             )
+            return (WEAKER_MISSING_COLLATERAL,)
         if v.tcb_status in _NEVER_ACCEPTED:
             raise VerificationError("tcb_status", "not Revoked", v.tcb_status)
-        if self.allow_outdated_tcb and v.tcb_status in OUTDATED_TCB_STATUSES:
-            return
         if v.tcb_status not in self.accepted_tcb_statuses:
+            if self.allow_outdated_tcb and v.tcb_status in OUTDATED_TCB_STATUSES:
+                logger.info("accepting TCB status %s (allow_outdated_tcb)", v.tcb_status)
+                return (WEAKER_OUTDATED_TCB,)
             raise VerificationError("tcb_status", f"one of {list(self.accepted_tcb_statuses)}", v.tcb_status)
         unaccepted = sorted(set(v.advisory_ids) - set(self.accepted_advisories))
         if unaccepted:
             raise VerificationError("advisory_ids", f"within {list(self.accepted_advisories)}", unaccepted)
+        return ()
+
+    def _check_attributes(self, v: QuoteVerification) -> tuple[str, ...]:
+        """Refuse the enclave attributes Gramine's RA-TLS verifier refuses.
+
+        INIT and MODE64BIT must be set (an initialised 64-bit enclave); PROVISION_KEY
+        and EINITTOKEN_KEY give access to keys only Intel's architectural enclaves
+        need, and are refused unless ``allow_provision_key``.
+        """
+        body = v.quote.body
+        if not isinstance(body, SgxReportBody):
+            return ()
+        flags = body.attributes.flags
+        for bit, name in ((_FLAG_INIT, "INIT"), (_FLAG_MODE64BIT, "MODE64BIT")):
+            if not flags & bit:
+                raise VerificationError("attributes.flags", f"{name} ({bit:#x}) set", f"{flags:#x}")
+        keys = [name for bit, name in ((_FLAG_PROVISION_KEY, "PROVISION_KEY"), (_FLAG_EINITTOKEN_KEY, "EINITTOKEN_KEY"))
+                if flags & bit]
+        if not keys:
+            return ()
+        if not self.allow_provision_key:
+            raise VerificationError(
+                "attributes.flags", f"{' and '.join(keys)} clear (allow_provision_key is off)", f"{flags:#x}"
+            )
+        logger.warning("accepting an enclave with %s set (allow_provision_key)", "+".join(keys))
+        return (WEAKER_PROVISION_KEY,)
 
     def _check_tdx(self, v: QuoteVerification) -> None:
         actual = v.mr_enclave.hex()

@@ -6,9 +6,10 @@ module adds the signature data (QE report, PCK chain) and the whole quote. Every
 goes through a bounded :class:`~enclavefl.attest.reports.QuoteReader`, so a malformed
 or truncated quote raises :class:`QuoteFormatError` naming the field and offset,
 never an ``IndexError``. Serialisation is the exact inverse: ``parse_quote(b).to_bytes()``
-equals ``b`` up to the end of the signature data (trailing padding, which real quotes
-carry, is dropped). All integers are little-endian. Layouts follow Intel's
-``sgx_quote_3.h`` / ``sgx_quote_4.h`` and the QVL ``QuoteStructures.h``.
+equals ``b`` up to the end of the signature data (bytes after it are only counted, in
+``Quote.trailing_bytes``; the verifier refuses a quote that had any). All integers
+are little-endian. Layouts follow Intel's ``sgx_quote_3.h`` / ``sgx_quote_4.h`` and
+the QVL ``QuoteStructures.h``. Quote version 5 is refused by name.
 """
 
 from __future__ import annotations
@@ -290,13 +291,23 @@ class QuoteSignatureData:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Quote:
-    """A parsed DCAP quote: SGX v3, or v4 for SGX or TDX (ECDSA-P256 only)."""
+    """A parsed DCAP quote: SGX v3, or v4 for SGX or TDX (ECDSA-P256 only).
+
+    Attributes:
+        trailing_bytes: how many bytes followed the signature data in the parsed
+            input (0 when built from parts). Parsing tolerates them so a padded quote
+            can still be shown; :func:`~enclavefl.attest.verifier.verify_quote`
+            refuses them, as Intel's QVL does, so accepted evidence has one encoding.
+    """
 
     header: QuoteHeader
     body: SgxReportBody | TdReportBody
     signature_data: QuoteSignatureData
+    trailing_bytes: int = 0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.trailing_bytes, int) or self.trailing_bytes < 0:
+            raise QuoteFormatError("trailing_bytes", None, f"must be a count >= 0, got {self.trailing_bytes!r}")
         header = self.header
         if header.att_key_type != ATT_KEY_TYPE_ECDSA_P256:
             raise QuoteFormatError(
@@ -307,7 +318,7 @@ class Quote:
         elif header.version == 4:
             expected_tee, wrapped = (TEE_TYPE_TDX if header.tee_type == TEE_TYPE_TDX else TEE_TYPE_SGX), True
         else:
-            raise QuoteFormatError("header.version", 0, f"only versions 3 and 4 are supported, got {header.version}")
+            raise QuoteFormatError("header.version", 0, _unsupported_version(header.version))
         if header.tee_type != expected_tee:
             raise QuoteFormatError(
                 "header.tee_type", 4, f"must be {expected_tee:#x} for v{header.version}, got {header.tee_type:#x}"
@@ -347,8 +358,21 @@ class Quote:
         return cls(header=header or QuoteHeader(), body=body, signature_data=signature_data)
 
 
+def _unsupported_version(version: int) -> str:
+    if version == 5:
+        # v5 (TDX 1.5, and SGX in the v5 layout) adds a typed, sized body; it is not
+        # implemented here, and refusing it by name says so instead of misparsing it.
+        return "quote version 5 (TDX 1.5 / SGX v5 layout) is not supported; only versions 3 and 4 are"
+    return f"only quote versions 3 and 4 are supported, got quote version {version}"
+
+
 def parse_quote(data: bytes | bytearray | memoryview) -> Quote:
-    """Parse a DCAP quote; bytes after the declared signature data are ignored.
+    """Parse a DCAP quote; bytes after the declared signature data are counted, not read.
+
+    The count is kept in :attr:`Quote.trailing_bytes`. Parsing tolerates such bytes
+    (some producers zero-pad quotes into a fixed buffer, and a tool may want to show
+    them), but :func:`~enclavefl.attest.verifier.verify_quote` refuses a quote that
+    had any, as Intel's QVL refuses "additional, not expected data in quote".
 
     Raises:
         QuoteFormatError: truncated, inconsistent or unsupported quote (field and offset named).
@@ -357,7 +381,7 @@ def parse_quote(data: bytes | bytearray | memoryview) -> Quote:
     reader = QuoteReader(raw)
     header = QuoteHeader.read_from(reader, "header")
     if header.version not in (3, 4):
-        raise QuoteFormatError("header.version", 0, f"only versions 3 and 4 are supported, got {header.version}")
+        raise QuoteFormatError("header.version", 0, _unsupported_version(header.version))
     if header.att_key_type != ATT_KEY_TYPE_ECDSA_P256:
         raise QuoteFormatError("header.att_key_type", 2, f"only 2 (ECDSA-P256) is supported, got {header.att_key_type}")
     body: SgxReportBody | TdReportBody
@@ -372,11 +396,11 @@ def parse_quote(data: bytes | bytearray | memoryview) -> Quote:
     signature_data = QuoteSignatureData.read_from(sig_reader, wrapped=header.version == 4)
     sig_reader.expect_end("signature_data")
     if reader.remaining:
-        logger.debug("quote carries %d bytes of padding after its signature data", reader.remaining)
-    return Quote(header=header, body=body, signature_data=signature_data)
+        logger.debug("quote carries %d bytes after its signature data", reader.remaining)
+    return Quote(header=header, body=body, signature_data=signature_data, trailing_bytes=reader.remaining)
 
 
 def serialize_quote(quote: Quote) -> bytes:
-    """Serialise a quote; the exact inverse of :func:`parse_quote` (padding dropped)."""
+    """Serialise a quote; the exact inverse of :func:`parse_quote` (trailing bytes dropped)."""
     return quote.to_bytes()
 

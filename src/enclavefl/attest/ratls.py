@@ -16,8 +16,12 @@ binding between quote and certificate key, and finally the policy. Like
 Gramine's verifier, the TCG extension is used when present (no fallback if it
 fails); otherwise the legacy quote is used, found under any of its spellings:
 the correct OID, Gramine's double-encoded ``0.6.9.42.840.113741.1337.6`` and
-Cosmian's TDX ``1.2.840.113741.1337.8``. The legacy binding may be DER SPKI
-(Gramine, Occlum) or the SEC1 uncompressed point (Cosmian).
+Cosmian's TDX ``1.2.840.113741.1337.8`` (whose quote sits in a zero-filled
+8192-byte buffer: only those zeros are accepted after the quote). The legacy
+binding may be DER SPKI (Gramine, Occlum) or the SEC1 uncompressed point (Cosmian).
+The certificate itself must be exactly one DER certificate or one PEM block.
+:class:`PeerEvidence` carries ``weaker``: the policy allowances the acceptance
+relied on (e.g. ``missing_collateral``), for the audit record.
 
 The private key is never written anywhere; :meth:`RatlsIdentity.private_key_pem`
 hands it to the TLS stack as bytes in memory.
@@ -25,6 +29,7 @@ hands it to the TLS stack as bytes in memory.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import logging
@@ -41,12 +46,13 @@ from enclavefl.attest.collateral import Collateral
 from enclavefl.attest.pck import certificate_fingerprint, intel_sgx_root_ca
 from enclavefl.attest.policy import Policy
 from enclavefl.attest.providers import EvidenceProvider
-from enclavefl.attest.quote import Quote, QuoteFormatError, parse_quote
+from enclavefl.attest.quote import Quote, QuoteFormatError, load_certificate_der, parse_pem_chain, parse_quote
 from enclavefl.attest.tcg_evidence import decode_tagged_evidence, encode_tagged_evidence, pubkey_hash_claims
 from enclavefl.attest.verifier import QuoteVerification, verify_quote
 from enclavefl.errors import AttestationError, VerificationError
 
 __all__ = [
+    "COSMIAN_TDX_QUOTE_OID",
     "LEGACY_QUOTE_OIDS",
     "RATLS_QUOTE_OID",
     "TCG_EVIDENCE_OID",
@@ -63,12 +69,15 @@ logger = logging.getLogger(__name__)
 RATLS_QUOTE_OID: Final = x509.ObjectIdentifier("1.2.840.113741.1337.6")
 #: TCG DICE "tagged evidence" extension.
 TCG_EVIDENCE_OID: Final = x509.ObjectIdentifier("2.23.133.5.4.9")
+#: Cosmian's TDX quote extension: the quote in a zero-filled buffer of 8192 bytes.
+COSMIAN_TDX_QUOTE_OID: Final = x509.ObjectIdentifier("1.2.840.113741.1337.8")
 #: Every spelling of the legacy quote extension seen in real certificates.
 LEGACY_QUOTE_OIDS: Final = (
     RATLS_QUOTE_OID,
     x509.ObjectIdentifier("0.6.9.42.840.113741.1337.6"),  # Gramine: OID TLV passed as the OID value
-    x509.ObjectIdentifier("1.2.840.113741.1337.8"),  # Cosmian: TDX quotes
+    COSMIAN_TDX_QUOTE_OID,
 )
+_COSMIAN_QUOTE_BUFFER_BYTES: Final = 8192
 _MAX_EVIDENCE_BYTES: Final = 64 * 1024
 _MAX_CERT_BYTES: Final = 128 * 1024
 _BACKDATE: Final = dt.timedelta(minutes=5)  # tolerate clock skew between peers
@@ -104,6 +113,8 @@ class PeerEvidence:
         evidence_oid: the extension the quote came from (dotted string).
         simulated: the evidence chains to a simulated root (NOT A REAL TEE).
         spki_sha256: SHA-256 (hex) of the peer's DER SubjectPublicKeyInfo.
+        weaker: the policy allowances this acceptance relied on (empty for a full
+            verdict), e.g. ``("missing_collateral",)``: record it in the audit line.
     """
 
     verification: QuoteVerification
@@ -111,6 +122,12 @@ class PeerEvidence:
     evidence_oid: str
     simulated: bool
     spki_sha256: str
+    weaker: tuple[str, ...] = ()
+
+    @property
+    def collateral_checked(self) -> bool:
+        """Whether Intel collateral was checked (QE identity, revocation, TCB level)."""
+        return self.verification.collateral_checked
 
     @property
     def tee(self) -> str:
@@ -199,15 +216,26 @@ def create_ratls_identity(
 
 
 def _load_certificate(data: bytes | str) -> x509.Certificate:
-    raw = data.encode() if isinstance(data, str) else bytes(data)
+    """Exactly one certificate: DER, or one canonical PEM block with nothing around it but line breaks.
+
+    cryptography's PEM loader skips text before the block and ignores anything
+    after it (even a second certificate); evidence must have one encoding, so
+    that slack is refused here.
+    """
+    raw = data.encode("ascii", "replace") if isinstance(data, str) else bytes(data)
     if len(raw) > _MAX_CERT_BYTES:
         raise VerificationError("certificate", f"at most {_MAX_CERT_BYTES} bytes", f"{len(raw)} bytes")
     try:
-        if raw.lstrip().startswith(b"-----BEGIN"):
-            return x509.load_pem_x509_certificate(raw)
-        return x509.load_der_x509_certificate(raw)
-    except ValueError as exc:
-        raise VerificationError("certificate", "an X.509 certificate (PEM or DER)", "unparsable", str(exc)) from exc
+        if b"-----BEGIN" in raw[:64]:
+            certs = parse_pem_chain(raw, "certificate")
+            if len(certs) != 1:
+                raise VerificationError("certificate", "one PEM certificate", f"{len(certs)} certificates")
+            return certs[0]
+        return load_certificate_der(raw, "certificate", 0)
+    except QuoteFormatError as exc:
+        raise VerificationError(
+            "certificate", "one X.509 certificate (PEM or DER) and nothing else", "unparsable", exc.detail
+        ) from exc
 
 
 def _check_certificate(cert: x509.Certificate, at: dt.datetime) -> None:
@@ -240,11 +268,18 @@ def _find_evidence(cert: x509.Certificate) -> tuple[x509.ObjectIdentifier, bytes
     raise VerificationError("certificate.evidence", f"an extension with a quote ({known})", "none")
 
 
-def _parse_quote(raw: bytes) -> Quote:
+def _parse_quote(raw: bytes, oid: x509.ObjectIdentifier) -> Quote:
     try:
-        return parse_quote(raw)
+        quote = parse_quote(raw)
     except QuoteFormatError as exc:
         raise VerificationError("quote", "a DCAP quote", "malformed", str(exc)) from exc
+    if quote.trailing_bytes and oid == COSMIAN_TDX_QUOTE_OID and len(raw) == _COSMIAN_QUOTE_BUFFER_BYTES:
+        # That extension holds the quote in a zero-filled fixed buffer. The zeros are
+        # the container's format, covered by the certificate's own signature; any
+        # other byte there, or any other length, stays refused by the verifier.
+        if not any(raw[len(raw) - quote.trailing_bytes :]):
+            quote = dataclasses.replace(quote, trailing_bytes=0)
+    return quote
 
 
 def _trusted_roots(quote: Quote, policy: Policy) -> list[x509.Certificate]:
@@ -298,7 +333,7 @@ def verify_ratls_certificate(
         raw_quote, expected_prefix = evidence.quote, evidence.expected_report_data_prefix
     else:
         raw_quote, expected_prefix = value, b""
-    quote = _parse_quote(raw_quote)
+    quote = _parse_quote(raw_quote, oid)
     roots = _trusted_roots(quote, policy)
     verification = verify_quote(quote, at=at, trusted_roots=roots, collateral=collateral)
 
@@ -316,13 +351,16 @@ def verify_ratls_certificate(
         binding = _legacy_binding(prefix, spki, cert.public_key())
 
     simulated = policy.is_simulated_root(verification.root_fingerprint)
-    policy.evaluate(verification, simulated=simulated)
+    weaker = policy.evaluate(verification, simulated=simulated)
     spki_sha256 = hashlib.sha256(spki).hexdigest()
     if simulated:
         logger.warning("peer %s verified with SIMULATED evidence: NOT A REAL TEE", spki_sha256[:16])
-    else:
-        logger.info("peer %s verified: tee=%s mr_enclave=%s", spki_sha256[:16], verification.tee, verification.mr_enclave.hex()[:16])
-    return PeerEvidence(verification, binding, oid.dotted_string, simulated, spki_sha256)
+    else:  # a weaker verdict was already logged as a WARNING by the policy
+        logger.info(
+            "peer %s verified: tee=%s mr_enclave=%s weaker=%s",
+            spki_sha256[:16], verification.tee, verification.mr_enclave.hex()[:16], ",".join(weaker) or "none",
+        )
+    return PeerEvidence(verification, binding, oid.dotted_string, simulated, spki_sha256, weaker)
 
 
 def _legacy_binding(prefix: bytes, spki: bytes, public_key: object) -> Binding:

@@ -5,7 +5,9 @@ the quote must lead to a pinned root; the PCK leaf key must have signed the QE
 report; the QE report must commit to the attestation key
 (``report_data = SHA-256(key || qe_auth_data) || 0*32``); and the attestation key
 must have signed the header and body. With collateral, Intel's signed TCB info, QE
-identity and CRLs add revocation, QE identity and TCB status checks. The outcome is
+identity and CRLs add revocation, QE identity and TCB status checks; the PCK CRL
+must come from the CA that issued the quote's PCK certificate, and a quote with
+bytes after its signature data is refused (the QVL's "additional data"). The outcome is
 facts, not a verdict: which enclave it is, whether it is a debug build, the TCB
 status and advisories. Deciding what to accept is ``policy.py``'s job.
 """
@@ -65,6 +67,9 @@ class QuoteVerification:
         checked: names of the checks that passed, in order.
         pck: the PCK certificate's SGX extension, when the certificate has one.
         tcb: details of the TCB evaluation, with collateral.
+        collateral_checked: True when collateral was given and every collateral check
+            passed (QE identity, revocation, TCB level). False means those were NOT
+            checked: a policy accepts that only with ``allow_missing_collateral``.
     """
 
     quote: Quote
@@ -81,10 +86,17 @@ class QuoteVerification:
     checked: tuple[str, ...]
     pck: PckExtension | None = None
     tcb: TcbEvaluation | None = None
+    collateral_checked: bool = False
 
 
 def _verify_raw_ecdsa(key: object, signature: bytes, data: bytes, field: str) -> None:
-    """Verify a raw r||s ECDSA-P256-SHA256 signature (the DCAP encoding)."""
+    """Verify a raw r||s ECDSA-P256-SHA256 signature (the DCAP encoding).
+
+    Both s and n - s verify, as in Intel's QVL (OpenSSL): Intel's QE does not
+    normalise s (most real quote signatures are high-s), so requiring low-s would
+    refuse real hardware. The signature is the one malleable part of a quote; what
+    it signs is not, so identify evidence by the signed bytes, not the whole quote.
+    """
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
         raise VerificationError(field, "a P-256 signing key", type(key).__name__)
     der = encode_dss_signature(int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big"))
@@ -99,6 +111,23 @@ def _attestation_key(raw: bytes) -> ec.EllipticCurvePublicKey:
         return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), b"\x04" + raw)
     except ValueError as exc:
         raise VerificationError("attestation_key", "a point on P-256", raw.hex()[:16] + "...", str(exc)) from exc
+
+
+def _check_pck_crl_issuer(crl: x509.CertificateRevocationList, pck_ca: x509.Certificate) -> None:
+    """The PCK CRL must be signed by the CA that issued the quote's PCK certificate.
+
+    Collateral names its own CRL issuer chain; a CA with the same name but another
+    key (any CA the root issued) would otherwise vouch for a leaf the quote's real CA
+    revoked. The QVL checks the intermediate CRL against the quote chain's CA.
+    """
+    key = pck_ca.public_key()
+    if crl.issuer != pck_ca.subject or not isinstance(key, ec.EllipticCurvePublicKey) or not crl.is_signature_valid(key):
+        raise VerificationError(
+            "pck_crl.signature",
+            f"signed by the quote's PCK CA {pck_ca.subject.rfc4514_string()} ({certificate_fingerprint(pck_ca)[:16]}...)",
+            f"issued by {crl.issuer.rfc4514_string()} under another key",
+            "PCK CRL from a CA other than the one that issued the PCK certificate",
+        )
 
 
 def _check_collateral(
@@ -118,6 +147,7 @@ def _check_collateral(
             "collateral from another root",
         )
     leaf = sig.pck_chain[0]
+    _check_pck_crl_issuer(collateral.pck_crl, sig.pck_chain[1] if len(sig.pck_chain) > 1 else root)
     check_not_revoked(leaf, collateral.pck_crl, "pck_chain[0]")
     for index, cert in enumerate(sig.pck_chain[1:], start=1):
         if cert.subject != root.subject:
@@ -149,12 +179,18 @@ def verify_quote(
 
     Raises:
         QuoteFormatError: ``quote`` bytes are malformed.
-        VerificationError: a check failed; ``field`` names it (``pck_chain[1].signature``,
-            ``qe_report_signature``, ``qe_report.report_data``, ``quote_signature``,
-            ``tcb_info.validity``, ``pck_chain[0].revocation``, ...).
+        VerificationError: a check failed; ``field`` names it (``quote.trailing_bytes``,
+            ``pck_chain[1].signature``, ``qe_report_signature``, ``qe_report.report_data``,
+            ``quote_signature``, ``tcb_info.validity``, ``pck_crl.signature``,
+            ``pck_chain[0].revocation``, ...).
     """
     if not isinstance(quote, Quote):
         quote = parse_quote(quote)
+    if quote.trailing_bytes:
+        # The QVL refuses "additional, not expected data in quote": evidence has one encoding.
+        raise VerificationError(
+            "quote.trailing_bytes", 0, quote.trailing_bytes, "bytes after the quote's signature data"
+        )
     at = as_utc(at)
     sig = quote.signature_data
     checked: list[str] = []
@@ -209,6 +245,7 @@ def verify_quote(
         checked=tuple(checked),
         pck=pck,
         tcb=tcb,
+        collateral_checked=tcb is not None,
     )
     logger.debug(
         "verified %s quote mr_enclave=%s debug=%s root=%s tcb=%s",

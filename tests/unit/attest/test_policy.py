@@ -166,7 +166,7 @@ def test_allow_simulated_needs_a_fingerprint() -> None:
 
 
 def test_real_evidence_needs_a_known_root(verified: QuoteVerification) -> None:
-    policy = parse_policy({**_reference(verified), "accepted_tcb_statuses": ["UpToDate", "NotEvaluated"]})
+    policy = parse_policy({**_reference(verified), "allow_missing_collateral": True})
     with pytest.raises(VerificationError) as info:
         policy.evaluate(verified, simulated=False)  # the sim root is not Intel's
     assert info.value.field == "root_sha256"
@@ -179,7 +179,7 @@ def test_tcb_without_collateral_is_refused_by_default(verified: QuoteVerificatio
     with pytest.raises(VerificationError) as info:
         parse_policy(_reference(verified)).evaluate(real, simulated=False)
     assert (info.value.field, info.value.actual) == ("tcb_status", "NotEvaluated (no collateral)")
-    parse_policy({**_reference(verified), "accepted_tcb_statuses": ["NotEvaluated"]}).evaluate(real, simulated=False)
+    parse_policy({**_reference(verified), "allow_missing_collateral": True}).evaluate(real, simulated=False)
 
 
 def test_outdated_tcb_refused_unless_allowed(verified: QuoteVerification) -> None:
@@ -212,7 +212,7 @@ def test_revoked_is_never_accepted(verified: QuoteVerification) -> None:
 def test_tdx_is_checked_against_mr_td(verified: QuoteVerification) -> None:
     mr_td = bytes(range(48))
     td = _as_intel(verified, tee="tdx", mr_enclave=mr_td, mr_signer=b"", isv_prod_id=0, isv_svn=0)
-    base = {**_reference(verified), "accepted_tcb_statuses": ["NotEvaluated"]}
+    base = {**_reference(verified), "allow_missing_collateral": True}
     with pytest.raises(VerificationError) as info:
         parse_policy(base).evaluate(td, simulated=False)
     assert (info.value.field, info.value.expected, info.value.actual) == ("mr_td", "one of []", mr_td.hex())
