@@ -8,6 +8,8 @@ quote's, trailing bytes after a quote or certificate, and quote version 5.
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import datetime as dt
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,7 +26,7 @@ from enclavefl.attest.collateral import Collateral
 from enclavefl.attest.measurement import measure_code
 from enclavefl.attest.policy import Policy, parse_policy
 from enclavefl.attest.providers import SimulatedProvider
-from enclavefl.attest.quote import QuoteFormatError, parse_quote
+from enclavefl.attest.quote import QuoteFormatError, load_certificate_der, parse_pem_chain, parse_quote
 from enclavefl.attest.ratls import RatlsIdentity, create_ratls_identity, verify_ratls_certificate
 from enclavefl.attest.simroot import SimRoot, init_sim_root
 from enclavefl.attest.verifier import verify_quote
@@ -174,6 +176,40 @@ def test_bytes_before_a_ratls_certificate_are_refused(identity: RatlsIdentity, s
     with pytest.raises(VerificationError) as info:
         verify_ratls_certificate(b"junk\n" + identity.cert_pem, policy=sim_policy, at=datetime.now(timezone.utc))
     assert info.value.field == "certificate"
+
+
+def test_a_certificate_signature_with_unused_bits_is_refused(ra_samples: Path) -> None:
+    # The BIT STRING's "unused bits" byte is outside the signed TBS: a second encoding.
+    leaf = parse_quote((ra_samples / "quotes" / "sgx_v3_phala_dcap-qvl.bin").read_bytes()).signature_data.pck_chain[0]
+    der = bytearray(leaf.public_bytes(serialization.Encoding.DER))
+    signature_at = der.rindex(bytes([0x03, len(leaf.signature) + 1, 0x00]))
+    der[signature_at + 2] = 0x01
+    with pytest.raises(QuoteFormatError, match="0 unused bits"):
+        load_certificate_der(bytes(der), "pck_chain[0]")
+
+
+def test_non_canonical_base64_in_a_pem_chain_is_refused(ra_samples: Path) -> None:
+    # A DER whose length is not a multiple of 3 ends in base64 padding; the last
+    # character before it has unused low bits, and flipping one decodes to the same bytes.
+    chain = parse_quote((ra_samples / "quotes" / "sgx_v3_phala_dcap-qvl.bin").read_bytes()).signature_data.pck_chain
+    der = next(d for d in (c.public_bytes(serialization.Encoding.DER) for c in chain) if len(d) % 3)
+    encoded = base64.b64encode(der)
+    body, padding = encoded.rstrip(b"="), encoded[len(encoded.rstrip(b"=")) :]
+    alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    flipped = alphabet.index(body[-1:]) ^ 1
+    changed = body[:-1] + alphabet[flipped : flipped + 1] + padding
+    assert base64.b64decode(changed) == base64.b64decode(encoded)  # same bytes, other text
+    pem = b"-----BEGIN CERTIFICATE-----\n" + changed + b"\n-----END CERTIFICATE-----\n"
+    with pytest.raises(QuoteFormatError, match="non-canonical base64"):
+        parse_pem_chain(pem)
+
+
+def test_a_quote_without_a_pck_chain_is_refused(sim_dcap: Any) -> None:
+    quote = sim_dcap.sgx_quote()
+    sig = dataclasses.replace(quote.signature_data, cert_type=3, cert_data=b"encrypted ppid", pck_chain=())
+    with pytest.raises(VerificationError) as info:
+        verify_quote(dataclasses.replace(quote, signature_data=sig), at=AT, trusted_roots=[sim_dcap.root])
+    assert info.value.field == "signature_data.cert_type"
 
 
 # -- quote version 5 is refused, by name -------------------------------------------------------
