@@ -112,7 +112,8 @@ class PccsStandIn:
         self._server = HTTPServer(("127.0.0.1", 0), Handler)
         self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
         self.url = f"https://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, name="pccs-stand-in", daemon=True)
+        self._thread = threading.Thread(target=functools.partial(self._server.serve_forever, poll_interval=0.05),
+                                        name="pccs-stand-in", daemon=True)
         self._thread.start()
         self._stopped = False
 
