@@ -42,7 +42,14 @@ from typing import Final, final
 from cryptography import x509
 
 from enclavefl.attest.collateral import Collateral, _check_crl, _check_signed_json
-from enclavefl.attest.pccs import HttpGet, Platform, fetch_collateral, load_cached_collateral, platform_of
+from enclavefl.attest.pccs import (
+    HttpGet,
+    Platform,
+    cached_platforms,
+    fetch_collateral,
+    load_cached_collateral,
+    platform_of,
+)
 from enclavefl.attest.pck import as_utc, verify_certificate_chain
 from enclavefl.attest.quote import Quote
 from enclavefl.errors import AttestationError, EnclaveFLError, VerificationError
@@ -258,6 +265,10 @@ class PccsCollateralSource(CollateralSource):
     def url(self) -> str:
         return self._url
 
+    @property
+    def cache_dir(self) -> Path:
+        return self._cache_dir
+
     def for_quote(self, quote: Quote, at: dt.datetime) -> Collateral:
         at = as_utc(at)
         # Only an Intel-signed PCK certificate may make us fetch: a forged leaf could name any FMSPC.
@@ -281,19 +292,29 @@ class PccsCollateralSource(CollateralSource):
             raise _expired(entry.collateral, at, f"refresh from {self._url} failed: {entry.error}")
         return entry.collateral
 
-    def refresh(self, platform: Platform, at: dt.datetime) -> Collateral:
-        """Fetch ``platform``'s collateral now, whatever is cached (``enclavefl attest collateral fetch``).
+    def fetch(self, platform: Platform) -> Collateral:
+        """Fetch ``platform``'s collateral from the PCCS now, into the cache, without judging it.
+
+        For inspection (``enclavefl attest collateral fetch``): the result is not
+        verified and does not replace what this source serves.
 
         Raises:
-            VerificationError: the fetch failed or what came back does not verify at ``at``.
+            Unavailable: the PCCS cannot be reached.
+            AttestationError: an HTTP error, or a malformed response (CollateralFormatError).
         """
-        at = as_utc(at)
-        with self._refreshing:
-            entry = self._refresh(platform, self._entry(platform), at, use_cache=False)
-        if entry.error is not None or entry.collateral is None:
-            raise VerificationError(f"collateral {platform}", f"collateral from {self._url}", "none",
-                                    f"fetch failed: {entry.error}")
-        return entry.collateral
+        return fetch_collateral(self._url, platform.fmspc, platform.ca, self._cache_dir, self._timeout_s,
+                                tee=platform.tee, max_age_s=-1, http_get=self._http_get)
+
+    def cached(self) -> list[tuple[Platform, Collateral | AttestationError]]:
+        """Each platform with collateral from this PCCS in the cache: the collateral, or why it cannot be read."""
+        found: list[tuple[Platform, Collateral | AttestationError]] = []
+        for _, platform in cached_platforms(self._cache_dir, self._url):
+            try:
+                found.append((platform, load_cached_collateral(self._url, platform.fmspc, platform.ca,
+                                                               self._cache_dir, tee=platform.tee)))
+            except AttestationError as exc:
+                found.append((platform, exc))
+        return found
 
     # ------------------------------------------------------------------ internals
     def _entry(self, platform: Platform) -> _Entry | None:
@@ -336,16 +357,14 @@ class PccsCollateralSource(CollateralSource):
             collateral = load_cached_collateral(self._url, platform.fmspc, platform.ca, self._cache_dir,
                                                 tee=platform.tee)
         else:
-            collateral = fetch_collateral(self._url, platform.fmspc, platform.ca, self._cache_dir, self._timeout_s,
-                                          tee=platform.tee, max_age_s=-1, http_get=self._http_get)
+            collateral = self.fetch(platform)
         collateral.verify(at=at, trusted_roots=self._trusted_roots)
         return collateral
 
-    def _refresh(self, platform: Platform, entry: _Entry | None, at: dt.datetime, *,
-                 use_cache: bool = True) -> _Entry:
+    def _refresh(self, platform: Platform, entry: _Entry | None, at: dt.datetime) -> _Entry:
         """Runs with ``_refreshing`` held. Stores and returns the platform's new entry."""
         current = entry.collateral if entry is not None else None
-        if current is None and use_cache:
+        if current is None:
             try:
                 cached = self._load(platform, at, use_cache=True)
             except (EnclaveFLError, OSError) as exc:

@@ -305,11 +305,16 @@ _TCB_PATH = re.compile(r"(?P<base>https://.+)/(?P<tee>sgx|tdx)/certification/v4/
 _CRL_PATH = re.compile(r"(?P<base>https://.+)/sgx/certification/v4/pckcrl\?ca=(?P<ca>processor|platform)&encoding=der")
 
 
-def cached_platforms(cache_dir: Path | str) -> list[tuple[str, Platform]]:
+def cached_platforms(cache_dir: Path | str, pccs_url: str | None = None) -> list[tuple[str, Platform]]:
     """The (base URL, platform) pairs whose TCB info and PCK CRL are both in ``cache_dir``, sorted.
 
     A cached TCB info is paired with every PCK CRL cached from the same server.
+    With ``pccs_url``, only what came from that server.
+
+    Raises:
+        ConfigError: ``pccs_url`` is not an https URL.
     """
+    wanted = _base_url(pccs_url) if pccs_url is not None else None
     tcbs: set[tuple[str, str, str]] = set()
     crls: set[tuple[str, str]] = set()
     for meta_path in sorted(Path(cache_dir).glob("*.meta.json")):
@@ -326,7 +331,7 @@ def cached_platforms(cache_dir: Path | str) -> list[tuple[str, Platform]]:
     found: list[tuple[str, Platform]] = []
     for base, tee, fmspc in tcbs:
         for crl_base, ca in crls:
-            if crl_base == base:
+            if crl_base == base and wanted in (None, base):
                 found.append((base, Platform(tee, fmspc, ca)))  # type: ignore[arg-type]
     return sorted(found)
 
