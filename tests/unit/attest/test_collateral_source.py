@@ -238,3 +238,31 @@ def test_describe_collateral_names_a_bad_signature(ra_samples: Path, sim_dcap: A
 
     assert pieces["tcb_info"].problem is not None and "tcb_info.signature" in pieces["tcb_info"].problem
     assert pieces["qe_identity"].problem is None
+
+
+# -- refresh outcomes, with a self-made DCAP PKI (its collateral can be issued at any time) ---------------
+
+
+def test_a_refresh_takes_newer_collateral_and_refuses_a_rollback(sim_dcap: Any, tmp_path: Path) -> None:
+    platform = Platform("sgx", "00906ED50000", "processor")  # SimDcap's FMSPC
+
+    def routes(issued: datetime) -> dict[str, tuple[bytes, dict[str, str]]]:
+        return pccs_routes(sim_dcap.combined(at=issued), fmspc=platform.fmspc)
+
+    server = PccsStandIn(routes(AT), tmp_path / "tls")
+    try:
+        source = PccsCollateralSource(server.url, tmp_path / "cache", refresh_before_s=86_400, retry_s=60,
+                                      http_get=server.http_get(), trusted_roots=[sim_dcap.root])
+        first = source.for_platform(platform, AT)  # sim collateral: issued AT - 1 day, nextUpdate AT + 29 days
+        due = AT + timedelta(days=28)
+        server.routes = routes(AT + timedelta(days=27))
+        newer = source.for_platform(platform, due)
+        server.routes = routes(AT + timedelta(days=26, hours=12))  # valid at day 55, but expires before day 56
+        kept = source.for_platform(platform, AT + timedelta(days=55))
+    finally:
+        server.stop()
+
+    assert earliest_next_update(first)[1] == AT + timedelta(days=29)
+    assert earliest_next_update(newer)[1] == AT + timedelta(days=56)
+    assert kept is newer
+    assert len(server.requests) == 12  # three fetches of four pieces
