@@ -7,20 +7,25 @@ import threading
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
 from enclavefl.attest.collateral import Collateral
 from enclavefl.attest.collateral_source import (
     PIECES,
+    CollateralSource,
     PccsCollateralSource,
     StaticCollateralSource,
     describe_collateral,
     earliest_next_update,
 )
 from enclavefl.attest.pccs import Platform, platform_of
-from enclavefl.attest.quote import Quote, parse_quote
+from enclavefl.attest.pck import certificate_fingerprint
+from enclavefl.attest.policy import parse_policy
+from enclavefl.attest.providers import EvidenceProvider
+from enclavefl.attest.quote import Quote, SgxAttributes, SgxReportBody, parse_quote
+from enclavefl.attest.ratls import create_ratls_identity, verify_ratls_certificate
 from enclavefl.attest.verifier import verify_quote
 from enclavefl.errors import VerificationError
 from tests.unit.attest.pccs_standin import PccsStandIn, pccs_routes, sample_parts
@@ -266,3 +271,40 @@ def test_a_refresh_takes_newer_collateral_and_refuses_a_rollback(sim_dcap: Any, 
     assert earliest_next_update(newer)[1] == AT + timedelta(days=56)
     assert kept is newer
     assert len(server.requests) == 12  # three fetches of four pieces
+
+
+class _RecordingSource(CollateralSource):
+    """An in-memory source: serves one collateral and remembers which quotes asked."""
+
+    def __init__(self, collateral: Collateral) -> None:
+        self.collateral = collateral
+        self.asked: list[bytes] = []
+
+    def for_quote(self, quote: Quote, at: datetime) -> Collateral:
+        self.asked.append(quote.body.report_data)
+        return self.collateral
+
+
+class _SimDcapProvider(EvidenceProvider):
+    kind: ClassVar[str] = "sim-dcap"
+
+    def __init__(self, dcap: Any) -> None:
+        self.dcap = dcap
+
+    def quote(self, report_data: bytes) -> bytes:
+        body = SgxReportBody(mr_enclave=b"\x11" * 32, mr_signer=b"\x22" * 32, isv_svn=3,
+                             attributes=SgxAttributes(flags=0x05, xfrm=0xE7), report_data=report_data)
+        return bytes(self.dcap.sgx_quote(body).to_bytes())
+
+
+def test_ratls_verification_asks_the_source_for_the_peer_quote(sim_dcap: Any) -> None:
+    identity = create_ratls_identity(_SimDcapProvider(sim_dcap), common_name="peer", validity=timedelta(days=1))
+    policy = parse_policy({"sgx_mrs": [{"mr_enclave": "11" * 32, "mr_signer": "22" * 32, "isv_prod_id": 0,
+                                        "isv_svn": 3}], "trusted_root_sha256": certificate_fingerprint(sim_dcap.root)})
+    now = datetime.now(timezone.utc)
+    source = _RecordingSource(sim_dcap.collateral(at=now))
+
+    evidence = verify_ratls_certificate(identity.cert_pem, policy=policy, at=now, collateral=source)
+
+    assert evidence.verification.tcb_status == "UpToDate"
+    assert len(source.asked) == 1 and source.asked[0][:32] == evidence.verification.report_data[:32]
