@@ -282,7 +282,13 @@ class PccsCollateralSource(CollateralSource):
         return self.for_platform(platform, at)
 
     def for_platform(self, platform: Platform, at: dt.datetime) -> Collateral:
-        """The collateral for ``platform`` at ``at``, refreshing it first when due (see :meth:`for_quote`)."""
+        """The collateral for ``platform`` at ``at``, refreshing it first when due.
+
+        Raises:
+            VerificationError: nothing could be fetched (``collateral <platform>``), what is held
+                expired and the refresh failed (``collateral.<piece>.next_update``), or the platform
+                would be one more than ``max_platforms``.
+        """
         at = as_utc(at)
         entry = self._current(platform, at)
         if entry.collateral is None:
