@@ -47,10 +47,13 @@ __all__ = [
     "AggregatorConfig",
     "AttestationConfig",
     "ClientConfig",
+    "CollateralConfig",
     "FaultsConfig",
+    "FileCollateralConfig",
     "JobConfig",
     "JobSection",
     "OptimizerConfig",
+    "PccsCollateralConfig",
     "RoundConfig",
     "ServerConfig",
     "StalenessConfig",
@@ -355,6 +358,48 @@ class TransportConfig(_Section):
     tls: TlsConfig = Field(default_factory=TlsConfig)
 
 
+class FileCollateralConfig(_Section):
+    """Collateral from one file in the combined JSON format, loaded once (it expires: see docs/security.md)."""
+
+    source: Literal["file"] = "file"
+    path: str = Field(min_length=1, description="the collateral file, relative to the job file")
+
+
+class PccsCollateralConfig(_Section):
+    """Collateral fetched per platform from a PCCS (or Intel's PCS), cached, and refreshed before it expires."""
+
+    source: Literal["pccs"] = "pccs"
+    url: str = Field(description="the PCCS or PCS base URL (https only)")
+    cache_dir: str = Field(default="collateral-cache", min_length=1,
+                           description="fetched responses, relative to the job file")
+    refresh_before_s: float = Field(default=7 * 86_400.0, ge=0, le=366 * 86_400,
+                                    description="refresh this long before the earliest nextUpdate")
+    ca_cert: str | None = Field(default=None, description="PEM file of the CA that issued the PCCS's TLS certificate; "
+                                                          "none: the system's trusted CAs")
+    timeout_s: float = Field(default=30.0, gt=0, le=600, description="per request")
+
+    @field_validator("url")
+    @classmethod
+    def _https(cls, value: str) -> str:
+        # Intel's signatures are checked whatever the transport, but an on-path attacker could replay
+        # older, still-signed collateral (an older TCB info rates more platforms UpToDate): https only.
+        if not re.fullmatch(r"https://[^\s/?#]+(/[^\s?#]*)?", value):
+            raise ValueError("must be an https:// URL (a PCCS or Intel's PCS, e.g. https://pccs.example:8081)")
+        return value
+
+
+def _collateral_tag(value: Any) -> str | None:
+    source = value.get("source", "file") if isinstance(value, dict) else getattr(value, "source", None)
+    return source if source in ("file", "pccs") else None
+
+
+CollateralConfig = Annotated[
+    Annotated[FileCollateralConfig, Tag("file")] | Annotated[PccsCollateralConfig, Tag("pccs")],
+    Discriminator(_collateral_tag, custom_error_type="collateral_source",
+                  custom_error_message="must be a file path, or a mapping whose source is 'file' or 'pccs'"),
+]
+
+
 class AttestationConfig(_Section):
     """How nodes prove their code; see docs/security.md."""
 
@@ -362,7 +407,16 @@ class AttestationConfig(_Section):
     policy: str | None = None
     sim_root: str | None = None
     device_dir: str = "/dev/attestation"
-    collateral: str | None = None
+    collateral: CollateralConfig | None = Field(
+        default=None, description="a file path, {source: file, path}, or {source: pccs, url, cache_dir, ...}")
+    allow_missing_collateral: bool = Field(
+        default=False, description="gramine mode: let a policy accept quotes without collateral (weaker)")
+
+    @field_validator("collateral", mode="before")
+    @classmethod
+    def _collateral_path(cls, value: Any) -> Any:
+        # The old form, `collateral: file.json`, is a file source.
+        return {"source": "file", "path": value} if isinstance(value, str) else value
 
 
 class SummaryConfig(_Section):

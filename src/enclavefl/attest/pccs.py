@@ -9,6 +9,11 @@ response headers. Each response (body + the headers we need) is cached under
 fetched is trusted because of where it came from: :class:`Collateral` checks Intel's
 signatures when a quote is verified. Network access goes through an ``HttpGet``
 callable so callers (and tests) can provide another transport.
+
+Collateral is per platform: TCB info per (TEE, FMSPC), the PCK CRL per PCK CA
+(:class:`Platform`, read from a quote by :func:`platform_of`).
+:func:`load_cached_collateral` rebuilds a platform's collateral from the cache
+alone (no network), which is how a node restarts while its PCCS is down.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from cryptography import x509
 
@@ -35,7 +41,17 @@ from enclavefl.attest.pck import parse_pck_extension, pck_ca_kind
 from enclavefl.attest.quote import Quote
 from enclavefl.errors import AttestationError, ConfigError, Unavailable
 
-__all__ = ["HttpGet", "HttpResponse", "fetch_collateral", "fetch_collateral_for_quote", "urllib_get"]
+__all__ = [
+    "HttpGet",
+    "HttpResponse",
+    "Platform",
+    "cached_platforms",
+    "fetch_collateral",
+    "fetch_collateral_for_quote",
+    "load_cached_collateral",
+    "platform_of",
+    "urllib_get",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +76,34 @@ class HttpResponse:
 
 #: ``(url, timeout_s) -> HttpResponse``; raises :class:`Unavailable` when the server cannot be reached.
 HttpGet = Callable[[str, float], HttpResponse]
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Platform:
+    """What selects a platform's collateral: the TEE, its FMSPC (12 upper-case hex digits) and its PCK CA."""
+
+    tee: Literal["sgx", "tdx"]
+    fmspc: str
+    ca: Literal["processor", "platform"]
+
+    def __str__(self) -> str:
+        return f"{self.tee} fmspc={self.fmspc} ca={self.ca}"
+
+
+def platform_of(quote: Quote) -> Platform:
+    """The platform a quote comes from: FMSPC from its PCK leaf, CA kind from the leaf's issuer.
+
+    Raises:
+        VerificationError: the PCK leaf has no readable SGX extension.
+        AttestationError: the chain is too short, or its CA is not an Intel PCK CA.
+    """
+    chain: tuple[x509.Certificate, ...] = quote.signature_data.pck_chain
+    if len(chain) < 2:
+        raise AttestationError("quote: PCK chain needs a leaf and its CA to select collateral")
+    ca = pck_ca_kind(chain[1])
+    if ca is None:
+        raise AttestationError(f"quote: {chain[1].subject.rfc4514_string()} is not an Intel PCK CA")
+    return Platform(quote.tee, parse_pck_extension(chain[0]).fmspc.hex().upper(), ca)
 
 
 def urllib_get(url: str, timeout_s: float, ssl_context: ssl.SSLContext | None = None) -> HttpResponse:
@@ -154,35 +198,7 @@ def _base_url(pccs_url: str) -> str:
     return base
 
 
-def fetch_collateral(
-    pccs_url: str,
-    fmspc: bytes | str,
-    ca: str,
-    cache_dir: Path | str,
-    timeout_s: float = 30.0,
-    *,
-    tee: str = "sgx",
-    max_age_s: float = 12 * 3600.0,
-    http_get: HttpGet | None = None,
-) -> Collateral:
-    """Fetch (or reuse from ``cache_dir``) the collateral for one platform.
-
-    Args:
-        pccs_url: PCCS or PCS base URL, https only (``/sgx/certification/v4`` may be included).
-        fmspc: the platform's FMSPC (6 bytes or 12 hex characters), from its PCK certificate.
-        ca: ``"processor"`` or ``"platform"``: the PCK CA that issued the PCK certificate.
-        cache_dir: directory for cached responses (created if missing).
-        timeout_s: per-request timeout.
-        tee: ``"sgx"`` or ``"tdx"``: which TCB info and QE identity to fetch.
-        max_age_s: cached responses older than this are fetched again.
-        http_get: transport; defaults to :func:`urllib_get` with certificate verification.
-
-    Raises:
-        ConfigError: bad URL, FMSPC, CA or TEE name.
-        Unavailable: the server cannot be reached.
-        AttestationError: an HTTP error status; CollateralFormatError for a malformed response.
-    """
-    base = _base_url(pccs_url)
+def _check_platform(fmspc: bytes | str, ca: str, tee: str) -> str:
     fmspc_hex = fmspc.hex() if isinstance(fmspc, bytes) else fmspc
     if not re.fullmatch(r"[0-9a-fA-F]{12}", fmspc_hex):
         raise ConfigError(f"fmspc: must be 6 bytes (12 hex characters), got {fmspc_hex!r}")
@@ -190,15 +206,12 @@ def fetch_collateral(
         raise ConfigError(f"ca: must be 'processor' or 'platform', got {ca!r}")
     if tee not in ("sgx", "tdx"):
         raise ConfigError(f"tee: must be 'sgx' or 'tdx', got {tee!r}")
-    directory = Path(cache_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    get = http_get or urllib_get
+    return fmspc_hex.upper()
 
-    def fetch(url: str) -> HttpResponse:
-        return _get(url, directory, timeout_s, max_age_s, get)
 
+def _assemble(base: str, fmspc_hex: str, ca: str, tee: str, fetch: Callable[[str], HttpResponse]) -> Collateral:
     crl_url = f"{base}/sgx/certification/v4/pckcrl?ca={ca}&encoding=der"
-    tcb_url = f"{base}/{tee}/certification/v4/tcb?fmspc={fmspc_hex.upper()}"
+    tcb_url = f"{base}/{tee}/certification/v4/tcb?fmspc={fmspc_hex}"
     qe_url = f"{base}/{tee}/certification/v4/qe/identity"
     pck_crl = fetch(crl_url)
     tcb = fetch(tcb_url)
@@ -221,6 +234,108 @@ def fetch_collateral(
     )
 
 
+def fetch_collateral(
+    pccs_url: str,
+    fmspc: bytes | str,
+    ca: str,
+    cache_dir: Path | str,
+    timeout_s: float = 30.0,
+    *,
+    tee: str = "sgx",
+    max_age_s: float = 12 * 3600.0,
+    http_get: HttpGet | None = None,
+) -> Collateral:
+    """Fetch (or reuse from ``cache_dir``) the collateral for one platform.
+
+    Args:
+        pccs_url: PCCS or PCS base URL, https only (``/sgx/certification/v4`` may be included).
+        fmspc: the platform's FMSPC (6 bytes or 12 hex characters), from its PCK certificate.
+        ca: ``"processor"`` or ``"platform"``: the PCK CA that issued the PCK certificate.
+        cache_dir: directory for cached responses (created if missing).
+        timeout_s: per-request timeout.
+        tee: ``"sgx"`` or ``"tdx"``: which TCB info and QE identity to fetch.
+        max_age_s: cached responses older than this are fetched again (negative: always fetch).
+        http_get: transport; defaults to :func:`urllib_get` with certificate verification.
+
+    Raises:
+        ConfigError: bad URL, FMSPC, CA or TEE name.
+        Unavailable: the server cannot be reached.
+        AttestationError: an HTTP error status; CollateralFormatError for a malformed response.
+    """
+    base = _base_url(pccs_url)
+    fmspc_hex = _check_platform(fmspc, ca, tee)
+    directory = Path(cache_dir)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{directory}: cannot create the collateral cache: {exc.strerror or exc}") from exc
+    get = http_get or urllib_get
+
+    def fetch(url: str) -> HttpResponse:
+        return _get(url, directory, timeout_s, max_age_s, get)
+
+    return _assemble(base, fmspc_hex, ca, tee, fetch)
+
+
+def load_cached_collateral(pccs_url: str, fmspc: bytes | str, ca: str, cache_dir: Path | str, *,
+                           tee: str = "sgx") -> Collateral:
+    """Rebuild one platform's collateral from ``cache_dir`` alone, whatever its age (no network).
+
+    Nothing is trusted for being cached: the caller verifies the result as it would a fresh fetch.
+
+    Raises:
+        ConfigError: bad URL, FMSPC, CA or TEE name.
+        AttestationError: a piece is not cached (the message names its URL); CollateralFormatError
+            for a malformed cached response.
+    """
+    base = _base_url(pccs_url)
+    fmspc_hex = _check_platform(fmspc, ca, tee)
+    directory = Path(cache_dir)
+
+    def fetch(url: str) -> HttpResponse:
+        cached = _read_cache(directory, url, float("inf"))
+        if cached is None:
+            raise AttestationError(f"GET {url}: not in the collateral cache {directory}")
+        return cached
+
+    return _assemble(base, fmspc_hex, ca, tee, fetch)
+
+
+_TCB_PATH = re.compile(r"(?P<base>https://.+)/(?P<tee>sgx|tdx)/certification/v4/tcb\?fmspc=(?P<fmspc>[0-9A-Fa-f]{12})")
+_CRL_PATH = re.compile(r"(?P<base>https://.+)/sgx/certification/v4/pckcrl\?ca=(?P<ca>processor|platform)&encoding=der")
+
+
+def cached_platforms(cache_dir: Path | str, pccs_url: str | None = None) -> list[tuple[str, Platform]]:
+    """The (base URL, platform) pairs whose TCB info and PCK CRL are both in ``cache_dir``, sorted.
+
+    A cached TCB info is paired with every PCK CRL cached from the same server.
+    With ``pccs_url``, only what came from that server.
+
+    Raises:
+        ConfigError: ``pccs_url`` is not an https URL.
+    """
+    wanted = _base_url(pccs_url) if pccs_url is not None else None
+    tcbs: set[tuple[str, str, str]] = set()
+    crls: set[tuple[str, str]] = set()
+    for meta_path in sorted(Path(cache_dir).glob("*.meta.json")):
+        try:
+            url = json.loads(meta_path.read_bytes()).get("url", "")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if not isinstance(url, str):
+            continue
+        if (match := _TCB_PATH.fullmatch(url)) is not None:
+            tcbs.add((match["base"], match["tee"], match["fmspc"].upper()))
+        elif (match := _CRL_PATH.fullmatch(url)) is not None:
+            crls.add((match["base"], match["ca"]))
+    found: list[tuple[str, Platform]] = []
+    for base, tee, fmspc in tcbs:
+        for crl_base, ca in crls:
+            if crl_base == base and wanted in (None, base):
+                found.append((base, Platform(tee, fmspc, ca)))  # type: ignore[arg-type]
+    return sorted(found)
+
+
 def fetch_collateral_for_quote(
     pccs_url: str, quote: Quote, cache_dir: Path | str, timeout_s: float = 30.0, *, http_get: HttpGet | None = None
 ) -> Collateral:
@@ -230,11 +345,6 @@ def fetch_collateral_for_quote(
         VerificationError: the PCK leaf has no readable SGX extension.
         AttestationError: the chain's CA is not an Intel PCK CA (or as for :func:`fetch_collateral`).
     """
-    chain: tuple[x509.Certificate, ...] = quote.signature_data.pck_chain
-    if len(chain) < 2:
-        raise AttestationError("quote: PCK chain needs a leaf and its CA to fetch collateral")
-    ca = pck_ca_kind(chain[1])
-    if ca is None:
-        raise AttestationError(f"quote: {chain[1].subject.rfc4514_string()} is not an Intel PCK CA")
-    fmspc = parse_pck_extension(chain[0]).fmspc
-    return fetch_collateral(pccs_url, fmspc, ca, cache_dir, timeout_s, tee=quote.tee, http_get=http_get)
+    platform = platform_of(quote)
+    return fetch_collateral(pccs_url, platform.fmspc, platform.ca, cache_dir, timeout_s, tee=platform.tee,
+                            http_get=http_get)

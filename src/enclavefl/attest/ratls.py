@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from enclavefl.attest.collateral import Collateral
+from enclavefl.attest.collateral_source import CollateralSource
 from enclavefl.attest.pck import certificate_fingerprint, intel_sgx_root_ca
 from enclavefl.attest.policy import Policy
 from enclavefl.attest.providers import EvidenceProvider
@@ -305,7 +306,7 @@ def verify_ratls_certificate(
     *,
     policy: Policy,
     at: dt.datetime,
-    collateral: Collateral | None = None,
+    collateral: Collateral | CollateralSource | None = None,
 ) -> PeerEvidence:
     """Verify a peer's RA-TLS certificate end to end and apply the policy.
 
@@ -313,7 +314,8 @@ def verify_ratls_certificate(
         cert_pem_or_der: the peer certificate as presented in the TLS handshake.
         policy: what this node accepts.
         at: the time to check validity at (normally now).
-        collateral: Intel collateral for TCB status, passed to the quote verifier.
+        collateral: Intel collateral for TCB status, passed to the quote verifier; a
+            :class:`CollateralSource` picks it for the quote's platform.
 
     Returns:
         The verified evidence, the binding that matched and whether it is simulated.
@@ -335,6 +337,8 @@ def verify_ratls_certificate(
         raw_quote, expected_prefix = value, b""
     quote = _parse_quote(raw_quote, oid)
     roots = _trusted_roots(quote, policy)
+    if isinstance(collateral, CollateralSource):
+        collateral = collateral.for_quote(quote, at)
     verification = verify_quote(quote, at=at, trusted_roots=roots, collateral=collateral)
 
     binding: Binding

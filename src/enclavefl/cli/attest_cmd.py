@@ -1,7 +1,8 @@
-"""``enclavefl attest``: measure this node, verify evidence, create a simulated root.
+"""``enclavefl attest``: measure this node, verify evidence, create a simulated root, inspect collateral.
 
 Turning a job's ``attestation`` section into credentials is library code:
-:mod:`enclavefl.transport.provisioning`.
+:mod:`enclavefl.transport.provisioning`; fetching and judging collateral is
+:mod:`enclavefl.attest.collateral_source`.
 """
 
 from __future__ import annotations
@@ -9,12 +10,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import functools
+import ssl
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 
 from enclavefl.attest.collateral import Collateral
+from enclavefl.attest.collateral_source import PccsCollateralSource, StaticCollateralSource, describe_collateral
+from enclavefl.attest.pccs import Platform, platform_of, urllib_get
 from enclavefl.attest.measurement import measure_code, signer_id
 from enclavefl.attest.pck import certificate_fingerprint, intel_sgx_root_ca
 from enclavefl.attest.policy import Policy, load_policy
@@ -23,6 +28,7 @@ from enclavefl.attest.ratls import LEGACY_QUOTE_OIDS, TCG_EVIDENCE_OID, verify_r
 from enclavefl.attest.simroot import SimRoot, init_sim_root
 from enclavefl.attest.tcg_evidence import decode_tagged_evidence
 from enclavefl.attest.verifier import QuoteVerification, verify_quote
+from enclavefl.config import load_job
 from enclavefl.errors import AttestationError, ConfigError, VerificationError
 
 __all__ = ["add_parser"]
@@ -45,6 +51,20 @@ def add_parser(sub: Any) -> None:
     i.add_argument("directory", type=Path)
     i.add_argument("--name", required=True, help="the federation's name, written into the certificates")
     i.set_defaults(func=run_init_sim_root)
+    c = asub.add_parser("collateral", help="fetch Intel collateral from a PCCS, or show what is cached or loaded")
+    csub = c.add_subparsers(dest="collateral_command", required=True, metavar="ACTION")
+    f = csub.add_parser("fetch", help="fetch a platform's collateral into the cache; one line per piece")
+    _collateral_origin(f, file_allowed=False)
+    f.add_argument("--quote", type=Path, help="take the platform from this quote (.bin) or RA-TLS certificate")
+    f.add_argument("--fmspc", help="the platform's FMSPC (12 hex digits), instead of --quote")
+    f.add_argument("--ca", choices=("processor", "platform"), help="the PCK CA kind, with --fmspc")
+    f.add_argument("--tee", choices=("sgx", "tdx"), default="sgx", help="with --fmspc (default sgx)")
+    f.add_argument("--at", help="judge the collateral at this time, ISO 8601 (default now, UTC)")
+    f.set_defaults(func=run_collateral_fetch)
+    show = csub.add_parser("show", help="each cached or loaded piece: issuer, issueDate, nextUpdate, time left, verifies")
+    _collateral_origin(show, file_allowed=True)
+    show.add_argument("--at", help="judge the collateral at this time, ISO 8601 (default now, UTC)")
+    show.set_defaults(func=run_collateral_show)
 
 
 def run_measure(args: argparse.Namespace) -> int:
@@ -159,3 +179,115 @@ def run_verify(args: argparse.Namespace) -> int:
         return 3
     print("verdict             ACCEPTED")
     return 0
+
+
+# ---------------------------------------------------------------- attest collateral
+
+
+def _collateral_origin(parser: argparse.ArgumentParser, *, file_allowed: bool) -> None:
+    parser.add_argument("--config", type=Path, help="a job file: its attestation.collateral section")
+    parser.add_argument("--url", help="PCCS or PCS base URL (https), instead of --config")
+    parser.add_argument("--cache-dir", type=Path, default=Path("collateral-cache"),
+                        help="with --url: the collateral cache (default ./collateral-cache)")
+    parser.add_argument("--ca-cert", type=Path, help="with --url: PEM CA file for the PCCS's TLS certificate")
+    if file_allowed:
+        parser.add_argument("--collateral", type=Path, help="a collateral file (combined JSON)")
+
+
+def _origin(args: argparse.Namespace) -> PccsCollateralSource | Collateral:
+    """What the arguments point at: a PCCS source, or a loaded collateral file."""
+    given = [name for name in ("config", "url", "collateral") if getattr(args, name, None) is not None]
+    if len(given) != 1:
+        options = "--config, --url or --collateral" if hasattr(args, "collateral") else "--config or --url"
+        raise ConfigError(f"give exactly one of {options}" + (f" (got {', '.join('--' + g for g in given)})" if given else ""))
+    if args.url is not None:
+        http_get = None
+        if args.ca_cert is not None:
+            try:
+                context = ssl.create_default_context(cafile=str(args.ca_cert))
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"--ca-cert {args.ca_cert}: cannot load CA certificates: {exc}") from exc
+            http_get = functools.partial(urllib_get, ssl_context=context)
+        return PccsCollateralSource(args.url, args.cache_dir, node="cli", http_get=http_get)
+    if getattr(args, "collateral", None) is not None:
+        return Collateral.from_file(args.collateral)
+    from enclavefl.transport.provisioning import make_collateral_source  # loads grpc: only when asked
+
+    source = make_collateral_source(load_job(args.config), job_dir=args.config.parent, node="cli")
+    if source is None:
+        raise ConfigError(f"{args.config}: attestation.collateral is not set")
+    if isinstance(source, PccsCollateralSource):
+        return source
+    if hasattr(args, "collateral") and isinstance(source, StaticCollateralSource):
+        return source.collateral
+    raise ConfigError(f"{args.config}: attestation.collateral.source is file: nothing to fetch (use show)")
+
+
+def _platform(args: argparse.Namespace) -> Platform:
+    if args.quote is not None:
+        try:
+            raw = args.quote.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"{args.quote}: cannot read: {exc.strerror or exc}") from exc
+        if args.quote.suffix.lower() in (".pem", ".der", ".crt", ".cer"):
+            raw = _quote_in_certificate(raw)
+        return platform_of(parse_quote(raw))
+    if args.fmspc is None or args.ca is None:
+        raise ConfigError("give --quote FILE, or --fmspc HEX with --ca processor|platform")
+    fmspc = args.fmspc.upper()
+    if len(fmspc) != 12 or any(c not in "0123456789ABCDEF" for c in fmspc):
+        raise ConfigError(f"--fmspc {args.fmspc!r}: must be 12 hex digits")
+    return Platform(args.tee, fmspc, args.ca)
+
+
+def _left(delta: dt.timedelta) -> str:
+    seconds = int(abs(delta.total_seconds()))
+    text = f"{seconds // 86400}d {seconds % 86400 // 3600}h {seconds % 3600 // 60}m"
+    return f"left {text}" if delta.total_seconds() >= 0 else f"EXPIRED {text} ago"
+
+
+def _print_pieces(collateral: Collateral, at: dt.datetime, *, brief: bool) -> bool:
+    """One line per piece; True if every piece verifies at ``at``."""
+    ok = True
+    for piece in describe_collateral(collateral, at=at):
+        nxt = piece.next_update.isoformat() if piece.next_update else "none"
+        verdict = "verifies" if piece.problem is None else f"DOES NOT VERIFY: {piece.problem}"
+        ok = ok and piece.problem is None
+        if brief:
+            print(f"  {piece.name:<12} nextUpdate {nxt}  {_left(piece.time_left(at))}  {verdict}")
+        else:
+            print(f"  {piece.name:<12} issuer {piece.issuer}")
+            print(f"  {'':<12} issueDate {piece.issue_date.isoformat()}  nextUpdate {nxt}  {_left(piece.time_left(at))}")
+            print(f"  {'':<12} {verdict}")
+    return ok
+
+
+def run_collateral_fetch(args: argparse.Namespace) -> int:
+    origin = _origin(args)
+    if not isinstance(origin, PccsCollateralSource):
+        raise ConfigError("collateral fetch needs a PCCS: --url, or a job whose attestation.collateral.source is pccs")
+    platform, at = _platform(args), _parse_time(args.at).replace(microsecond=0)
+    collateral = origin.fetch(platform)
+    print(f"collateral {platform} from {origin.url} into {origin.cache_dir}")
+    return 0 if _print_pieces(collateral, at, brief=True) else 3
+
+
+def run_collateral_show(args: argparse.Namespace) -> int:
+    origin, at = _origin(args), _parse_time(args.at).replace(microsecond=0)
+    print(f"at {at.isoformat()}")
+    if isinstance(origin, Collateral):
+        print("collateral file")
+        return 0 if _print_pieces(origin, at, brief=False) else 3
+    cached = origin.cached()
+    if not cached:
+        raise AttestationError(f"no collateral from {origin.url} in the cache {origin.cache_dir} "
+                               "(enclavefl attest collateral fetch)")
+    ok = True
+    for platform, collateral in cached:
+        print(f"collateral {platform} from {origin.url} (cache {origin.cache_dir})")
+        if isinstance(collateral, AttestationError):
+            print(f"  unreadable: {collateral}")
+            ok = False
+        else:
+            ok = _print_pieces(collateral, at, brief=False) and ok
+    return 0 if ok else 3

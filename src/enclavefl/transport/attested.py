@@ -48,6 +48,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from enclavefl.attest.collateral import Collateral
+from enclavefl.attest.collateral_source import CollateralSource
 from enclavefl.attest.pck import certificate_fingerprint
 from enclavefl.attest.policy import Policy
 from enclavefl.attest.providers import EvidenceProvider
@@ -212,7 +213,7 @@ class AttestedCredentials(Credentials):
         node: str,
         role: Role,
         audit: AuditLog,
-        collateral: Collateral | None = None,
+        collateral: Collateral | CollateralSource | None = None,
         nonce_ttl_s: float = 60.0,
         max_nonces: int = 1024,
         max_sessions: int = 4096,
@@ -243,7 +244,7 @@ class AttestedCredentials(Credentials):
         audit: AuditLog,
         server_name: str = "enclavefl-ps",
         validity: dt.timedelta = dt.timedelta(days=7),
-        collateral: Collateral | None = None,
+        collateral: Collateral | CollateralSource | None = None,
     ) -> AttestedCredentials:
         """Makes this node's key in memory, a quote binding it and its RA-TLS certificate.
 

@@ -4,8 +4,13 @@ A PS or worker process calls :func:`make_credentials` once at start. With
 ``attestation.mode`` ``none`` that is mutual TLS under the per-job CA
 (``enclavefl certs``); with ``simulated`` or ``gramine`` it is an attested
 RA-TLS identity whose key is made in memory. Paths in the attestation section
-(policy, sim root, collateral) are relative to the job file's folder and never
-come from the environment.
+(policy, sim root, collateral file, collateral cache) are relative to the job
+file's folder and never come from the environment.
+
+Collateral comes from :func:`make_collateral_source`: a file loaded once, or a
+PCCS queried per platform and refreshed before it expires. In ``gramine`` mode a
+policy that accepts quotes without collateral is refused unless the job file
+allows that too (:func:`check_missing_collateral_allowed`).
 
 :func:`prepare_simulated_attestation` makes the material a local run needs for
 simulated evidence: a sim root, the code measurement and a policy that allows
@@ -14,18 +19,22 @@ exactly that code (development only, NOT A REAL TEE).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
+import ssl
 from pathlib import Path
 
 from enclavefl.attest.collateral import Collateral
+from enclavefl.attest.collateral_source import CollateralSource, PccsCollateralSource, StaticCollateralSource
+from enclavefl.attest.pccs import urllib_get
 from enclavefl.attest.measurement import CodeMeasurement, measure_code, signer_id
 from enclavefl.attest.policy import load_policy
 from enclavefl.attest.providers import EvidenceProvider, GramineProvider, SimulatedProvider
 from enclavefl.attest.simroot import SimRoot, init_sim_root
 from enclavefl.config import JobConfig
-from enclavefl.errors import ConfigError
+from enclavefl.errors import AttestationError, ConfigError
 from enclavefl.transport.attested import AttestedCredentials
 from enclavefl.transport.audit import AuditLog
 from enclavefl.transport.credentials import CaCredentials, Credentials
@@ -33,7 +42,9 @@ from enclavefl.transport.credentials import CaCredentials, Credentials
 __all__ = [
     "POLICY_FILE",
     "SIM_ROOT_DIR",
+    "check_missing_collateral_allowed",
     "make_attested_credentials",
+    "make_collateral_source",
     "make_credentials",
     "prepare_simulated_attestation",
     "task_code_paths",
@@ -85,6 +96,57 @@ def _provider(config: JobConfig, job_dir: Path) -> EvidenceProvider:
     return SimulatedProvider(sim_root, measure_code(task_code_paths(config)))
 
 
+def make_collateral_source(config: JobConfig, *, job_dir: Path, node: str) -> CollateralSource | None:
+    """The collateral source ``attestation.collateral`` describes (None when there is none).
+
+    A file is loaded now; a PCCS source fetches per platform when a quote first
+    needs it (starting from its cache), so a node starts even while its PCCS is down.
+
+    Raises:
+        ConfigError: the collateral file or the PCCS CA file is unreadable or malformed.
+    """
+    setting = config.attestation.collateral
+    if setting is None:
+        return None
+    if setting.source == "file":
+        path = _resolve(job_dir, setting.path, "collateral.path")
+        try:
+            return StaticCollateralSource(Collateral.from_file(path), origin=f"collateral file {path}")
+        except AttestationError as exc:
+            raise ConfigError(f"attestation.collateral.path: {exc}") from exc
+    http_get = None
+    if setting.ca_cert is not None:
+        ca_path = _resolve(job_dir, setting.ca_cert, "collateral.ca_cert")
+        try:
+            context = ssl.create_default_context(cafile=str(ca_path))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"attestation.collateral.ca_cert = {str(ca_path)!r}: cannot load CA certificates: {exc}") from exc
+        http_get = functools.partial(urllib_get, ssl_context=context)
+    cache_dir = _resolve(job_dir, setting.cache_dir, "collateral.cache_dir")
+    log.info("%s: collateral from %s (cache %s, refreshed %gs before nextUpdate)", node, setting.url, cache_dir,
+             setting.refresh_before_s)
+    return PccsCollateralSource(setting.url, cache_dir, refresh_before_s=setting.refresh_before_s,
+                                timeout_s=setting.timeout_s, node=node, http_get=http_get)
+
+
+def check_missing_collateral_allowed(mode: str, *, policy_allows: bool, job_allows: bool, policy_source: str) -> None:
+    """Refuse, in ``gramine`` mode, a policy that accepts quotes without collateral unless the job allows it too.
+
+    Without collateral a verifier cannot check the QE identity, PCK revocation
+    or TCB level: on real hardware that must be a decision written in both the
+    policy and the attested job file, not a policy default.
+
+    Raises:
+        ConfigError: naming both keys.
+    """
+    if mode == "gramine" and policy_allows and not job_allows:
+        raise ConfigError(
+            f"{policy_source}: allow_missing_collateral: true is refused in attestation.mode gramine unless the "
+            "job file also sets attestation.allow_missing_collateral: true (quotes would be accepted without "
+            "checking the QE identity, PCK revocation or TCB level); better: configure attestation.collateral"
+        )
+
+
 def make_attested_credentials(config: JobConfig, *, job_dir: Path, role: str, node: str,
                               audit_path: Path | None) -> AttestedCredentials:
     """Credentials for ``attestation.mode`` simulated or gramine.
@@ -96,14 +158,20 @@ def make_attested_credentials(config: JobConfig, *, job_dir: Path, role: str, no
         audit_path: append attestation decisions here as JSON lines (None: no file).
 
     Raises:
-        ConfigError: the mode is none, or the policy, sim root or collateral is missing or invalid.
+        ConfigError: the mode is none; the policy, sim root or collateral is missing or invalid; or (gramine)
+            the policy accepts missing collateral and the job file does not.
         AttestationError: no evidence can be produced.
     """
     att = config.attestation
     if att.mode == "none":
         raise ConfigError("attestation.mode is none: use the per-job CA credentials")
-    policy = load_policy(_resolve(job_dir, att.policy, "policy"))
-    collateral = Collateral.from_file(_resolve(job_dir, att.collateral, "collateral")) if att.collateral else None
+    policy_path = _resolve(job_dir, att.policy, "policy")
+    policy = load_policy(policy_path)
+    # The policy key comes with issue 10 item 1; read it so that this check holds once it exists.
+    policy_allows = bool(getattr(policy, "allow_missing_collateral", False))
+    check_missing_collateral_allowed(att.mode, policy_allows=policy_allows, job_allows=att.allow_missing_collateral,
+                                     policy_source=str(policy_path))
+    collateral = make_collateral_source(config, job_dir=job_dir, node=node)
     if att.mode == "simulated":
         log.warning("%s %s: attestation mode simulated: development only, NOT A REAL TEE", role, node)
     return AttestedCredentials.create(
