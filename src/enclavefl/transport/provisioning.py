@@ -167,9 +167,8 @@ def make_attested_credentials(config: JobConfig, *, job_dir: Path, role: str, no
         raise ConfigError("attestation.mode is none: use the per-job CA credentials")
     policy_path = _resolve(job_dir, att.policy, "policy")
     policy = load_policy(policy_path)
-    # The policy key comes with issue 10 item 1; read it so that this check holds once it exists.
-    policy_allows = bool(getattr(policy, "allow_missing_collateral", False))
-    check_missing_collateral_allowed(att.mode, policy_allows=policy_allows, job_allows=att.allow_missing_collateral,
+    check_missing_collateral_allowed(att.mode, policy_allows=policy.allow_missing_collateral,
+                                     job_allows=att.allow_missing_collateral,
                                      policy_source=str(policy_path))
     collateral = make_collateral_source(config, job_dir=job_dir, node=node)
     if att.mode == "simulated":

@@ -111,10 +111,6 @@ def test_gramine_refuses_a_policy_without_collateral_unless_the_job_allows_it(
 
 
 def test_gramine_credentials_refuse_a_policy_allowing_missing_collateral(tmp_path: Path) -> None:
-    from enclavefl.attest.policy import Policy
-
-    if "allow_missing_collateral" not in Policy.model_fields:
-        pytest.skip("the policy key allow_missing_collateral is added by issue 10 item 1 (another branch)")
     (tmp_path / "policy.json").write_text('{"allow_missing_collateral": true}')
     config = parse_job({"attestation": {"mode": "gramine", "policy": "policy.json", "device_dir": str(tmp_path)}})
 
