@@ -161,7 +161,9 @@ def _read_cache(cache_dir: Path, url: str, max_age_s: float) -> HttpResponse | N
         return None
 
 
-def _get(url: str, cache_dir: Path, timeout_s: float, max_age_s: float, http_get: HttpGet) -> HttpResponse:
+def _get(url: str, cache_dir: Path, timeout_s: float, max_age_s: float, http_get: HttpGet,
+         fresh: dict[str, HttpResponse]) -> HttpResponse:
+    """A cached response, or a fetched one added to ``fresh`` (cached only once all pieces parse)."""
     cached = _read_cache(cache_dir, url, max_age_s)
     if cached is not None:
         logger.debug("collateral cache hit for %s", url)
@@ -169,15 +171,20 @@ def _get(url: str, cache_dir: Path, timeout_s: float, max_age_s: float, http_get
     response = http_get(url, timeout_s)
     if response.status != 200:
         raise AttestationError(f"GET {url}: HTTP {response.status}")
-    headers = {k: v for k, v in response.headers.items() if k.lower() in _CHAIN_HEADERS}
-    meta = {"url": url, "fetched_at": time.time(), "headers": headers}
-    body_path, meta_path = _cache_paths(cache_dir, url)
-    try:
-        _write_atomic(body_path, response.body)
-        _write_atomic(meta_path, json.dumps(meta).encode("utf-8"))
-    except OSError as exc:
-        logger.warning("cannot cache collateral in %s: %s", cache_dir, exc.strerror)
+    fresh[url] = response
     return response
+
+
+def _store(cache_dir: Path, fetched: Mapping[str, HttpResponse]) -> None:
+    for url, response in fetched.items():
+        headers = {k: v for k, v in response.headers.items() if k.lower() in _CHAIN_HEADERS}
+        meta = {"url": url, "fetched_at": time.time(), "headers": headers}
+        body_path, meta_path = _cache_paths(cache_dir, url)
+        try:
+            _write_atomic(body_path, response.body)
+            _write_atomic(meta_path, json.dumps(meta).encode("utf-8"))
+        except OSError as exc:
+            logger.warning("cannot cache collateral in %s: %s", cache_dir, exc.strerror)
 
 
 def _header(response: HttpResponse, url: str, *names: str) -> str:
@@ -270,11 +277,16 @@ def fetch_collateral(
     except OSError as exc:
         raise ConfigError(f"{directory}: cannot create the collateral cache: {exc.strerror or exc}") from exc
     get = http_get or urllib_get
+    fresh: dict[str, HttpResponse] = {}
 
     def fetch(url: str) -> HttpResponse:
-        return _get(url, directory, timeout_s, max_age_s, get)
+        return _get(url, directory, timeout_s, max_age_s, get, fresh)
 
-    return _assemble(base, fmspc_hex, ca, tee, fetch)
+    collateral = _assemble(base, fmspc_hex, ca, tee, fetch)
+    # A malformed response must not replace what the cache holds: the last good
+    # collateral is what a restarted node serves while its PCCS misbehaves.
+    _store(directory, fresh)
+    return collateral
 
 
 def load_cached_collateral(pccs_url: str, fmspc: bytes | str, ca: str, cache_dir: Path | str, *,

@@ -308,3 +308,18 @@ def test_ratls_verification_asks_the_source_for_the_peer_quote(sim_dcap: Any) ->
 
     assert evidence.verification.tcb_status == "UpToDate"
     assert len(source.asked) == 1 and source.asked[0][:32] == evidence.verification.report_data[:32]
+
+
+def test_a_malformed_refresh_does_not_overwrite_the_good_cache(pccs: PccsStandIn, quote: Quote, tmp_path: Path) -> None:
+    source_for(pccs, tmp_path / "cache").for_quote(quote, AT)
+    for path in list(pccs.routes):
+        if "/tcb?" in path:
+            pccs.routes[path] = (b'{"tcbInfo": {}, "signature": "00"}', pccs.routes[path][1])
+    refreshing = source_for(pccs, tmp_path / "cache")
+    refreshing.for_quote(quote, QE_NEXT_UPDATE - DAY / 2)  # past the refresh point: the refresh fails, the old serves
+    pccs.stop()
+    restarted = source_for(pccs, tmp_path / "cache")
+
+    collateral = restarted.for_quote(quote, QE_NEXT_UPDATE - DAY / 2)
+
+    assert verify_quote(quote, at=QE_NEXT_UPDATE - DAY / 2, collateral=collateral).tcb_status is not None
