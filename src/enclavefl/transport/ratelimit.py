@@ -100,62 +100,79 @@ class RefusalLog:
     pending); :meth:`close` writes what is left and stops it.
     """
 
-    def __init__(self, logger: logging.Logger, *, interval_s: float = 10.0, clock: Clock = time.monotonic) -> None:
+    def __init__(self, logger: logging.Logger, *, what: str = "refused calls", interval_s: float = 10.0,
+                 clock: Clock = time.monotonic) -> None:
+        """Starts counting; no thread runs until a refusal must wait for its summary.
+
+        Args:
+            logger: where the lines go (at WARNING).
+            what: what is counted, for the summary line ("refused calls").
+            interval_s: at most one summary line per this many seconds.
+            clock: seconds, monotonic (tests pass their own).
+        """
         self._log = logger
+        self._what = what
         self._interval_s = interval_s
         self._clock = clock
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
-        self._connections: set[str] = set()
+        self._sources: set[str] = set()
         self._since: float | None = None  # start of the interval that is being counted
         self._timer: threading.Timer | None = None
         self._closed = False
         self.total = 0
         """Refusals since the start."""
 
-    def refused(self, connection: str, reason: str, detail: str) -> None:
-        """Notes one refused call.
+    def refused(self, source: str, reason: str, line: str) -> None:
+        """Notes one refusal.
 
         Args:
-            connection: gRPC's peer address of the call.
-            reason: a short category for the summary ("rate limited", "join refused: mr_enclave", ...).
-            detail: the full reason, logged only for the first refusal of an interval.
+            source: who was refused (gRPC's peer address of the call, a worker's name), counted in the summary.
+            reason: a short category for the summary ("rate limited", "Join refused (mr_enclave)", ...).
+            line: the whole story, logged only for the first refusal of an interval.
         """
-        now = self._clock()
         with self._lock:
+            now = self._clock()
             self.total += 1
             if self._since is not None and now - self._since >= self._interval_s:
                 self._flush_locked(now)
             if self._since is None:
                 self._since = now
-                self._log.warning("refused a call from %s: %s (further refusals are summed up every %.0f s)",
-                                  connection, detail, self._interval_s)
+                self._log.warning("%s (more are summed up every %.0f s)", line, self._interval_s)
                 return
             self._counts[reason] += 1
-            if len(self._connections) < 100_000:  # a bound on memory, not on the count
-                self._connections.add(connection)
-            if self._timer is None and not self._closed:
-                self._timer = threading.Timer(max(self._since + self._interval_s - now, 0.0), self._on_timer)
-                self._timer.daemon = True
-                self._timer.name = "refusal-log"
-                self._timer.start()
+            if len(self._sources) < 100_000:  # a bound on memory, not on the count
+                self._sources.add(source)
+            self._arm_locked(now)
+
+    def _arm_locked(self, now: float) -> None:
+        """Starts the timer that writes the pending summary when the interval ends (unless one runs)."""
+        if self._timer is None and not self._closed and self._since is not None:
+            self._timer = threading.Timer(max(self._since + self._interval_s - now, 0.0), self._on_timer)
+            self._timer.daemon = True
+            self._timer.name = "refusal-log"
+            self._timer.start()
 
     def _on_timer(self) -> None:
         with self._lock:
             self._timer = None
-            self._flush_locked(self._clock())
+            now = self._clock()
+            # A refusal may have written the summary since this timer was set: then wait for the new interval.
+            if self._since is not None and now - self._since >= self._interval_s:
+                self._flush_locked(now)
+            if self._counts:
+                self._arm_locked(now)
 
     def _flush_locked(self, now: float) -> None:
         if self._counts:
             by_reason = ", ".join(f"{reason} {n}" for reason, n in self._counts.most_common())
-            self._log.warning("%d refused calls from %d connection(s) in the last %.0f s: %s",
-                              sum(self._counts.values()), len(self._connections), now - (self._since or now),
-                              by_reason)
+            self._log.warning("%d %s from %d source(s) in the last %.0f s: %s", sum(self._counts.values()),
+                              self._what, len(self._sources), now - (self._since or now), by_reason)
             self._since = now  # the next refusal in this interval is counted, not logged in full
         else:
             self._since = None
         self._counts.clear()
-        self._connections.clear()
+        self._sources.clear()
 
     def close(self) -> None:
         """Writes a pending summary and stops the timer. Idempotent."""

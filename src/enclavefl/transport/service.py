@@ -128,7 +128,7 @@ class _Servicer(pb_grpc.FederationServicer):
         if not self._limiter.allow(connection):
             reason = (f"{RATE_LIMITED}: too many calls without a valid session on this connection; "
                       f"retry in {self._limiter.retry_after_s:.1f}s")
-            self._refusals.refused(connection, RATE_LIMITED, f"{what}: {reason}")
+            self._refusals.refused(connection, RATE_LIMITED, f"refused {what} from {connection}: {reason}")
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
 
     def _refuse(self, context: grpc.ServicerContext, what: str, exc: EnclaveFLError) -> NoReturn:
@@ -139,7 +139,7 @@ class _Servicer(pb_grpc.FederationServicer):
             category = f"{what} refused ({exc.field})"
         else:
             category = f"{what} refused ({type(exc).__name__})"
-        self._refusals.refused(context.peer(), category, f"{what}: {exc}")
+        self._refusals.refused(context.peer(), category, f"refused {what.lower()} from {context.peer()}: {exc}")
         _abort(context, exc)
 
     def _peer(self, context: grpc.ServicerContext) -> PeerIdentity:
