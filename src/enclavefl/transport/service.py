@@ -378,7 +378,7 @@ class FederationServer:
         )
         refusals = RefusalLog(log)
         servicer = _Servicer(handler, credentials, chunk_bytes, max_downloads, job_settings or {},
-                             limiter or ConnectionLimiter(), refusals)
+                             limiter if limiter is not None else ConnectionLimiter(), refusals)
         _register(servicer, server)
         try:
             port = server.add_secure_port(listen, credentials.server_credentials())

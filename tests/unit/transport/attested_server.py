@@ -12,6 +12,8 @@ import hashlib
 import select
 import socket
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +94,14 @@ def start_ps(tmp: Path, sim: Sim, *, rounds: int = 1, min_workers: int = 1,
     server = FederationServer.start(ps, creds, listen="127.0.0.1:0", chunk_bytes=CHUNK, max_threads=8,
                                     limiter=limiter)
     return RunningPs(ps, server, creds, audit_path)
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.02)
 
 
 def challenge(channel: grpc.Channel) -> bytes:
