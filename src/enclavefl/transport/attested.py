@@ -14,15 +14,30 @@ not know in advance, so a worker proves itself in an attested join: it asks for
 a nonce (``Challenge``) and sends its RA-TLS certificate with an ECDSA signature
 by the certificate's key over::
 
-    "enclavefl-join-v1" || nonce (32) || SHA-256(PS certificate DER as the worker saw it) || worker name
+    "enclavefl-join-v1" || nonce (56) || SHA-256(PS certificate DER as the worker saw it) || worker name
 
-The PS checks the nonce (issued by it, single use, short TTL, bounded store),
-that the PS certificate hash is its own (a relay or man in the middle shows
-another one), the certificate's evidence against ITS policy, and the signature
-(a replayed certificate without its key cannot make it). It then issues a
-random session token, returned only over the pinned attested channel, that the
-worker sends as gRPC metadata on every later call; the PS maps it to the
-worker's certificate fingerprint and measurement.
+The PS checks the nonce, that the PS certificate hash is its own (a relay or
+man in the middle shows another one), the certificate's evidence against ITS
+policy, and the signature (a replayed certificate without its key cannot make
+it). It then issues a random session token, returned only over the pinned
+attested channel, that the worker sends as gRPC metadata on every later call;
+the PS maps it to the worker's certificate fingerprint and measurement.
+
+Nonces and sessions are bound to the connection. gRPC Python gives the PS no
+TLS channel binding (no exporter, no session id in ``auth_context()``, and no
+client certificate in this mode); what it gives is the peer address of each
+call, which names one HTTP/2 connection. A nonce is stateless::
+
+    issued (8, the PS clock) || random (16) || HMAC-SHA256(PS secret, issued || random || connection)
+
+so the PS keeps no outstanding nonce that a flood of ``Challenge`` calls could
+push out: at ``Join`` it checks the MAC (issued by this PS, for this
+connection), the age (TTL) and a bounded set of used nonces (single use;
+forgetting an old entry lets a nonce be replayed only on its own connection,
+within its TTL, which only the worker holding it can do). A session token
+works only on the connection that joined: a leaked token is refused on any
+other (``StaleSession``, and an honest worker whose channel reconnected simply
+joins again).
 
 Every decision goes to the :class:`~enclavefl.transport.audit.AuditLog`.
 """
@@ -31,10 +46,12 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import hmac
 import logging
 import secrets
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections import OrderedDict
@@ -72,7 +89,8 @@ __all__ = ["JOIN_DOMAIN", "AttestedCredentials", "fetch_server_certificate", "jo
 log = logging.getLogger(__name__)
 
 JOIN_DOMAIN: Final = b"enclavefl-join-v1"
-_NONCE_BYTES: Final = 32
+_NONCE_RANDOM_BYTES: Final = 16
+_NONCE_BYTES: Final = 8 + _NONCE_RANDOM_BYTES + 32  # issued, random, MAC
 _MAX_CERT_BYTES: Final = 128 * 1024
 _MAX_NAME_BYTES: Final = 256
 
@@ -168,33 +186,49 @@ def _proved(evidence: PeerEvidence) -> dict[str, object]:
     }
 
 
-class _NonceStore:
-    """Single-use nonces with a TTL; at most ``capacity`` outstanding (oldest evicted first)."""
+class _Nonces:
+    """Stateless challenges bound to a connection, plus a bounded record of the used ones (single use)."""
 
-    def __init__(self, ttl_s: float, capacity: int, clock: Clock) -> None:
+    def __init__(self, ttl_s: float, max_used: int, clock: Clock) -> None:
         self._ttl_s = ttl_s
-        self._capacity = capacity
+        self._max_used = max_used
         self._clock = clock
+        self._key = secrets.token_bytes(32)  # this process's only: nonces die with the PS
         self._lock = threading.Lock()
-        self._nonces: OrderedDict[bytes, float] = OrderedDict()
+        self._used: OrderedDict[bytes, float] = OrderedDict()  # nonce -> when it expires
 
-    def issue(self) -> bytes:
-        nonce = secrets.token_bytes(_NONCE_BYTES)
+    def _mac(self, head: bytes, connection: str) -> bytes:
+        return hmac.new(self._key, head + connection.encode("utf-8", "replace"), hashlib.sha256).digest()
+
+    def issue(self, connection: str) -> bytes:
+        head = struct.pack(">d", self._clock()) + secrets.token_bytes(_NONCE_RANDOM_BYTES)
+        return head + self._mac(head, connection)
+
+    def _refuse(self, actual: str) -> VerificationError:
+        return VerificationError(
+            "join.nonce", f"a nonce this PS issued on this connection, unused and younger than {self._ttl_s:.0f}s",
+            actual, "a replayed, relayed or late join",
+        )
+
+    def consume(self, nonce: bytes, connection: str) -> None:
+        nonce = bytes(nonce)
+        if len(nonce) != _NONCE_BYTES:
+            raise self._refuse(f"{len(nonce)} bytes, not {_NONCE_BYTES}")
+        head = nonce[: -32]
+        if not hmac.compare_digest(nonce[-32:], self._mac(head, connection)):
+            raise self._refuse("not issued by this PS for this connection")
+        (issued,) = struct.unpack(">d", head[:8])
         now = self._clock()
+        if not 0.0 <= now - issued < self._ttl_s:
+            raise self._refuse(f"issued {now - issued:.0f}s ago")
         with self._lock:
-            while self._nonces and (len(self._nonces) >= self._capacity or next(iter(self._nonces.values())) <= now):
-                self._nonces.popitem(last=False)
-            self._nonces[nonce] = now + self._ttl_s
-        return nonce
-
-    def consume(self, nonce: bytes) -> None:
-        with self._lock:
-            expiry = self._nonces.pop(bytes(nonce), None)
-        if expiry is None or expiry <= self._clock():
-            raise VerificationError(
-                "join.nonce", f"a nonce this PS issued, unused and younger than {self._ttl_s:.0f}s",
-                "unknown, already used or expired", "a replayed or late join",
-            )
+            while self._used and next(iter(self._used.values())) <= now:
+                self._used.popitem(last=False)
+            if nonce in self._used:
+                raise self._refuse("already used")
+            while len(self._used) >= self._max_used:
+                self._used.popitem(last=False)
+            self._used[nonce] = issued + self._ttl_s
 
 
 class AttestedCredentials(Credentials):
@@ -228,10 +262,11 @@ class AttestedCredentials(Credentials):
         self._collateral = collateral
         self._connect_timeout_s = connect_timeout_s
         self._own_sha256 = hashlib.sha256(_der(identity.cert_pem)).digest()
-        self._nonces = _NonceStore(nonce_ttl_s, max_nonces, clock)
+        self._nonces = _Nonces(nonce_ttl_s, max_nonces, clock)
         self._max_sessions = max_sessions
         self._sessions_lock = threading.Lock()
-        self._sessions: OrderedDict[bytes, PeerIdentity] = OrderedDict()  # SHA-256(token) -> identity
+        # SHA-256(token) -> (identity, the connection that joined)
+        self._sessions: OrderedDict[bytes, tuple[PeerIdentity, str]] = OrderedDict()
 
     @classmethod
     def create(
@@ -318,10 +353,11 @@ class AttestedCredentials(Credentials):
         return JoinProof(self._identity.cert_pem, bytes(nonce), bytes(server_cert_sha256), signature)
 
     # ---------------------------------------------------------------- PS side
-    def issue_challenge(self) -> bytes:
-        return self._nonces.issue()
+    def issue_challenge(self, connection: str = "") -> bytes:
+        return self._nonces.issue(connection)
 
-    def admit(self, proof: JoinProof | None, worker_name: str, cert_pem: bytes | None) -> tuple[PeerIdentity, str]:
+    def admit(self, proof: JoinProof | None, worker_name: str, cert_pem: bytes | None,
+              connection: str = "") -> tuple[PeerIdentity, str]:
         name = worker_name[:64]
         peer = f"worker {name!r}"
         if proof is None:
@@ -332,7 +368,7 @@ class AttestedCredentials(Credentials):
             if len(proof.certificate) > _MAX_CERT_BYTES or len(worker_name.encode()) > _MAX_NAME_BYTES:
                 raise VerificationError("join", f"certificate <= {_MAX_CERT_BYTES} B, name <= {_MAX_NAME_BYTES} B",
                                         f"{len(proof.certificate)} B, {len(worker_name.encode())} B")
-            self._nonces.consume(proof.nonce)
+            self._nonces.consume(proof.nonce, connection)
             if not secrets.compare_digest(proof.ps_cert_sha256, self._own_sha256):
                 raise VerificationError(
                     "join.ps_cert_sha256", self._own_sha256.hex(), proof.ps_cert_sha256.hex(),
@@ -360,11 +396,11 @@ class AttestedCredentials(Credentials):
         identity = PeerIdentity(fingerprint=fingerprint, label=label, measurement=evidence.mr_enclave.hex())
         token = secrets.token_urlsafe(32)
         with self._sessions_lock:
-            for old in [k for k, v in self._sessions.items() if v.fingerprint == fingerprint]:
+            for old in [k for k, (v, _) in self._sessions.items() if v.fingerprint == fingerprint]:
                 del self._sessions[old]
             while len(self._sessions) >= self._max_sessions:
                 self._sessions.popitem(last=False)
-            self._sessions[hashlib.sha256(token.encode()).digest()] = identity
+            self._sessions[hashlib.sha256(token.encode()).digest()] = (identity, connection)
         self._audit.record(AuditRecord(
             node=self._node, role=self._role, peer=f"{peer} cert {fingerprint[:16]}", decision="accepted",
             reason="evidence matches the policy; join signed with the certificate key over a fresh nonce",
@@ -372,11 +408,15 @@ class AttestedCredentials(Credentials):
         ))
         return identity, token
 
-    def identify_peer(self, cert_pem: bytes | None, session: str = "") -> PeerIdentity:
+    def identify_peer(self, cert_pem: bytes | None, session: str = "", connection: str = "") -> PeerIdentity:
         if not session:
             raise StaleSession("this call carries no attested session; join again")
         with self._sessions_lock:
-            identity = self._sessions.get(hashlib.sha256(session.encode()).digest())
-        if identity is None:
+            found = self._sessions.get(hashlib.sha256(session.encode()).digest())
+        if found is None:
             raise StaleSession("unknown attested session (the PS restarted or dropped it); join again")
+        identity, joined_on = found
+        if not secrets.compare_digest(joined_on.encode(), connection.encode()):
+            # A leaked token is useless elsewhere; an honest worker whose channel reconnected joins again.
+            raise StaleSession("this session was issued on another connection; join again on this one")
         return identity

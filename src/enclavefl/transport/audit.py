@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from enclavefl.errors import ConfigError
+from enclavefl.transport.ratelimit import RefusalLog
 
 __all__ = ["AuditLog", "AuditRecord"]
 
@@ -71,6 +72,7 @@ class AuditLog:
             ConfigError: the file cannot be opened.
         """
         self.path = path
+        self._refusals = RefusalLog(log, what="more refusals (each in the audit file)")
         self._lock = threading.Lock()
         self._fd: int | None = None
         if path is not None:
@@ -88,8 +90,8 @@ class AuditLog:
         message = "audit: %s (%s) %s peer %s: evidence %s mr_enclave=%s mr_signer=%s: %s%s"
         if entry.decision == "accepted":
             log.info(message, *args)
-        else:
-            log.warning(message, *args)
+        else:  # every refusal goes to the file; the log gets a bounded number of lines (peers can cause them)
+            self._refusals.refused(entry.peer, entry.field or "refused", message % args)
         if self._fd is None:
             return
         row = {"time": round(time.time(), 3), **asdict(entry)}
@@ -103,7 +105,8 @@ class AuditLog:
                 log.error("audit: cannot write %s: %s", self.path, exc)
 
     def close(self) -> None:
-        """Closes the file. Idempotent."""
+        """Closes the file, after logging a pending summary of refusals. Idempotent."""
+        self._refusals.close()
         with self._lock:
             if self._fd is not None:
                 os.close(self._fd)

@@ -1,4 +1,12 @@
-"""The worker's end of the federation service, with gRPC errors translated to ours."""
+"""The worker's end of the federation service, with gRPC errors translated to ours.
+
+One :class:`FederationClient` is one channel, and every call of the worker
+(its heartbeat thread's too) goes over it. The channel keeps a subchannel of
+its own, so it is one HTTP/2 connection at a time: the session an attested
+join issues is valid on that connection only, and when the channel
+reconnects the PS answers the next call with ``StaleSession`` and the worker
+joins again.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +15,7 @@ from collections.abc import Iterator, Mapping
 
 import grpc
 
-from enclavefl.errors import ClosedError, ConfigError, EnclaveFLError, ProtocolError
+from enclavefl.errors import ClosedError, ConfigError, EnclaveFLError, ProtocolError, Unavailable
 from enclavefl.job_digest import differing_settings
 from enclavefl.proto import PROTOCOL_VERSION
 from enclavefl.proto import federation_pb2 as pb
@@ -16,6 +24,7 @@ from enclavefl.tensors import CodecLimits, ParamSet, StreamDecoder, StreamHeader
 from enclavefl.transport.framing import DataChunk, chunk_decoder, chunk_payload, encode_data, encode_message
 from enclavefl.transport.credentials import Credentials
 from enclavefl.messages import JoinInfo, PushResult, TaskInfo, UpdateKind, UpdateMeta, WorkerClient
+from enclavefl.transport.ratelimit import RATE_LIMITED
 from enclavefl.transport.service import SESSION_METADATA_KEY, message_limit
 from enclavefl.transport.wire import (
     SETTINGS_MISMATCH,
@@ -30,6 +39,15 @@ from enclavefl.transport.wire import (
 __all__ = ["FederationClient", "PushResult"]
 
 log = logging.getLogger(__name__)
+
+def _error_from_rpc(exc: grpc.RpcError, what: str) -> EnclaveFLError:
+    """:func:`error_from_rpc`, except that the PS's rate limit is :class:`Unavailable`: retry later."""
+    code = exc.code() if hasattr(exc, "code") else None
+    details = (exc.details() if hasattr(exc, "details") else None) or ""
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith(RATE_LIMITED):
+        return Unavailable(f"{what}: the PS refuses calls from this connection for now: {details}")
+    return error_from_rpc(exc, what)
+
 
 class FederationClient:
     """One TLS channel to a parameter server. Close it with close() or a ``with`` block."""
@@ -47,6 +65,8 @@ class FederationClient:
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
             ("grpc.enable_retries", 0),
+            # Not shared with other channels of this process: the connection, and so the session, is this client's.
+            ("grpc.use_local_subchannel_pool", 1),
             *setup.options,
         ]
         self._credentials = credentials
@@ -101,7 +121,7 @@ class FederationClient:
                 f"{what} {self.target}: {reason}; check that ca.pem (--tls-dir, or transport.tls.ca_cert) is the CA "
                 "that issued the PS certificate, and that transport.tls.server_name is a name in it"
             )
-        return error_from_rpc(exc, f"{what} {self.target}")
+        return _error_from_rpc(exc, f"{what} {self.target}")
 
     def join(self, worker_name: str, num_samples: int, timeout_s: float = 30.0, *,
              job_settings: Mapping[str, str] | None = None) -> JoinInfo:
@@ -265,7 +285,7 @@ class FederationClient:
                 metadata=self._metadata,
             )
         except grpc.RpcError as exc:
-            raise error_from_rpc(exc, f"Heartbeat {self.target}") from exc
+            raise _error_from_rpc(exc, f"Heartbeat {self.target}") from exc
         check_version(reply.protocol_version, "HeartbeatReply", sender="PS")
 
 

@@ -88,8 +88,14 @@ class Credentials(ABC):
         """
 
     @abstractmethod
-    def identify_peer(self, cert_pem: bytes | None, session: str = "") -> PeerIdentity:
+    def identify_peer(self, cert_pem: bytes | None, session: str = "", connection: str = "") -> PeerIdentity:
         """Judges the caller's certificate (already checked by the TLS handshake) or session token.
+
+        Args:
+            cert_pem: the client certificate the TLS handshake checked, if any.
+            session: the session token the call carries ("" when none).
+            connection: gRPC's peer address of the call, which names its HTTP/2
+                connection; a session is valid only on the connection that joined.
 
         Raises:
             VerificationError: the caller is refused; the caller's request is dropped.
@@ -101,8 +107,8 @@ class Credentials(ABC):
         """Whether a worker must join with a :class:`JoinProof` (Challenge, then Join)."""
         return False
 
-    def issue_challenge(self) -> bytes:
-        """A fresh single-use nonce for :meth:`admit` (PS side).
+    def issue_challenge(self, connection: str = "") -> bytes:
+        """A fresh single-use nonce for :meth:`admit` (PS side), valid only on ``connection``.
 
         Raises:
             ProtocolError: these credentials take no attested joins.
@@ -117,8 +123,12 @@ class Credentials(ABC):
         """
         raise ProtocolError("attested join: these credentials have no RA-TLS identity (attestation.mode is none)")
 
-    def admit(self, proof: JoinProof | None, worker_name: str, cert_pem: bytes | None) -> tuple[PeerIdentity, str]:
+    def admit(self, proof: JoinProof | None, worker_name: str, cert_pem: bytes | None,
+              connection: str = "") -> tuple[PeerIdentity, str]:
         """Judges a joining worker (PS side): its identity and a session token ("" when none is used).
+
+        ``connection`` is gRPC's peer address of the Join: the nonce must have been
+        issued on it, and the session token is valid on it alone.
 
         Raises:
             VerificationError: the worker is refused; nothing about it is kept.
@@ -126,7 +136,7 @@ class Credentials(ABC):
         """
         if proof is not None:
             raise ProtocolError("Join: this PS takes no attested joins (attestation.mode is none)")
-        return self.identify_peer(cert_pem), ""
+        return self.identify_peer(cert_pem, connection=connection), ""
 
     def observe_call(self, peer: str) -> None:
         """Notes that a call arrived on the connection ``peer`` (gRPC's peer address; PS side).
@@ -195,7 +205,8 @@ class CaCredentials(Credentials):
         )
         return ChannelSetup(creds, (("grpc.ssl_target_name_override", self._server_name),))
 
-    def identify_peer(self, cert_pem: bytes | None, session: str = "") -> PeerIdentity:
+    def identify_peer(self, cert_pem: bytes | None, session: str = "", connection: str = "") -> PeerIdentity:
+        # The certificate itself belongs to the connection: the TLS handshake checked it.
         if not cert_pem:
             raise VerificationError("client certificate", "a certificate from the job CA", "none")
         cert = x509.load_pem_x509_certificate(cert_pem)

@@ -4,6 +4,11 @@ How this works: grpc runs each call on a thread of a bounded pool. Every call
 first asks the :class:`Credentials` who the caller is (from its TLS
 certificate, or the session token an attested join issued), then hands plain values to the :class:`FederationHandler`. Our
 errors become gRPC status codes here; the handler never sees grpc.
+
+Calls without a valid session (Challenge, Join, or a call whose session the
+credentials refuse) are limited per connection and their refusals are logged
+rate-limited (:mod:`enclavefl.transport.ratelimit`): a flood of them costs the
+PS a bounded amount of work per connection and a bounded number of log lines.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from enclavefl.tensors import StreamHeader, iter_chunks
 from enclavefl.transport.credentials import Credentials, JoinProof
 from enclavefl.transport.framing import DataChunk, chunk_decoder, chunk_payload, encode_data, encode_message
 from enclavefl.messages import FederationHandler, PeerIdentity
+from enclavefl.transport.ratelimit import RATE_LIMITED, ConnectionLimiter, RefusalLog
 from enclavefl.transport.wire import (
     MAX_EXTENSIONS_TOTAL_BYTES,
     SETTINGS_MISMATCH,
@@ -87,9 +93,11 @@ def _abort(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
 
 class _Servicer(pb_grpc.FederationServicer):
     def __init__(self, handler: FederationHandler, credentials: Credentials, chunk_bytes: int, max_downloads: int,
-                 job_settings: Mapping[str, str]) -> None:
+                 job_settings: Mapping[str, str], limiter: ConnectionLimiter, refusals: RefusalLog) -> None:
         self._handler = handler
         self._credentials = credentials
+        self._limiter = limiter
+        self._refusals = refusals
         self._chunk_bytes = chunk_bytes
         self._job_settings = dict(job_settings)
         # gRPC buffers a chunk or two per open stream; bounding the streams bounds that memory.
@@ -114,6 +122,26 @@ class _Servicer(pb_grpc.FederationServicer):
             raise ConfigError(f"Join refused: worker {request.worker_name[:64]!r}: {SETTINGS_MISMATCH} from the PS's "
                               f"in {', '.join(differ)}: every node must run the same job file")
 
+    def _unauthenticated(self, context: grpc.ServicerContext, what: str) -> None:
+        """Charges a call without a valid session to its connection; refuses it when the connection's bucket is empty."""
+        connection = context.peer()
+        if not self._limiter.allow(connection):
+            reason = (f"{RATE_LIMITED}: too many calls without a valid session on this connection; "
+                      f"retry in {self._limiter.retry_after_s:.1f}s")
+            self._refusals.refused(connection, RATE_LIMITED, f"refused {what} from {connection}: {reason}")
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
+
+    def _refuse(self, context: grpc.ServicerContext, what: str, exc: EnclaveFLError) -> NoReturn:
+        """Answers a refused unauthenticated call with its reason, and logs it rate-limited."""
+        if isinstance(exc, StaleSession):
+            category = "no valid session"
+        elif isinstance(exc, VerificationError):
+            category = f"{what} refused ({exc.field})"
+        else:
+            category = f"{what} refused ({type(exc).__name__})"
+        self._refusals.refused(context.peer(), category, f"refused {what.lower()} from {context.peer()}: {exc}")
+        _abort(context, exc)
+
     def _peer(self, context: grpc.ServicerContext) -> PeerIdentity:
         self._seen(context)
         session = ""
@@ -121,24 +149,24 @@ class _Servicer(pb_grpc.FederationServicer):
             if key == SESSION_METADATA_KEY and isinstance(value, str):
                 session = value
         try:
-            return self._credentials.identify_peer(self._cert(context), session)
-        except VerificationError as exc:
-            log.warning("refused peer %s: %s", context.peer(), exc)
-            _abort(context, exc)
+            return self._credentials.identify_peer(self._cert(context), session, context.peer())
         except EnclaveFLError as exc:
-            _abort(context, exc)
+            self._unauthenticated(context, "call")
+            self._refuse(context, "call", exc)
 
     def Challenge(self, request: pb.ChallengeRequest, context: grpc.ServicerContext) -> pb.ChallengeReply:
         self._seen(context)
+        self._unauthenticated(context, "Challenge")
         try:
             check_version(request.protocol_version, "Challenge", sender="worker")
-            nonce = self._credentials.issue_challenge()
+            nonce = self._credentials.issue_challenge(context.peer())
         except EnclaveFLError as exc:
-            _abort(context, exc)
+            self._refuse(context, "Challenge", exc)
         return pb.ChallengeReply(protocol_version=PROTOCOL_VERSION, nonce=nonce)
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
         self._seen(context)
+        self._unauthenticated(context, "Join")
         try:
             check_version(request.protocol_version, "Join", sender="worker")
             self._check_settings(request)
@@ -146,13 +174,10 @@ class _Servicer(pb_grpc.FederationServicer):
             if request.HasField("attestation"):
                 a = request.attestation
                 proof = JoinProof(a.certificate, a.nonce, a.ps_cert_sha256, a.signature)
-            peer, session = self._credentials.admit(proof, request.worker_name, self._cert(context))
+            peer, session = self._credentials.admit(proof, request.worker_name, self._cert(context), context.peer())
             info = self._handler.join(peer, request.worker_name, int(request.num_samples))
-        except (VerificationError, ConfigError) as exc:
-            log.warning("refused join from %s: %s", context.peer(), exc)
-            _abort(context, exc)
         except EnclaveFLError as exc:
-            _abort(context, exc)
+            self._refuse(context, "Join", exc)
         return pb.JoinReply(
             protocol_version=PROTOCOL_VERSION,
             worker_id=info.worker_id,
@@ -311,6 +336,7 @@ class FederationServer:
     server: Any
     port: int
     credentials: Credentials | None = None
+    refusals: RefusalLog | None = None
 
     @classmethod
     def start(
@@ -323,6 +349,7 @@ class FederationServer:
         max_threads: int = 128,
         max_downloads: int = 8,
         job_settings: Mapping[str, str] | None = None,
+        limiter: ConnectionLimiter | None = None,
     ) -> FederationServer:
         """Binds ``listen`` with TLS and starts serving.
 
@@ -330,6 +357,8 @@ class FederationServer:
             job_settings: digests of the settings every node must share
                 (:func:`enclavefl.job_digest.job_digests`); a worker whose digests
                 differ is refused at join. None: no check.
+            limiter: the per-connection budget of calls without a valid session;
+                None: :class:`~enclavefl.transport.ratelimit.ConnectionLimiter`'s defaults.
 
         Raises:
             TransportError: the address cannot be bound (in use, or not on this host).
@@ -347,7 +376,9 @@ class FederationServer:
             ],
             maximum_concurrent_rpcs=max_threads * 4,
         )
-        servicer = _Servicer(handler, credentials, chunk_bytes, max_downloads, job_settings or {})
+        refusals = RefusalLog(log)
+        servicer = _Servicer(handler, credentials, chunk_bytes, max_downloads, job_settings or {},
+                             limiter if limiter is not None else ConnectionLimiter(), refusals)
         _register(servicer, server)
         try:
             port = server.add_secure_port(listen, credentials.server_credentials())
@@ -356,10 +387,15 @@ class FederationServer:
         if port == 0:
             raise TransportError(f"cannot listen on {listen}")
         server.start()
-        return cls(server=server, port=port, credentials=credentials)
+        return cls(server=server, port=port, credentials=credentials, refusals=refusals)
 
     def stop(self, grace_s: float = 2.0) -> None:
-        """Stops accepting calls, waits up to ``grace_s`` for running ones, stops the credentials' watchers. Idempotent."""
+        """Stops accepting calls, waits up to ``grace_s`` for running ones, stops the credentials' watchers. Idempotent.
+
+        A summary of refused calls not yet logged is logged now.
+        """
         self.server.stop(grace_s).wait(grace_s + 1)
         if self.credentials is not None:
             self.credentials.close()
+        if self.refusals is not None:
+            self.refusals.close()

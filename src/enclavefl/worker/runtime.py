@@ -25,7 +25,11 @@ It survives a PS restart: an unreachable PS is retried with exponential
 backoff (bounded by ``give_up_s``), and a PS that no longer knows this worker
 (new instance, or it dropped us) is joined again. After the PS was unreachable
 the client is rebuilt and the worker joins again, so the credentials check the
-(possibly new) PS certificate afresh before anything is sent.
+(possibly new) PS certificate afresh before anything is sent. A join the PS
+refuses for its nonce (late, or from a connection that was replaced) is tried
+again, at most ``join_attempts`` times, with the same backoff; a refusal of the
+evidence itself (measurement, signer, TCB) is a verdict that another try would
+not change, and ends the worker at once.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from enclavefl.errors import (
     StaleSession,
     TransportError,
     Unavailable,
+    VerificationError,
 )
 from enclavefl.messages import (
     CONTROL_DELTA_PREFIX,
@@ -98,6 +103,8 @@ class WorkerSettings:
             waits ``(slowdown - 1) x`` each fit's time before pushing, a straggler.
         job_settings: digests of the settings every node must share, sent with each
             join for the PS to compare (:func:`enclavefl.job_digest.job_digests`); empty: none sent.
+        join_attempts: how many times a join the PS refuses for its nonce is tried
+            before the worker gives up (raising the refusal).
     """
 
     name: str
@@ -108,6 +115,11 @@ class WorkerSettings:
     give_up_s: float = 300.0
     slowdown: float = 1.0
     job_settings: Mapping[str, str] = field(default_factory=dict)
+    join_attempts: int = 4
+
+
+_RETRIED_REFUSAL = "join.nonce"
+"""The field named in a PS refusal that a new challenge may mend (the nonce was late, used or from another connection)."""
 
 
 def _split_control(download: ParamSet) -> tuple[ParamSet, ParamSet]:
@@ -165,16 +177,30 @@ class Worker:
         """The update pipeline, in the order it runs."""
         return self._transforms
 
+    def _delay(self, attempt: int) -> float:
+        s = self._settings
+        return min(s.backoff_max_s, s.backoff_initial_s * 2.0**attempt) * (0.5 + random.random() / 2)
+
     def _backoff(self, started: float, attempt: int, why: Exception) -> None:
         s = self._settings
         if time.monotonic() - started > s.give_up_s:
             raise Unavailable(f"worker {s.name}: PS unreachable for {s.give_up_s:.0f}s: {why}") from why
-        delay = min(s.backoff_max_s, s.backoff_initial_s * 2**attempt) * (0.5 + random.random() / 2)
+        delay = self._delay(attempt)
         log.info("worker %s: PS unreachable (%s), retry in %.1fs", s.name, why, delay)
         self._stop.wait(delay)
 
+    def _refused_join(self, refused: int, exc: VerificationError) -> None:
+        """Waits before another join after the PS refused one for its nonce; re-raises other refusals and the last one."""
+        s = self._settings
+        if _RETRIED_REFUSAL not in str(exc) or refused >= s.join_attempts:
+            raise exc
+        delay = self._delay(refused - 1)
+        log.info("worker %s: join refused (%s), attempt %d of %d, retry in %.1fs", s.name, exc, refused,
+                 s.join_attempts, delay)
+        self._stop.wait(delay)
+
     def _connect(self) -> tuple[WorkerClient, JoinInfo]:
-        started, attempt = time.monotonic(), 0
+        started, attempt, refused = time.monotonic(), 0, 0
         while not self._stop.is_set():
             try:
                 if self._client is None:
@@ -189,6 +215,9 @@ class Worker:
                 self.close()  # the next client re-verifies the PS (it may have restarted with a new key)
                 self._backoff(started, attempt, exc)
                 attempt += 1
+            except VerificationError as exc:
+                refused += 1
+                self._refused_join(refused, exc)
         raise Unavailable(f"worker {self._settings.name}: stopped before joining")
 
     def run(self) -> None:
