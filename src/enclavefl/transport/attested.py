@@ -183,6 +183,7 @@ def _proved(evidence: PeerEvidence) -> dict[str, object]:
         "mr_signer": evidence.mr_signer.hex(),
         "isv_prod_id": evidence.isv_prod_id,
         "isv_svn": evidence.isv_svn,
+        "weaker": evidence.weaker,
     }
 
 

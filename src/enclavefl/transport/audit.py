@@ -46,6 +46,8 @@ class AuditRecord:
         mr_signer: hex, as ``mr_enclave``.
         isv_prod_id: as claimed or proved (-1 if unreadable).
         isv_svn: as claimed or proved (-1 if unreadable).
+        weaker: the policy allowances an acceptance relied on (``missing_collateral``,
+            ``outdated_tcb``, ``provision_key``); empty for a full verdict.
     """
 
     node: str
@@ -60,6 +62,7 @@ class AuditRecord:
     mr_signer: str = ""
     isv_prod_id: int = -1
     isv_svn: int = -1
+    weaker: tuple[str, ...] = ()
 
 
 class AuditLog:
@@ -85,11 +88,13 @@ class AuditLog:
     def record(self, entry: AuditRecord) -> None:
         """Writes one decision. A failed file write is logged, never raised (the decision stands)."""
         tee = f" -- {_NOT_A_TEE}" if entry.simulated else ""
+        if entry.weaker:
+            tee += f" -- WEAKER VERDICT ({', '.join(entry.weaker)})"
         args = (entry.node, entry.role, entry.decision, entry.peer, entry.evidence, entry.mr_enclave[:16] or "-",
                 entry.mr_signer[:16] or "-", entry.reason, tee)
         message = "audit: %s (%s) %s peer %s: evidence %s mr_enclave=%s mr_signer=%s: %s%s"
         if entry.decision == "accepted":
-            log.info(message, *args)
+            (log.warning if entry.weaker else log.info)(message, *args)
         else:  # every refusal goes to the file; the log gets a bounded number of lines (peers can cause them)
             self._refusals.refused(entry.peer, entry.field or "refused", message % args)
         if self._fd is None:
