@@ -4,6 +4,14 @@ How this works: grpc runs each call on a thread of a bounded pool. Every call
 first asks the :class:`Credentials` who the caller is (from its TLS
 certificate, or the session token an attested join issued), then hands plain values to the :class:`FederationHandler`. Our
 errors become gRPC status codes here; the handler never sees grpc.
+
+Anything a peer can send is parsed by our code, never by grpc's: each request
+deserializer turns bytes that are not a valid message into a :class:`_Malformed`
+value instead of raising (grpc would log a traceback for every such call, so
+any peer could flood the log), and every method is wrapped by a guard that
+answers it with INVALID_ARGUMENT. The same guard answers an exception that is
+not one of ours with INTERNAL and a generic message (the internal text stays
+in the PS log). Both log one line per event, rate-limited by :class:`QuietLog`.
 """
 
 from __future__ import annotations
@@ -12,12 +20,13 @@ import errno
 import logging
 import socket
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, Final, NoReturn
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from enclavefl.errors import (
     ClosedError,
@@ -39,6 +48,7 @@ from enclavefl.tensors import StreamHeader, iter_chunks
 from enclavefl.transport.credentials import Credentials, JoinProof
 from enclavefl.transport.framing import DataChunk, chunk_decoder, chunk_payload, encode_data, encode_message
 from enclavefl.messages import FederationHandler, PeerIdentity
+from enclavefl.transport.quietlog import QuietLog
 from enclavefl.transport.wire import (
     MAX_EXTENSIONS_TOTAL_BYTES,
     SETTINGS_MISMATCH,
@@ -68,6 +78,17 @@ def message_limit(chunk_bytes: int) -> int:
     return max(chunk_bytes, MAX_EXTENSIONS_TOTAL_BYTES) + 1024 * 1024
 
 
+MAX_DETAILS_CHARS: Final = 400
+"""The longest reason a refused peer reads (our messages are short; a hostile name may not be)."""
+INTERNAL_DETAILS: Final = "internal error in the PS (its log says more)"
+"""What a peer reads when a call failed for a reason that is not its own."""
+
+
+def _details(exc: Exception) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= MAX_DETAILS_CHARS else text[: MAX_DETAILS_CHARS - 3] + "..."
+
+
 def _abort(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
     if isinstance(exc, StaleSession):
         code = grpc.StatusCode.NOT_FOUND
@@ -79,10 +100,100 @@ def _abort(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
         code = grpc.StatusCode.INVALID_ARGUMENT
     elif isinstance(exc, RoundError | ClosedError | ConfigError):
         code = grpc.StatusCode.FAILED_PRECONDITION
-    else:
+    elif isinstance(exc, EnclaveFLError):
         code = grpc.StatusCode.INTERNAL
-    context.abort(code, str(exc))
+    else:
+        context.abort(grpc.StatusCode.INTERNAL, INTERNAL_DETAILS)
+        raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
+    context.abort(code, _details(exc))
     raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
+
+
+@dataclass(frozen=True, slots=True)
+class _Malformed:
+    """What a request deserializer hands on instead of raising: the bytes were not a ``what``."""
+
+    what: str
+    reason: str
+
+
+def _tolerant(decode: Callable[[bytes], Any], what: str) -> Callable[[bytes], Any]:
+    """A request deserializer that returns :class:`_Malformed` where ``decode`` raises."""
+
+    def deserialize(raw: bytes) -> Any:
+        try:
+            return decode(raw)
+        except (DecodeError, ProtocolError) as exc:
+            return _Malformed(what, str(exc))
+        except Exception as exc:  # noqa: BLE001 - the edge: any failure to parse peer bytes is the peer's
+            return _Malformed(what, f"undecodable ({type(exc).__name__})")
+
+    return deserialize
+
+
+def _refuse_malformed(quiet: QuietLog, context: grpc.ServicerContext, method: str, request: _Malformed) -> NoReturn:
+    quiet.warning("malformed request", "refused a malformed %s request from %s: %s", method, context.peer(),
+                  request.reason)
+    _abort(context, ProtocolError(f"{method}: malformed {request.what}"))
+
+
+def _fail(quiet: QuietLog, context: grpc.ServicerContext, method: str, exc: Exception) -> NoReturn:
+    """Answers an exception that escaped a method: ours mapped to its status, anything else INTERNAL.
+
+    An exception raised by ``context.abort`` (the status is set already) or by a
+    broken client stream (``grpc.RpcError``) is grpc's own and goes back to it.
+    """
+    if context.code() is not None or isinstance(exc, grpc.RpcError):
+        raise exc
+    if isinstance(exc, EnclaveFLError):
+        quiet.warning(f"refused {type(exc).__name__}", "refused %s from %s: %s", method, context.peer(), _details(exc))
+        _abort(context, exc)
+    quiet.error("internal error", "%s from %s failed: %s: %s", method, context.peer(), type(exc).__name__,
+                _details(exc))
+    log.debug("%s failed", method, exc_info=exc)
+    _abort(context, exc)
+
+
+def _checked_stream(requests: Iterator[Any], method: str) -> Iterator[Any]:
+    """The messages of a request stream; a malformed one raises ProtocolError where it arrives."""
+    for message in requests:
+        if isinstance(message, _Malformed):
+            raise ProtocolError(f"{method}: malformed {message.what}: {message.reason}")
+        yield message
+
+
+def _guard_unary(quiet: QuietLog, method: str, behaviour: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
+    def handle(request: Any, context: grpc.ServicerContext) -> Any:
+        if isinstance(request, _Malformed):
+            _refuse_malformed(quiet, context, method, request)
+        try:
+            return behaviour(request, context)
+        except Exception as exc:  # noqa: BLE001 - _fail re-raises grpc's own
+            _fail(quiet, context, method, exc)
+
+    return handle
+
+
+def _guard_response_stream(quiet: QuietLog, method: str, behaviour: Callable[[Any, grpc.ServicerContext], Iterator[Any]]) -> Callable[..., Any]:
+    def handle(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        if isinstance(request, _Malformed):
+            _refuse_malformed(quiet, context, method, request)
+        try:
+            yield from behaviour(request, context)
+        except Exception as exc:  # noqa: BLE001 - _fail re-raises grpc's own
+            _fail(quiet, context, method, exc)
+
+    return handle
+
+
+def _guard_request_stream(quiet: QuietLog, method: str, behaviour: Callable[[Iterator[Any], grpc.ServicerContext], Any]) -> Callable[..., Any]:
+    def handle(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        try:
+            return behaviour(_checked_stream(requests, method), context)
+        except Exception as exc:  # noqa: BLE001 - _fail re-raises grpc's own
+            _fail(quiet, context, method, exc)
+
+    return handle
 
 
 class _Servicer(pb_grpc.FederationServicer):
@@ -92,6 +203,8 @@ class _Servicer(pb_grpc.FederationServicer):
         self._credentials = credentials
         self._chunk_bytes = chunk_bytes
         self._job_settings = dict(job_settings)
+        self.quiet = QuietLog(log)
+        """Rate-limited lines for what any peer can trigger (malformed requests, refused or failed calls)."""
         # gRPC buffers a chunk or two per open stream; bounding the streams bounds that memory.
         self._download_slots = threading.BoundedSemaphore(max_downloads)
 
@@ -252,7 +365,8 @@ class _Servicer(pb_grpc.FederationServicer):
 
 
 def _register(servicer: _Servicer, server: Any) -> None:
-    """The generated registration, except that tensor chunks use the framing fast path."""
+    """The generated registration, except that requests are parsed tolerantly, methods guarded, and
+    tensor chunks use the framing fast path."""
     unary: dict[str, tuple[Any, Any]] = {
         "Challenge": (pb.ChallengeRequest, pb.ChallengeReply),
         "Join": (pb.JoinRequest, pb.JoinReply),
@@ -262,15 +376,20 @@ def _register(servicer: _Servicer, server: Any) -> None:
     }
     handlers: dict[str, Any] = {
         name: grpc.unary_unary_rpc_method_handler(
-            getattr(servicer, name), request_deserializer=req.FromString, response_serializer=rep.SerializeToString
+            _guard_unary(servicer.quiet, name, getattr(servicer, name)),
+            request_deserializer=_tolerant(req.FromString, req.__name__),
+            response_serializer=rep.SerializeToString,
         )
         for name, (req, rep) in unary.items()
     }
     handlers["PullModel"] = grpc.unary_stream_rpc_method_handler(
-        servicer.PullModel, request_deserializer=pb.PullRequest.FromString, response_serializer=encode_message
+        _guard_response_stream(servicer.quiet, "PullModel", servicer.PullModel),
+        request_deserializer=_tolerant(pb.PullRequest.FromString, "PullRequest"),
+        response_serializer=encode_message,
     )
     handlers["PushUpdate"] = grpc.stream_unary_rpc_method_handler(
-        servicer.PushUpdate, request_deserializer=chunk_decoder(pb.UpdateChunk),
+        _guard_request_stream(servicer.quiet, "PushUpdate", servicer.PushUpdate),
+        request_deserializer=_tolerant(chunk_decoder(pb.UpdateChunk), "UpdateChunk"),
         response_serializer=pb.PushReply.SerializeToString,
     )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("enclavefl.v1.Federation", handlers),))
