@@ -58,12 +58,15 @@ from enclavefl.transport.wire import (
     update_meta_from_proto,
 )
 
-__all__ = ["SESSION_METADATA_KEY", "FederationServer", "message_limit"]
+__all__ = ["SERVICE_NAME", "SESSION_METADATA_KEY", "FederationServer", "message_limit", "method_handlers"]
 
 log = logging.getLogger(__name__)
 
 DOWNLOAD_SLOT_TIMEOUT_S = 300.0
 """How long a PullModel waits for one of the ``max_downloads`` streams."""
+
+SERVICE_NAME = "enclavefl.v1.Federation"
+"""The gRPC service the PS serves (as the .proto file names it)."""
 
 SESSION_METADATA_KEY = "enclavefl-session"
 """gRPC metadata key carrying the session token of an attested join."""
@@ -364,9 +367,22 @@ class _Servicer(pb_grpc.FederationServicer):
         return pb.HeartbeatReply(protocol_version=PROTOCOL_VERSION)
 
 
-def _register(servicer: _Servicer, server: Any) -> None:
-    """The generated registration, except that requests are parsed tolerantly, methods guarded, and
-    tensor chunks use the framing fast path."""
+def method_handlers(
+    handler: FederationHandler,
+    credentials: Credentials,
+    *,
+    chunk_bytes: int,
+    max_downloads: int = 8,
+    job_settings: Mapping[str, str] | None = None,
+) -> dict[str, grpc.RpcMethodHandler]:
+    """The PS's gRPC method handlers by method name, exactly as :meth:`FederationServer.start` registers them.
+
+    The generated registration, except that requests are parsed tolerantly, every
+    method is guarded and tensor chunks use the framing fast path. Public so that
+    in-process drivers (the fuzz targets) reach the PS through the same entry a
+    peer does.
+    """
+    servicer = _Servicer(handler, credentials, chunk_bytes, max_downloads, job_settings or {})
     unary: dict[str, tuple[Any, Any]] = {
         "Challenge": (pb.ChallengeRequest, pb.ChallengeReply),
         "Join": (pb.JoinRequest, pb.JoinReply),
@@ -374,7 +390,7 @@ def _register(servicer: _Servicer, server: Any) -> None:
         "Leave": (pb.LeaveRequest, pb.LeaveReply),
         "Heartbeat": (pb.HeartbeatRequest, pb.HeartbeatReply),
     }
-    handlers: dict[str, Any] = {
+    handlers: dict[str, grpc.RpcMethodHandler] = {
         name: grpc.unary_unary_rpc_method_handler(
             _guard_unary(servicer.quiet, name, getattr(servicer, name)),
             request_deserializer=_tolerant(req.FromString, req.__name__),
@@ -392,7 +408,7 @@ def _register(servicer: _Servicer, server: Any) -> None:
         request_deserializer=_tolerant(chunk_decoder(pb.UpdateChunk), "UpdateChunk"),
         response_serializer=pb.PushReply.SerializeToString,
     )
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("enclavefl.v1.Federation", handlers),))
+    return handlers
 
 
 def _check_bindable(listen: str) -> None:
@@ -466,8 +482,9 @@ class FederationServer:
             ],
             maximum_concurrent_rpcs=max_threads * 4,
         )
-        servicer = _Servicer(handler, credentials, chunk_bytes, max_downloads, job_settings or {})
-        _register(servicer, server)
+        handlers = method_handlers(handler, credentials, chunk_bytes=chunk_bytes, max_downloads=max_downloads,
+                                   job_settings=job_settings)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
         try:
             port = server.add_secure_port(listen, credentials.server_credentials())
         except RuntimeError as exc:  # gRPC's words for a failed bind
