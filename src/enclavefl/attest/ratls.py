@@ -206,7 +206,7 @@ def _load_certificate(data: bytes | str) -> x509.Certificate:
         if raw.lstrip().startswith(b"-----BEGIN"):
             return x509.load_pem_x509_certificate(raw)
         return x509.load_der_x509_certificate(raw)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion is not a ValueError
         raise VerificationError("certificate", "an X.509 certificate (PEM or DER)", "unparsable", str(exc)) from exc
 
 
@@ -237,7 +237,7 @@ def _find_evidence(cert: x509.Certificate) -> tuple[x509.ObjectIdentifier, bytes
     """The TCG extension if present, else the first legacy spelling found."""
     try:
         extensions = {ext.oid: ext.value for ext in cert.extensions}
-    except ValueError as exc:
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
         raise VerificationError("certificate.extensions", "well-formed extensions", "malformed", str(exc)) from exc
     for oid in (TCG_EVIDENCE_OID, *LEGACY_QUOTE_OIDS):
         value = extensions.get(oid)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from enclavefl.attest.measurement import measure_code
 from enclavefl.attest.policy import Policy, parse_policy
 from enclavefl.attest.providers import SimulatedProvider
-from enclavefl.attest.ratls import create_ratls_identity
+from enclavefl.attest.ratls import RatlsIdentity, create_ratls_identity
 from enclavefl.attest.simroot import init_sim_root
 from enclavefl.messages import JoinInfo, PeerIdentity, TaskInfo, UpdateMeta, UpdateSink
 from enclavefl.proto import PROTOCOL_VERSION
@@ -238,3 +238,95 @@ def test_a_join_certificate_with_an_unknown_curve_is_refused_audited_and_logged_
     records = [json.loads(line) for line in audit_path.read_text().splitlines()]
     assert [(r["decision"], r["field"]) for r in records] == [("refused", "certificate.public_key")]
     assert _tracebacks(caplog) == []
+
+
+# ------------------------------------------------------------------ certificates the fuzzer found
+
+
+def _sim_identity(provider: SimulatedProvider) -> RatlsIdentity:
+    import datetime as dt
+
+    return create_ratls_identity(provider, common_name="mallory", validity=dt.timedelta(hours=1))
+
+
+def _sim_der(provider: SimulatedProvider) -> bytes:
+    return x509.load_pem_x509_certificate(_sim_identity(provider).cert_pem).public_bytes(serialization.Encoding.DER)
+
+
+def _der_sequence(content: bytes) -> bytes:
+    size = len(content)
+    length = bytes([size]) if size < 0x80 else bytes([0x80 | ((size.bit_length() + 7) // 8)]) + size.to_bytes(
+        (size.bit_length() + 7) // 8, "big")
+    return b"\x30" + length + content
+
+
+def _resigned(identity: RatlsIdentity, spoiled_der: bytes) -> bytes:
+    """A spoiled certificate signed again by its own key, so that its self-signature holds."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    tbs = x509.load_der_x509_certificate(spoiled_der).tbs_certificate_bytes
+    signature = identity.key.sign(tbs, ec.ECDSA(hashes.SHA256()))
+    ecdsa_with_sha256 = bytes.fromhex("300a06082a8648ce3d040302")
+    bit_string = b"\x03" + bytes([len(signature) + 1, 0]) + signature
+    return _der_sequence(tbs + ecdsa_with_sha256 + bit_string)
+
+
+def _version_10(der: bytes) -> bytes:
+    """The certificate with its version field [0] INTEGER 2 (v3) changed to 10, which X.509 does not define."""
+    return der.replace(bytes.fromhex("a003020102"), bytes.fromhex("a00302010a"), 1)
+
+
+def _duplicate_extension(der: bytes) -> bytes:
+    """The certificate with its authority key identifier's OID (2.5.29.35) changed to the subject key identifier's."""
+    return der.replace(bytes.fromhex("0603551d23"), bytes.fromhex("0603551d0e"), 1)
+
+
+def _pem(der: bytes) -> bytes:
+    import base64
+
+    body = base64.encodebytes(der).replace(b"\n", b"")
+    lines = [body[i : i + 64] for i in range(0, len(body), 64)]
+    return b"-----BEGIN CERTIFICATE-----\n" + b"\n".join(lines) + b"\n-----END CERTIFICATE-----\n"
+
+
+@pytest.mark.parametrize("spoil, field", [(_version_10, "certificate"), (_duplicate_extension, "certificate.extensions")])
+@pytest.mark.parametrize("encode", [bytes, _pem], ids=["der", "pem"])
+def test_a_certificate_cryptography_cannot_read_is_a_verification_error(
+    tmp_path: Path, spoil: Callable[[bytes], bytes], field: str, encode: Callable[[bytes], bytes]
+) -> None:
+    import datetime as dt
+
+    from enclavefl.attest.ratls import verify_ratls_certificate
+    from enclavefl.errors import VerificationError
+
+    provider, policy = _sim_policy(tmp_path)
+    identity = _sim_identity(provider)
+    der = x509.load_pem_x509_certificate(identity.cert_pem).public_bytes(serialization.Encoding.DER)
+    spoiled = spoil(der) if spoil is _version_10 else _resigned(identity, spoil(der))
+
+    with pytest.raises(VerificationError) as info:
+        verify_ratls_certificate(encode(spoiled), policy=policy, at=dt.datetime.now(dt.timezone.utc))
+    assert info.value.field == field
+
+
+@pytest.mark.parametrize("spoil", [_version_10, _duplicate_extension])
+def test_a_join_with_a_certificate_cryptography_cannot_read_is_refused_and_audited(
+    tmp_path: Path, spoil: Callable[[bytes], bytes]
+) -> None:
+    from enclavefl.errors import VerificationError
+    from enclavefl.transport.credentials import JoinProof
+
+    provider, policy = _sim_policy(tmp_path)
+    audit_path = tmp_path / "audit.jsonl"
+    creds = AttestedCredentials.create(provider, policy, node="ps", role="ps", audit=AuditLog(audit_path))
+    ps_sha = hashlib.sha256(
+        x509.load_pem_x509_certificate(creds.certificate_pem).public_bytes(serialization.Encoding.DER)
+    ).digest()
+    proof = JoinProof(_pem(spoil(_sim_der(provider))), creds.issue_challenge(), ps_sha, b"\x30\x00")
+
+    with pytest.raises(VerificationError):
+        creds.admit(proof, "mallory", None)
+
+    records = [json.loads(line) for line in audit_path.read_text().splitlines()]
+    assert [r["decision"] for r in records] == ["refused"]
