@@ -83,7 +83,7 @@ def _hypothesis(name: str, seconds: float, extra: list[bytes]) -> bool:
             print(f"{name}: FINDING {type(exc).__name__}: {exc}", flush=True)
             return False
         batches += 1
-    print(f"{name}: ok ({batches * 200} inputs in {seconds:.0f}s, hypothesis)", flush=True)
+    print(f"{name}: ok ({batches} batches of up to 200 inputs in {seconds:.0f}s, hypothesis)", flush=True)
     return True
 
 
