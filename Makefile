@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test venv proto lint bench clean
+.PHONY: demo test venv proto lint bench clean fuzz
 
 venv: $(STAMP)
 
@@ -26,6 +26,12 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m mypy
+
+# Every fuzz target for FUZZ_SECONDS each: coverage-guided with atheris if the
+# fuzz extra is installed (pip install -e '.[fuzz]'), else hypothesis.
+FUZZ_SECONDS ?= 30
+fuzz: $(STAMP)
+	$(PY) -m fuzz.run --seconds $(FUZZ_SECONDS)
 
 # Regenerates the committed gRPC stubs from the .proto file.
 proto: $(STAMP)

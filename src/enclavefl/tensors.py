@@ -293,6 +293,15 @@ def _check_spec(spec: object, index: int, limits: CodecLimits) -> int:
     nbytes = spec.nbytes
     if nbytes > limits.max_tensor_bytes:
         raise ProtocolError(f"{where}: {nbytes} bytes is over max_tensor_bytes={limits.max_tensor_bytes}")
+    # A zero in the shape makes the payload empty whatever the other dimensions say, but numpy
+    # still refuses an array whose other dimensions overflow its index type; and a sparse
+    # tensor's dense shape is what to_dense() allocates. Bound the shape as if every 0 were a 1.
+    spanned = math.prod(max(dim, 1) for dim in shape) * DTYPES[spec.dtype].itemsize
+    if spanned > limits.max_tensor_bytes:
+        raise ProtocolError(
+            f"{where}: shape {_short(shape)} spans {spanned} bytes (zero dimensions counted as 1), "
+            f"over max_tensor_bytes={limits.max_tensor_bytes}"
+        )
     return nbytes
 
 

@@ -56,8 +56,10 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-# Protobuf framing around nonsense: an unknown field, and field 1 (protocol_version) with the wrong wire type.
-GARBAGE = [_varint(1000 << 3 | 2) + _varint(40) + os.urandom(40), _varint(1 << 3 | 2) + _varint(8) + b"\xff" * 8]
+# Protobuf framing around nonsense: an unknown field, and field 1 (protocol_version) with the wrong wire type;
+# and bytes that are no message at all (a length running past the end), which the PS must refuse quietly.
+GARBAGE = [_varint(1000 << 3 | 2) + _varint(40) + os.urandom(40), _varint(1 << 3 | 2) + _varint(8) + b"\xff" * 8,
+           _varint(1 << 3 | 2) + _varint(200) + b"\x00" * 3]
 
 
 def _flood_calls(channel: grpc.Channel) -> list[Callable[[], grpc.Future]]:
@@ -65,6 +67,7 @@ def _flood_calls(channel: grpc.Channel) -> list[Callable[[], grpc.Future]]:
     stub = pb_grpc.FederationStub(channel)  # type: ignore[no-untyped-call]
     raw_join = channel.unary_unary("/enclavefl.v1.Federation/Join")
     raw_wait = channel.unary_unary("/enclavefl.v1.Federation/WaitTask")
+    raw_challenge = channel.unary_unary("/enclavefl.v1.Federation/Challenge")
     junk = pb.JoinRequest(protocol_version=PROTOCOL_VERSION, worker_name="flood", num_samples=1,
                           attestation=pb.JoinAttestation(certificate=b"-----BEGIN CERTIFICATE-----\nAAAA\n",
                                                          nonce=os.urandom(56), ps_cert_sha256=os.urandom(32),
@@ -79,6 +82,7 @@ def _flood_calls(channel: grpc.Channel) -> list[Callable[[], grpc.Future]]:
                                       timeout=10, metadata=bogus),
         lambda: raw_join.future(GARBAGE[0], timeout=10),
         lambda: raw_wait.future(GARBAGE[1], timeout=10, metadata=bogus),
+        lambda: raw_challenge.future(GARBAGE[2], timeout=10),
     ]
 
 
@@ -172,3 +176,4 @@ def test_a_flood_of_unauthenticated_calls_changes_neither_the_model_nor_the_log_
     ps_log = flooded.log("ps").splitlines()
     assert len(ps_log) < MAX_PS_LOG_LINES, "\n".join(ps_log[-50:])
     assert any("refused calls from" in line for line in ps_log)  # the flood was summed up, not hidden
+    assert not any("Traceback" in line for line in ps_log), "\n".join(ps_log[-50:])

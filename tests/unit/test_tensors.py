@@ -544,3 +544,16 @@ def test_read_params_refuses_bad_non_seekable_stream(data: bytes, match: str) ->
 
 def test_read_params_reads_non_seekable_stream() -> None:
     assert read_through_pipe(file_bytes(SMALL)).equal(SMALL)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        TensorSpec("w", "float32", (0, 2**40, 2**40)),  # zero bytes, yet no array of that shape can exist
+        TensorSpec("w", "float32", (0, 2**63)),  # a dimension over numpy's index type
+        TensorSpec("w", "float32", (2**40, 2**40), "sparse_rows", 0),  # no rows, a dense shape just as absurd
+    ],
+)
+def test_decoder_refuses_a_zero_size_tensor_with_huge_dimensions(spec: TensorSpec) -> None:
+    with pytest.raises(ProtocolError, match="max_tensor_bytes"):
+        decode(StreamHeader((spec,)), [])

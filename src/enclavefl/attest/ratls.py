@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Final, Literal
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
@@ -239,10 +239,21 @@ def _load_certificate(data: bytes | str) -> x509.Certificate:
         ) from exc
 
 
+def _public_key(cert: x509.Certificate) -> object:
+    """The certificate's key; one of an algorithm or curve cryptography does not know is refused."""
+    try:
+        return cert.public_key()
+    except (UnsupportedAlgorithm, ValueError) as exc:
+        raise VerificationError(
+            "certificate.public_key", "an EC or RSA key of a supported curve and size", "unsupported", str(exc)
+        ) from exc
+
+
 def _check_certificate(cert: x509.Certificate, at: dt.datetime) -> None:
+    _public_key(cert)
     try:
         cert.verify_directly_issued_by(cert)
-    except (InvalidSignature, ValueError, TypeError) as exc:
+    except (InvalidSignature, UnsupportedAlgorithm, ValueError, TypeError) as exc:
         raise VerificationError(
             "certificate.signature", "a valid self-signature", "invalid", str(exc) or type(exc).__name__
         ) from exc
@@ -255,7 +266,7 @@ def _find_evidence(cert: x509.Certificate) -> tuple[x509.ObjectIdentifier, bytes
     """The TCG extension if present, else the first legacy spelling found."""
     try:
         extensions = {ext.oid: ext.value for ext in cert.extensions}
-    except ValueError as exc:
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
         raise VerificationError("certificate.extensions", "well-formed extensions", "malformed", str(exc)) from exc
     for oid in (TCG_EVIDENCE_OID, *LEGACY_QUOTE_OIDS):
         value = extensions.get(oid)
@@ -327,7 +338,7 @@ def verify_ratls_certificate(
     at = at if at.tzinfo is not None else at.replace(tzinfo=dt.timezone.utc)
     cert = _load_certificate(cert_pem_or_der)
     _check_certificate(cert, at)
-    spki = _spki_der(cert.public_key())
+    spki = _spki_der(_public_key(cert))
     oid, value = _find_evidence(cert)
 
     if oid == TCG_EVIDENCE_OID:

@@ -109,6 +109,8 @@ class ClosePipeline:
             "weight": record.weight,
             "train_loss": _mean(record.worker_metrics, "loss"),
             "train_accuracy": _mean(record.worker_metrics, "accuracy"),
+            # Reported metrics refused at receipt since the last row (server/worker_metrics.py).
+            "metrics_dropped": core.take_metrics_dropped(),
             "eval_loss": evaluation.get("loss"),
             "eval_accuracy": evaluation.get("accuracy"),
             "bytes_in": record.bytes_in,

@@ -39,6 +39,17 @@ class ServerCore:
         self.stopping = False
         """Set by :meth:`request_stop`: engines stop opening rounds and end the open one unaggregated."""
         self._part_states = part_states
+        self._metrics_dropped = 0
+
+    def note_metrics_dropped(self, count: int) -> None:
+        """Counts worker metrics refused at receipt (caller holds the lock); the next row reports them."""
+        self._metrics_dropped += count
+
+    def take_metrics_dropped(self) -> int:
+        """The worker metrics refused since the last call (for the round row); resets the count."""
+        with self.cond:
+            count, self._metrics_dropped = self._metrics_dropped, 0
+        return count
 
     def set_phase(self, new: Phase) -> None:
         """Moves to ``new`` (caller holds the lock) and wakes every waiter."""

@@ -16,6 +16,7 @@ which owns every phase transition. The parts:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -36,6 +37,7 @@ from enclavefl.server.registry import WorkerRecord
 from enclavefl.server.staging import StagedUpdate, UpdateTarget
 from enclavefl.server.state import PartState, Stateful
 from enclavefl.server.strategy import Strategy, build_strategy
+from enclavefl.server.worker_metrics import WORKER_METRICS, check_worker_metrics
 from enclavefl.tensors import CodecLimits, ParamSet, StreamDecoder, StreamHeader
 
 __all__ = ["Evaluator", "ParameterServer"]
@@ -226,6 +228,15 @@ class ParameterServer:
                 raise UpdateRejected(str(reason))
             num_samples = self._weight_cap(worker, meta.num_samples)
             weight = float(num_samples) * self.engine.staleness_weight(staleness)
+            kept, dropped = check_worker_metrics(meta.metrics)
+            if dropped:
+                core.note_metrics_dropped(len(dropped))
+                meta = dataclasses.replace(meta, metrics=kept)
+        if dropped:
+            shown = ", ".join(repr(k[:40]) for k in dropped[:5]) + (f" and {len(dropped) - 5} more" if len(dropped) > 5 else "")
+            log.warning("ps %s round %d: dropped %d reported metrics from %s: %s (expected finite values of %s)",
+                        core.instance, meta.round, len(dropped), meta.worker_id, shown,
+                        ", ".join(f"{k} in [{lo:g}, {hi:g}]" for k, (lo, hi) in WORKER_METRICS.items()))
         if num_samples < meta.num_samples:
             log.info("ps %s round %d: worker %s claimed %d samples, weighed as %d", core.instance, meta.round,
                      meta.worker_id, meta.num_samples, num_samples)

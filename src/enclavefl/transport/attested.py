@@ -79,7 +79,7 @@ from enclavefl.attest.ratls import (
     verify_ratls_certificate,
 )
 from enclavefl.attest.tcg_evidence import decode_tagged_evidence
-from enclavefl.errors import EnclaveFLError, StaleSession, Unavailable, VerificationError
+from enclavefl.errors import StaleSession, Unavailable, VerificationError
 from enclavefl.transport.audit import AuditLog, AuditRecord
 from enclavefl.messages import PeerIdentity
 from enclavefl.transport.credentials import ChannelSetup, Credentials, JoinProof, cert_fingerprint
@@ -170,7 +170,7 @@ def _claimed(cert_pem: bytes, policy: Policy) -> dict[str, object]:
                 return {"evidence": kind, "simulated": simulated, "mr_enclave": body.mr_enclave.hex(),
                         "mr_signer": body.mr_signer.hex(), "isv_prod_id": body.isv_prod_id, "isv_svn": body.isv_svn}
             return {"evidence": kind, "simulated": simulated, "mr_enclave": body.mr_td.hex()}
-    except (EnclaveFLError, ValueError):
+    except Exception:  # noqa: BLE001 - best effort for the audit line; cryptography raises several non-ValueErrors
         pass
     return {}
 

@@ -117,19 +117,23 @@ class RefusalLog:
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
         self._sources: set[str] = set()
+        self._errors_logged: set[str] = set()  # reasons of ERROR lines written in full this interval
         self._since: float | None = None  # start of the interval that is being counted
         self._timer: threading.Timer | None = None
         self._closed = False
         self.total = 0
         """Refusals since the start."""
 
-    def refused(self, source: str, reason: str, line: str) -> None:
+    def refused(self, source: str, reason: str, line: str, *, level: int = logging.WARNING) -> None:
         """Notes one refusal.
 
         Args:
             source: who was refused (gRPC's peer address of the call, a worker's name), counted in the summary.
             reason: a short category for the summary ("rate limited", "Join refused (mr_enclave)", ...).
             line: the whole story, logged only for the first refusal of an interval.
+            level: the level of ``line``. An ERROR (a failure of the PS, not a
+                refusal) is also written in full the first time its ``reason``
+                occurs in an interval, so a flood of refusals cannot hide it.
         """
         with self._lock:
             now = self._clock()
@@ -138,8 +142,13 @@ class RefusalLog:
                 self._flush_locked(now)
             if self._since is None:
                 self._since = now
-                self._log.warning("%s (more are summed up every %.0f s)", line, self._interval_s)
+                self._log.log(level, "%s (more are summed up every %.0f s)", line, self._interval_s)
+                if level >= logging.ERROR:
+                    self._errors_logged.add(reason)
                 return
+            if level >= logging.ERROR and reason not in self._errors_logged and len(self._errors_logged) < 64:
+                self._errors_logged.add(reason)
+                self._log.log(level, "%s (more are summed up every %.0f s)", line, self._interval_s)
             self._counts[reason] += 1
             if len(self._sources) < 100_000:  # a bound on memory, not on the count
                 self._sources.add(source)
@@ -173,6 +182,7 @@ class RefusalLog:
             self._since = None
         self._counts.clear()
         self._sources.clear()
+        self._errors_logged.clear()
 
     def close(self) -> None:
         """Writes a pending summary and stops the timer. Idempotent."""

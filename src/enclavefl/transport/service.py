@@ -5,10 +5,19 @@ first asks the :class:`Credentials` who the caller is (from its TLS
 certificate, or the session token an attested join issued), then hands plain values to the :class:`FederationHandler`. Our
 errors become gRPC status codes here; the handler never sees grpc.
 
+Anything a peer can send is parsed by our code, never by grpc's: each request
+deserializer turns bytes that are not a valid message into a :class:`_Malformed`
+value instead of raising (grpc would log a traceback for every such call, so
+any peer could flood the log), and every method is wrapped by a guard that
+answers it with INVALID_ARGUMENT. The same guard answers an exception that is
+not one of ours with INTERNAL and a generic message (the internal text stays
+in the PS log).
+
 Calls without a valid session (Challenge, Join, or a call whose session the
-credentials refuse) are limited per connection and their refusals are logged
-rate-limited (:mod:`enclavefl.transport.ratelimit`): a flood of them costs the
-PS a bounded amount of work per connection and a bounded number of log lines.
+credentials refuse) are limited per connection. Everything a peer can cause
+(refusals, malformed requests, internal errors) is logged through one
+:class:`~enclavefl.transport.ratelimit.RefusalLog`: a flood of such calls costs
+the PS a bounded amount of work per connection and a bounded number of log lines.
 """
 
 from __future__ import annotations
@@ -17,12 +26,13 @@ import errno
 import logging
 import socket
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, Final, NoReturn
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from enclavefl.errors import (
     ClosedError,
@@ -54,12 +64,15 @@ from enclavefl.transport.wire import (
     update_meta_from_proto,
 )
 
-__all__ = ["SESSION_METADATA_KEY", "FederationServer", "message_limit"]
+__all__ = ["SERVICE_NAME", "SESSION_METADATA_KEY", "FederationServer", "message_limit", "method_handlers"]
 
 log = logging.getLogger(__name__)
 
 DOWNLOAD_SLOT_TIMEOUT_S = 300.0
 """How long a PullModel waits for one of the ``max_downloads`` streams."""
+
+SERVICE_NAME = "enclavefl.v1.Federation"
+"""The gRPC service the PS serves (as the .proto file names it)."""
 
 SESSION_METADATA_KEY = "enclavefl-session"
 """gRPC metadata key carrying the session token of an attested join."""
@@ -74,6 +87,17 @@ def message_limit(chunk_bytes: int) -> int:
     return max(chunk_bytes, MAX_EXTENSIONS_TOTAL_BYTES) + 1024 * 1024
 
 
+MAX_DETAILS_CHARS: Final = 400
+"""The longest reason a refused peer reads (our messages are short; a hostile name may not be)."""
+INTERNAL_DETAILS: Final = "internal error in the PS (its log says more)"
+"""What a peer reads when a call failed for a reason that is not its own."""
+
+
+def _details(exc: Exception) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= MAX_DETAILS_CHARS else text[: MAX_DETAILS_CHARS - 3] + "..."
+
+
 def _abort(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
     if isinstance(exc, StaleSession):
         code = grpc.StatusCode.NOT_FOUND
@@ -85,10 +109,101 @@ def _abort(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
         code = grpc.StatusCode.INVALID_ARGUMENT
     elif isinstance(exc, RoundError | ClosedError | ConfigError):
         code = grpc.StatusCode.FAILED_PRECONDITION
-    else:
+    elif isinstance(exc, EnclaveFLError):
         code = grpc.StatusCode.INTERNAL
-    context.abort(code, str(exc))
+    else:
+        context.abort(grpc.StatusCode.INTERNAL, INTERNAL_DETAILS)
+        raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
+    context.abort(code, _details(exc))
     raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
+
+
+@dataclass(frozen=True, slots=True)
+class _Malformed:
+    """What a request deserializer hands on instead of raising: the bytes were not a ``what``."""
+
+    what: str
+    reason: str
+
+
+def _tolerant(decode: Callable[[bytes], Any], what: str) -> Callable[[bytes], Any]:
+    """A request deserializer that returns :class:`_Malformed` where ``decode`` raises."""
+
+    def deserialize(raw: bytes) -> Any:
+        try:
+            return decode(raw)
+        except (DecodeError, ProtocolError) as exc:
+            return _Malformed(what, str(exc))
+        except Exception as exc:  # noqa: BLE001 - the edge: any failure to parse peer bytes is the peer's
+            return _Malformed(what, f"undecodable ({type(exc).__name__})")
+
+    return deserialize
+
+
+def _refuse_malformed(refusals: RefusalLog, context: grpc.ServicerContext, method: str, request: _Malformed) -> NoReturn:
+    refusals.refused(context.peer(), "malformed request",
+                     f"refused a malformed {method} request from {context.peer()}: {request.reason}")
+    _abort(context, ProtocolError(f"{method}: malformed {request.what}"))
+
+
+def _fail(refusals: RefusalLog, context: grpc.ServicerContext, method: str, exc: Exception) -> NoReturn:
+    """Answers an exception that escaped a method: ours mapped to its status, anything else INTERNAL.
+
+    An exception raised by ``context.abort`` (the status is set already) or by a
+    broken client stream (``grpc.RpcError``) is grpc's own and goes back to it.
+    """
+    if context.code() is not None or isinstance(exc, grpc.RpcError):
+        raise exc
+    if isinstance(exc, EnclaveFLError):
+        refusals.refused(context.peer(), f"{method} refused ({type(exc).__name__})",
+                         f"refused {method} from {context.peer()}: {_details(exc)}")
+        _abort(context, exc)
+    refusals.refused(context.peer(), "internal error",
+                     f"{method} from {context.peer()} failed: {type(exc).__name__}: {_details(exc)}", level=logging.ERROR)
+    log.debug("%s failed", method, exc_info=exc)
+    _abort(context, exc)
+
+
+def _checked_stream(requests: Iterator[Any], method: str) -> Iterator[Any]:
+    """The messages of a request stream; a malformed one raises ProtocolError where it arrives."""
+    for message in requests:
+        if isinstance(message, _Malformed):
+            raise ProtocolError(f"{method}: malformed {message.what}: {message.reason}")
+        yield message
+
+
+def _guard_unary(refusals: RefusalLog, method: str, behaviour: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
+    def handle(request: Any, context: grpc.ServicerContext) -> Any:
+        if isinstance(request, _Malformed):
+            _refuse_malformed(refusals, context, method, request)
+        try:
+            return behaviour(request, context)
+        except Exception as exc:  # noqa: BLE001 - _fail re-raises grpc's own
+            _fail(refusals, context, method, exc)
+
+    return handle
+
+
+def _guard_response_stream(refusals: RefusalLog, method: str, behaviour: Callable[[Any, grpc.ServicerContext], Iterator[Any]]) -> Callable[..., Any]:
+    def handle(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        if isinstance(request, _Malformed):
+            _refuse_malformed(refusals, context, method, request)
+        try:
+            yield from behaviour(request, context)
+        except Exception as exc:  # noqa: BLE001 - _fail re-raises grpc's own
+            _fail(refusals, context, method, exc)
+
+    return handle
+
+
+def _guard_request_stream(refusals: RefusalLog, method: str, behaviour: Callable[[Iterator[Any], grpc.ServicerContext], Any]) -> Callable[..., Any]:
+    def handle(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        try:
+            return behaviour(_checked_stream(requests, method), context)
+        except Exception as exc:  # noqa: BLE001 - _fail re-raises grpc's own
+            _fail(refusals, context, method, exc)
+
+    return handle
 
 
 class _Servicer(pb_grpc.FederationServicer):
@@ -97,7 +212,8 @@ class _Servicer(pb_grpc.FederationServicer):
         self._handler = handler
         self._credentials = credentials
         self._limiter = limiter
-        self._refusals = refusals
+        self.refusals = refusals
+        """Rate-limited lines for what any peer can trigger (refused, malformed or failed calls)."""
         self._chunk_bytes = chunk_bytes
         self._job_settings = dict(job_settings)
         # gRPC buffers a chunk or two per open stream; bounding the streams bounds that memory.
@@ -128,7 +244,7 @@ class _Servicer(pb_grpc.FederationServicer):
         if not self._limiter.allow(connection):
             reason = (f"{RATE_LIMITED}: too many calls without a valid session on this connection; "
                       f"retry in {self._limiter.retry_after_s:.1f}s")
-            self._refusals.refused(connection, RATE_LIMITED, f"refused {what} from {connection}: {reason}")
+            self.refusals.refused(connection, RATE_LIMITED, f"refused {what} from {connection}: {reason}")
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
 
     def _refuse(self, context: grpc.ServicerContext, what: str, exc: EnclaveFLError) -> NoReturn:
@@ -139,7 +255,7 @@ class _Servicer(pb_grpc.FederationServicer):
             category = f"{what} refused ({exc.field})"
         else:
             category = f"{what} refused ({type(exc).__name__})"
-        self._refusals.refused(context.peer(), category, f"refused {what.lower()} from {context.peer()}: {exc}")
+        self.refusals.refused(context.peer(), category, f"refused {what.lower()} from {context.peer()}: {exc}")
         _abort(context, exc)
 
     def _peer(self, context: grpc.ServicerContext) -> PeerIdentity:
@@ -276,8 +392,32 @@ class _Servicer(pb_grpc.FederationServicer):
         return pb.HeartbeatReply(protocol_version=PROTOCOL_VERSION)
 
 
-def _register(servicer: _Servicer, server: Any) -> None:
-    """The generated registration, except that tensor chunks use the framing fast path."""
+def method_handlers(
+    handler: FederationHandler,
+    credentials: Credentials,
+    *,
+    chunk_bytes: int,
+    max_downloads: int = 8,
+    job_settings: Mapping[str, str] | None = None,
+    limiter: ConnectionLimiter | None = None,
+    refusals: RefusalLog | None = None,
+) -> dict[str, grpc.RpcMethodHandler]:
+    """The PS's gRPC method handlers by method name, exactly as :meth:`FederationServer.start` registers them.
+
+    The generated registration, except that requests are parsed tolerantly, every
+    method is guarded and tensor chunks use the framing fast path. Public so that
+    in-process drivers (the fuzz targets) reach the PS through the same entry a
+    peer does.
+
+    Args:
+        limiter: the per-connection budget of calls without a valid session;
+            None: :class:`~enclavefl.transport.ratelimit.ConnectionLimiter`'s defaults.
+        refusals: where refused, malformed and failed calls are logged (rate-limited);
+            None: a new :class:`~enclavefl.transport.ratelimit.RefusalLog` on this module's logger.
+    """
+    servicer = _Servicer(handler, credentials, chunk_bytes, max_downloads, job_settings or {},
+                         limiter if limiter is not None else ConnectionLimiter(),
+                         refusals if refusals is not None else RefusalLog(log))
     unary: dict[str, tuple[Any, Any]] = {
         "Challenge": (pb.ChallengeRequest, pb.ChallengeReply),
         "Join": (pb.JoinRequest, pb.JoinReply),
@@ -285,20 +425,25 @@ def _register(servicer: _Servicer, server: Any) -> None:
         "Leave": (pb.LeaveRequest, pb.LeaveReply),
         "Heartbeat": (pb.HeartbeatRequest, pb.HeartbeatReply),
     }
-    handlers: dict[str, Any] = {
+    handlers: dict[str, grpc.RpcMethodHandler] = {
         name: grpc.unary_unary_rpc_method_handler(
-            getattr(servicer, name), request_deserializer=req.FromString, response_serializer=rep.SerializeToString
+            _guard_unary(servicer.refusals, name, getattr(servicer, name)),
+            request_deserializer=_tolerant(req.FromString, req.__name__),
+            response_serializer=rep.SerializeToString,
         )
         for name, (req, rep) in unary.items()
     }
     handlers["PullModel"] = grpc.unary_stream_rpc_method_handler(
-        servicer.PullModel, request_deserializer=pb.PullRequest.FromString, response_serializer=encode_message
+        _guard_response_stream(servicer.refusals, "PullModel", servicer.PullModel),
+        request_deserializer=_tolerant(pb.PullRequest.FromString, "PullRequest"),
+        response_serializer=encode_message,
     )
     handlers["PushUpdate"] = grpc.stream_unary_rpc_method_handler(
-        servicer.PushUpdate, request_deserializer=chunk_decoder(pb.UpdateChunk),
+        _guard_request_stream(servicer.refusals, "PushUpdate", servicer.PushUpdate),
+        request_deserializer=_tolerant(chunk_decoder(pb.UpdateChunk), "UpdateChunk"),
         response_serializer=pb.PushReply.SerializeToString,
     )
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("enclavefl.v1.Federation", handlers),))
+    return handlers
 
 
 def _check_bindable(listen: str) -> None:
@@ -377,9 +522,9 @@ class FederationServer:
             maximum_concurrent_rpcs=max_threads * 4,
         )
         refusals = RefusalLog(log)
-        servicer = _Servicer(handler, credentials, chunk_bytes, max_downloads, job_settings or {},
-                             limiter if limiter is not None else ConnectionLimiter(), refusals)
-        _register(servicer, server)
+        handlers = method_handlers(handler, credentials, chunk_bytes=chunk_bytes, max_downloads=max_downloads,
+                                   job_settings=job_settings, limiter=limiter, refusals=refusals)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
         try:
             port = server.add_secure_port(listen, credentials.server_credentials())
         except RuntimeError as exc:  # gRPC's words for a failed bind
