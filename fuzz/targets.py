@@ -58,6 +58,7 @@ from enclavefl.transport.audit import AuditLog
 from enclavefl.transport.certs import make_ca, make_node_cert
 from enclavefl.transport.credentials import CaCredentials, JoinProof
 from enclavefl.transport.framing import chunk_decoder, chunk_payload, encode_data
+from enclavefl.transport.ratelimit import ConnectionLimiter, RefusalLog
 from enclavefl.transport.service import method_handlers
 from enclavefl.transport.wire import update_meta_from_proto, update_meta_to_proto
 
@@ -330,7 +331,15 @@ class FuzzContext:
 @functools.cache
 def _handlers() -> dict[str, grpc.RpcMethodHandler]:
     w = world()
-    return method_handlers(w.ps, w.ca_ps, chunk_bytes=CHUNK_BYTES, max_downloads=2)
+    # Every fuzz call comes from one address: an unbounded budget keeps the
+    # inputs reaching the parsers (the limiter has its own tests). Refusals are
+    # the expected outcome: they go to a logger that writes nothing, so the
+    # summaries its timer writes later reach no other test's log.
+    refusals_log = logging.getLogger("fuzz.refusals")
+    refusals_log.propagate = False
+    refusals_log.addHandler(logging.NullHandler())
+    return method_handlers(w.ps, w.ca_ps, chunk_bytes=CHUNK_BYTES, max_downloads=2,
+                           limiter=ConnectionLimiter(rate_per_s=1e9, burst=1e9), refusals=RefusalLog(refusals_log))
 
 
 def _call(method: str, context: FuzzContext, request: Any) -> None:
