@@ -305,6 +305,10 @@ class AttestedCredentials(Credentials):
     def attested_join(self) -> bool:
         return True
 
+    def close(self) -> None:
+        """Logs the pending summary of refusals and closes the audit file (the server has stopped)."""
+        self._audit.close()
+
     def _verify(self, cert_pem: bytes, peer: str) -> PeerEvidence:
         try:
             evidence = verify_ratls_certificate(

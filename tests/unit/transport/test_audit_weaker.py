@@ -40,3 +40,21 @@ def test_an_acceptance_without_collateral_is_audited_as_a_weaker_verdict(
     row = json.loads((tmp_path / "audit.jsonl").read_text())
     assert row["weaker"] == ["missing_collateral"]
     assert "WEAKER VERDICT (missing_collateral)" in caplog.text
+
+
+def test_closing_attested_credentials_logs_the_pending_summary_of_refusals(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from enclavefl.transport.attested import AttestedCredentials
+    from tests.unit.transport.attested_server import make_sim
+
+    sim = make_sim(tmp_path)
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    creds = AttestedCredentials.create(sim.provider, sim.policy, node="ps", role="ps", audit=audit)
+    with caplog.at_level(logging.WARNING, logger="enclavefl.transport.audit"):
+        for peer in ("a", "b", "c"):
+            audit.record(AuditRecord(node="ps", role="ps", peer=peer, decision="refused", reason="no", field="join"))
+
+        creds.close()
+
+    assert "2 more refusals" in caplog.text  # the first in full, the other two summed up at close
