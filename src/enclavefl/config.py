@@ -58,6 +58,7 @@ __all__ = [
     "ServerConfig",
     "StalenessConfig",
     "StrategyConfig",
+    "ManagementConfig",
     "SummaryConfig",
     "TaskConfig",
     "TlsConfig",
@@ -423,6 +424,16 @@ class SummaryConfig(_Section):
     """Where per-round metrics go (relative to the run directory)."""
 
     metrics_file: str = "metrics.jsonl"
+    tensorboard: bool = Field(default=False, description="also write TensorBoard event files to <run>/tensorboard/")
+
+
+class ManagementConfig(_Section):
+    """The PS's management API and dashboard (HTTPS, a bearer token per job); see docs/management.md."""
+
+    enabled: bool = True
+    listen: str = Field(default="127.0.0.1:0", pattern=r"^[^\s:]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$",
+                        description="host:port of the API (port 0: a free port, written to the run directory)")
+    public_read: bool = Field(default=False, description="read routes without the token (control routes never)")
 
 
 class FaultsConfig(_Section):
@@ -467,6 +478,7 @@ class JobConfig(_Section):
     transport: TransportConfig = Field(default_factory=TransportConfig)
     attestation: AttestationConfig = Field(default_factory=AttestationConfig)
     summary: SummaryConfig = Field(default_factory=SummaryConfig)
+    management: ManagementConfig = Field(default_factory=ManagementConfig)
     faults: FaultsConfig = Field(default_factory=FaultsConfig)
 
     @model_validator(mode="after")

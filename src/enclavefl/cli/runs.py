@@ -46,10 +46,11 @@ __all__ = [
 CONFIG_FILE = "config.yaml"
 
 RESUMABLE_KEYS = ("job.rounds", "round.start_window_s", "round.update_window_s", "round.max_retries",
-                  "round.heartbeat_s", "round.worker_timeout_s", "transport.listen")
+                  "round.heartbeat_s", "round.worker_timeout_s", "transport.listen", "management.enabled",
+                  "management.listen", "management.public_read", "summary.tensorboard")
 """The keys ``--set`` may change when a run resumes: the number of rounds (to extend a job), the rounds' waiting
-windows and retries, how often workers are heard and how long a silent one is waited for, and the PS's address.
-Every other key would change what the resumed job computes."""
+windows and retries, how often workers are heard and how long a silent one is waited for, the PS's address, and
+how the job is watched (management API, TensorBoard). Every other key would change what the resumed job computes."""
 
 _RUN_PATH_KEYS = ("policy", "sim_root", "collateral")
 """``attestation`` paths, relative to the job file; a recorded config.yaml holds them absolute."""
