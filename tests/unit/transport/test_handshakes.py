@@ -22,7 +22,7 @@ def test_a_connection_that_makes_no_call_is_counted_and_logged(caplog: pytest.Lo
         _settle()
 
     assert watch.failed_total == 1
-    assert [r.getMessage() for r in caplog.records] == [
+    assert [r.getMessage() for r in caplog.records if r.name == "enclavefl.transport.handshakes"] == [
         "1 incoming connection(s) failed the TLS handshake or made no call: a worker's CA or certificate does not "
         "match this PS's, or it checks another server name; check ca.pem"
     ]
@@ -59,7 +59,8 @@ def test_failures_are_logged_at_most_once_per_period(caplog: pytest.LogCaptureFi
             _settle()
 
     assert watch.failed_total == 3
-    assert len(caplog.records) == 1
+    # Only this logger's lines: a refusal summary of an earlier test may be written by its timer meanwhile.
+    assert len([r for r in caplog.records if r.name == "enclavefl.transport.handshakes"]) == 1
 
 
 def test_close_stops_the_checker_thread_without_reporting(caplog: pytest.LogCaptureFixture) -> None:
