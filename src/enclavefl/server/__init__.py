@@ -14,6 +14,7 @@ from enclavefl.server.checkpoint import (
 from enclavefl.server.closing import ClosePipeline, Evaluator
 from enclavefl.server.core import ServerCore
 from enclavefl.server.engine import Engine, SyncEngine
+from enclavefl.server.events import EVENT_KINDS, Event, EventBatch, EventBus
 from enclavefl.server.liveness import LivenessMonitor
 from enclavefl.server.metrics import REQUIRED_KEYS, MetricsLog
 from enclavefl.server.optimizer import SERVER_OPTIMIZERS, FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi, ServerOptimizer
@@ -30,6 +31,7 @@ from enclavefl.server.strategy import AggregatorFactory, PostProcess, Strategy, 
 
 __all__ = [
     "AGGREGATORS",
+    "EVENT_KINDS",
     "REQUIRED_KEYS",
     "SERVER_OPTIMIZERS",
     "Aggregator",
@@ -43,6 +45,9 @@ __all__ = [
     "CoordinateMedian",
     "Engine",
     "Evaluator",
+    "Event",
+    "EventBatch",
+    "EventBus",
     "FedAdagrad",
     "FedAdam",
     "FedAvg",
