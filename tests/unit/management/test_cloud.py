@@ -4,8 +4,9 @@ import json
 
 import pytest
 
+from enclavefl.config import CLOUD_KEY_ALIASES
 from enclavefl.errors import ConfigError
-from enclavefl.management.cloud import CloudRoutes, cluster_state, from_cloud, to_cloud
+from enclavefl.management.cloud import HYPER_PARAMETERS, CloudRoutes, cluster_state, from_cloud, to_cloud
 from enclavefl.management.memory import MemoryJob
 from enclavefl.management.schema import Identity, WorkerInfo
 
@@ -160,3 +161,9 @@ def test_to_cloud_skips_settings_the_job_does_not_report() -> None:
 def test_from_cloud_refuses_a_hyper_parameter_the_job_cannot_change() -> None:
     with pytest.raises(ConfigError, match="client_learning_rate"):
         from_cloud({"client_learning_rate": 0.1}, {"job.rounds": 3})
+
+
+def test_hyper_parameters_are_the_job_files_cloud_aliases() -> None:
+    assert {name: p.key for name, p in HYPER_PARAMETERS.items()} == {
+        name: key for name, (key, _) in CLOUD_KEY_ALIASES.items()}
+    assert HYPER_PARAMETERS["update_model_time_window"].kind == "ms"
