@@ -19,7 +19,8 @@ from enclavefl.management.auth import generate_token, read_token
 from enclavefl.management.client import ManagementClient, ManagementError
 from enclavefl.management.memory import MemoryJob
 from enclavefl.management.schema import JobHandle
-from enclavefl.management.serve import MANAGEMENT_FILE, ManagementServer, read_management_info
+from enclavefl.management.runfiles import MANAGEMENT_FILE, read_management_info
+from enclavefl.management.serve import ManagementServer
 
 CONTROL_ROUTES = [
     ("POST", "/api/v1/stop", {"mode": "abort"}),
