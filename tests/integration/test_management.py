@@ -29,6 +29,7 @@ from enclavefl.management.client import ManagementClient
 from enclavefl.management.runfiles import MANAGEMENT_FILE
 from enclavefl.server.checkpoint import latest_checkpoint
 from tests.integration.cluster import wait_for
+from tests.integration.processes import children_of, kill_all
 
 pytestmark = pytest.mark.slow
 
@@ -74,8 +75,10 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     with console.open("wb") as f:
         proc = subprocess.Popen([sys.executable, "-m", "enclavefl", "run", str(REPO / "examples" / "digits" / "job.yaml"),
                                  "--out", str(out), "--quiet", *JOB], stdout=f, stderr=subprocess.STDOUT)
+    children = []
     try:
         wait_for(lambda: (out / MANAGEMENT_FILE).exists() or proc.poll() is not None, 120, "the management API")
+        children = children_of(proc.pid)
         assert proc.poll() is None, console.read_text()
         client = ManagementClient.for_run(out)
         wait_for(lambda: client.get("/api/v1/status")["workers_joined"] == 3 and len(Run(proc, out, console, client)
@@ -85,6 +88,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     finally:
         proc.kill()
         proc.wait(10)
+        kill_all(children)  # a PS stuck after a failed test must not outlive it
 
 
 def test_run_prints_the_management_url(run: Run) -> None:
