@@ -11,11 +11,14 @@ rename nothing, add freely). Nothing here imports grpc, FastAPI or torch.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from enclavefl.server.events import EventBus
+if TYPE_CHECKING:
+    # Only a type here: importing enclavefl.server at run time would close a circle
+    # (enclavefl.server imports its handle, which imports these models).
+    from enclavefl.server.events import EventBus
 
 __all__ = [
     "Identity",
