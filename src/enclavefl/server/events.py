@@ -46,7 +46,8 @@ class Event:
     data: Mapping[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"seq": self.seq, "time": round(self.time, 3), "kind": self.kind, **dict(self.data)}
+        """The data with the event's own ``seq``, ``time`` and ``kind`` beside it (they win over data keys)."""
+        return {**dict(self.data), "seq": self.seq, "time": round(self.time, 3), "kind": self.kind}
 
 
 @dataclass(frozen=True, slots=True)

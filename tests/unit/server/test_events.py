@@ -82,3 +82,9 @@ def test_as_dict_flattens_the_data_beside_seq_time_and_kind() -> None:
 def test_capacity_must_be_positive() -> None:
     with pytest.raises(ValueError, match="capacity"):
         EventBus(capacity=0)
+
+
+def test_the_events_own_keys_win_over_data_keys_of_the_same_name() -> None:
+    event = EventBus().publish("round", round=1, time=123.0)  # a metrics row has its own "time"
+
+    assert event.as_dict()["time"] == round(event.time, 3) and event.as_dict()["round"] == 1
