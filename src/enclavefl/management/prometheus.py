@@ -27,11 +27,12 @@ import threading
 from collections.abc import Mapping
 from typing import Any, Final, get_args
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Enum, Gauge, Histogram, Info
 from prometheus_client import generate_latest
 
+from enclavefl.management.api import require_read
 from enclavefl.management.schema import JobHandle, JobState
 
 __all__ = ["REASON_CLASSES", "JobMetrics", "mount", "reason_class"]
@@ -204,10 +205,15 @@ class JobMetrics:
 
 
 def mount(app: FastAPI, handle: JobHandle) -> None:
-    """Serves ``GET /metrics`` for ``handle`` on ``app`` (the app's own authentication applies)."""
+    """Serves ``GET /metrics`` for ``handle`` on an app made by :func:`~enclavefl.management.api.create_app`.
+
+    It is a read route: it needs the job's bearer token unless ``management.public_read``
+    (Prometheus sends one with ``authorization: {credentials_file: <run>/management.token}``).
+    """
     metrics = JobMetrics(handle)
 
     def scrape() -> Response:
         return Response(content=metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    app.add_api_route("/metrics", scrape, methods=["GET"], include_in_schema=False, summary="Prometheus metrics")
+    app.add_api_route("/metrics", scrape, methods=["GET"], include_in_schema=False,
+                      dependencies=[Depends(require_read)])

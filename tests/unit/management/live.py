@@ -1,90 +1,28 @@
-"""Real parts for the dashboard and exporter tests: an in-memory JobHandle and a real HTTP server.
+"""A real HTTP server for the dashboard and exporter tests.
 
-:class:`MemoryHandle` implements the management contract over a real
-:class:`~enclavefl.server.events.EventBus`, with a status and metrics rows the
-test sets; :func:`serving` runs a FastAPI app under uvicorn on 127.0.0.1 (a
-port the OS picks) on a thread, so requests go through real HTTP.
+:func:`serving` runs a FastAPI app under uvicorn on 127.0.0.1 (a port the OS
+picks) on a thread, so requests go through real HTTP; the job behind the app
+is the in-memory :class:`~enclavefl.management.memory.MemoryJob`. TLS is the
+API's own business and is tested there and in the browser test.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import uvicorn
 from fastapi import FastAPI
 
-from enclavefl.management.schema import Identity, RoundsPage, StopMode, Status, WorkerInfo
-from enclavefl.server.events import EventBus
+from enclavefl.management.api import Mount, create_app
+from enclavefl.management.memory import MemoryJob
 
-
-def status(**changes: Any) -> Status:
-    base: dict[str, Any] = {
-        "job": "digits", "instance": "ps-1", "state": "running", "phase": "training", "round": 1, "rounds": 5,
-        "rounds_done": 0, "rounds_left": 5, "model_version": 0, "participants": 3, "updates": 0,
-        "workers_joined": 3, "started_at": 1_700_000_000.0, "uptime_s": 1.0, "attestation_mode": "simulated",
-        "identity": Identity(evidence="simulated", mr_enclave="ab" * 32, mr_signer="cd" * 32),
-    }
-    return Status(**(base | changes))
-
-
-@dataclass
-class MemoryHandle:
-    """A job held in memory: what the test puts in is what the management plane reads."""
-
-    bus: EventBus = field(default_factory=EventBus)
-    current: Status = field(default_factory=status)
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    workers_now: list[WorkerInfo] = field(default_factory=list)
-    stops: list[tuple[StopMode, str]] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    @property
-    def events(self) -> EventBus:
-        return self.bus
-
-    def status(self) -> Status:
-        with self.lock:
-            return self.current
-
-    def workers(self) -> list[WorkerInfo]:
-        with self.lock:
-            return list(self.workers_now)
-
-    def rounds(self, offset: int, limit: int) -> RoundsPage:
-        with self.lock:
-            return RoundsPage(total=len(self.rows), offset=offset, rows=self.rows[offset:offset + limit])
-
-    def stop(self, mode: StopMode, *, by: str) -> None:
-        with self.lock:
-            self.stops.append((mode, by))
-
-    def pause(self, *, by: str) -> bool:
-        return True
-
-    def resume(self, *, by: str) -> bool:
-        return True
-
-    def settings(self) -> dict[str, Any]:
-        return {}
-
-    def patch_settings(self, changes: Mapping[str, Any], *, by: str) -> dict[str, Any]:
-        return dict(changes)
-
-    def complete_round(self, row: Mapping[str, Any]) -> None:
-        """Records a metrics row and publishes it, as the PS does when a round closes."""
-        with self.lock:
-            self.rows.append(dict(row))
-            number = int(row["round"])
-            self.current = self.current.model_copy(update={
-                "round": number + 1, "rounds_done": number, "rounds_left": self.current.rounds - number,
-                "model_version": number})
-        self.bus.publish("round", **row)
+TOKEN = "test-token-0123456789"
 
 
 @dataclass(frozen=True)
@@ -92,13 +30,18 @@ class Served:
     url: str
 
     def get(self, path: str, headers: Mapping[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+        """GET ``path``: status, headers (lower-case names) and body; an error status is returned, not raised."""
         request = urllib.request.Request(self.url + path, headers=dict(headers or {}))
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
-                return response.status, dict(response.headers.items()), response.read()
+                return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
         except urllib.error.HTTPError as exc:
             with exc:
-                return exc.code, dict(exc.headers.items()), exc.read()
+                return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
+
+
+def app_for(job: MemoryJob, mounts: Sequence[Mount], *, public_read: bool = False) -> FastAPI:
+    return create_app(job, token=TOKEN, public_read=public_read, mounts=mounts)
 
 
 @contextmanager

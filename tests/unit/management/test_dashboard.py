@@ -13,8 +13,10 @@ from importlib import resources
 import pytest
 from fastapi import FastAPI
 
+from enclavefl.config import parse_job
 from enclavefl.management.dashboard import ASSETS, SECURITY_HEADERS, mount
-from tests.unit.management.live import MemoryHandle, serving
+from enclavefl.management.memory import MemoryJob
+from tests.unit.management.live import app_for, serving
 
 
 def asset_text(name: str) -> str:
@@ -23,9 +25,7 @@ def asset_text(name: str) -> str:
 
 @pytest.fixture(scope="module")
 def dashboard_app() -> FastAPI:
-    app = FastAPI()
-    mount(app, MemoryHandle())
-    return app
+    return app_for(MemoryJob(), [mount])
 
 
 @pytest.mark.parametrize(("path", "media"), [
@@ -59,16 +59,15 @@ def test_nothing_but_the_three_files_is_served(dashboard_app: FastAPI, path: str
 
 
 def test_page_needs_no_token_and_holds_no_job_data() -> None:
-    handle = MemoryHandle()
-    handle.current = handle.current.model_copy(update={"job": "secret-job-name"})
-    app = FastAPI()
-    mount(app, handle)
+    app = app_for(MemoryJob(parse_job({"job": {"name": "secret-job-name"}})), [mount])
 
     with serving(app) as server:
         code, _, body = server.get("/")
+        api_code, _, _ = server.get("/api/v1/status")
 
     assert code == 200
     assert b"secret-job-name" not in body
+    assert api_code == 401  # the data stays behind the token
 
 
 @pytest.mark.parametrize("name", sorted(ASSETS))

@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
+from enclavefl.management.memory import MemoryJob
 from enclavefl.management.prometheus import REASON_CLASSES, JobMetrics, mount, reason_class
-from enclavefl.server.events import EventBus
-from tests.unit.management.live import MemoryHandle, serving
+from enclavefl.management.schema import Identity, WorkerInfo
+from tests.unit.management.live import TOKEN, app_for, serving
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -31,21 +31,43 @@ def row(round_: int, **extra: Any) -> dict[str, Any]:
             "seconds_train": 3.0, "seconds_aggregate": 0.05, "seconds_eval": 0.01, "train_loss": 0.5} | extra
 
 
+def worker(worker_id: str) -> WorkerInfo:
+    return WorkerInfo(worker_id=worker_id, name=worker_id, state="joined", last_seen_s=0.0, rounds_contributed=0,
+                      bytes_in=0, bytes_out=0, identity=Identity())
+
+
 def test_metrics_route_serves_the_text_format_over_http() -> None:
-    handle = MemoryHandle()
-    app = FastAPI()
-    mount(app, handle)
+    app = app_for(MemoryJob(), [mount])
 
     with serving(app) as server:
-        code, headers, body = server.get("/metrics")
+        code, headers, body = server.get("/metrics", {"Authorization": f"Bearer {TOKEN}"})
 
     assert code == 200
     assert headers["content-type"].startswith("text/plain")
     assert samples(body.decode())[("enclavefl_round", ())] == 1.0
 
 
+def test_metrics_route_needs_the_token_like_every_read_route() -> None:
+    app = app_for(MemoryJob(), [mount])
+
+    with serving(app) as server:
+        code, _, _ = server.get("/metrics")
+        wrong, _, _ = server.get("/metrics", {"Authorization": "Bearer another-jobs-token"})
+
+    assert (code, wrong) == (401, 401)
+
+
+def test_metrics_route_is_open_with_public_read() -> None:
+    app = app_for(MemoryJob(), [mount], public_read=True)
+
+    with serving(app) as server:
+        code, _, _ = server.get("/metrics")
+
+    assert code == 200
+
+
 def test_counters_move_as_rounds_complete_between_scrapes() -> None:
-    handle = MemoryHandle()
+    handle = MemoryJob()
     metrics = JobMetrics(handle)
     before = scrape(metrics)
     handle.complete_round(row(1))
@@ -63,7 +85,7 @@ def test_counters_move_as_rounds_complete_between_scrapes() -> None:
 
 
 def test_rows_are_counted_once_across_scrapes() -> None:
-    handle = MemoryHandle()
+    handle = MemoryJob()
     metrics = JobMetrics(handle)
     handle.complete_round(row(1))
     scrape(metrics)
@@ -73,7 +95,7 @@ def test_rows_are_counted_once_across_scrapes() -> None:
 
 
 def test_phase_durations_fill_histograms_by_phase() -> None:
-    handle = MemoryHandle()
+    handle = MemoryJob()
     metrics = JobMetrics(handle)
     handle.complete_round(row(1, seconds_train=3.0))
     handle.complete_round(row(2, seconds_train=20.0))
@@ -88,7 +110,7 @@ def test_phase_durations_fill_histograms_by_phase() -> None:
 
 
 def test_updates_are_counted_by_reason_class_never_by_worker() -> None:
-    handle = MemoryHandle()
+    handle = MemoryJob()
     metrics = JobMetrics(handle)
     bus = handle.events
     bus.publish("update", round=1, worker_id="w-secret-1", worker="alice", accepted=True, reason="", bytes=10)
@@ -107,7 +129,7 @@ def test_updates_are_counted_by_reason_class_never_by_worker() -> None:
 
 
 def test_attestation_decisions_are_counted_by_verdict_and_evidence() -> None:
-    handle = MemoryHandle()
+    handle = MemoryJob()
     metrics = JobMetrics(handle)
     bus = handle.events
     bus.publish("attestation", peer="w1", decision="accepted", evidence="sgx", weaker=[])
@@ -125,33 +147,36 @@ def test_attestation_decisions_are_counted_by_verdict_and_evidence() -> None:
 
 
 def test_events_that_left_the_ring_before_a_scrape_are_counted_as_missed() -> None:
-    handle = MemoryHandle(bus=EventBus(capacity=2))
+    handle = MemoryJob()
     metrics = JobMetrics(handle)
-    for _ in range(5):
+    capacity = 2048  # EventBus's default ring, which MemoryJob's bus has
+    for _ in range(capacity + 5):
         handle.events.publish("control", action="pause", by="op")
 
     s = scrape(metrics)
 
-    # 5 published, the ring kept the last 2
-    assert s[("enclavefl_events_missed_total", ())] == 3.0
-    assert s[("enclavefl_control_actions_total", (("action", "pause"),))] == 2.0
+    # capacity + 5 published, the ring kept the last `capacity`
+    assert s[("enclavefl_events_missed_total", ())] == 5.0
+    assert s[("enclavefl_control_actions_total", (("action", "pause"),))] == float(capacity)
 
 
 def test_status_gauges_and_state_follow_the_handle() -> None:
-    handle = MemoryHandle()
+    handle = MemoryJob()
     metrics = JobMetrics(handle)
-    handle.current = handle.current.model_copy(update={"state": "paused", "participants": 7, "workers_joined": 9})
+    handle.add_worker(worker("w1"))
+    handle.add_worker(worker("w2"))
+    handle.pause(by="op")
 
     s = scrape(metrics)
 
-    assert s[("enclavefl_participants", ())] == 7.0
-    assert s[("enclavefl_workers_joined", ())] == 9.0
+    assert s[("enclavefl_participants", ())] == 2.0
+    assert s[("enclavefl_workers_joined", ())] == 2.0
     assert s[("enclavefl_job_state", (("enclavefl_job_state", "paused"),))] == 1.0
     assert s[("enclavefl_job_state", (("enclavefl_job_state", "running"),))] == 0.0
 
 
 def test_every_reason_series_exists_before_any_update() -> None:
-    s = scrape(JobMetrics(MemoryHandle()))
+    s = scrape(JobMetrics(MemoryJob()))
 
     reasons = {dict(labels)["reason"] for (name, labels) in s if name == "enclavefl_updates_total"}
     assert reasons == set(REASON_CLASSES)
