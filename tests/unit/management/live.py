@@ -41,13 +41,18 @@ class Served:
 
 
 def app_for(job: MemoryJob, mounts: Sequence[Mount], *, public_read: bool = False) -> FastAPI:
-    return create_app(job, token=TOKEN, public_read=public_read, mounts=mounts)
+    """The API's app over ``job`` with ``mounts``; :func:`serving` ends its event streams when it stops."""
+    stopping = threading.Event()
+    app = create_app(job, token=TOKEN, public_read=public_read, mounts=mounts, stopping=stopping)
+    app.state.test_stopping = stopping
+    return app
 
 
 @contextmanager
 def serving(app: FastAPI) -> Iterator[Served]:
     """Runs ``app`` on 127.0.0.1 on a free port until the block ends."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off",
+                                           timeout_graceful_shutdown=2))
     thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -59,5 +64,8 @@ def serving(app: FastAPI) -> Iterator[Served]:
     try:
         yield Served(f"http://127.0.0.1:{port}")
     finally:
+        stopping = getattr(app.state, "test_stopping", None)
+        if stopping is not None:
+            stopping.set()  # open event streams end at their next poll
         server.should_exit = True
         thread.join(10)
