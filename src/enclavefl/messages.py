@@ -12,7 +12,7 @@ import enum
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, TypeAlias
+from typing import Literal, Protocol, TypeAlias
 
 from enclavefl.tensors import ParamSet, StreamHeader
 
@@ -45,11 +45,26 @@ ConfigValue: TypeAlias = bool | int | float | str
 
 @dataclass(frozen=True, slots=True)
 class PeerIdentity:
-    """Who is calling: the fingerprint of its TLS certificate and a short label for logs."""
+    """Who is calling: the fingerprint of its TLS certificate, a short label for logs, and what it proved.
+
+    The fields after ``measurement`` are what the peer's attestation proved at its
+    join (shown by the management plane); their defaults say "no evidence", so a
+    peer known only by its certificate (plain mTLS, an in-memory worker) needs none.
+    """
 
     fingerprint: str
     label: str
     measurement: str = ""
+    """MRENCLAVE (SGX) or MRTD (TDX), hex; "" without attestation."""
+    evidence: Literal["sgx", "tdx", "simulated", "none"] = "none"
+    mr_signer: str = ""
+    isv_prod_id: int | None = None
+    isv_svn: int | None = None
+    tcb_status: str | None = None
+    """Intel's TCB status from collateral; None when it was not evaluated."""
+    advisories: tuple[str, ...] = ()
+    weaker: tuple[str, ...] = ()
+    """The policy allowances the acceptance relied on (``missing_collateral``, ...)."""
 
 
 class TaskKind(enum.Enum):

@@ -51,8 +51,8 @@ def missing_extra(exc: ImportError) -> str | None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from enclavefl.cli import (attest_cmd, baseline_cmd, certs_cmd, export_cmd, predict_cmd, report_cmd, roles,
-                               run_cmd, simulate_cmd)
+    from enclavefl.cli import (attest_cmd, baseline_cmd, certs_cmd, export_cmd, manage_cmd, predict_cmd, report_cmd,
+                               roles, run_cmd, simulate_cmd)
 
     parser = argparse.ArgumentParser(prog="enclavefl", description="Federated learning with attested TLS.")
     parser.add_argument("--version", action="version", version=f"enclavefl {__version__}")
@@ -68,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     report_cmd.add_parser(sub)
     predict_cmd.add_parser(sub)
     export_cmd.add_parser(sub)
+    manage_cmd.add_parsers(sub)
     return parser
 
 

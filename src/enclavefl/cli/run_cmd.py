@@ -57,6 +57,7 @@ from enclavefl.cli.stopping import exit_code_for, raise_on_stop_signals
 from enclavefl.cli.supervisor import MAX_RESTARTS, WorkerSupervisor
 from enclavefl.config import JobConfig, load_job, parse_job
 from enclavefl.errors import ConfigError, RoundError
+from enclavefl.management.runfiles import MANAGEMENT_FILE, read_management_info
 from enclavefl.transport.certs import create_job_certs
 
 PORT_TIMEOUT_S = 120.0
@@ -290,6 +291,7 @@ def _run(args: argparse.Namespace) -> int:
     started, started_wall = time.monotonic(), time.time()
     port_file = run_dir / "ps.port"
     port_file.unlink(missing_ok=True)
+    (run_dir / MANAGEMENT_FILE).unlink(missing_ok=True)  # a PS killed earlier may have left its record
     metrics_path = run_dir / config.summary.metrics_file
     events = EventFeed(run_dir / EVENTS_FILE, functools.partial(_show_event, console, started_wall, args.quiet))
     supervisor = WorkerSupervisor(cluster.respawn, lambda line: console.print(line, style="yellow", markup=False),
@@ -320,6 +322,8 @@ def _run(args: argparse.Namespace) -> int:
             supervisor.watch(worker.name, worker.proc)
         console.print(f"PS listening on 127.0.0.1:{port}; logs in {run_dir / 'logs'}; "
                       f"waiting for {config.round.min_workers} of {config.job.workers} workers to join")
+        if config.management.enabled:
+            _print_management(console, run_dir)
         if plan is not None and plan.checkpoint_round is not None:
             console.print(f"resumed from round {plan.checkpoint_round} ({plan.checkpoint_path}); "
                           f"rounds {plan.checkpoint_round + 1}..{config.job.rounds} to go")
@@ -357,6 +361,17 @@ def _run(args: argparse.Namespace) -> int:
         console.print(_resume_hint(run_dir, config), markup=False)
         return 1
     return 0
+
+
+def _print_management(console: Console, run_dir: Path) -> None:
+    """The PS's management API line (the PS records it before it reports its port)."""
+    try:
+        info = read_management_info(run_dir)
+    except ConfigError as exc:
+        console.print(f"[yellow]management API: {exc}[/]")
+        return
+    console.print(f"management API {info.url} (token in {info.token_file}); `enclavefl status {run_dir}`",
+                  markup=False, soft_wrap=True)
 
 
 def _show_event(console: Console, started_wall: float, quiet: bool, event: dict[str, Any], text: str) -> None:

@@ -27,12 +27,9 @@ from enclavefl.errors import ConfigError
 from enclavefl.transport.audit import AuditLog, AuditRecord
 from enclavefl.transport.ratelimit import ConnectionLimiter, RefusalLog
 
-__all__ = ["TOKEN_FILE", "TokenGuard", "bearer_token", "generate_token", "read_token", "write_token"]
+__all__ = ["TokenGuard", "bearer_token", "generate_token", "read_token", "write_token"]
 
 log = logging.getLogger(__name__)
-
-TOKEN_FILE: Final = "management.token"
-"""The token's file in the run directory (mode 0600)."""
 
 _TOKEN_BYTES = 32
 _MAX_TOKEN_CHARS = 512

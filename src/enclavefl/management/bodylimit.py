@@ -23,10 +23,10 @@ class _TooLarge(HTTPException):
     """Raised from ``receive``: an HTTPException, so the framework's body parsing passes it on as it is."""
 
 
-async def _refuse(send: Send, max_bytes: int, found: str) -> None:
+async def _refuse(send: Send, max_bytes: int, found: str, status: int = 413) -> None:
     body = json.dumps({"detail": f"the request body is limited to {max_bytes} bytes, got {found}",
                        "field": "body"}).encode()
-    await send({"type": "http.response.start", "status": 413,
+    await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
 
@@ -52,7 +52,8 @@ class BodyLimit:
                 except ValueError:
                     length = -1
                 if length < 0 or length > self.max_bytes:
-                    await _refuse(send, self.max_bytes, f"Content-Length {value.decode(errors='replace')[:32]}")
+                    await _refuse(send, self.max_bytes, f"Content-Length {value.decode(errors='replace')[:32]}",
+                                  400 if length < 0 else 413)
                     return
         seen = 0
         started = False

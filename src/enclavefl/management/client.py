@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 from enclavefl.errors import ConfigError, DeadlineExceeded, EnclaveFLError, Unavailable
 from enclavefl.management.auth import read_token
-from enclavefl.management.serve import read_management_info
+from enclavefl.management.runfiles import read_management_info
 
 __all__ = ["ManagementClient", "ManagementError"]
 

@@ -34,6 +34,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, final
 
+from enclavefl.config import CLOUD_KEY_ALIASES
 from enclavefl.errors import ConfigError
 from enclavefl.management.schema import JobHandle, JobState
 
@@ -81,17 +82,24 @@ class HyperParameter:
     kind: Literal["count", "ratio", "positive", "ms"]
 
 
-HYPER_PARAMETERS: Final[Mapping[str, HyperParameter]] = {
-    "fl_iteration_num": HyperParameter("job.rounds", "count"),
-    "start_fl_job_threshold": HyperParameter("round.min_workers", "count"),
-    "start_fl_job_time_window": HyperParameter("round.start_window_s", "ms"),
-    "update_model_ratio": HyperParameter("round.update_ratio", "ratio"),
-    "update_model_time_window": HyperParameter("round.update_window_s", "ms"),
-    "client_epoch_num": HyperParameter("client.epochs", "count"),
-    "client_batch_size": HyperParameter("client.batch_size", "count"),
-    "client_learning_rate": HyperParameter("client.lr", "positive"),
+_VALUE_KINDS: Final[Mapping[str, Literal["ratio", "positive"]]] = {
+    "update_model_ratio": "ratio",
+    "client_learning_rate": "positive",
 }
-"""Cloud hyper-parameter name -> job-file key. A name not listed here is refused by ``/newInstance``."""
+
+
+def _kind(name: str, factor: float | None) -> Literal["count", "ratio", "positive", "ms"]:
+    if factor is not None:
+        return "ms"
+    return _VALUE_KINDS.get(name, "count")
+
+
+HYPER_PARAMETERS: Final[Mapping[str, HyperParameter]] = {
+    name: HyperParameter(key, _kind(name, factor)) for name, (key, factor) in CLOUD_KEY_ALIASES.items()
+}
+"""Cloud hyper-parameter name -> job-file key: the job file's own aliases
+(:data:`~enclavefl.config.CLOUD_KEY_ALIASES`), so a name means the same in a job
+file and in ``/newInstance``. A name not listed here is refused by ``/newInstance``."""
 
 
 def to_cloud(settings: Mapping[str, Any]) -> dict[str, Any]:

@@ -21,7 +21,6 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, final
@@ -29,17 +28,15 @@ from typing import Any, Final, final
 from enclavefl.config import ManagementConfig
 from enclavefl.errors import ConfigError, TransportError
 from enclavefl.management.api import Mount, create_app
-from enclavefl.management.auth import TOKEN_FILE, generate_token, write_token
+from enclavefl.management.auth import generate_token, write_token
+from enclavefl.management.runfiles import MANAGEMENT_FILE, TOKEN_FILE
 from enclavefl.management.schema import JobHandle
 from enclavefl.management.tls import TlsFiles, management_tls
 from enclavefl.transport.audit import AuditLog
 
-__all__ = ["MANAGEMENT_FILE", "ManagementInfo", "ManagementServer", "read_management_info", "split_listen"]
+__all__ = ["ManagementServer", "split_listen"]
 
 log = logging.getLogger(__name__)
-
-MANAGEMENT_FILE: Final = "management.json"
-"""The running API's URL, port, pid and CA file, in the run directory (removed when it stops)."""
 
 _READY_TIMEOUT_S: Final = 15.0
 _GRACE_S: Final = 2
@@ -58,36 +55,6 @@ def split_listen(listen: str) -> tuple[str, int]:
     if not port_text.isdigit() or not 0 <= int(port_text) <= 65535 or not host:
         raise ConfigError(f"management.listen: expected host:port with a port in 0..65535, got {listen!r}")
     return host, int(port_text)
-
-
-@dataclass(frozen=True, slots=True)
-class ManagementInfo:
-    """What ``management.json`` says about a running API."""
-
-    url: str
-    port: int
-    pid: int
-    ca: Path
-    """The CA file to verify the API's certificate against (absolute)."""
-    token_file: Path
-
-
-def read_management_info(run_dir: Path) -> ManagementInfo:
-    """The management API of the run in ``run_dir``, as its ``management.json`` records it.
-
-    Raises:
-        ConfigError: there is no such file (no API runs there), or it is malformed.
-    """
-    path = run_dir / MANAGEMENT_FILE
-    try:
-        doc = json.loads(path.read_text())
-        return ManagementInfo(url=str(doc["url"]), port=int(doc["port"]), pid=int(doc["pid"]),
-                              ca=run_dir / str(doc["ca"]), token_file=run_dir / str(doc["token_file"]))
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{path}: no management API runs for {run_dir} (is the job running, with "
-                          "management.enabled?)") from exc
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"{path}: cannot read the management API's record: {exc}") from exc
 
 
 def _relative(path: Path, run_dir: Path) -> str:

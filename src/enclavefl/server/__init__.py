@@ -14,6 +14,8 @@ from enclavefl.server.checkpoint import (
 from enclavefl.server.closing import ClosePipeline, Evaluator
 from enclavefl.server.core import ServerCore
 from enclavefl.server.engine import Engine, SyncEngine
+from enclavefl.server.events import EVENT_KINDS, Event, EventBatch, EventBus
+from enclavefl.server.handle import PsHandle, identity_of
 from enclavefl.server.liveness import LivenessMonitor
 from enclavefl.server.metrics import REQUIRED_KEYS, MetricsLog
 from enclavefl.server.optimizer import SERVER_OPTIMIZERS, FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi, ServerOptimizer
@@ -30,6 +32,7 @@ from enclavefl.server.strategy import AggregatorFactory, PostProcess, Strategy, 
 
 __all__ = [
     "AGGREGATORS",
+    "EVENT_KINDS",
     "REQUIRED_KEYS",
     "SERVER_OPTIMIZERS",
     "Aggregator",
@@ -43,6 +46,9 @@ __all__ = [
     "CoordinateMedian",
     "Engine",
     "Evaluator",
+    "Event",
+    "EventBatch",
+    "EventBus",
     "FedAdagrad",
     "FedAdam",
     "FedAvg",
@@ -57,6 +63,7 @@ __all__ = [
     "PartState",
     "Phase",
     "PostProcess",
+    "PsHandle",
     "Round",
     "RoundRecord",
     "Sampler",
@@ -73,6 +80,7 @@ __all__ = [
     "WorkerRecord",
     "WorkerRegistry",
     "build_strategy",
+    "identity_of",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",

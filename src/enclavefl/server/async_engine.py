@@ -250,7 +250,7 @@ class AsyncEngine(Engine):
         """
         core, buf = self.core, self.buffer
         if (core.phase is not Phase.TRAINING or buf is None or buf.count >= buf.capacity
-                or worker.worker_id in self._uploading):
+                or worker.worker_id in self._uploading or core.paused or core.ending):
             return None
         self._busy[worker.worker_id] = _Task(worker, core.version)
         worker.busy_since = time.monotonic()
@@ -281,6 +281,10 @@ class AsyncEngine(Engine):
 
     def _grace_window(self) -> str:
         return f"update_window_s={self.config.round.update_window_s:g} of a step that gets too few updates"
+
+    def open_counts(self) -> tuple[int, int]:
+        buf = self.buffer
+        return (len(self._asked), buf.count) if buf is not None else (0, 0)
 
     def note_rejection(self, worker_id: str) -> None:
         self._rejected += 1
@@ -345,12 +349,16 @@ class AsyncEngine(Engine):
         if core.next_round > cfg.job.rounds:
             return
         started, attempt = time.monotonic(), 0
+        with core.cond:
+            core.hold_while_paused()
         while not self._await_workers():
-            if core.stopping:
+            if core.ending:
                 return
             attempt += 1
             self._retry_or_fail(attempt, f"fewer than min_workers={cfg.round.min_workers} joined within "
                                          f"start_window_s={cfg.round.start_window_s}")
+        if core.ending:
+            return
         seconds_wait = time.monotonic() - started
         with core.cond:
             self.buffer = self._open(core.next_round, core.version)
@@ -365,11 +373,16 @@ class AsyncEngine(Engine):
             # The last step leaves no buffer open; a failed close opens one again.
             while core.phase is not Phase.FINISHED and (buf := self.buffer) is not None:
                 count = self._await_buffer(buf)
+                cfg = self.config  # an operator's change applies from the next step
                 if core.stopping:
                     log.warning("ps %s round %d: stopped; %d buffered updates are abandoned", core.instance,
                                 buf.number, count)
                     break
-                if count < cfg.round.buffer_size and count < cfg.round.min_updates:
+                if core.finishing and count < buf.capacity and count < cfg.round.min_updates:
+                    log.warning("ps %s round %d: stop asked for; the step got %d updates, min_updates=%d: "
+                                "abandoned", core.instance, buf.number, count, cfg.round.min_updates)
+                    break
+                if count < buf.capacity and count < cfg.round.min_updates:
                     self._fail_if_lost(buf.number, self._grace_window())
                     attempt += 1
                     self._retry_or_fail(attempt, f"step {buf.number} got {count} updates within update_window_s="
@@ -377,6 +390,8 @@ class AsyncEngine(Engine):
                     continue  # the same buffer keeps what it has and waits another window
                 failure = self._step(buf, attempt, seconds_wait)
                 seconds_wait = 0.0
+                if core.finishing:
+                    break
                 if failure is None:
                     attempt = 0
                 else:
@@ -390,11 +405,20 @@ class AsyncEngine(Engine):
                 left.aggregator.close()
 
     def _await_buffer(self, buf: UpdateBuffer) -> int:
-        """Waits until the buffer is full or one window passed; returns its count."""
+        """Waits until the buffer is full or one window passed; returns its count.
+
+        While the job is paused no task is handed out, so the window would only
+        count missing updates: it starts again when the job resumes. Uploads in
+        flight still fold, and a buffer they fill closes.
+        """
         core, cfg = self.core, self.config.round
         deadline = time.monotonic() + cfg.update_window_s
         with core.cond:
-            while buf.count < cfg.buffer_size and not core.stopping:
+            while buf.count < buf.capacity and not core.stopping:
+                if core.paused and not core.ending:
+                    core.cond.wait(1.0)
+                    deadline = time.monotonic() + cfg.update_window_s
+                    continue
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
@@ -406,7 +430,7 @@ class AsyncEngine(Engine):
         core = self.core
         with core.cond:
             core.set_phase(Phase.AGGREGATING)
-            last = buf.number >= self.config.job.rounds
+            last = buf.number >= self.config.job.rounds or core.finishing
             # The fresh buffer's updates apply to the version this close makes.
             self.buffer = None if last else self._open(buf.number + 1, buf.model_version + 1)
             sampled, rejected, bytes_out = frozenset(self._asked), self._rejected, self._bytes_out

@@ -43,13 +43,14 @@ class ClosePipeline:
     """Turns a closed round's aggregator into the next model version, its metrics row and checkpoint."""
 
     def __init__(self, core: ServerCore, strategy: Strategy, evaluator: Evaluator | None, *, checkpoint_dir: Path,
-                 checkpoint_every: int, last_round: int, dense_update_bytes: int) -> None:
+                 checkpoint_every: int, dense_update_bytes: int) -> None:
+        """Prepares the pipeline; the job's last round is read from ``core.config`` at each close
+        (an operator may change ``job.rounds`` while the job runs)."""
         self._core = core
         self._strategy = strategy
         self._evaluator = evaluator
         self._checkpoint_dir = checkpoint_dir
         self._checkpoint_every = checkpoint_every
-        self._last_round = last_round
         self._dense_update_bytes = dense_update_bytes
         self._saved_round = core.next_round - 1  # a resumed job: that round is on disk already
 
@@ -127,7 +128,7 @@ class ClosePipeline:
         for key, value in evaluation.items():
             if key not in ("loss", "accuracy"):
                 row[f"eval_{key}"] = value
-        last = record.number >= self._last_round
+        last = record.number >= core.config.job.rounds
         core.install(new_params, record.model_version + 1, record.number + 1, row)
         if record.number % self._checkpoint_every == 0 or last:
             self._save(record.number, record.model_version + 1, new_params)

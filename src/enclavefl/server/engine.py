@@ -21,10 +21,11 @@ from enclavefl.errors import RoundError, UpdateRejected
 from enclavefl.messages import TaskInfo, TaskKind, UpdateMeta
 from enclavefl.server.checkpoint import params_digest
 from enclavefl.server.closing import ClosePipeline
-from enclavefl.server.core import ServerCore
+from enclavefl.server.core import JobOutcome, ServerCore
 from enclavefl.server.phases import Phase
 from enclavefl.server.registry import WorkerRecord
 from enclavefl.server.round import Round, RoundRecord
+from enclavefl.server.sampling import Sampler, UniformSampler
 from enclavefl.server.staging import UpdateTarget
 from enclavefl.server.state import PartState
 from enclavefl.server.strategy import Strategy
@@ -41,17 +42,35 @@ LINGER_S = 10.0
 class Engine(ABC):
     """Runs the job's rounds over a :class:`ServerCore`."""
 
-    def __init__(self, core: ServerCore, strategy: Strategy, pipeline: ClosePipeline, config: JobConfig,
+    def __init__(self, core: ServerCore, strategy: Strategy, pipeline: ClosePipeline,
                  upload_template: StreamHeader) -> None:
         self.core = core
         self.strategy = strategy
         self.pipeline = pipeline
-        self.config = config
         self.upload_template = upload_template
         self._opened_any = False
         """A round (or the async steps) opened in this process: the job had its workers once."""
         self._lost: list[str] = []
         """Names of the workers lost (silent, or left) since a round last opened."""
+
+    @property
+    def config(self) -> JobConfig:
+        """The job's settings now (:attr:`ServerCore.config`): an operator may change them between rounds."""
+        return self.core.config
+
+    def sampler(self) -> Sampler:
+        """The strategy's sampler, with ``round.fraction`` and ``round.min_workers`` as they are now.
+
+        A :class:`UniformSampler` follows changed settings; a custom sampler is used as given.
+        """
+        sampler, cfg = self.strategy.sampler, self.config.round
+        if isinstance(sampler, UniformSampler) and (sampler.fraction, sampler.minimum) != (cfg.fraction, cfg.min_workers):
+            return dataclasses.replace(sampler, fraction=cfg.fraction, minimum=cfg.min_workers)
+        return sampler
+
+    def open_counts(self) -> tuple[int, int]:
+        """Workers asked to train in the open round (or step) and updates accepted in it so far (caller holds the lock)."""
+        return 0, 0
 
     @abstractmethod
     def loop(self) -> None:
@@ -89,7 +108,7 @@ class Engine(ABC):
         self._lost.append(name)
         core, need = self.core, self.config.round.min_workers
         joined = len(core.registry)
-        if self._opened_any and joined < need and core.phase is not Phase.FINISHED and not core.stopping:
+        if self._opened_any and joined < need and core.phase is not Phase.FINISHED and not core.ending:
             log.warning("ps %s round %d: %d workers joined, fewer than min_workers=%d: the job fails unless %d "
                         "(re)join within %s", core.instance, core.next_round, joined, need, need - joined,
                         self._grace_window())
@@ -145,8 +164,10 @@ class Engine(ABC):
             RoundError: the job could not make progress (too few workers or updates after retries).
         """
         core = self.core
+        outcome: JobOutcome = "failed"
         try:
             self.loop()
+            outcome = "stopped" if core.ending else "finished"
         except RoundError as exc:
             core.failure = str(exc)
             raise
@@ -154,10 +175,12 @@ class Engine(ABC):
             # A failed or stopped job keeps its last completed round, whatever checkpoint_every says.
             self.pipeline.checkpoint_latest()
             with core.cond:
-                if core.stopping and core.failure is None and core.next_round <= self.config.job.rounds:
+                if core.ending and core.failure is None and core.next_round <= self.config.job.rounds:
                     core.failure = f"stopped after round {core.next_round - 1}"
                 if core.phase is not Phase.FINISHED:
                     core.set_phase(Phase.FINISHED)
+                reason = core.failure or f"{core.next_round - 1} rounds done"
+                core.end(outcome, reason)
             self._linger()
 
     def _retry_or_fail(self, attempt: int, why: str) -> None:
@@ -170,7 +193,7 @@ class Engine(ABC):
         cfg = self.config.round
         deadline = time.monotonic() + cfg.start_window_s
         with self.core.cond:
-            while len(self.core.registry) < cfg.min_workers and not self.core.stopping:
+            while len(self.core.registry) < cfg.min_workers and not self.core.ending:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
@@ -194,20 +217,30 @@ class SyncEngine(Engine):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.round: Round | None = None
+        self._round_config = self.config
+        """The settings the open round was opened with (an operator's change applies from the next)."""
 
     def loop(self) -> None:
-        core, cfg = self.core, self.config
+        core = self.core
         attempt = 0
-        while core.next_round <= cfg.job.rounds and core.phase is not Phase.FINISHED and not core.stopping:
+        while core.next_round <= self.config.job.rounds and core.phase is not Phase.FINISHED and not core.ending:
+            with core.cond:
+                core.hold_while_paused()
+            cfg = self.config  # the settings of this round: an operator's change applies from the next
             wait_started = time.monotonic()
             if not self._await_workers():
-                if core.stopping:
+                if core.ending:
                     break
+                if core.paused:  # the window passed while paused: not a failure of the round
+                    continue
                 self._fail_if_lost(core.next_round, self._grace_window())
                 attempt += 1
                 self._retry_or_fail(attempt, f"fewer than min_workers={cfg.round.min_workers} joined within "
                                              f"start_window_s={cfg.round.start_window_s}")
                 continue
+            with core.cond:
+                if core.paused or core.ending:  # asked for while waiting for workers: no round opens
+                    continue
             seconds_wait = time.monotonic() - wait_started
             rnd = self._open_round(attempt)
             record = self._await_round(rnd)
@@ -215,6 +248,9 @@ class SyncEngine(Engine):
                 rnd.aggregator.close()
                 log.warning("ps %s round %d: stopped; the open round is abandoned", core.instance, rnd.number)
                 break
+            if core.finishing:
+                log.info("ps %s round %d: stop asked for; this round completes, then the job ends",
+                         core.instance, rnd.number)
             failure = None
             if len(record.pushed) < cfg.round.min_updates:
                 failure = f"round {rnd.number} got {len(record.pushed)} updates, min_updates={cfg.round.min_updates}"
@@ -237,7 +273,9 @@ class SyncEngine(Engine):
     def _open_round(self, attempt: int) -> Round:
         core, cfg = self.core, self.config
         with core.cond:
-            ids = self.strategy.sampler.sample(core.registry.candidates(), core.next_round, attempt)
+            self._round_config = cfg
+            ids = self.sampler().sample(core.registry.candidates(), core.next_round, attempt)
+            core.registry.settle()
             required = max(1, int(np.ceil(cfg.round.update_ratio * len(ids) - 1e-9)))
             rnd = Round(core.next_round, core.version, attempt, frozenset(ids), required,
                         self.strategy.aggregator(self.upload_template), self.upload_template,
@@ -264,7 +302,7 @@ class SyncEngine(Engine):
             record = rnd.close()
             late = frozenset() if core.stopping else record.sampled - record.pushed - record.dropped
             for worker_id in late:
-                if core.registry.remove(worker_id) is not None:
+                if core.registry.remove(worker_id, reason=f"no update by the end of round {rnd.number}") is not None:
                     log.info("ps %s round %d: worker %s dropped (no update by the end of round %d)",
                              core.instance, rnd.number, worker_id, rnd.number)
             if late:
@@ -278,7 +316,7 @@ class SyncEngine(Engine):
         if self.core.phase is not Phase.TRAINING or rnd is None or not rnd.is_training(worker.worker_id):
             return None
         return TaskInfo(TaskKind.TRAIN, self.core.instance, round=rnd.number, model_version=rnd.model_version,
-                        client=self.strategy.algorithm.client_settings(self.config.client, rnd.number))
+                        client=self.strategy.algorithm.client_settings(self._round_config.client, rnd.number))
 
     def target_for(self, meta: UpdateMeta) -> tuple[UpdateTarget, int, float]:
         rnd = self.round
@@ -298,3 +336,9 @@ class SyncEngine(Engine):
     def on_download(self, worker_id: str, nbytes: int) -> None:
         if self.round is not None and worker_id in self.round.sampled:
             self.round.note_download(nbytes)
+
+    def open_counts(self) -> tuple[int, int]:
+        rnd = self.round
+        if rnd is None or rnd.closed:
+            return 0, 0
+        return len(rnd.sampled), len(rnd.pushed)

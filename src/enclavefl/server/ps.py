@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 from enclavefl.config import JobConfig
 from enclavefl.errors import CheckpointError, ProtocolError, RoundError, UpdateRejected
@@ -39,6 +39,10 @@ from enclavefl.server.state import PartState, Stateful
 from enclavefl.server.strategy import Strategy, build_strategy
 from enclavefl.server.worker_metrics import WORKER_METRICS, check_worker_metrics
 from enclavefl.tensors import CodecLimits, ParamSet, StreamDecoder, StreamHeader
+
+if TYPE_CHECKING:
+    from enclavefl.management.schema import Identity
+    from enclavefl.server.handle import AttestationMode, PsHandle
 
 __all__ = ["Evaluator", "ParameterServer"]
 
@@ -69,7 +73,6 @@ class ParameterServer:
             CheckpointError: its saved strategy state does not fit this strategy.
             ConfigError: the job's strategy settings are refused by a part.
         """
-        self.config = config
         self._limits = limits or CodecLimits(
             max_total_bytes=config.server.max_update_bytes, max_chunk_bytes=config.transport.chunk_bytes
         )
@@ -85,27 +88,35 @@ class ParameterServer:
             history = resume_from.history
         self.metrics = MetricsLog(out_dir / config.summary.metrics_file, history)
         self.core = ServerCore(params, version=version, next_round=next_round, metrics=self.metrics,
-                               part_states=self._part_states)
+                               part_states=self._part_states, config=config)
+        self.metrics.subscribe(self._publish_row)
         self._template = template
         upload_template = self.strategy.algorithm.upload_template(template)
         pipeline = ClosePipeline(
             self.core, self.strategy, evaluator, checkpoint_dir=out_dir / config.server.checkpoint_dir,
-            checkpoint_every=config.server.checkpoint_every, last_round=config.job.rounds,
+            checkpoint_every=config.server.checkpoint_every,
             dense_update_bytes=upload_template.total_bytes,
         )
+        self._handle: PsHandle | None = None
+        self._handle_lock = threading.Lock()
         self.engine: Engine
         if config.round.mode == "async":
             from enclavefl.server.async_engine import AsyncEngine
 
-            self.engine = AsyncEngine(self.core, self.strategy, pipeline, config, upload_template)
+            self.engine = AsyncEngine(self.core, self.strategy, pipeline, upload_template)
         else:
-            self.engine = SyncEngine(self.core, self.strategy, pipeline, config, upload_template)
+            self.engine = SyncEngine(self.core, self.strategy, pipeline, upload_template)
         if resume_from is not None:
             self._load_parts(resume_from)
             log.info("ps %s resumed from %s: next round %d, model version %d, digest %s", self.instance,
                      resume_from.path, next_round, version, params_digest(params)[:16])
 
     # ------------------------------------------------------------ state
+    @property
+    def config(self) -> JobConfig:
+        """The job's settings now (the job file's, with an operator's changes since; see :meth:`handle`)."""
+        return self.core.config
+
     @property
     def instance(self) -> str:
         return self.core.instance
@@ -145,15 +156,45 @@ class ParameterServer:
             RoundError: too few workers or updates within ``round.max_retries`` retries, or
                 fewer than ``round.min_workers`` after workers were lost and a start window passed.
         """
+        with self.core.cond:
+            self.core.running = True
         with LivenessMonitor(self.core, self._drop_silent, timeout_s=self.config.round.worker_timeout_s):
             self.engine.run()
 
-    def stop(self) -> None:
-        """Ends the job from another thread: the open round is abandoned, the last completed one checkpointed.
+    def stop(self, mode: Literal["finish", "abort"] = "abort") -> None:
+        """Ends the job from another thread; the last completed round is checkpointed either way.
+
+        Args:
+            mode: ``abort``: the open round is abandoned; ``finish``: it completes (aggregated,
+                checkpointed, its metrics row written) and no other opens.
 
         ``run()`` returns (after telling workers to finish) without raising.
         """
-        self.core.request_stop()
+        if mode == "finish":
+            self.core.request_finish()
+        else:
+            self.core.request_stop()
+
+    def handle(self, *, attestation_mode: AttestationMode | None = None,
+               identity: Identity | None = None) -> PsHandle:
+        """The management plane's view of this PS (:class:`~enclavefl.server.handle.PsHandle`), made once.
+
+        The first call makes it; later calls return the same handle and ignore their arguments.
+
+        Args:
+            attestation_mode: shown in its status; default the job's ``attestation.mode``.
+            identity: what this PS's own attestation proves, for its status; default: no evidence
+                (see :meth:`PsHandle.connect_credentials`, which fills it in from the PS's credentials).
+        """
+        from enclavefl.server.handle import PsHandle
+
+        with self._handle_lock:
+            if self._handle is None:
+                self._handle = PsHandle(self, attestation_mode=attestation_mode, identity=identity)
+            return self._handle
+
+    def _publish_row(self, row: dict[str, Any]) -> None:
+        self.core.events.publish("round", **row)
 
     # ---------------------------------------------------------- handler
     def join(self, peer: PeerIdentity, worker_name: str, num_samples: int) -> JoinInfo:
@@ -181,6 +222,7 @@ class ParameterServer:
                     return TaskInfo(TaskKind.FINISH, core.instance, message=core.failure or "job complete")
                 task = None if core.stopping else self.engine.task_for(worker)
                 if task is not None:
+                    core.registry.set_state(worker.worker_id, "training")
                     return task
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -189,10 +231,11 @@ class ParameterServer:
 
     def model_for(self, peer: PeerIdentity, worker_id: str, model_version: int) -> tuple[int, ParamSet]:
         with self.core.cond:
-            self.core.registry.get(peer, worker_id)
+            worker = self.core.registry.get(peer, worker_id)
             params, version = self.core.params, self.core.version
             outgoing = self.strategy.algorithm.broadcast(params)
             self.engine.on_download(worker_id, outgoing.nbytes)
+            worker.bytes_out += outgoing.nbytes
         return version, outgoing
 
     def _weight_cap(self, worker: WorkerRecord, claimed: int) -> int:
@@ -225,6 +268,7 @@ class ParameterServer:
                     reason = str(exc)
             if reason is not None or target is None:
                 log.warning("ps %s round %d: rejected update from %s: %s", core.instance, meta.round, meta.worker_id, reason)
+                self._note_update(worker, meta.round, False, str(reason), 0)
                 raise UpdateRejected(str(reason))
             num_samples = self._weight_cap(worker, meta.num_samples)
             weight = float(num_samples) * self.engine.staleness_weight(staleness)
@@ -247,20 +291,40 @@ class ParameterServer:
         except ProtocolError as exc:
             self._slots.release()
             self._refuse(target, meta, str(exc))
+        staged_to: UpdateTarget = target
+
+        def ended(accepted: bool, reason: str, nbytes: int) -> None:
+            with core.cond:
+                self._note_update(worker, staged_to.number, accepted, reason, nbytes)
+
         return StagedUpdate(target, meta, decoder, self._slots, weight=weight, num_samples=num_samples,
-                            staleness=staleness, log_prefix=f"ps {core.instance}")
+                            staleness=staleness, log_prefix=f"ps {core.instance}", on_end=ended)
 
     def _refuse(self, target: UpdateTarget, meta: UpdateMeta, reason: str) -> NoReturn:
         """Forgets an upload that never got staged, logs why and refuses it."""
         target.note_rejection(meta.worker_id)
         target.end_upload(meta.worker_id)
         log.warning("ps %s round %d: rejected update from %s: %s", self.core.instance, meta.round, meta.worker_id, reason)
+        with self.core.cond:
+            worker = self.core.registry.find(meta.worker_id)
+            if worker is not None:
+                self._note_update(worker, meta.round, False, reason, 0)
         raise UpdateRejected(reason)
+
+    def _note_update(self, worker: WorkerRecord, round_: int, accepted: bool, reason: str, nbytes: int) -> None:
+        """Records how an upload ended in the worker's row and publishes it (caller holds the lock)."""
+        if accepted:
+            worker.rounds_contributed += 1
+            worker.bytes_in += nbytes
+        if worker.worker_id in self.core.registry:  # a departed worker keeps its final state
+            self.core.registry.set_state(worker.worker_id, "uploaded" if accepted else "joined")
+        self.core.events.publish("update", round=round_, worker_id=worker.worker_id, worker=worker.name,
+                                 accepted=accepted, reason=reason, bytes=nbytes)
 
     def leave(self, peer: PeerIdentity, worker_id: str, reason: str) -> None:
         with self.core.cond:
             self.core.registry.get(peer, worker_id)
-            self._drop(worker_id, f"left: {reason}", lost=True)
+            self._drop(worker_id, f"left: {reason}", lost=True, state="left")
             self.core.cond.notify_all()
 
     def heartbeat(self, peer: PeerIdentity, worker_id: str) -> None:
@@ -277,13 +341,15 @@ class ParameterServer:
         self._drop(worker_id, why, lost=True)
         self.core.cond.notify_all()
 
-    def _drop(self, worker_id: str, why: str, *, lost: bool = False) -> None:
+    def _drop(self, worker_id: str, why: str, *, lost: bool = False,
+              state: Literal["dropped", "left"] = "dropped") -> None:
         """Forgets a worker (caller holds the lock).
 
         Args:
             lost: the worker is gone (silent, or it left), rather than replaced by a new session of its own.
+            state: how the management plane shows it: ``left`` (it said so) or ``dropped``.
         """
-        record = self.core.registry.remove(worker_id)
+        record = self.core.registry.remove(worker_id, state=state, reason=why)
         if record is None:
             return
         self.engine.on_drop(worker_id)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 import numpy as np
@@ -18,7 +18,12 @@ from enclavefl.errors import ProtocolError, UpdateRejected
 from enclavefl.messages import UpdateMeta, UpdateSink
 from enclavefl.tensors import ParamSet, SparseRows, StreamDecoder
 
-__all__ = ["StagedUpdate", "UpdateTarget", "check_finite"]
+__all__ = ["StagedUpdate", "UpdateOutcome", "UpdateTarget", "check_finite"]
+
+UpdateOutcome = Callable[[bool, str, int], None]
+"""Hears how a staged upload ended: accepted or not, why not ("" when accepted), bytes received.
+
+Called once per upload, without the server lock held."""
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +57,8 @@ class StagedUpdate(UpdateSink):
     """One update being received; owns an upload slot until commit() or abort()."""
 
     def __init__(self, target: UpdateTarget, meta: UpdateMeta, decoder: StreamDecoder, slot: threading.Semaphore,
-                 *, weight: float, num_samples: int, staleness: int = 0, log_prefix: str = "ps") -> None:
+                 *, weight: float, num_samples: int, staleness: int = 0, log_prefix: str = "ps",
+                 on_end: UpdateOutcome | None = None) -> None:
         self._target = target
         self._meta = meta
         self._decoder = decoder
@@ -61,6 +67,7 @@ class StagedUpdate(UpdateSink):
         self._num_samples = num_samples
         self._staleness = staleness
         self._log_prefix = log_prefix
+        self._on_end = on_end
         self._done = False
 
     def feed(self, chunk: bytes | memoryview) -> None:
@@ -83,6 +90,8 @@ class StagedUpdate(UpdateSink):
         log.info("%s round %d: accepted update from %s (%d samples, weight %g, %d bytes)", self._log_prefix,
                  self._target.number, self._meta.worker_id, self._num_samples, self._weight,
                  self._decoder.bytes_received)
+        if self._on_end is not None:
+            self._on_end(True, "", self._decoder.bytes_received)
 
     def abort(self, reason: str) -> None:
         if not self._done:
@@ -93,6 +102,8 @@ class StagedUpdate(UpdateSink):
         self._target.note_rejection(self._meta.worker_id)
         log.warning("%s round %d: rejected update from %s: %s", self._log_prefix, self._target.number,
                     self._meta.worker_id, reason)
+        if self._on_end is not None:
+            self._on_end(False, reason, self._decoder.bytes_received)
 
     def _release(self) -> None:
         if not self._done:
