@@ -16,6 +16,14 @@ not by the number of workers.
 (wait + train + aggregate, from metrics.jsonl; round 1 includes process start).
 ``ps_peak_rss_mb`` is the PS process's peak resident set (its rusage).
 
+With ``--management`` each worker count runs twice, alternating, ``--repeat``
+times: once with the PS's management API off, once with it on and a client
+polling ``GET /api/v1/status`` every 100 ms over HTTPS with the job's token
+(as a dashboard or an operator's script would). It prints both medians and
+their ratio::
+
+    workers=4 api_off_s_per_round=1.20 api_on_s_per_round=1.21 ratio=1.008 polls=412 poll_errors=0
+
 Run: ``.venv/bin/python bench/round_overhead.py --workers 10 40 --rounds 4``
 """
 
@@ -28,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -110,10 +119,45 @@ def make_task(config: JobConfig) -> NoiseTask:
     return NoiseTask(config)
 
 
+class StatusPoller:
+    """Polls the run's ``GET /api/v1/status`` every ``every_s`` on a thread, from when the API is up to :meth:`close`."""
+
+    def __init__(self, run_dir: Path, every_s: float = 0.1) -> None:
+        self._run_dir = run_dir
+        self._every_s = every_s
+        self._stop = threading.Event()
+        self.polls = 0
+        self.errors = 0
+        self._thread = threading.Thread(target=self._run, name="status-poller", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from enclavefl.errors import EnclaveFLError
+        from enclavefl.management.client import ManagementClient
+
+        while not (self._run_dir / "management.json").exists():
+            if self._stop.wait(0.05):
+                return
+        client = ManagementClient.for_run(self._run_dir, timeout_s=5.0)
+        while not self._stop.wait(self._every_s):
+            try:
+                client.get("/api/v1/status")
+                self.polls += 1
+            except EnclaveFLError:
+                self.errors += 1  # the API going away at the job's end costs a failed poll or two
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
 def run_once(workers: int, rounds: int, chunk_bytes: int, uploads: int, keep: Path | None = None,
-             aggregator: str = "mean") -> tuple[float, float, list[float]]:
+             aggregator: str = "mean", *, management: bool = False,
+             polls: list[int] | None = None) -> tuple[float, float, list[float]]:
+    """One job; with ``management`` the API is on and polled, and ``polls`` receives (polls, errors)."""
     with tempfile.TemporaryDirectory(prefix="round-overhead-") as tmp:
-        root = Path(tmp) if keep is None else keep / f"workers-{workers}"
+        name = f"workers-{workers}" + ("-api" if management else "")
+        root = Path(tmp) if keep is None else keep / name
         root.mkdir(parents=True, exist_ok=keep is None)
         job = {
             "job": {"name": f"overhead{workers}", "rounds": rounds, "workers": workers},
@@ -123,6 +167,7 @@ def run_once(workers: int, rounds: int, chunk_bytes: int, uploads: int, keep: Pa
                        "max_buffered_updates": max(workers, 1)},
             "transport": {"chunk_bytes": chunk_bytes},
             "attestation": {"mode": "none"},
+            "management": {"enabled": management},
         }
         (root / "job.yaml").write_text(yaml.safe_dump(job))
         from enclavefl.transport.certs import create_job_certs
@@ -142,6 +187,7 @@ def run_once(workers: int, rounds: int, chunk_bytes: int, uploads: int, keep: Pa
                 raise RuntimeError((root / "ps.log").read_text())
             time.sleep(0.05)
         port = port_file.read_text()
+        poller = StatusPoller(root) if management else None
         procs = [
             subprocess.Popen(base + ["worker", *common, "--connect", f"127.0.0.1:{port}", "--index", str(i)]
                              + (["--log-file", str(root / f"worker-{i}.log")] if keep else []),
@@ -153,6 +199,10 @@ def run_once(workers: int, rounds: int, chunk_bytes: int, uploads: int, keep: Pa
         for p in procs:
             p.wait(60)
         ps_log.close()
+        if poller is not None:
+            poller.close()
+            if polls is not None:
+                polls += [poller.polls, poller.errors]
         if ps.returncode != 0:
             raise RuntimeError((root / "ps.log").read_text()[-3000:])
         rows = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
@@ -169,13 +219,37 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="keep each run's directory (logs, metrics) under this folder")
     parser.add_argument("--aggregator", default="mean", choices=["mean", "median", "trimmed_mean", "krum"],
                         help="server.aggregator (the buffering ones spill updates to a file)")
+    parser.add_argument("--management", action="store_true",
+                        help="compare the round with the management API off and on (polled every 100 ms)")
+    parser.add_argument("--repeat", type=int, default=1, help="with --management: off/on pairs per worker count")
     args = parser.parse_args()
+    if args.management:
+        compare_management(args)
+        return
     for n in args.workers:
         s_per_round, rss_mb, times = run_once(n, args.rounds, args.chunk_bytes, args.uploads, args.keep,
                                               args.aggregator)
         label = "" if args.aggregator == "mean" else f" aggregator={args.aggregator}"
         print(f"workers={n}{label} s_per_round={s_per_round:.2f} ps_peak_rss_mb={rss_mb:.0f}", flush=True)
         print(f"  rounds: {' '.join(f'{t:.2f}' for t in times)}", file=sys.stderr, flush=True)
+
+
+def compare_management(args: argparse.Namespace) -> None:
+    """The same job with the API off and on (polled), alternating which runs first, medians of both."""
+    for n in args.workers:
+        off: list[float] = []
+        on: list[float] = []
+        polls: list[int] = []
+        for i in range(args.repeat):
+            for management in ((False, True) if i % 2 == 0 else (True, False)):
+                _, _, times = run_once(n, args.rounds, args.chunk_bytes, args.uploads, args.keep, args.aggregator,
+                                       management=management, polls=polls)
+                (on if management else off).extend(times[1:])  # round 1 includes process start
+                print(f"  api {'on ' if management else 'off'}: {' '.join(f'{t:.2f}' for t in times)}",
+                      file=sys.stderr, flush=True)
+        s_off, s_on = statistics.median(off), statistics.median(on)
+        print(f"workers={n} api_off_s_per_round={s_off:.3f} api_on_s_per_round={s_on:.3f} "
+              f"ratio={s_on / s_off:.3f} polls={sum(polls[0::2])} poll_errors={sum(polls[1::2])}", flush=True)
 
 
 if __name__ == "__main__":
