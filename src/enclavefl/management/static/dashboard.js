@@ -297,11 +297,12 @@
   }
 
   // ------------------------------------------------------------ charts (plain SVG)
-  const W = 480, PAD = { l: 46, r: 10, t: 10, b: 24 };
+  const W = 480, PAD = { l: 58, r: 12, t: 10, b: 24 };
 
-  function axes(svg, h, xMax, yMin, yMax, yFormat) {
+  // Draws the axes of a plot from round xLo to xHi and value yMin to yMax; returns the two scales.
+  function axes(svg, h, xLo, xHi, yMin, yMax, yFormat) {
     const plotH = h - PAD.t - PAD.b, plotW = W - PAD.l - PAD.r;
-    const x = (v) => PAD.l + (xMax <= 1 ? plotW / 2 : ((v - 1) / (xMax - 1)) * plotW);
+    const x = (v) => PAD.l + ((v - xLo) / (xHi - xLo || 1)) * plotW;
     const y = (v) => PAD.t + plotH - ((v - yMin) / (yMax - yMin || 1)) * plotH;
     svg.append(svgEl("line", { class: "axis", x1: PAD.l, y1: PAD.t + plotH, x2: W - PAD.r, y2: PAD.t + plotH }));
     svg.append(svgEl("line", { class: "axis", x1: PAD.l, y1: PAD.t, x2: PAD.l, y2: PAD.t + plotH }));
@@ -310,8 +311,9 @@
       svg.append(svgEl("line", { class: "axis", x1: PAD.l - 3, y1: y(v), x2: W - PAD.r, y2: y(v), "stroke-opacity": 0.5 }));
       svg.append(svgEl("text", { class: "tick", x: PAD.l - 6, y: y(v) + 3, "text-anchor": "end" }, yFormat(v)));
     }
-    const step = Math.max(1, Math.ceil(xMax / 10));
-    for (let r = 1; r <= xMax; r += step) {
+    const first = Math.ceil(xLo), last = Math.floor(xHi);
+    const step = Math.max(1, Math.ceil((last - first + 1) / 10));
+    for (let r = first; r <= last; r += step) {
       svg.append(svgEl("text", { class: "tick", x: x(r), y: h - 8, "text-anchor": "middle" }, r));
     }
     return { x, y };
@@ -333,7 +335,7 @@
     const xMax = Math.max(planned, ...rows.map((r) => r.round), 1);
     const yMax = fixedMax !== undefined && Math.max(...values) <= fixedMax ? fixedMax : Math.max(...values) * 1.1 || 1;
     const yMin = Math.min(0, ...values);
-    const { x, y } = axes(svg, h, xMax, yMin, yMax, format);
+    const { x, y } = axes(svg, h, 1, Math.max(xMax, 2), yMin, yMax, format);
     for (const s of points) {
       if (!s.pts.length) continue;
       svg.append(svgEl("polyline", { class: s.cls, points: s.pts.map(([r, v]) => `${x(r)},${y(v)}`).join(" ") }));
@@ -354,8 +356,9 @@
       : Math.max(...rows.flatMap((r) => parts.map((p) => (isNum(r[p.key]) ? r[p.key] : 0))));
     const planned = state.status && isNum(state.status.rounds) ? state.status.rounds : 0;
     const xMax = Math.max(planned, ...rows.map((r) => r.round), 1);
-    const { x, y } = axes(svg, h, xMax, 0, tallest * 1.1 || 1, format);
-    const slot = Math.max(2, Math.min(28, (W - PAD.l - PAD.r) / Math.max(xMax, 1) - 4));
+    // Each round owns a slot one unit wide, centred on its number.
+    const { x, y } = axes(svg, h, 0.5, xMax + 0.5, 0, tallest * 1.1 || 1, format);
+    const slot = Math.max(2, Math.min(28, (W - PAD.l - PAD.r) / xMax - 4));
     for (const r of rows) {
       let base = 0;
       parts.forEach((p, i) => {
