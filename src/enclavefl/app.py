@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,9 +46,12 @@ from enclavefl.worker.pipeline import default_transforms
 from enclavefl.worker.runtime import Worker, WorkerSettings
 
 if TYPE_CHECKING:
+    from enclavefl.management.api import Mount
+    from enclavefl.management.serve import ManagementServer
     from enclavefl.transport.credentials import Credentials
 
-__all__ = ["RoundCallback", "SimulationResult", "build_server", "run_worker", "serve", "simulate", "trainer_evaluator"]
+__all__ = ["ManagementSetup", "RoundCallback", "SimulationResult", "build_server", "run_worker", "serve", "simulate",
+           "trainer_evaluator"]
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +107,41 @@ def build_server(config: JobConfig, task: Task, *, out_dir: Path, resume: bool =
     return ps
 
 
+@dataclass(frozen=True)
+class ManagementSetup:
+    """Where :func:`serve` starts the job's management API (``management.enabled``; docs/management.md).
+
+    Attributes:
+        run_dir: receives ``management.json``, ``management.token`` (and ``management-tls/``
+            when the job has no CA of its own).
+        tls_dir: the job's certificate directory (``ca.pem``, ``ps.pem``, ``ps.key``), if it has one.
+        audit_path: the run's ``audit.jsonl``, where refused tokens are recorded.
+        mounts: more routes on the same server (the dashboard, ``/metrics``).
+        on_start: called with the running API (its ``url``, ``token_file``) before the first round.
+    """
+
+    run_dir: Path
+    tls_dir: Path | None = None
+    audit_path: Path | None = None
+    mounts: Sequence[Mount] = ()
+    on_start: Callable[[ManagementServer], None] | None = None
+
+
+def _start_management(ps: ParameterServer, setup: ManagementSetup, port: int) -> ManagementServer:
+    from enclavefl.management.serve import ManagementServer
+
+    config = ps.config
+    host = config.transport.listen.rpartition(":")[0]
+    api = ManagementServer.start(ps.handle(), config.management, setup.run_dir, job_name=config.job.name,
+                                 tls_dir=setup.tls_dir, server_address=f"{host}:{port}",
+                                 audit_path=setup.audit_path, mounts=setup.mounts)
+    if setup.on_start is not None:
+        setup.on_start(api)
+    return api
+
+
 def serve(ps: ParameterServer, credentials: Credentials, *,
-          on_listening: Callable[[int], None] | None = None) -> None:
+          on_listening: Callable[[int], None] | None = None, management: ManagementSetup | None = None) -> None:
     """Serves ``ps`` to workers over gRPC and TLS on ``transport.listen`` until the job ends.
 
     A worker whose job settings (task, partition, seed, model) differ from the
@@ -116,10 +152,13 @@ def serve(ps: ParameterServer, credentials: Credentials, *,
         credentials: the PS's TLS identity (see :func:`enclavefl.transport.provisioning.make_credentials`).
         on_listening: called with the bound port once the server listens, before the first round
             (``transport.listen`` may ask for port 0, any free port).
+        management: with ``management.enabled``, the management API starts once the server
+            listens (before ``on_listening``) and stops when the job ends.
 
     Raises:
         RoundError: too few workers or updates within ``round.max_retries`` retries.
-        TransportError: the address cannot be bound (in use, or not on this host).
+        TransportError: the address cannot be bound (in use, or not on this host), the
+            management API's included.
     """
     from enclavefl.transport.service import FederationServer
 
@@ -128,13 +167,18 @@ def serve(ps: ParameterServer, credentials: Credentials, *,
                                     chunk_bytes=config.transport.chunk_bytes,
                                     max_downloads=config.server.max_concurrent_downloads,
                                     job_settings=job_digests(config, StreamHeader.of(ps.params)))
+    api: ManagementServer | None = None
     try:
         log.info("ps %s: listening on port %d, job %s, %d rounds, model %d tensors / %d bytes",
                  ps.instance, server.port, config.job.name, config.job.rounds, len(ps.params), ps.params.nbytes)
+        if management is not None and config.management.enabled:
+            api = _start_management(ps, management, server.port)
         if on_listening is not None:
             on_listening(server.port)
         ps.run()
     finally:
+        if api is not None:
+            api.close()
         server.stop()
     log.info("ps %s: job %s finished", ps.instance, config.job.name)
 

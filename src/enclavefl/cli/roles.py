@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
@@ -40,6 +40,9 @@ from enclavefl.cli.runs import (
 from enclavefl.cli.stopping import StopSignals, exit_code_for
 from enclavefl.config import JobConfig, check_worker_count, load_job, parse_job
 from enclavefl.errors import ConfigError, Unavailable
+
+if TYPE_CHECKING:
+    from enclavefl.management.serve import ManagementServer
 
 DEFAULT_CONNECT_TIMEOUT_S = 120.0
 """How long ``enclavefl worker`` retries an unreachable PS before it gives up (exit 4)."""
@@ -96,7 +99,7 @@ def _warnings_on_console(role: str) -> None:
 
 
 def run_ps(args: argparse.Namespace) -> int:
-    from enclavefl.app import build_server, serve
+    from enclavefl.app import ManagementSetup, build_server, serve
     from enclavefl.tasks import load_task
     from enclavefl.transport.provisioning import make_credentials
 
@@ -128,8 +131,13 @@ def run_ps(args: argparse.Namespace) -> int:
                 _write_port_file(args.port_file, port)
             console.print(f"PS listening on {host}:{port}", soft_wrap=True)
 
+        def management_started(api: ManagementServer) -> None:
+            console.print(f"management API {api.url} (token in {api.token_file})", soft_wrap=True, markup=False)
+
+        audit_path = args.audit_file or out / "audit.jsonl"
+        setup = ManagementSetup(run_dir=out, tls_dir=args.tls_dir, audit_path=audit_path, on_start=management_started)
         try:
-            serve(ps, credentials, on_listening=listening)
+            serve(ps, credentials, on_listening=listening, management=setup)
         finally:
             if started:  # a PS that never listened has nothing to sum up
                 latest: dict[int, dict[str, Any]] = {row["round"]: row for row in ps.metrics.history}
