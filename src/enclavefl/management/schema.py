@@ -11,11 +11,14 @@ rename nothing, add freely). Nothing here imports grpc, FastAPI or torch.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from enclavefl.server.events import EventBus
+if TYPE_CHECKING:
+    # Only named in an annotation: importing it at run time would import enclavefl.server,
+    # whose __init__ imports the PS's handle, which imports this module (a cycle).
+    from enclavefl.server.events import EventBus
 
 __all__ = [
     "Identity",
