@@ -2,8 +2,8 @@
 
 :func:`serving` runs a FastAPI app under uvicorn on 127.0.0.1 (a port the OS
 picks) on a thread, so requests go through real HTTP; the job behind the app
-is the in-memory :class:`~enclavefl.management.memory.MemoryJob`. TLS is the
-API's own business and is tested there and in the browser test.
+is the in-memory :class:`~enclavefl.management.memory.MemoryJob` or a real PS's
+handle. TLS is the API's own business and is tested there and in the browser test.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from enclavefl.management.api import Mount, create_app
-from enclavefl.management.memory import MemoryJob
+from enclavefl.management.schema import JobHandle
 
 TOKEN = "test-token-0123456789"
 
@@ -40,7 +40,7 @@ class Served:
                 return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
 
 
-def app_for(job: MemoryJob, mounts: Sequence[Mount], *, public_read: bool = False) -> FastAPI:
+def app_for(job: JobHandle, mounts: Sequence[Mount], *, public_read: bool = False) -> FastAPI:
     """The API's app over ``job`` with ``mounts``; :func:`serving` ends its event streams when it stops."""
     stopping = threading.Event()
     app = create_app(job, token=TOKEN, public_read=public_read, mounts=mounts, stopping=stopping)

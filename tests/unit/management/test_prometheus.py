@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,6 +12,8 @@ from enclavefl.management.memory import MemoryJob
 from enclavefl.management.prometheus import REASON_CLASSES, JobMetrics, mount, reason_class
 from enclavefl.management.schema import Identity, WorkerInfo
 from tests.unit.management.live import TOKEN, app_for, serving
+from tests.unit.server.live_job import Gate, LiveJob, wait_for
+from tests.unit.server.live_job import job as live_job_config
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -194,3 +197,30 @@ def test_every_reason_series_exists_before_any_update() -> None:
 ])
 def test_reason_class_maps_free_text_to_a_fixed_set(reason: str, expected: str) -> None:
     assert reason_class(reason) == expected
+
+
+# ------------------------------------------------------------------ a real PS
+
+def test_counters_move_while_a_real_ps_runs_its_rounds(tmp_path: Path) -> None:
+    gate = Gate(allowed=1)  # each worker may fit once: round 1 completes, round 2 waits
+    live = LiveJob(live_job_config(rounds=3), tmp_path, gate=gate)
+    try:
+        with serving(app_for(live.handle, [mount])) as server:
+            wait_for(lambda: live.handle.status().rounds_done >= 1, what="round 1")
+            first = samples(server.get("/metrics", {"Authorization": f"Bearer {TOKEN}"})[2].decode())
+            gate.allow(2)
+            wait_for(lambda: live.handle.status().rounds_done >= 2, what="round 2")
+            second = samples(server.get("/metrics", {"Authorization": f"Bearer {TOKEN}"})[2].decode())
+        gate.allow(3)
+        live.wait_done()
+    finally:
+        live.close()
+
+    completed = ("enclavefl_rounds_completed_total", ())
+    accepted = ("enclavefl_updates_total", (("reason", "accepted"), ("result", "accepted")))
+    bytes_in = ("enclavefl_bytes_total", (("direction", "in"),))
+    assert (first[completed], second[completed]) == (1.0, 2.0)
+    assert first[accepted] == 2.0 and second[accepted] == 4.0  # two workers push each round
+    assert 0 < first[bytes_in] < second[bytes_in]
+    assert second[("enclavefl_model_version", ())] == 2.0
+    assert second[("enclavefl_round_phase_seconds_count", (("phase", "aggregate"),))] == 2.0

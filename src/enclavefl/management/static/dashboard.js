@@ -319,6 +319,14 @@
     return { x, y };
   }
 
+  // The last round on the x axis: the whole job when it is short, else the rounds so far plus half again
+  // (a 1000-round job's first rounds would otherwise be squeezed into the left edge).
+  function roundsShown(rows) {
+    const last = Math.max(1, ...rows.map((r) => r.round));
+    const planned = state.status && isNum(state.status.rounds) ? state.status.rounds : last;
+    return Math.max(last, Math.min(planned, Math.max(10, Math.ceil(last * 1.5))));
+  }
+
   function emptyChart(svg, h, message) {
     svg.append(svgEl("text", { class: "empty", x: W / 2, y: h / 2, "text-anchor": "middle" }, message));
   }
@@ -331,8 +339,7 @@
     }));
     const values = points.flatMap((s) => s.pts.map((p) => p[1]));
     if (!values.length) { emptyChart(svg, h, "no completed round yet"); return; }
-    const planned = state.status && isNum(state.status.rounds) ? state.status.rounds : 0;
-    const xMax = Math.max(planned, ...rows.map((r) => r.round), 1);
+    const xMax = roundsShown(rows);
     const yMax = fixedMax !== undefined && Math.max(...values) <= fixedMax ? fixedMax : Math.max(...values) * 1.1 || 1;
     const yMin = Math.min(0, ...values);
     const { x, y } = axes(svg, h, 1, Math.max(xMax, 2), yMin, yMax, format);
@@ -354,8 +361,7 @@
     const total = (r) => parts.reduce((sum, p) => sum + (isNum(r[p.key]) ? r[p.key] : 0), 0);
     const tallest = stacked ? Math.max(...rows.map(total))
       : Math.max(...rows.flatMap((r) => parts.map((p) => (isNum(r[p.key]) ? r[p.key] : 0))));
-    const planned = state.status && isNum(state.status.rounds) ? state.status.rounds : 0;
-    const xMax = Math.max(planned, ...rows.map((r) => r.round), 1);
+    const xMax = roundsShown(rows);
     // Each round owns a slot one unit wide, centred on its number.
     const { x, y } = axes(svg, h, 0.5, xMax + 0.5, 0, tallest * 1.1 || 1, format);
     const slot = Math.max(2, Math.min(28, (W - PAD.l - PAD.r) / xMax - 4));
