@@ -65,9 +65,10 @@ _RESNET18.append(("fc", (10, 512)))
 class NoiseTrainer:
     """Returns the global parameters plus N(0, 1e-3) noise: the transport is all that is measured."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, initial: ParamSet) -> None:
         self._rng = np.random.default_rng(seed)
-        self._params: ParamSet | None = None
+        # The worker checks its model's layout against the PS's before the first round.
+        self._params: ParamSet | None = initial
         self._noise: dict[str, np.ndarray] = {}
 
     @property
@@ -109,7 +110,7 @@ class NoiseTask:
         return ParamSet((n, rng.standard_normal(s, dtype=np.float32) * 0.01) for n, s in _RESNET18)
 
     def worker_trainer(self, index: int, num_workers: int) -> Trainer:
-        return NoiseTrainer(self._seed + index)
+        return NoiseTrainer(self._seed + index, self.initial_parameters())
 
     def server_evaluator(self) -> Trainer | None:
         return None
