@@ -129,6 +129,7 @@ class StatusPoller:
         self._stop = threading.Event()
         self.polls = 0
         self.errors = 0
+        self.last_error = ""
         self._thread = threading.Thread(target=self._run, name="status-poller", daemon=True)
         self._thread.start()
 
@@ -140,12 +141,15 @@ class StatusPoller:
             if self._stop.wait(0.05):
                 return
         client = ManagementClient.for_run(self._run_dir, timeout_s=5.0)
-        while not self._stop.wait(self._every_s):
+        next_at = time.monotonic()
+        while not self._stop.wait(max(0.0, next_at - time.monotonic())):
+            next_at += self._every_s  # a fixed rate: a slow answer does not stretch the period
             try:
                 client.get("/api/v1/status")
                 self.polls += 1
-            except EnclaveFLError:
+            except EnclaveFLError as exc:
                 self.errors += 1  # the API going away at the job's end costs a failed poll or two
+                self.last_error = str(exc)
 
     def close(self) -> None:
         self._stop.set()
@@ -204,6 +208,8 @@ def run_once(workers: int, rounds: int, chunk_bytes: int, uploads: int, keep: Pa
             poller.close()
             if polls is not None:
                 polls += [poller.polls, poller.errors]
+            if poller.errors:
+                print(f"  {poller.errors} failed polls, the last: {poller.last_error}", file=sys.stderr, flush=True)
         if ps.returncode != 0:
             raise RuntimeError((root / "ps.log").read_text()[-3000:])
         rows = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
@@ -243,7 +249,8 @@ def compare_management(args: argparse.Namespace) -> None:
         polls: list[int] = []
         for i in range(args.repeat):
             for management in ((False, True) if i % 2 == 0 else (True, False)):
-                _, _, times = run_once(n, args.rounds, args.chunk_bytes, args.uploads, args.keep, args.aggregator,
+                keep = args.keep / f"pass-{i}" if args.keep else None
+                _, _, times = run_once(n, args.rounds, args.chunk_bytes, args.uploads, keep, args.aggregator,
                                        management=management, polls=polls)
                 (on if management else off).extend(times[1:])  # round 1 includes process start
                 print(f"  api {'on ' if management else 'off'}: {' '.join(f'{t:.2f}' for t in times)}",
