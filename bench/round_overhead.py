@@ -18,9 +18,9 @@ not by the number of workers.
 
 With ``--management`` each worker count runs twice, alternating, ``--repeat``
 times: once with the PS's management API off, once with it on and a client
-polling ``GET /api/v1/status`` every 100 ms over HTTPS with the job's token
-(as a dashboard or an operator's script would). It prints both medians and
-their ratio::
+polling ``GET /api/v1/status`` every 100 ms over HTTPS with the job's token,
+on one kept-open connection as a browser does (``--fresh-connections``: a TLS
+handshake per poll). It prints both medians and their ratio::
 
     workers=4 api_off_s_per_round=1.20 api_on_s_per_round=1.21 ratio=1.008 polls=412 poll_errors=0
 
@@ -121,11 +121,16 @@ def make_task(config: JobConfig) -> NoiseTask:
 
 
 class StatusPoller:
-    """Polls the run's ``GET /api/v1/status`` every ``every_s`` on a thread, from when the API is up to :meth:`close`."""
+    """Polls the run's ``GET /api/v1/status`` every ``every_s`` on a thread, from when the API is up to :meth:`close`.
 
-    def __init__(self, run_dir: Path, every_s: float = 0.1) -> None:
+    Like a browser, it keeps one HTTPS connection open (``fresh=True``: a new connection, so a new TLS
+    handshake, per request, as the CLI's client does). It verifies the API against the run's CA.
+    """
+
+    def __init__(self, run_dir: Path, every_s: float = 0.1, *, fresh: bool = False) -> None:
         self._run_dir = run_dir
         self._every_s = every_s
+        self._fresh = fresh
         self._stop = threading.Event()
         self.polls = 0
         self.errors = 0
@@ -134,22 +139,44 @@ class StatusPoller:
         self._thread.start()
 
     def _run(self) -> None:
-        from enclavefl.errors import EnclaveFLError
-        from enclavefl.management.client import ManagementClient
+        import http.client
+        import ssl
+        from urllib.parse import urlsplit
+
+        from enclavefl.management.auth import read_token
+        from enclavefl.management.runfiles import read_management_info
 
         while not (self._run_dir / "management.json").exists():
             if self._stop.wait(0.05):
                 return
-        client = ManagementClient.for_run(self._run_dir, timeout_s=5.0)
+        info = read_management_info(self._run_dir)
+        url = urlsplit(info.url)
+        context = ssl.create_default_context(cafile=str(info.ca))
+        headers = {"Authorization": f"Bearer {read_token(info.token_file)}", "Accept": "application/json"}
+        conn: http.client.HTTPSConnection | None = None
         next_at = time.monotonic()
         while not self._stop.wait(max(0.0, next_at - time.monotonic())):
             next_at += self._every_s  # a fixed rate: a slow answer does not stretch the period
             try:
-                client.get("/api/v1/status")
+                if conn is None:
+                    conn = http.client.HTTPSConnection(url.hostname or "", url.port, context=context, timeout=5)
+                conn.request("GET", "/api/v1/status", headers=headers)
+                response = conn.getresponse()
+                response.read()
+                if response.status != 200:
+                    raise OSError(f"HTTP {response.status}")
                 self.polls += 1
-            except EnclaveFLError as exc:
+            except (OSError, http.client.HTTPException) as exc:
                 self.errors += 1  # the API going away at the job's end costs a failed poll or two
                 self.last_error = str(exc)
+                if conn is not None:
+                    conn.close()
+                conn = None
+            if self._fresh and conn is not None:
+                conn.close()
+                conn = None
+        if conn is not None:
+            conn.close()
 
     def close(self) -> None:
         self._stop.set()
@@ -157,7 +184,7 @@ class StatusPoller:
 
 
 def run_once(workers: int, rounds: int, chunk_bytes: int, uploads: int, keep: Path | None = None,
-             aggregator: str = "mean", *, management: bool = False,
+             aggregator: str = "mean", *, management: bool = False, fresh_connections: bool = False,
              polls: list[int] | None = None) -> tuple[float, float, list[float]]:
     """One job; with ``management`` the API is on and polled, and ``polls`` receives (polls, errors)."""
     with tempfile.TemporaryDirectory(prefix="round-overhead-") as tmp:
@@ -192,7 +219,7 @@ def run_once(workers: int, rounds: int, chunk_bytes: int, uploads: int, keep: Pa
                 raise RuntimeError((root / "ps.log").read_text())
             time.sleep(0.05)
         port = port_file.read_text()
-        poller = StatusPoller(root) if management else None
+        poller = StatusPoller(root, fresh=fresh_connections) if management else None
         procs = [
             subprocess.Popen(base + ["worker", *common, "--connect", f"127.0.0.1:{port}", "--index", str(i)]
                              + (["--log-file", str(root / f"worker-{i}.log")] if keep else []),
@@ -229,6 +256,8 @@ def main() -> None:
     parser.add_argument("--management", action="store_true",
                         help="compare the round with the management API off and on (polled every 100 ms)")
     parser.add_argument("--repeat", type=int, default=1, help="with --management: off/on pairs per worker count")
+    parser.add_argument("--fresh-connections", action="store_true",
+                        help="with --management: a new HTTPS connection per poll (default: one kept open)")
     args = parser.parse_args()
     if args.management:
         compare_management(args)
@@ -251,7 +280,8 @@ def compare_management(args: argparse.Namespace) -> None:
             for management in ((False, True) if i % 2 == 0 else (True, False)):
                 keep = args.keep / f"pass-{i}" if args.keep else None
                 _, _, times = run_once(n, args.rounds, args.chunk_bytes, args.uploads, keep, args.aggregator,
-                                       management=management, polls=polls)
+                                       management=management, fresh_connections=args.fresh_connections,
+                                       polls=polls)
                 (on if management else off).extend(times[1:])  # round 1 includes process start
                 print(f"  api {'on ' if management else 'off'}: {' '.join(f'{t:.2f}' for t in times)}",
                       file=sys.stderr, flush=True)
