@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
-    # Only named in an annotation: importing it at run time would import enclavefl.server,
-    # whose __init__ imports the PS's handle, which imports this module (a cycle).
+    # Only a type here: importing enclavefl.server at run time would close a circle
+    # (enclavefl.server imports its handle, which imports these models).
     from enclavefl.server.events import EventBus
 
 __all__ = [
