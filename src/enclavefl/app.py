@@ -163,6 +163,8 @@ def serve(ps: ParameterServer, credentials: Credentials, *,
     from enclavefl.transport.service import FederationServer
 
     config = ps.config
+    # The management plane shows the PS's own identity and hears every trust decision from here on.
+    ps.handle().connect_credentials(credentials)
     server = FederationServer.start(ps, credentials, listen=config.transport.listen,
                                     chunk_bytes=config.transport.chunk_bytes,
                                     max_downloads=config.server.max_concurrent_downloads,

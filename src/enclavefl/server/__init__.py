@@ -15,7 +15,6 @@ from enclavefl.server.closing import ClosePipeline, Evaluator
 from enclavefl.server.core import ServerCore
 from enclavefl.server.engine import Engine, SyncEngine
 from enclavefl.server.events import EVENT_KINDS, Event, EventBatch, EventBus
-from enclavefl.server.handle import PsHandle, identity_of
 from enclavefl.server.liveness import LivenessMonitor
 from enclavefl.server.metrics import REQUIRED_KEYS, MetricsLog
 from enclavefl.server.optimizer import SERVER_OPTIMIZERS, FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi, ServerOptimizer
@@ -63,7 +62,6 @@ __all__ = [
     "PartState",
     "Phase",
     "PostProcess",
-    "PsHandle",
     "Round",
     "RoundRecord",
     "Sampler",
@@ -80,7 +78,6 @@ __all__ = [
     "WorkerRecord",
     "WorkerRegistry",
     "build_strategy",
-    "identity_of",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",

@@ -127,22 +127,20 @@ class ServerCore:
         return self.stopping or self.finishing
 
     def pause(self) -> bool:
-        """No new round opens until :meth:`resume`; False if already paused."""
-        with self.cond:
-            if self.paused:
-                return False
-            self.paused = True
-            self.cond.notify_all()
-            return True
+        """No new round opens until :meth:`resume`; False if already paused (caller holds the lock)."""
+        if self.paused:
+            return False
+        self.paused = True
+        self.cond.notify_all()
+        return True
 
     def resume(self) -> bool:
-        """Rounds open again; False if not paused."""
-        with self.cond:
-            if not self.paused:
-                return False
-            self.paused = False
-            self.cond.notify_all()
-            return True
+        """Rounds open again; False if not paused (caller holds the lock)."""
+        if not self.paused:
+            return False
+        self.paused = False
+        self.cond.notify_all()
+        return True
 
     def hold_while_paused(self) -> None:
         """Blocks the engine while the job is paused (and no stop was asked for); caller holds the lock.

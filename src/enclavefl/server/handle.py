@@ -32,7 +32,6 @@ from enclavefl.management.schema import Identity, JobState, RoundsPage, Status, 
 from enclavefl.messages import PeerIdentity
 from enclavefl.server.events import EventBus
 from enclavefl.server.phases import Phase
-from enclavefl.server.registry import WorkerRecord
 
 if TYPE_CHECKING:
     from enclavefl.server.ps import ParameterServer
@@ -217,10 +216,6 @@ class PsHandle:
                            rounds_contributed=contributed, bytes_in=bytes_in, bytes_out=bytes_out,
                            identity=identity_of(peer), reason=reason)
                 for wid, name, state, seen, contributed, bytes_in, bytes_out, peer, reason in rows]
-
-    def worker(self, worker_id: str) -> WorkerRecord | None:
-        """The registry's record of a joined worker (for tests and tools; read it under ``core.cond``)."""
-        return self._core.registry.find(worker_id)
 
     def rounds(self, offset: int, limit: int) -> RoundsPage:
         """Metrics rows ``offset .. offset + limit`` (oldest first; at most :data:`MAX_ROUNDS_PAGE`)."""

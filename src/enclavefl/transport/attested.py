@@ -187,6 +187,23 @@ def _proved(evidence: PeerEvidence) -> dict[str, object]:
     }
 
 
+EvidenceKind = Literal["sgx", "tdx", "simulated", "none"]
+_EVIDENCE_KINDS: Final[dict[str, EvidenceKind]] = {"sgx": "sgx", "tdx": "tdx", "simulated": "simulated"}
+
+
+def _peer_identity(fingerprint: str, label: str, evidence: PeerEvidence) -> PeerIdentity:
+    """What a verified certificate proves, as the PS's handler and management plane see the peer."""
+    verification = evidence.verification
+    sgx = evidence.tee == "sgx"  # a TD has no signer identity (QuoteVerification's docstring)
+    return PeerIdentity(
+        fingerprint=fingerprint, label=label, measurement=evidence.mr_enclave.hex(),
+        evidence="simulated" if evidence.simulated else _EVIDENCE_KINDS.get(evidence.tee, "none"),
+        mr_signer=evidence.mr_signer.hex() if sgx else "",
+        isv_prod_id=evidence.isv_prod_id if sgx else None, isv_svn=evidence.isv_svn if sgx else None,
+        tcb_status=verification.tcb_status, advisories=tuple(verification.advisory_ids), weaker=tuple(evidence.weaker),
+    )
+
+
 class _Nonces:
     """Stateless challenges bound to a connection, plus a bounded record of the used ones (single use)."""
 
@@ -305,6 +322,23 @@ class AttestedCredentials(Credentials):
     def attested_join(self) -> bool:
         return True
 
+    @property
+    def audit_log(self) -> AuditLog:
+        return self._audit
+
+    def own_identity(self) -> PeerIdentity:
+        """This node's RA-TLS certificate and what its own quote claims (no TCB status: not verified here)."""
+        claimed = _claimed(self._identity.cert_pem, self._policy)
+        prod_id, svn = claimed.get("isv_prod_id"), claimed.get("isv_svn")
+        return PeerIdentity(
+            fingerprint=cert_fingerprint(self._identity.cert_pem), label=self._node,
+            measurement=str(claimed.get("mr_enclave", "")),
+            evidence=_EVIDENCE_KINDS.get(str(claimed.get("evidence", "none")), "none"),
+            mr_signer=str(claimed.get("mr_signer", "")),
+            isv_prod_id=prod_id if isinstance(prod_id, int) else None,
+            isv_svn=svn if isinstance(svn, int) else None,
+        )
+
     def close(self) -> None:
         """Logs the pending summary of refusals and closes the audit file (the server has stopped)."""
         self._audit.close()
@@ -398,7 +432,7 @@ class AttestedCredentials(Credentials):
             raise err from exc
         fingerprint = cert_fingerprint(proof.certificate)
         label = f"{name} ({'SIMULATED, NOT A REAL TEE' if evidence.simulated else evidence.tee})"
-        identity = PeerIdentity(fingerprint=fingerprint, label=label, measurement=evidence.mr_enclave.hex())
+        identity = _peer_identity(fingerprint, label, evidence)
         token = secrets.token_urlsafe(32)
         with self._sessions_lock:
             for old in [k for k, (v, _) in self._sessions.items() if v.fingerprint == fingerprint]:

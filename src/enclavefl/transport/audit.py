@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -22,7 +23,7 @@ from typing import Literal
 from enclavefl.errors import ConfigError
 from enclavefl.transport.ratelimit import RefusalLog
 
-__all__ = ["AuditLog", "AuditRecord"]
+__all__ = ["AuditListener", "AuditLog", "AuditRecord"]
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,15 @@ class AuditRecord:
     weaker: tuple[str, ...] = ()
 
 
+AuditListener = Callable[["AuditRecord"], None]
+"""Hears each decision as it is recorded (the PS's event stream for its management plane)."""
+
+
 class AuditLog:
-    """Appends :class:`AuditRecord` s to a JSON lines file (optional) and to the module logger."""
+    """Appends :class:`AuditRecord` s to a JSON lines file (optional) and to the module logger.
+
+    Listeners (:meth:`subscribe`) hear every decision too, on the thread that made it.
+    """
 
     def __init__(self, path: Path | None = None) -> None:
         """Opens ``path`` for appending (created with mode 0600 if missing); None logs only.
@@ -77,6 +85,7 @@ class AuditLog:
         self.path = path
         self._refusals = RefusalLog(log, what="more refusals (each in the audit file)")
         self._lock = threading.Lock()
+        self._listeners: list[AuditListener] = []
         self._fd: int | None = None
         if path is not None:
             try:
@@ -85,8 +94,24 @@ class AuditLog:
             except OSError as exc:
                 raise ConfigError(f"{path}: cannot open the audit log: {exc.strerror or exc}") from exc
 
+    def subscribe(self, listener: AuditListener) -> None:
+        """Calls ``listener`` with each later decision, on the deciding thread (keep it short, never block)."""
+        with self._lock:
+            self._listeners.append(listener)
+
+    def _tell(self, entry: AuditRecord) -> None:
+        with self._lock:
+            listeners = list(self._listeners)
+        for listener in listeners:
+            try:
+                listener(entry)
+            except Exception:  # the decision stands whatever a listener does
+                log.exception("audit: a listener failed on a decision about %s; ignored", entry.peer)
+
     def record(self, entry: AuditRecord) -> None:
-        """Writes one decision. A failed file write is logged, never raised (the decision stands)."""
+        """Writes one decision and tells the listeners. A failed file write or listener is logged, never raised
+        (the decision stands)."""
+        self._tell(entry)
         tee = f" -- {_NOT_A_TEE}" if entry.simulated else ""
         if entry.weaker:
             tee += f" -- WEAKER VERDICT ({', '.join(entry.weaker)})"

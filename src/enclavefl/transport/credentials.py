@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import serialization
 
 from enclavefl.errors import ConfigError, ProtocolError, VerificationError
 from enclavefl.messages import PeerIdentity
+from enclavefl.transport.audit import AuditLog
 from enclavefl.transport.handshakes import HandshakeWatch
 
 __all__ = ["CaCredentials", "ChannelSetup", "Credentials", "JoinProof", "cert_fingerprint"]
@@ -144,6 +145,18 @@ class Credentials(ABC):
         The default does nothing; credentials that watch failed handshakes count it.
         """
 
+    @abstractmethod
+    def own_identity(self) -> PeerIdentity:
+        """This node as its peers see it: its certificate's fingerprint and what its evidence claims.
+
+        For the management plane's status; nothing here was verified by this node itself.
+        """
+
+    @property
+    def audit_log(self) -> AuditLog | None:
+        """Where these credentials record their trust decisions (None: they record none)."""
+        return None
+
 
 def _subject(cert_pem: bytes) -> str:
     """A certificate's common name, for messages ("?" when it has none or does not parse)."""
@@ -199,6 +212,10 @@ class CaCredentials(Credentials):
     def observe_call(self, peer: str) -> None:
         self.handshakes.call_seen(peer)
 
+    def own_identity(self) -> PeerIdentity:
+        """The node's CA-issued certificate; plain mTLS proves no code identity (evidence ``none``)."""
+        return PeerIdentity(fingerprint=cert_fingerprint(self._cert), label=_subject(self._cert))
+
     def channel_setup(self, target: str) -> ChannelSetup:
         creds = grpc.ssl_channel_credentials(
             root_certificates=self._ca, private_key=self._key, certificate_chain=self._cert
@@ -212,4 +229,4 @@ class CaCredentials(Credentials):
         cert = x509.load_pem_x509_certificate(cert_pem)
         names = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
         label = str(names[0].value) if names else "?"
-        return PeerIdentity(fingerprint=cert_fingerprint(cert_pem), label=label)
+        return PeerIdentity(fingerprint=cert_fingerprint(cert_pem), label=label, evidence="none")

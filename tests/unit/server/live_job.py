@@ -37,7 +37,8 @@ def peer(name: str, **proved: Any) -> PeerIdentity:
     return PeerIdentity(fingerprint=hashlib.sha256(name.encode()).hexdigest(), label=name, **proved)
 
 
-def job(*, rounds: int = 2, workers: int = 2, mode: str = "sync", **round_section: Any) -> JobConfig:
+def job(*, rounds: int = 2, workers: int = 2, mode: str = "sync", checkpoint_every: int = 1,
+        **round_section: Any) -> JobConfig:
     """A job whose rounds close as soon as every sampled worker pushed."""
     section: dict[str, Any] = {"mode": mode, "min_workers": workers, "start_window_s": 20, "update_window_s": 20,
                                "max_retries": 0}
@@ -48,6 +49,7 @@ def job(*, rounds: int = 2, workers: int = 2, mode: str = "sync", **round_sectio
         "job": {"rounds": rounds, "workers": workers},
         "round": section,
         "client": {"epochs": 1, "batch_size": 4, "lr": 0.5},
+        "server": {"checkpoint_every": checkpoint_every},
         "attestation": {"mode": "none"},
     })
 
