@@ -226,6 +226,9 @@ def test_dashboard_follows_a_real_job_and_stops_it(tab: Any, tmp_path: Path) -> 
             timeout=120_000)
         assert tab.evaluate("window.__sameDocument") is True
         assert tab.locator("#workers tbody tr").count() == 2
+        assert "SIMULATED — NOT A REAL TEE" in tab.text_content("#workers")
+        assert "accepted" in tab.text_content("#audit")  # the workers' attestation decisions
+        tab.wait_for_function("() => document.querySelector('#version').textContent !== 'v0'")
         tab.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
 
         tab.click("#stop")

@@ -219,7 +219,12 @@
       case "round":
         addRow(ev);
         renderCharts();
+        if (state.status && isNum(ev.model_version)) {
+          state.status = { ...state.status, model_version: Math.max(state.status.model_version, ev.model_version) };
+          renderHeader();
+        }
         debounce("status", loadStatus);
+        debounce("workers", loadWorkers, 500);
         break;
       case "phase":
         if (state.status) {
