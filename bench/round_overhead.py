@@ -16,6 +16,14 @@ not by the number of workers.
 (wait + train + aggregate, from metrics.jsonl; round 1 includes process start).
 ``ps_peak_rss_mb`` is the PS process's peak resident set (its rusage).
 
+With ``--management`` each worker count runs twice, alternating, ``--repeat``
+times: once with the PS's management API off, once with it on and a client
+polling ``GET /api/v1/status`` every 100 ms over HTTPS with the job's token,
+on one kept-open connection as a browser does (``--fresh-connections``: a TLS
+handshake per poll). It prints both medians and their ratio::
+
+    workers=4 api_off_s_per_round=1.20 api_on_s_per_round=1.21 ratio=1.008 polls=412 poll_errors=0
+
 Run: ``.venv/bin/python bench/round_overhead.py --workers 10 40 --rounds 4``
 """
 
@@ -28,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -56,9 +65,10 @@ _RESNET18.append(("fc", (10, 512)))
 class NoiseTrainer:
     """Returns the global parameters plus N(0, 1e-3) noise: the transport is all that is measured."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, initial: ParamSet) -> None:
         self._rng = np.random.default_rng(seed)
-        self._params: ParamSet | None = None
+        # The worker checks its model's layout against the PS's before the first round.
+        self._params: ParamSet | None = initial
         self._noise: dict[str, np.ndarray] = {}
 
     @property
@@ -100,7 +110,7 @@ class NoiseTask:
         return ParamSet((n, rng.standard_normal(s, dtype=np.float32) * 0.01) for n, s in _RESNET18)
 
     def worker_trainer(self, index: int, num_workers: int) -> Trainer:
-        return NoiseTrainer(self._seed + index)
+        return NoiseTrainer(self._seed + index, self.initial_parameters())
 
     def server_evaluator(self) -> Trainer | None:
         return None
@@ -110,10 +120,76 @@ def make_task(config: JobConfig) -> NoiseTask:
     return NoiseTask(config)
 
 
+class StatusPoller:
+    """Polls the run's ``GET /api/v1/status`` every ``every_s`` on a thread, from when the API is up to :meth:`close`.
+
+    Like a browser, it keeps one HTTPS connection open (``fresh=True``: a new connection, so a new TLS
+    handshake, per request, as the CLI's client does). It verifies the API against the run's CA.
+    """
+
+    def __init__(self, run_dir: Path, every_s: float = 0.1, *, fresh: bool = False) -> None:
+        self._run_dir = run_dir
+        self._every_s = every_s
+        self._fresh = fresh
+        self._stop = threading.Event()
+        self.polls = 0
+        self.errors = 0
+        self.last_error = ""
+        self._thread = threading.Thread(target=self._run, name="status-poller", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import http.client
+        import ssl
+        from urllib.parse import urlsplit
+
+        from enclavefl.management.auth import read_token
+        from enclavefl.management.runfiles import read_management_info
+
+        while not (self._run_dir / "management.json").exists():
+            if self._stop.wait(0.05):
+                return
+        info = read_management_info(self._run_dir)
+        url = urlsplit(info.url)
+        context = ssl.create_default_context(cafile=str(info.ca))
+        headers = {"Authorization": f"Bearer {read_token(info.token_file)}", "Accept": "application/json"}
+        conn: http.client.HTTPSConnection | None = None
+        next_at = time.monotonic()
+        while not self._stop.wait(max(0.0, next_at - time.monotonic())):
+            next_at += self._every_s  # a fixed rate: a slow answer does not stretch the period
+            try:
+                if conn is None:
+                    conn = http.client.HTTPSConnection(url.hostname or "", url.port, context=context, timeout=5)
+                conn.request("GET", "/api/v1/status", headers=headers)
+                response = conn.getresponse()
+                response.read()
+                if response.status != 200:
+                    raise OSError(f"HTTP {response.status}")
+                self.polls += 1
+            except (OSError, http.client.HTTPException) as exc:
+                self.errors += 1  # the API going away at the job's end costs a failed poll or two
+                self.last_error = str(exc)
+                if conn is not None:
+                    conn.close()
+                conn = None
+            if self._fresh and conn is not None:
+                conn.close()
+                conn = None
+        if conn is not None:
+            conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
 def run_once(workers: int, rounds: int, chunk_bytes: int, uploads: int, keep: Path | None = None,
-             aggregator: str = "mean") -> tuple[float, float, list[float]]:
+             aggregator: str = "mean", *, management: bool = False, fresh_connections: bool = False,
+             polls: list[int] | None = None) -> tuple[float, float, list[float]]:
+    """One job; with ``management`` the API is on and polled, and ``polls`` receives (polls, errors)."""
     with tempfile.TemporaryDirectory(prefix="round-overhead-") as tmp:
-        root = Path(tmp) if keep is None else keep / f"workers-{workers}"
+        name = f"workers-{workers}" + ("-api" if management else "")
+        root = Path(tmp) if keep is None else keep / name
         root.mkdir(parents=True, exist_ok=keep is None)
         job = {
             "job": {"name": f"overhead{workers}", "rounds": rounds, "workers": workers},
@@ -123,6 +199,7 @@ def run_once(workers: int, rounds: int, chunk_bytes: int, uploads: int, keep: Pa
                        "max_buffered_updates": max(workers, 1)},
             "transport": {"chunk_bytes": chunk_bytes},
             "attestation": {"mode": "none"},
+            "management": {"enabled": management},
         }
         (root / "job.yaml").write_text(yaml.safe_dump(job))
         from enclavefl.transport.certs import create_job_certs
@@ -142,6 +219,7 @@ def run_once(workers: int, rounds: int, chunk_bytes: int, uploads: int, keep: Pa
                 raise RuntimeError((root / "ps.log").read_text())
             time.sleep(0.05)
         port = port_file.read_text()
+        poller = StatusPoller(root, fresh=fresh_connections) if management else None
         procs = [
             subprocess.Popen(base + ["worker", *common, "--connect", f"127.0.0.1:{port}", "--index", str(i)]
                              + (["--log-file", str(root / f"worker-{i}.log")] if keep else []),
@@ -153,6 +231,12 @@ def run_once(workers: int, rounds: int, chunk_bytes: int, uploads: int, keep: Pa
         for p in procs:
             p.wait(60)
         ps_log.close()
+        if poller is not None:
+            poller.close()
+            if polls is not None:
+                polls += [poller.polls, poller.errors]
+            if poller.errors:
+                print(f"  {poller.errors} failed polls, the last: {poller.last_error}", file=sys.stderr, flush=True)
         if ps.returncode != 0:
             raise RuntimeError((root / "ps.log").read_text()[-3000:])
         rows = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
@@ -169,13 +253,41 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="keep each run's directory (logs, metrics) under this folder")
     parser.add_argument("--aggregator", default="mean", choices=["mean", "median", "trimmed_mean", "krum"],
                         help="server.aggregator (the buffering ones spill updates to a file)")
+    parser.add_argument("--management", action="store_true",
+                        help="compare the round with the management API off and on (polled every 100 ms)")
+    parser.add_argument("--repeat", type=int, default=1, help="with --management: off/on pairs per worker count")
+    parser.add_argument("--fresh-connections", action="store_true",
+                        help="with --management: a new HTTPS connection per poll (default: one kept open)")
     args = parser.parse_args()
+    if args.management:
+        compare_management(args)
+        return
     for n in args.workers:
         s_per_round, rss_mb, times = run_once(n, args.rounds, args.chunk_bytes, args.uploads, args.keep,
                                               args.aggregator)
         label = "" if args.aggregator == "mean" else f" aggregator={args.aggregator}"
         print(f"workers={n}{label} s_per_round={s_per_round:.2f} ps_peak_rss_mb={rss_mb:.0f}", flush=True)
         print(f"  rounds: {' '.join(f'{t:.2f}' for t in times)}", file=sys.stderr, flush=True)
+
+
+def compare_management(args: argparse.Namespace) -> None:
+    """The same job with the API off and on (polled), alternating which runs first, medians of both."""
+    for n in args.workers:
+        off: list[float] = []
+        on: list[float] = []
+        polls: list[int] = []
+        for i in range(args.repeat):
+            for management in ((False, True) if i % 2 == 0 else (True, False)):
+                keep = args.keep / f"pass-{i}" if args.keep else None
+                _, _, times = run_once(n, args.rounds, args.chunk_bytes, args.uploads, keep, args.aggregator,
+                                       management=management, fresh_connections=args.fresh_connections,
+                                       polls=polls)
+                (on if management else off).extend(times[1:])  # round 1 includes process start
+                print(f"  api {'on ' if management else 'off'}: {' '.join(f'{t:.2f}' for t in times)}",
+                      file=sys.stderr, flush=True)
+        s_off, s_on = statistics.median(off), statistics.median(on)
+        print(f"workers={n} api_off_s_per_round={s_off:.3f} api_on_s_per_round={s_on:.3f} "
+              f"ratio={s_on / s_off:.3f} polls={sum(polls[0::2])} poll_errors={sum(polls[1::2])}", flush=True)
 
 
 if __name__ == "__main__":

@@ -87,7 +87,8 @@ def build_server(config: JobConfig, task: Task, *, out_dir: Path, resume: bool =
 
     Raises:
         CheckpointError: the newest checkpoint is corrupt or does not fit.
-        ConfigError: a strategy part refuses the job's settings.
+        ConfigError: a strategy part refuses the job's settings, or ``summary.tensorboard`` is on
+            without the ``tensorboard`` extra installed.
     """
     initial = task.initial_parameters()
     checkpoint = None
@@ -97,8 +98,13 @@ def build_server(config: JobConfig, task: Task, *, out_dir: Path, resume: bool =
             log.warning("no checkpoint in %s; starting at round 1", out_dir / config.server.checkpoint_dir)
     evaluator_trainer = task.server_evaluator()
     evaluator = trainer_evaluator(evaluator_trainer) if evaluator_trainer is not None else None
-    return ParameterServer(config, initial, out_dir=out_dir, evaluator=evaluator, resume_from=checkpoint,
-                           strategy=strategy)
+    ps = ParameterServer(config, initial, out_dir=out_dir, evaluator=evaluator, resume_from=checkpoint,
+                         strategy=strategy)
+    if config.summary.tensorboard:
+        from enclavefl.server.tensorboard import TensorBoardLog
+
+        ps.metrics.subscribe(TensorBoardLog(out_dir / "tensorboard"))
+    return ps
 
 
 @dataclass(frozen=True)

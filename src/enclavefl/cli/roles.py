@@ -42,6 +42,7 @@ from enclavefl.config import JobConfig, check_worker_count, load_job, parse_job
 from enclavefl.errors import ConfigError, Unavailable
 
 if TYPE_CHECKING:
+    from enclavefl.management.api import Mount
     from enclavefl.management.serve import ManagementServer
 
 DEFAULT_CONNECT_TIMEOUT_S = 120.0
@@ -135,7 +136,13 @@ def run_ps(args: argparse.Namespace) -> int:
             console.print(f"management API {api.url} (token in {api.token_file})", soft_wrap=True, markup=False)
 
         audit_path = args.audit_file or out / "audit.jsonl"
-        setup = ManagementSetup(run_dir=out, tls_dir=args.tls_dir, audit_path=audit_path, on_start=management_started)
+        mounts: tuple[Mount, ...] = ()
+        if config.management.enabled:  # the dashboard at / and /metrics, on the API's server
+            from enclavefl.management import dashboard, prometheus
+
+            mounts = (dashboard.mount, prometheus.mount)
+        setup = ManagementSetup(run_dir=out, tls_dir=args.tls_dir, audit_path=audit_path, mounts=mounts,
+                                on_start=management_started)
         try:
             serve(ps, credentials, on_listening=listening, management=setup)
         finally:

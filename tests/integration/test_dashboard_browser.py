@@ -1,0 +1,246 @@
+"""The dashboard in a real browser: headless Chromium driven by Playwright.
+
+The first tests serve the management API over an in-memory job (real HTTP,
+the API's own app) and check what the page does as the job changes: charts
+gaining points without a reload, API strings shown as text, the Stop dialog.
+The last one runs a real ``enclavefl run`` with its HTTPS management API,
+watches the rounds advance, saves a screenshot and stops the job from the page.
+
+Chromium is the system's (the Debian ``chromium`` package); Playwright never
+downloads a browser here.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from enclavefl.config import parse_job
+from enclavefl.management import dashboard, prometheus
+from enclavefl.management.memory import MemoryJob
+from enclavefl.management.schema import Identity, WorkerInfo
+from enclavefl.server.checkpoint import latest_checkpoint
+from tests.unit.management.live import TOKEN, app_for, serving
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+REPO = Path(__file__).resolve().parents[2]
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (Debian: apt-get install chromium)"),
+]
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (the dev extra)")
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One Chromium for the module, with a fresh profile; each test opens its own tab (its own sessionStorage)."""
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    with sync_api.sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(profile), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS, ignore_https_errors=True)
+        try:
+            yield context
+        finally:
+            context.close()
+
+
+@pytest.fixture
+def tab(browser: Any) -> Iterator[Any]:
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield page
+    page.close()
+    assert errors == [], f"the page's script failed: {errors}"
+
+
+def wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def open_dashboard(page: Any, url: str, token: str) -> None:
+    page.goto(url + "/")
+    page.fill("#token-input", token)
+    page.click("#token-save")
+    page.wait_for_function("() => document.querySelector('#state').dataset.state !== ''")
+
+
+def points(page: Any) -> int:
+    return int(page.locator("#chart-accuracy circle.point.eval").count())
+
+
+def row(number: int) -> dict[str, Any]:
+    return {"round": number, "participants": 2, "num_samples": 100, "train_loss": 1.0 / number,
+            "train_accuracy": 0.5 + number / 20, "eval_loss": 0.9 / number, "eval_accuracy": 0.55 + number / 20,
+            "bytes_in": 4000, "bytes_out": 8000, "seconds_wait": 0.1, "seconds_train": 0.5,
+            "seconds_aggregate": 0.05}
+
+
+# ------------------------------------------------------------------ over an in-memory job
+
+def test_charts_gain_a_point_per_round_without_a_reload(tab: Any) -> None:
+    job = MemoryJob(parse_job({"job": {"name": "browser-live", "rounds": 6}}))
+    with serving(app_for(job, [dashboard.mount])) as server:
+        open_dashboard(tab, server.url, TOKEN)
+        tab.evaluate("window.__sameDocument = true")
+        assert tab.text_content("#job") == "browser-live"
+        assert points(tab) == 0
+
+        job.complete_round(row(1))
+        tab.wait_for_function("() => document.querySelectorAll('#chart-accuracy circle.point.eval').length === 1")
+        job.complete_round(row(2))
+        tab.wait_for_function("() => document.querySelectorAll('#chart-accuracy circle.point.eval').length === 2")
+        tab.wait_for_function("() => document.querySelector('#round').textContent === '3'")
+
+        assert tab.evaluate("window.__sameDocument") is True  # no reload happened
+        assert tab.locator("#chart-seconds rect.bar").count() == 2 * 3  # 2 rounds x wait, train, aggregate
+        assert tab.text_content("#rounds") == "6"
+
+
+def test_api_strings_are_shown_as_text_never_run_as_markup(tab: Any) -> None:
+    job = MemoryJob()
+    hostile = '<img src=x onerror="window.__pwned = 1">'
+    job.add_worker(WorkerInfo(worker_id="w-1", name=hostile, state="dropped", last_seen_s=2.0, rounds_contributed=1,
+                              bytes_in=10, bytes_out=20, reason="<b>gone</b>",
+                              identity=Identity(evidence="simulated", weaker=("missing_collateral",))))
+    job.events.publish("attestation", peer="10.0.0.9:5000", decision="refused", field="mr_enclave",
+                       reason="<script>window.__pwned = 2</script>", evidence="sgx", mr_enclave="", weaker=[])
+    with serving(app_for(job, [dashboard.mount])) as server:
+        open_dashboard(tab, server.url, TOKEN)
+        tab.wait_for_function("() => document.querySelectorAll('#workers tbody tr').length === 1")
+        tab.wait_for_function("() => document.querySelectorAll('#refused tbody tr').length === 1")
+
+        cells = tab.locator("#workers tbody td").all_text_contents()
+        assert cells[0] == hostile
+        assert "<b>gone</b>" in cells
+        assert tab.locator("#workers img, #workers b, #refused script").count() == 0
+        assert "<script>window.__pwned = 2</script>" in tab.text_content("#refused")
+        assert "<script>" in tab.text_content("#audit")
+        assert tab.evaluate("window.__pwned") is None
+
+
+def test_worker_table_flags_simulated_evidence_and_weaker_verdicts(tab: Any) -> None:
+    job = MemoryJob()
+    job.add_worker(WorkerInfo(worker_id="w-1", name="sim", state="joined", last_seen_s=0.0, rounds_contributed=0,
+                              bytes_in=0, bytes_out=0, identity=Identity(evidence="simulated")))
+    job.add_worker(WorkerInfo(worker_id="w-2", name="sgx", state="joined", last_seen_s=0.0, rounds_contributed=0,
+                              bytes_in=0, bytes_out=0,
+                              identity=Identity(evidence="sgx", tcb_status="OutOfDate", advisories=("INTEL-SA-1",),
+                                                weaker=("out_of_date_tcb",))))
+    with serving(app_for(job, [dashboard.mount])) as server:
+        open_dashboard(tab, server.url, TOKEN)
+        tab.wait_for_function("() => document.querySelectorAll('#workers tbody tr').length === 2")
+
+        badges = tab.locator("#workers .badge").all_text_contents()
+
+    assert "SIMULATED — NOT A REAL TEE" in badges
+    assert "SGX" in badges
+    assert "weaker: out_of_date_tcb" in badges
+    assert "TCB OutOfDate" in badges
+
+
+def test_stop_asks_for_confirmation_then_stops_the_job(tab: Any) -> None:
+    job = MemoryJob()
+    with serving(app_for(job, [dashboard.mount])) as server:
+        open_dashboard(tab, server.url, TOKEN)
+
+        tab.click("#stop")
+        assert tab.locator("#stop-dialog").is_visible()
+        tab.click("#stop-cancel")
+        assert not tab.locator("#stop-dialog").is_visible()
+        assert job.stop_mode is None  # cancelled: nothing was sent
+
+        tab.click("#stop")
+        tab.check("input[name=mode][value=abort]")
+        tab.click("#stop-confirm")
+        wait_until(lambda: job.stop_mode is not None, 10, "the stop request")
+        tab.wait_for_function("() => document.querySelector('#state').dataset.state === 'stopped'")
+
+        assert job.stop_mode == "abort"
+        assert tab.locator("#stop").is_disabled()
+
+
+def test_page_without_the_token_asks_for_it(tab: Any) -> None:
+    job = MemoryJob()
+    with serving(app_for(job, [dashboard.mount])) as server:
+        tab.goto(server.url + "/")
+        tab.wait_for_function("() => document.querySelector('#token-state').textContent === 'needed'")
+
+        assert "management.token" in tab.text_content("#notice")
+        tab.click("#stop")
+        assert not tab.locator("#stop-dialog").is_visible()  # no token, no control
+
+
+def test_page_works_without_a_token_when_reads_are_public(tab: Any) -> None:
+    job = MemoryJob(parse_job({"job": {"name": "public"}}))
+    with serving(app_for(job, [dashboard.mount], public_read=True)) as server:
+        tab.goto(server.url + "/")
+        tab.wait_for_function("() => document.querySelector('#job').textContent === 'public'")
+        job.complete_round(row(1))
+        tab.wait_for_function("() => document.querySelectorAll('#chart-loss circle.point').length === 2")
+
+
+# ------------------------------------------------------------------ a real job
+
+def test_dashboard_follows_a_real_job_and_stops_it(tab: Any, tmp_path: Path) -> None:
+    out, console = tmp_path / "run", tmp_path / "console.txt"
+    # Many short rounds: only the Stop button ends this job.
+    args = [sys.executable, "-m", "enclavefl", "run", str(REPO / "examples" / "digits" / "job.yaml"), "--out",
+            str(out), "--quiet", "--workers", "2", "--set", "round.min_workers=2", "--set", "job.rounds=1000",
+            "--set", "server.checkpoint_every=1000", "--set", "management.enabled=true"]
+    with console.open("wb") as f:
+        run = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        info_file = out / "management.json"
+        wait_until(lambda: info_file.exists() or run.poll() is not None, 180, "management.json")
+        assert run.poll() is None, console.read_text()
+        info = json.loads(info_file.read_text())
+        token = (out / info.get("token_file", "management.token")).read_text().strip()
+        assert info["url"].startswith("https://")
+
+        open_dashboard(tab, info["url"], token)
+        tab.evaluate("window.__sameDocument = true")
+        tab.wait_for_function("() => Number(document.querySelector('#round').textContent) >= 2", timeout=120_000)
+        first_round = int(tab.text_content("#round") or 0)
+        first_points = points(tab)
+        tab.wait_for_function(f"() => Number(document.querySelector('#round').textContent) > {first_round}",
+                              timeout=120_000)
+        tab.wait_for_function(
+            f"() => document.querySelectorAll('#chart-accuracy circle.point.eval').length > {first_points}",
+            timeout=120_000)
+        assert tab.evaluate("window.__sameDocument") is True
+        assert tab.locator("#workers tbody tr").count() == 2
+        assert "SIMULATED — NOT A REAL TEE" in tab.text_content("#workers")
+        assert "accepted" in tab.text_content("#audit")  # the workers' attestation decisions
+        tab.wait_for_function("() => document.querySelector('#version').textContent !== 'v0'")
+        tab.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
+
+        tab.click("#stop")
+        tab.click("#stop-confirm")
+        tab.wait_for_function("() => document.querySelector('#notice').textContent.startsWith('Stop requested')")
+        code = run.wait(120)
+
+        assert code == 0, console.read_text()
+        assert (tmp_path / "dashboard.png").stat().st_size > 10_000
+        checkpoint = latest_checkpoint(out / "checkpoints")
+        assert checkpoint is not None and checkpoint.round >= first_round
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait(10)
