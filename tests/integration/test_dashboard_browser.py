@@ -1,8 +1,10 @@
 """The dashboard in a real browser: headless Chromium driven by Playwright.
 
-The first tests serve the management API over an in-memory job (real HTTP,
-the API's own app) and check what the page does as the job changes: charts
-gaining points without a reload, API strings shown as text, the Stop dialog.
+The first tests serve the management API (real HTTP, the API's own app) over
+a real parameter server running in this process with two real workers whose
+rounds the test holds open and releases, and check what the page does as the
+job changes: charts gaining points without a reload, API strings (a worker's
+name, a refusal's reason) shown as text, the Stop dialog.
 The last one runs a real ``enclavefl run`` with its HTTPS management API,
 watches the rounds advance, saves a screenshot and stops the job from the page.
 
@@ -23,12 +25,10 @@ from typing import Any
 
 import pytest
 
-from enclavefl.config import parse_job
-from enclavefl.management import dashboard, prometheus
-from enclavefl.management.memory import MemoryJob
-from enclavefl.management.schema import Identity, WorkerInfo
+from enclavefl.management import dashboard
 from enclavefl.server.checkpoint import latest_checkpoint
-from tests.unit.management.live import TOKEN, app_for, serving
+from enclavefl.transport.audit import AuditRecord
+from tests.unit.management.live import TOKEN, app_for, audit_log, controls, held_job, serving
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 REPO = Path(__file__).resolve().parents[2]
@@ -85,26 +85,19 @@ def points(page: Any) -> int:
     return int(page.locator("#chart-accuracy circle.point.eval").count())
 
 
-def row(number: int) -> dict[str, Any]:
-    return {"round": number, "participants": 2, "num_samples": 100, "train_loss": 1.0 / number,
-            "train_accuracy": 0.5 + number / 20, "eval_loss": 0.9 / number, "eval_accuracy": 0.55 + number / 20,
-            "bytes_in": 4000, "bytes_out": 8000, "seconds_wait": 0.1, "seconds_train": 0.5,
-            "seconds_aggregate": 0.05}
+# ------------------------------------------------------------------ over a PS in this process
 
-
-# ------------------------------------------------------------------ over an in-memory job
-
-def test_charts_gain_a_point_per_round_without_a_reload(tab: Any) -> None:
-    job = MemoryJob(parse_job({"job": {"name": "browser-live", "rounds": 6}}))
-    with serving(app_for(job, [dashboard.mount])) as server:
+def test_charts_gain_a_point_per_round_without_a_reload(tab: Any, tmp_path: Path) -> None:
+    with held_job(tmp_path, name="browser-live", rounds=6) as job, \
+            serving(app_for(job.handle, [dashboard.mount])) as server:
         open_dashboard(tab, server.url, TOKEN)
         tab.evaluate("window.__sameDocument = true")
         assert tab.text_content("#job") == "browser-live"
         assert points(tab) == 0
 
-        job.complete_round(row(1))
+        job.gate.allow(1)  # round 1 completes
         tab.wait_for_function("() => document.querySelectorAll('#chart-accuracy circle.point.eval').length === 1")
-        job.complete_round(row(2))
+        job.gate.allow(2)  # round 2 completes, round 3 opens
         tab.wait_for_function("() => document.querySelectorAll('#chart-accuracy circle.point.eval').length === 2")
         tab.wait_for_function("() => document.querySelector('#round').textContent === '3'")
 
@@ -113,37 +106,33 @@ def test_charts_gain_a_point_per_round_without_a_reload(tab: Any) -> None:
         assert tab.text_content("#rounds") == "6"
 
 
-def test_api_strings_are_shown_as_text_never_run_as_markup(tab: Any) -> None:
-    job = MemoryJob()
+def test_api_strings_are_shown_as_text_never_run_as_markup(tab: Any, tmp_path: Path) -> None:
     hostile = '<img src=x onerror="window.__pwned = 1">'
-    job.add_worker(WorkerInfo(worker_id="w-1", name=hostile, state="dropped", last_seen_s=2.0, rounds_contributed=1,
-                              bytes_in=10, bytes_out=20, reason="<b>gone</b>",
-                              identity=Identity(evidence="simulated", weaker=("missing_collateral",))))
-    job.events.publish("attestation", peer="10.0.0.9:5000", decision="refused", field="mr_enclave",
-                       reason="<script>window.__pwned = 2</script>", evidence="sgx", mr_enclave="", weaker=[])
-    with serving(app_for(job, [dashboard.mount])) as server:
+    with held_job(tmp_path, names=(hostile, "worker-1")) as job, audit_log(job) as audit, \
+            serving(app_for(job.handle, [dashboard.mount])) as server:
+        job.leave(0, "<b>gone</b>")  # the worker with the hostile name leaves, giving a hostile reason
+        audit.record(AuditRecord("ps", "ps", "10.0.0.9:5000", "refused", "<script>window.__pwned = 2</script>",
+                                 field="mr_enclave", evidence="sgx"))
         open_dashboard(tab, server.url, TOKEN)
-        tab.wait_for_function("() => document.querySelectorAll('#workers tbody tr').length === 1")
+        tab.wait_for_function("() => document.querySelectorAll('#workers tbody tr').length === 2")
         tab.wait_for_function("() => document.querySelectorAll('#refused tbody tr').length === 1")
 
         cells = tab.locator("#workers tbody td").all_text_contents()
-        assert cells[0] == hostile
-        assert "<b>gone</b>" in cells
+        assert hostile in cells
+        assert any("<b>gone</b>" in cell for cell in cells)
         assert tab.locator("#workers img, #workers b, #refused script").count() == 0
         assert "<script>window.__pwned = 2</script>" in tab.text_content("#refused")
         assert "<script>" in tab.text_content("#audit")
         assert tab.evaluate("window.__pwned") is None
 
 
-def test_worker_table_flags_simulated_evidence_and_weaker_verdicts(tab: Any) -> None:
-    job = MemoryJob()
-    job.add_worker(WorkerInfo(worker_id="w-1", name="sim", state="joined", last_seen_s=0.0, rounds_contributed=0,
-                              bytes_in=0, bytes_out=0, identity=Identity(evidence="simulated")))
-    job.add_worker(WorkerInfo(worker_id="w-2", name="sgx", state="joined", last_seen_s=0.0, rounds_contributed=0,
-                              bytes_in=0, bytes_out=0,
-                              identity=Identity(evidence="sgx", tcb_status="OutOfDate", advisories=("INTEL-SA-1",),
-                                                weaker=("out_of_date_tcb",))))
-    with serving(app_for(job, [dashboard.mount])) as server:
+def test_worker_table_flags_simulated_evidence_and_weaker_verdicts(tab: Any, tmp_path: Path) -> None:
+    proved: dict[int, dict[str, Any]] = {
+        0: {"evidence": "simulated"},
+        1: {"evidence": "sgx", "tcb_status": "OutOfDate", "advisories": ("INTEL-SA-1",),
+            "weaker": ("out_of_date_tcb",)},
+    }
+    with held_job(tmp_path, proved=proved) as job, serving(app_for(job.handle, [dashboard.mount])) as server:
         open_dashboard(tab, server.url, TOKEN)
         tab.wait_for_function("() => document.querySelectorAll('#workers tbody tr').length === 2")
 
@@ -155,44 +144,44 @@ def test_worker_table_flags_simulated_evidence_and_weaker_verdicts(tab: Any) -> 
     assert "TCB OutOfDate" in badges
 
 
-def test_stop_asks_for_confirmation_then_stops_the_job(tab: Any) -> None:
-    job = MemoryJob()
-    with serving(app_for(job, [dashboard.mount])) as server:
+def test_stop_asks_for_confirmation_then_stops_the_job(tab: Any, tmp_path: Path) -> None:
+    with held_job(tmp_path) as job, serving(app_for(job.handle, [dashboard.mount])) as server:
         open_dashboard(tab, server.url, TOKEN)
 
         tab.click("#stop")
         assert tab.locator("#stop-dialog").is_visible()
         tab.click("#stop-cancel")
         assert not tab.locator("#stop-dialog").is_visible()
-        assert job.stop_mode is None  # cancelled: nothing was sent
+        assert controls(job) == []  # cancelled: nothing was sent
 
         tab.click("#stop")
         tab.check("input[name=mode][value=abort]")
         tab.click("#stop-confirm")
-        wait_until(lambda: job.stop_mode is not None, 10, "the stop request")
+        wait_until(lambda: controls(job) != [], 10, "the stop request")
         tab.wait_for_function("() => document.querySelector('#state').dataset.state === 'stopped'")
 
-        assert job.stop_mode == "abort"
+        assert [c["mode"] for c in controls(job)] == ["abort"]
+        assert job.handle.status().rounds_done == 0  # the open round was abandoned
         assert tab.locator("#stop").is_disabled()
 
 
-def test_page_without_the_token_asks_for_it(tab: Any) -> None:
-    job = MemoryJob()
-    with serving(app_for(job, [dashboard.mount])) as server:
+def test_page_without_the_token_asks_for_it(tab: Any, tmp_path: Path) -> None:
+    with held_job(tmp_path) as job, serving(app_for(job.handle, [dashboard.mount])) as server:
         tab.goto(server.url + "/")
         tab.wait_for_function("() => document.querySelector('#token-state').textContent === 'needed'")
 
         assert "management.token" in tab.text_content("#notice")
         tab.click("#stop")
         assert not tab.locator("#stop-dialog").is_visible()  # no token, no control
+        assert controls(job) == []
 
 
-def test_page_works_without_a_token_when_reads_are_public(tab: Any) -> None:
-    job = MemoryJob(parse_job({"job": {"name": "public"}}))
-    with serving(app_for(job, [dashboard.mount], public_read=True)) as server:
+def test_page_works_without_a_token_when_reads_are_public(tab: Any, tmp_path: Path) -> None:
+    with held_job(tmp_path, name="public") as job, \
+            serving(app_for(job.handle, [dashboard.mount], public_read=True)) as server:
         tab.goto(server.url + "/")
         tab.wait_for_function("() => document.querySelector('#job').textContent === 'public'")
-        job.complete_round(row(1))
+        job.gate.allow(1)  # round 1 completes: its row has an eval loss and a train loss
         tab.wait_for_function("() => document.querySelectorAll('#chart-loss circle.point').length === 2")
 
 

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import re
 from importlib import resources
+from pathlib import Path
 
 import pytest
 from fastapi import FastAPI
 
-from enclavefl.config import parse_job
 from enclavefl.management.dashboard import ASSETS, SECURITY_HEADERS, mount
-from enclavefl.management.memory import MemoryJob
-from tests.unit.management.live import app_for, serving
+from tests.unit.management.live import app_for, held_job, serving
+from tests.unit.server.live_job import LiveJob
 
 
 def asset_text(name: str) -> str:
@@ -24,8 +24,8 @@ def asset_text(name: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def dashboard_app() -> FastAPI:
-    return app_for(MemoryJob(), [mount])
+def dashboard_app(reading: LiveJob) -> FastAPI:
+    return app_for(reading.handle, [mount])
 
 
 @pytest.mark.parametrize(("path", "media"), [
@@ -58,10 +58,8 @@ def test_nothing_but_the_three_files_is_served(dashboard_app: FastAPI, path: str
     assert code == 404, body[:200]
 
 
-def test_page_needs_no_token_and_holds_no_job_data() -> None:
-    app = app_for(MemoryJob(parse_job({"job": {"name": "secret-job-name"}})), [mount])
-
-    with serving(app) as server:
+def test_page_needs_no_token_and_holds_no_job_data(tmp_path: Path) -> None:
+    with held_job(tmp_path, name="secret-job-name") as job, serving(app_for(job.handle, [mount])) as server:
         code, _, body = server.get("/")
         api_code, _, _ = server.get("/api/v1/status")
 

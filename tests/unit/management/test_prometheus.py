@@ -1,22 +1,25 @@
-"""``GET /metrics``: served over real HTTP from a job's handle, parsed with prometheus_client's own parser."""
+"""``GET /metrics``: served over real HTTP from a real parameter server's handle, parsed with prometheus_client's
+own parser."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
-from typing import Any
 
+import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from enclavefl.management.memory import MemoryJob
 from enclavefl.management.prometheus import REASON_CLASSES, JobMetrics, mount, reason_class
-from enclavefl.management.schema import Identity, WorkerInfo
-from tests.unit.management.live import TOKEN, app_for, serving
-from tests.unit.server.live_job import Gate, LiveJob, wait_for
-from tests.unit.server.live_job import job as live_job_config
+from enclavefl.transport.audit import AuditRecord
+from enclavefl.worker import InMemoryClient
+from tests.unit.management.live import TOKEN, app_for, audit_log, held_job, serving
+from tests.unit.server.live_job import INITIAL, LiveJob, wait_for
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def samples(text: str) -> Samples:
     """Every sample of an exposition, keyed by name and sorted labels."""
     out = {}
     for family in text_string_to_metric_families(text):
@@ -25,22 +28,18 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return out
 
 
-def scrape(metrics: JobMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def scrape(metrics: JobMetrics) -> Samples:
     return samples(metrics.render().decode())
 
 
-def row(round_: int, **extra: Any) -> dict[str, Any]:
-    return {"round": round_, "participants": 3, "bytes_in": 1000, "bytes_out": 3000, "seconds_wait": 0.2,
-            "seconds_train": 3.0, "seconds_aggregate": 0.05, "seconds_eval": 0.01, "train_loss": 0.5} | extra
+def complete_rounds(job: LiveJob, rounds: int) -> None:
+    """Lets the held job's workers fit ``rounds`` times in all and waits for those rounds to complete."""
+    job.gate.allow(rounds)
+    wait_for(lambda: job.handle.status().rounds_done == rounds, what=f"round {rounds} done")
 
 
-def worker(worker_id: str) -> WorkerInfo:
-    return WorkerInfo(worker_id=worker_id, name=worker_id, state="joined", last_seen_s=0.0, rounds_contributed=0,
-                      bytes_in=0, bytes_out=0, identity=Identity())
-
-
-def test_metrics_route_serves_the_text_format_over_http() -> None:
-    app = app_for(MemoryJob(), [mount])
+def test_metrics_route_serves_the_text_format_over_http(reading: LiveJob) -> None:
+    app = app_for(reading.handle, [mount])
 
     with serving(app) as server:
         code, headers, body = server.get("/metrics", {"Authorization": f"Bearer {TOKEN}"})
@@ -50,8 +49,8 @@ def test_metrics_route_serves_the_text_format_over_http() -> None:
     assert samples(body.decode())[("enclavefl_round", ())] == 1.0
 
 
-def test_metrics_route_needs_the_token_like_every_read_route() -> None:
-    app = app_for(MemoryJob(), [mount])
+def test_metrics_route_needs_the_token_like_every_read_route(reading: LiveJob) -> None:
+    app = app_for(reading.handle, [mount])
 
     with serving(app) as server:
         code, _, _ = server.get("/metrics")
@@ -60,8 +59,8 @@ def test_metrics_route_needs_the_token_like_every_read_route() -> None:
     assert (code, wrong) == (401, 401)
 
 
-def test_metrics_route_is_open_with_public_read() -> None:
-    app = app_for(MemoryJob(), [mount], public_read=True)
+def test_metrics_route_is_open_with_public_read(reading: LiveJob) -> None:
+    app = app_for(reading.handle, [mount], public_read=True)
 
     with serving(app) as server:
         code, _, _ = server.get("/metrics")
@@ -69,76 +68,84 @@ def test_metrics_route_is_open_with_public_read() -> None:
     assert code == 200
 
 
-def test_counters_move_as_rounds_complete_between_scrapes() -> None:
-    handle = MemoryJob()
-    metrics = JobMetrics(handle)
+def test_counters_move_as_rounds_complete_between_scrapes(held: LiveJob) -> None:
+    metrics = JobMetrics(held.handle)
     before = scrape(metrics)
-    handle.complete_round(row(1))
-    handle.complete_round(row(2))
+    complete_rounds(held, 2)
 
     after = scrape(metrics)
 
     assert before[("enclavefl_rounds_completed_total", ())] == 0.0
     assert after[("enclavefl_rounds_completed_total", ())] == 2.0
-    # 2 rows x 1000 bytes in, 2 x 3000 out
-    assert after[("enclavefl_bytes_total", (("direction", "in"),))] == 2000.0
-    assert after[("enclavefl_bytes_total", (("direction", "out"),))] == 6000.0
+    # The model is 6 float32 (w 2x2, b 2) = 24 bytes. A round: 2 updates in (48 bytes), the model out to
+    # 2 workers (48 bytes); 2 rounds: 96 each way.
+    assert after[("enclavefl_bytes_total", (("direction", "in"),))] == 96.0
+    assert after[("enclavefl_bytes_total", (("direction", "out"),))] == 96.0
     assert after[("enclavefl_round", ())] == 3.0
     assert after[("enclavefl_model_version", ())] == 2.0
 
 
-def test_rows_are_counted_once_across_scrapes() -> None:
-    handle = MemoryJob()
-    metrics = JobMetrics(handle)
-    handle.complete_round(row(1))
+def test_rows_are_counted_once_across_scrapes(finished: LiveJob) -> None:
+    metrics = JobMetrics(finished.handle)
     scrape(metrics)
     scrape(metrics)
 
-    assert scrape(metrics)[("enclavefl_rounds_completed_total", ())] == 1.0
+    assert scrape(metrics)[("enclavefl_rounds_completed_total", ())] == 3.0  # the job ran 3 rounds
 
 
-def test_phase_durations_fill_histograms_by_phase() -> None:
-    handle = MemoryJob()
-    metrics = JobMetrics(handle)
-    handle.complete_round(row(1, seconds_train=3.0))
-    handle.complete_round(row(2, seconds_train=20.0))
+def test_phase_durations_fill_histograms_by_phase(held: LiveJob) -> None:
+    metrics = JobMetrics(held.handle)
+    complete_rounds(held, 1)
+    wait_for(lambda: held.handle.status().participants == 2, what="round 2 open")
+    time.sleep(0.3)  # round 2 stays open at least this long
+    complete_rounds(held, 2)
 
     s = scrape(metrics)
 
     train = (("phase", "train"),)
+    seconds = [row["seconds_train"] for row in held.ps.metrics.history]
+    assert seconds[1] >= 0.3
     assert s[("enclavefl_round_phase_seconds_count", train)] == 2.0
-    assert s[("enclavefl_round_phase_seconds_sum", train)] == 23.0  # 3 + 20
-    assert s[("enclavefl_round_phase_seconds_bucket", (("le", "5.0"), ("phase", "train")))] == 1.0  # only 3 <= 5
+    assert s[("enclavefl_round_phase_seconds_sum", train)] == pytest.approx(sum(seconds))
+    # Each bucket counts the rounds that took at most its bound; round 2 (0.3 s or more) is above 0.25 s.
+    for bound in ("0.25", "0.5", "1.0", "5.0"):
+        expected = sum(1 for v in seconds if v <= float(bound))
+        assert s[("enclavefl_round_phase_seconds_bucket", (("le", bound), ("phase", "train")))] == expected
+    assert s[("enclavefl_round_phase_seconds_bucket", (("le", "0.25"), ("phase", "train")))] <= 1.0
     assert s[("enclavefl_round_phase_seconds_count", (("phase", "aggregate"),))] == 2.0
 
 
-def test_updates_are_counted_by_reason_class_never_by_worker() -> None:
-    handle = MemoryJob()
-    metrics = JobMetrics(handle)
-    bus = handle.events
-    bus.publish("update", round=1, worker_id="w-secret-1", worker="alice", accepted=True, reason="", bytes=10)
-    bus.publish("update", round=1, worker_id="w-secret-2", worker="bob", accepted=False,
-                reason="tensor 'w' holds NaN or Inf values", bytes=10)
-    bus.publish("update", round=1, worker_id="w-secret-3", worker="carol", accepted=False,
-                reason="round 1 closed before the update was complete", bytes=0)
+def test_updates_are_counted_by_reason_class_never_by_worker(tmp_path: Path) -> None:
+    with held_job(tmp_path, names=("alice", "bob")) as job:
+        metrics = JobMetrics(job.handle)
+        complete_rounds(job, 1)  # 2 accepted updates
+        wait_for(lambda: job.handle.status().participants == 2, what="round 2 open")
+        alice = InMemoryClient(job.ps, job.peers[0])
+        nan = INITIAL.map(lambda a: np.full_like(a, np.nan))
+        poisoned = alice.push_update(job.worker_id(0), 2, 1, nan, 4, {})
+        misrouted = alice.push_update(job.worker_id(0), 7, 1, INITIAL, 4, {})
 
-    text = metrics.render().decode()
+        text = metrics.render().decode()
+        ids = [w.worker_id for w in job.handle.workers()]
+
     s = samples(text)
-
-    assert s[("enclavefl_updates_total", (("reason", "accepted"), ("result", "accepted")))] == 1.0
+    assert not poisoned.accepted and not misrouted.accepted
+    assert s[("enclavefl_updates_total", (("reason", "accepted"), ("result", "accepted")))] == 2.0
     assert s[("enclavefl_updates_total", (("reason", "not_finite"), ("result", "rejected")))] == 1.0
-    assert s[("enclavefl_updates_total", (("reason", "late"), ("result", "rejected")))] == 1.0
-    assert "w-secret" not in text and "alice" not in text and "bob" not in text
+    # "update for round 7 v1, open is round 2 v1" fits no narrower class.
+    assert s[("enclavefl_updates_total", (("reason", "other"), ("result", "rejected")))] == 1.0
+    assert "alice" not in text and "bob" not in text
+    assert all(worker_id not in text for worker_id in ids)
 
 
-def test_attestation_decisions_are_counted_by_verdict_and_evidence() -> None:
-    handle = MemoryJob()
-    metrics = JobMetrics(handle)
-    bus = handle.events
-    bus.publish("attestation", peer="w1", decision="accepted", evidence="sgx", weaker=[])
-    bus.publish("attestation", peer="w2", decision="accepted", evidence="sgx", weaker=["missing_collateral"])
-    bus.publish("attestation", peer="w3", decision="refused", evidence="simulated", field="mr_enclave")
-    bus.publish("attestation", peer="w4", decision="refused", evidence="made-up-kind")
+def test_attestation_decisions_are_counted_by_verdict_and_evidence(reading: LiveJob) -> None:
+    metrics = JobMetrics(reading.handle)
+    with audit_log(reading) as audit:
+        audit.record(AuditRecord("ps", "ps", "w1", "accepted", "ok", evidence="sgx"))
+        audit.record(AuditRecord("ps", "ps", "w2", "accepted", "ok", evidence="sgx", weaker=("missing_collateral",)))
+        audit.record(AuditRecord("ps", "ps", "w3", "refused", "mr_enclave: expected 11.., got 22..",
+                                 field="mr_enclave", evidence="simulated", simulated=True))
+        audit.record(AuditRecord("ps", "ps", "w4", "refused", "evidence did not parse", evidence="made-up-kind"))
 
     s = scrape(metrics)
 
@@ -149,26 +156,28 @@ def test_attestation_decisions_are_counted_by_verdict_and_evidence() -> None:
     assert s[("enclavefl_attestation_decisions_total", (("evidence", "none"), ("verdict", "refused")))] == 1.0
 
 
-def test_events_that_left_the_ring_before_a_scrape_are_counted_as_missed() -> None:
-    handle = MemoryJob()
-    metrics = JobMetrics(handle)
-    capacity = 2048  # EventBus's default ring, which MemoryJob's bus has
-    for _ in range(capacity + 5):
-        handle.events.publish("control", action="pause", by="op")
+def test_events_that_left_the_ring_before_a_scrape_are_counted_as_missed(held: LiveJob) -> None:
+    metrics = JobMetrics(held.handle)
+    scrape(metrics)  # read every event so far
+    capacity = 2048  # the PS's EventBus keeps its last 2048 events
+    for toggle in range(capacity + 5):  # with round 1 held open, only these publish events
+        if toggle % 2 == 0:
+            held.handle.pause(by="op")
+        else:
+            held.handle.resume(by="op")
 
     s = scrape(metrics)
 
-    # capacity + 5 published, the ring kept the last `capacity`
+    # 2053 actions: pause, resume, pause, ... (1027 pauses, 1026 resumes). The first 5 (3 pauses,
+    # 2 resumes) left the ring: 1024 of each are counted.
     assert s[("enclavefl_events_missed_total", ())] == 5.0
-    assert s[("enclavefl_control_actions_total", (("action", "pause"),))] == float(capacity)
+    assert s[("enclavefl_control_actions_total", (("action", "pause"),))] == 1024.0
+    assert s[("enclavefl_control_actions_total", (("action", "resume"),))] == 1024.0
 
 
-def test_status_gauges_and_state_follow_the_handle() -> None:
-    handle = MemoryJob()
-    metrics = JobMetrics(handle)
-    handle.add_worker(worker("w1"))
-    handle.add_worker(worker("w2"))
-    handle.pause(by="op")
+def test_status_gauges_and_state_follow_the_handle(held: LiveJob) -> None:
+    metrics = JobMetrics(held.handle)
+    held.handle.pause(by="op")
 
     s = scrape(metrics)
 
@@ -178,8 +187,8 @@ def test_status_gauges_and_state_follow_the_handle() -> None:
     assert s[("enclavefl_job_state", (("enclavefl_job_state", "running"),))] == 0.0
 
 
-def test_every_reason_series_exists_before_any_update() -> None:
-    s = scrape(JobMetrics(MemoryJob()))
+def test_every_reason_series_exists_before_any_update(reading: LiveJob) -> None:
+    s = scrape(JobMetrics(reading.handle))
 
     reasons = {dict(labels)["reason"] for (name, labels) in s if name == "enclavefl_updates_total"}
     assert reasons == set(REASON_CLASSES)
@@ -199,22 +208,14 @@ def test_reason_class_maps_free_text_to_a_fixed_set(reason: str, expected: str) 
     assert reason_class(reason) == expected
 
 
-# ------------------------------------------------------------------ a real PS
+# ------------------------------------------------------------------ over HTTP while rounds run
 
-def test_counters_move_while_a_real_ps_runs_its_rounds(tmp_path: Path) -> None:
-    gate = Gate(allowed=1)  # each worker may fit once: round 1 completes, round 2 waits
-    live = LiveJob(live_job_config(rounds=3), tmp_path, gate=gate)
-    try:
-        with serving(app_for(live.handle, [mount])) as server:
-            wait_for(lambda: live.handle.status().rounds_done >= 1, what="round 1")
-            first = samples(server.get("/metrics", {"Authorization": f"Bearer {TOKEN}"})[2].decode())
-            gate.allow(2)
-            wait_for(lambda: live.handle.status().rounds_done >= 2, what="round 2")
-            second = samples(server.get("/metrics", {"Authorization": f"Bearer {TOKEN}"})[2].decode())
-        gate.allow(3)
-        live.wait_done()
-    finally:
-        live.close()
+def test_counters_move_while_a_real_ps_runs_its_rounds(held: LiveJob) -> None:
+    with serving(app_for(held.handle, [mount])) as server:
+        complete_rounds(held, 1)
+        first = samples(server.get("/metrics", {"Authorization": f"Bearer {TOKEN}"})[2].decode())
+        complete_rounds(held, 2)
+        second = samples(server.get("/metrics", {"Authorization": f"Bearer {TOKEN}"})[2].decode())
 
     completed = ("enclavefl_rounds_completed_total", ())
     accepted = ("enclavefl_updates_total", (("reason", "accepted"), ("result", "accepted")))

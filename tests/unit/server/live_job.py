@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import numpy.typing as npt
 
 from enclavefl.config import JobConfig, parse_job
 from enclavefl.messages import PeerIdentity
+from enclavefl.server.closing import Evaluator
 from enclavefl.server.ps import ParameterServer
 from enclavefl.tensors import ParamSet
 from enclavefl.training import FitConfig, FitResult
@@ -37,8 +38,8 @@ def peer(name: str, **proved: Any) -> PeerIdentity:
     return PeerIdentity(fingerprint=hashlib.sha256(name.encode()).hexdigest(), label=name, **proved)
 
 
-def job(*, rounds: int = 2, workers: int = 2, mode: str = "sync", checkpoint_every: int = 1,
-        **round_section: Any) -> JobConfig:
+def job(*, rounds: int = 2, workers: int = 2, mode: str = "sync", checkpoint_every: int = 1, name: str = "job",
+        attestation: str = "none", **round_section: Any) -> JobConfig:
     """A job whose rounds close as soon as every sampled worker pushed."""
     section: dict[str, Any] = {"mode": mode, "min_workers": workers, "start_window_s": 20, "update_window_s": 20,
                                "max_retries": 0}
@@ -46,11 +47,11 @@ def job(*, rounds: int = 2, workers: int = 2, mode: str = "sync", checkpoint_eve
         section["buffer_size"] = workers
     section.update(round_section)
     return parse_job({
-        "job": {"rounds": rounds, "workers": workers},
+        "job": {"name": name, "rounds": rounds, "workers": workers},
         "round": section,
         "client": {"epochs": 1, "batch_size": 4, "lr": 0.5},
         "server": {"checkpoint_every": checkpoint_every},
-        "attestation": {"mode": "none"},
+        "attestation": {"mode": attestation},
     })
 
 
@@ -113,22 +114,34 @@ class LiveJob:
     """A PS and ``workers`` workers on threads; :meth:`close` stops whatever still runs."""
 
     def __init__(self, config: JobConfig, out_dir: Path, *, workers: int | None = None,
-                 gate: Gate | None = None, gates: Mapping[int, Gate] | None = None) -> None:
-        """Starts the PS and the workers; worker ``i`` fits when ``gates[i]`` (else ``gate``) allows."""
-        self.ps = ParameterServer(config, INITIAL, out_dir=out_dir)
+                 gate: Gate | None = None, gates: Mapping[int, Gate] | None = None,
+                 names: Sequence[str] = (), proved: Mapping[int, Mapping[str, Any]] | None = None,
+                 evaluator: Evaluator | None = None) -> None:
+        """Starts the PS and the workers; worker ``i`` fits when ``gates[i]`` (else ``gate``) allows.
+
+        Args:
+            names: worker ``i`` joins as ``names[i]`` (default ``worker-i``).
+            proved: what worker ``i``'s attestation proved (:class:`PeerIdentity` fields), as the
+                transport would hand it to the PS; default: no evidence.
+            evaluator: scores each new global model (the metrics rows' ``eval_*``).
+        """
+        self.ps = ParameterServer(config, INITIAL, out_dir=out_dir, evaluator=evaluator)
         self.handle = self.ps.handle()
         self.gate = gate or Gate()
         self.out_dir = out_dir
         self.trainers: list[GatedTrainer] = []
+        self.peers: list[PeerIdentity] = []
+        """Who worker ``i`` is to the PS (its certificate's fingerprint and what it proved)."""
         self.errors: dict[str, BaseException] = {}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._start("ps", self.ps.run)
         for index in range(workers or config.job.workers):
-            name = f"worker-{index}"
+            name = names[index] if index < len(names) else f"worker-{index}"
             trainer = GatedTrainer((gates or {}).get(index, self.gate))
             self.trainers.append(trainer)
-            who = peer(name)
+            who = peer(f"worker-{index}", **(proved or {}).get(index, {}))
+            self.peers.append(who)
             worker = Worker(lambda who=who: InMemoryClient(self.ps, who, chunk_bytes=64), trainer,
                             WorkerSettings(name=name, seed=7, poll_s=0.2), stop=self._stop)
             self._start(name, worker.run)
@@ -143,6 +156,16 @@ class LiveJob:
         thread = threading.Thread(target=body, name=name, daemon=True)
         thread.start()
         self._threads.append(thread)
+
+    def worker_id(self, index: int) -> str:
+        """The id the PS gave worker ``index`` when it joined."""
+        fingerprint = self.peers[index].fingerprint
+        with self.ps.core.cond:
+            return next(r.worker_id for r in self.ps.core.registry.records() if r.fingerprint == fingerprint)
+
+    def leave(self, index: int, reason: str) -> None:
+        """Worker ``index`` tells the PS it leaves, with ``reason`` (the call its client's ``leave`` makes)."""
+        self.ps.leave(self.peers[index], self.worker_id(index), reason)
 
     def wait_done(self, timeout_s: float = 30.0) -> None:
         """Waits for the PS and every worker to return; fails if one raised or hung."""
