@@ -1,13 +1,39 @@
 """Streaming weighted aggregation: each update is folded in as it arrives.
 
-Memory is one float64 running sum per tensor (plus, for tensors that receive
-row-sparse updates, one weight per row) and one scratch buffer the size of the
-largest tensor, whatever the number of workers: an update is never kept after
-it has been added.
+How this works: each tensor has one running accumulator (plus, for tensors
+that receive row-sparse updates, one float64 weight per row), whatever the
+number of workers: an update is never kept after it has been added. Updates
+are folded BLOCK_VALUES values at a time through two small float64 scratch
+blocks, so arithmetic is always float64 and the temporaries do not grow with
+the model.
+
+The accumulator's dtype is the ``accumulate`` setting:
+
+- ``"float64"``: a float64 running weighted *sum* per tensor (8 bytes per
+  value), divided by the total weight in ``result()``. The error is far below
+  the output's float32 rounding.
+- ``"float32"`` (the default): float16 and float32 tensors keep a float32
+  running weighted *mean* (4 bytes per value, half the float64 sum). Each
+  update is folded as ``m += (w / W) * (x - m)`` in float64 and rounded to
+  float32 once, so an element carries at most one float32 rounding per update;
+  a mean, unlike a sum, never grows past the largest input, so it cannot
+  overflow float32 however large the weights. The error is bounded in
+  docs/performance.md ("Accumulation in float32"): at most
+  ``2**-24 * sum_k (W_k / W) * |m_k|`` per element, where ``m_k`` is the mean
+  of the first k updates and ``W_k`` their weight, about ``(N + 1) / 2``
+  float32 roundings of the mean for N equal weights in the worst case and
+  ``sqrt(N / 3)`` typically. float64 tensors keep a float64 sum, integer and
+  bool tensors a float64 sum rounded at the end, as with ``"float64"``.
+
+Compensated (Kahan-Babuska/Neumaier) float32 summation was measured and not
+kept: its compensation term is a second float32 array, 8 bytes per value like
+the float64 sum, and less accurate than it.
 
 Sparse embedding updates (DLRM) carry only the rows a worker touched. A row's
 mean is taken over the workers that touched it, weighted by their sample
 counts, so rows a worker did not touch are not pulled toward zero.
+
+Either way the result is deterministic for a given order of updates.
 """
 
 from __future__ import annotations
@@ -15,14 +41,24 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, Final, Literal, get_args
 
 import numpy as np
+import numpy.typing as npt
 
 from enclavefl.errors import UpdateRejected
-from enclavefl.tensors import DTYPES, ParamSet, SparseRows, StreamHeader
+from enclavefl.tensors import DTYPES, ParamSet, SparseRows, StreamHeader, Tensor
 
-__all__ = ["Aggregator", "WeightedMean"]
+__all__ = ["Accumulate", "Aggregator", "WeightedMean"]
+
+Accumulate = Literal["float64", "float32"]
+"""The dtype a WeightedMean accumulates float16/float32 tensors in."""
+
+BLOCK_VALUES: Final = 2**18
+"""Values folded per step: two float64 scratch blocks of 2 MiB each."""
+
+_F64: Final = np.dtype(np.float64)
+_F32: Final = np.dtype(np.float32)
 
 
 class Aggregator(ABC):
@@ -66,26 +102,48 @@ class Aggregator(ABC):
 
 @dataclass(slots=True)
 class _Slot:
-    total: np.ndarray                   # float64, dense shape
-    row_weight: np.ndarray | None       # float64 (rows,), only once a sparse update arrived
+    # (rows, row_len) view of the tensor's accumulator: float32 holds the running
+    # mean, float64 the running weighted sum.
+    acc: npt.NDArray[Any]
+    row_weight: npt.NDArray[np.float64] | None   # (rows,), only once a sparse update arrived
     dense_weight: float
+
+    @property
+    def is_mean(self) -> bool:
+        return self.acc.dtype == _F32
+
+
+def _as_rows(array: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """A (rows, row_len) view: rows along the first axis (one row for a scalar)."""
+    if array.ndim == 0:
+        return array.reshape(1, 1)
+    return array.reshape(array.shape[0], int(np.prod(array.shape[1:], dtype=np.int64)))
 
 
 class WeightedMean(Aggregator):
-    """The weighted mean of updates (FedAvg's aggregation, McMahan et al. 2017)."""
+    """The weighted mean of updates (FedAvg's aggregation, McMahan et al. 2017).
 
-    def __init__(self, template: StreamHeader) -> None:
+    Args:
+        template: the header every update must match.
+        accumulate: ``"float32"`` keeps a float32 running mean for float16 and
+            float32 tensors (half the memory of ``"float64"``, error bounded in
+            the module docstring); ``"float64"`` keeps a float64 running sum.
+
+    Raises:
+        ValueError: `accumulate` is neither "float32" nor "float64".
+    """
+
+    def __init__(self, template: StreamHeader, *, accumulate: Accumulate = "float32") -> None:
+        if accumulate not in get_args(Accumulate):
+            raise ValueError(f"WeightedMean: accumulate must be 'float32' or 'float64', got {accumulate!r}")
         self._template = template
+        self._accumulate: Accumulate = accumulate
         self._slots: dict[str, _Slot] = {}
         self._count = 0
         self._weight = 0.0
         self._lock = threading.Lock()
-        self._scratch = np.empty(0, dtype=np.float64)
-
-    def _scratch_for(self, size: int) -> np.ndarray:
-        if self._scratch.size < size:
-            self._scratch = np.empty(size, dtype=np.float64)
-        return self._scratch[:size]
+        self._block_a = np.empty(0, dtype=np.float64)
+        self._block_b = np.empty(0, dtype=np.float64)
 
     @property
     def count(self) -> int:
@@ -95,12 +153,34 @@ class WeightedMean(Aggregator):
     def total_weight(self) -> float:
         return self._weight
 
-    def _slot(self, name: str, shape: tuple[int, ...]) -> _Slot:
+    @property
+    def accumulate(self) -> Accumulate:
+        return self._accumulate
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of running state held: accumulators, row weights and scratch blocks."""
+        with self._lock:
+            held = self._block_a.nbytes + self._block_b.nbytes
+            for slot in self._slots.values():
+                held += slot.acc.nbytes + (0 if slot.row_weight is None else slot.row_weight.nbytes)
+            return held
+
+    def _slot(self, name: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> _Slot:
         slot = self._slots.get(name)
         if slot is None:
-            slot = _Slot(np.zeros(shape, dtype=np.float64), None, 0.0)
+            narrow = self._accumulate == "float32" and dtype.kind == "f" and dtype.itemsize <= 4
+            acc = np.zeros(shape, dtype=_F32 if narrow else _F64)
+            slot = _Slot(_as_rows(acc), None, 0.0)
             self._slots[name] = slot
         return slot
+
+    def _blocks(self, size: int) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        """Two float64 scratch blocks of at least `size` values (at most BLOCK_VALUES)."""
+        if self._block_a.size < size:
+            self._block_a = np.empty(size, dtype=np.float64)
+            self._block_b = np.empty(size, dtype=np.float64)
+        return self._block_a, self._block_b
 
     def add(self, update: ParamSet, weight: float) -> None:
         if not (weight > 0 and np.isfinite(weight)):
@@ -112,26 +192,52 @@ class WeightedMean(Aggregator):
             # Everything above is checked; below only arithmetic that cannot fail
             # part-way on valid input, so the aggregate is never half-updated.
             for spec in self._template.tensors:
-                value = update[spec.name]
-                slot = self._slot(spec.name, spec.shape)
-                if isinstance(value, SparseRows):
-                    if slot.row_weight is None:
-                        slot.row_weight = np.full(spec.shape[0], slot.dense_weight, dtype=np.float64)
-                    rows = slot.total[value.ids]
-                    rows += np.asarray(value.rows, dtype=np.float64) * weight
-                    slot.total[value.ids] = rows
-                    slot.row_weight[value.ids] += weight
-                else:
-                    # Scale into a reused float64 scratch buffer, then add: exact
-                    # float64 arithmetic without allocating per update.
-                    scaled = self._scratch_for(value.size).reshape(value.shape)
-                    np.multiply(value, weight, out=scaled, dtype=np.float64)
-                    slot.total += scaled
-                    slot.dense_weight += weight
-                    if slot.row_weight is not None:
-                        slot.row_weight += weight
+                self._fold(self._slot(spec.name, spec.shape, DTYPES[spec.dtype]), update[spec.name], weight)
             self._count += 1
             self._weight += weight
+
+    def _fold(self, slot: _Slot, value: Tensor, weight: float) -> None:
+        rows, row_len = slot.acc.shape
+        ids: npt.NDArray[Any] | None = None
+        if isinstance(value, SparseRows):
+            if slot.row_weight is None:
+                slot.row_weight = np.full(rows, slot.dense_weight, dtype=np.float64)
+            ids, data = value.ids, _as_rows(value.rows)
+        else:
+            data = _as_rows(value)
+        # The weight already folded in, before this update: per row once rows
+        # have their own weights, else the tensor's single weight.
+        before: npt.NDArray[np.float64] | float = (
+            slot.dense_weight if slot.row_weight is None else slot.row_weight
+        )
+        step = max(1, BLOCK_VALUES // max(row_len, 1))
+        count = data.shape[0]
+        a, b = self._blocks(min(count, step) * row_len)
+        for start in range(0, count, step):
+            stop = min(start + step, count)
+            where: slice | npt.NDArray[Any] = slice(start, stop) if ids is None else ids[start:stop]
+            n = (stop - start) * row_len
+            acc = a[:n].reshape(stop - start, row_len)
+            x = b[:n].reshape(stop - start, row_len)
+            acc[...] = slot.acc[where]
+            x[...] = data[start:stop]
+            if slot.is_mean:
+                # m += (w / W_after) * (x - m), float64, then one rounding to float32.
+                prior = before[where].reshape(-1, 1) if isinstance(before, np.ndarray) else before
+                x -= acc
+                x *= weight / (prior + weight)
+                acc += x
+            else:
+                x *= weight
+                acc += x
+            slot.acc[where] = acc
+        if ids is None:
+            slot.dense_weight += weight
+        if slot.row_weight is not None:
+            if ids is None:
+                slot.row_weight += weight
+            else:
+                slot.row_weight[ids] += weight
 
     def result(self) -> ParamSet:
         with self._lock:
@@ -140,16 +246,21 @@ class WeightedMean(Aggregator):
             out: list[tuple[str, np.ndarray]] = []
             for spec in self._template.tensors:
                 slot = self._slots[spec.name]
+                acc = slot.acc
+                dtype = DTYPES[spec.dtype]
+                if slot.is_mean:
+                    # Already the mean: a copy in the wire dtype, so callers never share it.
+                    out.append((spec.name, np.array(acc.reshape(spec.shape), dtype=dtype)))
+                    continue
                 if slot.row_weight is not None:
-                    denom = slot.row_weight.reshape((-1,) + (1,) * (len(spec.shape) - 1))
-                    mean = np.divide(slot.total, denom, out=np.zeros_like(slot.total), where=denom > 0)
+                    denom = slot.row_weight.reshape(-1, 1)
+                    mean = np.divide(acc, denom, out=np.zeros_like(acc), where=denom > 0)
                 elif slot.dense_weight > 0:
-                    mean = slot.total / slot.dense_weight
+                    mean = acc / slot.dense_weight
                 else:
-                    mean = np.zeros_like(slot.total)
-                dtype = np.dtype(DTYPES[spec.dtype])
+                    mean = np.zeros_like(acc)
                 if dtype.kind in "iub":
                     mean = np.rint(mean)
-                # np.asarray: arithmetic on a 0-d array yields a numpy scalar.
-                out.append((spec.name, np.asarray(mean, dtype=dtype)))
+                # np.asarray: mean is already a fresh array; reshape restores 0-d and N-d shapes.
+                out.append((spec.name, np.asarray(mean.reshape(spec.shape), dtype=dtype)))
             return ParamSet(out)
