@@ -30,9 +30,10 @@ def header(**tensors: npt.NDArray[Any]) -> StreamHeader:
 TEMPLATE = header(w=np.zeros((2, 2), np.float32), b=np.zeros(2, np.float32))
 
 
-def test_weighted_mean_of_two_dense_updates() -> None:
+@pytest.mark.parametrize("accumulate", ["float32", "float64"])
+def test_weighted_mean_of_two_dense_updates(accumulate: Any) -> None:
     # Prepare
-    agg = WeightedMean(TEMPLATE)
+    agg = WeightedMean(TEMPLATE, accumulate=accumulate)
     u1 = ParamSet({"w": f32([[1, 2], [3, 4]]), "b": f32([1, 1])})
     u2 = ParamSet({"w": f32([[3, 6], [7, 0]]), "b": f32([3, 5])})
 
@@ -159,9 +160,10 @@ def sparse(ids: list[int], rows: Any) -> ParamSet:
     return ParamSet({"emb": SparseRows(np.array(ids, np.int64), f32(rows).reshape(len(ids), 2), (4, 2))})
 
 
-def test_sparse_rows_are_averaged_over_the_workers_that_touched_them() -> None:
+@pytest.mark.parametrize("accumulate", ["float32", "float64"])
+def test_sparse_rows_are_averaged_over_the_workers_that_touched_them(accumulate: Any) -> None:
     # Prepare
-    agg = WeightedMean(EMB)
+    agg = WeightedMean(EMB, accumulate=accumulate)
 
     # Execute: A (weight 1) touches rows 0 and 2, B (weight 3) rows 2 and 3.
     agg.add(sparse([0, 2], [[1, 1], [2, 2]]), 1.0)
@@ -172,10 +174,11 @@ def test_sparse_rows_are_averaged_over_the_workers_that_touched_them() -> None:
     np.testing.assert_array_equal(result, f32([[1, 1], [0, 0], [5, 5], [4, 4]]))
 
 
+@pytest.mark.parametrize("accumulate", ["float32", "float64"])
 @pytest.mark.parametrize("sparse_first", [False, True])
-def test_dense_and_sparse_updates_mix(sparse_first: bool) -> None:
+def test_dense_and_sparse_updates_mix(sparse_first: bool, accumulate: Any) -> None:
     # Prepare
-    agg = WeightedMean(EMB)
+    agg = WeightedMean(EMB, accumulate=accumulate)
     dense = ParamSet({"emb": f32([[1, 1], [1, 1], [1, 1], [2, 2]])})
     rows = sparse([1], [[5, 5]])
     pairs = [(rows, 3.0), (dense, 1.0)] if sparse_first else [(dense, 1.0), (rows, 3.0)]
