@@ -260,6 +260,11 @@ class MeanAggregator(_Variant):
     """Streaming weighted mean (FedAvg's aggregation)."""
 
     name: Literal["mean"] = "mean"
+    accumulate: Literal["float32", "float64"] = Field(
+        default="float32",
+        description="float32 tensors: a float32 running mean (half the memory, error bound in docs/performance.md) "
+                    "or a float64 sum",
+    )
 
 
 class MedianAggregator(_Variant):

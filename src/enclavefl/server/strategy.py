@@ -12,6 +12,8 @@ their own, or replace one part with ``dataclasses.replace``.
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +52,7 @@ class Strategy:
 def _aggregator_factory(config: JobConfig, spill_dir: Path) -> tuple[AggregatorFactory, bool]:
     settings = config.server.aggregator
     if settings.name == "mean":
-        return WeightedMean, False
+        return functools.partial(WeightedMean, accumulate=settings.accumulate), False
     from enclavefl.server.robust import AGGREGATORS
 
     cls: Any = AGGREGATORS[settings.name]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -171,3 +172,16 @@ def test_unknown_accumulate_setting_is_refused() -> None:
 
     with pytest.raises(ValueError, match="accumulate must be 'float32' or 'float64', got 'bfloat16'"):
         WeightedMean(template, accumulate="bfloat16")  # type: ignore[arg-type]
+
+
+def test_the_job_file_chooses_the_accumulation_of_the_mean_aggregator(tmp_path: Path) -> None:
+    from enclavefl.config import parse_job
+    from enclavefl.server.strategy import build_strategy
+
+    template = StreamHeader.of(ParamSet({"w": np.zeros(4, dtype=np.float32)}))
+    default = build_strategy(parse_job({}), template, spill_dir=tmp_path).aggregator(template)
+    chosen = build_strategy(parse_job({"server": {"aggregator": {"name": "mean", "accumulate": "float64"}}}),
+                            template, spill_dir=tmp_path).aggregator(template)
+
+    assert isinstance(default, WeightedMean) and default.accumulate == "float32"
+    assert isinstance(chosen, WeightedMean) and chosen.accumulate == "float64"
