@@ -6,6 +6,9 @@ SCAFFOLD), the :class:`~enclavefl.server.optimizer.ServerOptimizer`, a factory
 for each round's :class:`~enclavefl.server.aggregator.Aggregator`, the
 :class:`~enclavefl.server.sampling.Sampler`, and post-processing hooks that
 see the aggregate before the optimizer does (later: unmasking, DP noise).
+Optional stages (differential privacy) add more through generic seams: gates
+the engine asks before it opens a round, values for every metrics row,
+settings for every train task and stateful parts for the checkpoint.
 :func:`build_strategy` makes one from the job file; Python callers may build
 their own, or replace one part with ``dataclasses.replace``.
 """
@@ -13,25 +16,46 @@ their own, or replace one part with ``dataclasses.replace``.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from enclavefl.config import JobConfig, RegisteredOptimizer
 from enclavefl.errors import ConfigError
 from enclavefl.server.aggregator import Aggregator, WeightedMean
 from enclavefl.server.algorithms import Algorithm, CloseContext, FedAvgAlgorithm, Scaffold
 from enclavefl.server.optimizer import SERVER_OPTIMIZERS, ServerOptimizer
+from enclavefl.messages import ConfigValue
 from enclavefl.server.sampling import Sampler, UniformSampler
+from enclavefl.server.state import Stateful
 from enclavefl.tensors import ParamSet, StreamHeader
 
-__all__ = ["AggregatorFactory", "PostProcess", "Strategy", "build_strategy"]
+__all__ = ["AggregatorFactory", "PostProcess", "RoundGate", "RowMetrics", "Strategy", "build_strategy"]
 
 AggregatorFactory = Callable[[StreamHeader], Aggregator]
 """Makes a fresh aggregator for one round, given the header every update must match."""
 
 PostProcess = Callable[[ParamSet, CloseContext], ParamSet]
 """Sees a round's aggregate before the server optimizer (noise, unmasking, ...); returns the one to use."""
+
+RowMetrics = Callable[[], Mapping[str, Any]]
+"""Values for the metrics row of the round just closed (called after the post-process hooks)."""
+
+
+class RoundGate(Protocol):
+    """Asked by the engine before it opens a round, once the round's workers are sampled.
+
+    A gate that refuses ends the job cleanly after the last completed round
+    (a final checkpoint, FINISH to the workers, the job counts as finished):
+    it is how a budget (a privacy budget, say) stops a job.
+    """
+
+    def may_open(self, round_: int, sampled: int, joined: int) -> str | None:
+        """None to let round ``round_`` open with ``sampled`` of ``joined`` workers; else why the job ends.
+
+        Called with the server lock held: keep it short and do not call into the server.
+        """
+        ...
 
 
 @dataclass(frozen=True)
@@ -45,6 +69,14 @@ class Strategy:
     post_process: tuple[PostProcess, ...] = ()
     buffers: bool = False
     """Whether the aggregator keeps every update until the round closes (robust aggregators)."""
+    gates: tuple[RoundGate, ...] = ()
+    """Asked, in order, before each synchronous round opens; the first refusal ends the job."""
+    row_metrics: tuple[RowMetrics, ...] = ()
+    """Each adds its values to every round's metrics row."""
+    task_config: Mapping[str, ConfigValue] = field(default_factory=dict)
+    """Settings every train task carries for the worker's update pipeline (namespaced keys)."""
+    parts: tuple[tuple[str, Stateful], ...] = ()
+    """More stateful parts, by checkpoint name, saved and restored like the optimizer."""
 
 
 def _aggregator_factory(config: JobConfig, spill_dir: Path) -> tuple[AggregatorFactory, bool]:
