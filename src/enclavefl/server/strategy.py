@@ -15,6 +15,8 @@ their own, or replace one part with ``dataclasses.replace``.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,12 +27,14 @@ from enclavefl.errors import ConfigError
 from enclavefl.server.aggregator import Aggregator, WeightedMean
 from enclavefl.server.algorithms import Algorithm, CloseContext, FedAvgAlgorithm, Scaffold
 from enclavefl.server.optimizer import SERVER_OPTIMIZERS, ServerOptimizer
-from enclavefl.messages import ConfigValue
+from enclavefl.messages import DP_CLIP_NORM_KEY, ConfigValue
 from enclavefl.server.sampling import Sampler, UniformSampler
 from enclavefl.server.state import Stateful
 from enclavefl.tensors import ParamSet, StreamHeader
 
 __all__ = ["AggregatorFactory", "PostProcess", "RoundGate", "RowMetrics", "Strategy", "build_strategy"]
+
+log = logging.getLogger(__name__)
 
 AggregatorFactory = Callable[[StreamHeader], Aggregator]
 """Makes a fresh aggregator for one round, given the header every update must match."""
@@ -136,4 +140,23 @@ def build_strategy(config: JobConfig, model: StreamHeader, *, spill_dir: Path) -
         algorithm = FedAvgAlgorithm()
     aggregator, buffers = _aggregator_factory(config, spill_dir)
     sampler = UniformSampler(config.round.fraction, config.round.min_workers, config.job.seed)
-    return Strategy(algorithm=algorithm, optimizer=optimizer, aggregator=aggregator, sampler=sampler, buffers=buffers)
+    strategy = Strategy(algorithm=algorithm, optimizer=optimizer, aggregator=aggregator, sampler=sampler, buffers=buffers)
+    if config.privacy.dp.enabled:
+        strategy = _with_dp(strategy, config)
+    return strategy
+
+
+def _with_dp(strategy: Strategy, config: JobConfig) -> Strategy:
+    """DP-FedAvg plugged into the strategy's seams (server/dp.py); equal weights replace num_samples."""
+    from enclavefl.server.dp import DpFedAvg
+
+    dp = DpFedAvg(config.privacy.dp, config.job.seed)
+    log.info("privacy.dp: clip_norm=%g noise_multiplier=%g delta=%g accountant=%s target_epsilon=%s; updates are "
+             "averaged with equal weights (num_samples is ignored)", dp.config.clip_norm, dp.config.noise_multiplier,
+             dp.config.delta, dp.config.accountant, dp.config.target_epsilon)
+    return dataclasses.replace(
+        strategy, aggregator=dp.aggregator, post_process=(*strategy.post_process, dp.post_process),
+        gates=(*strategy.gates, dp), row_metrics=(*strategy.row_metrics, dp.accountant.row),
+        task_config={**strategy.task_config, DP_CLIP_NORM_KEY: dp.config.clip_norm},
+        parts=(*strategy.parts, ("accountant", dp.accountant)),
+    )
