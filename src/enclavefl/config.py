@@ -48,12 +48,14 @@ __all__ = [
     "AttestationConfig",
     "ClientConfig",
     "CollateralConfig",
+    "DpConfig",
     "FaultsConfig",
     "FileCollateralConfig",
     "JobConfig",
     "JobSection",
     "OptimizerConfig",
     "PccsCollateralConfig",
+    "PrivacyConfig",
     "RoundConfig",
     "ServerConfig",
     "StalenessConfig",
@@ -472,6 +474,30 @@ class FaultsConfig(_Section):
     slowdown: float = Field(default=5.0, ge=1, le=1000, description="a straggler's rounds take this many times as long")
 
 
+class DpConfig(_Section):
+    """Client-level differential privacy, DP-FedAvg (McMahan et al. 2018; see docs/privacy.md).
+
+    Each worker clips its whole update to L2 norm ``clip_norm``; the PS averages
+    with equal weights over the round's sampled workers and adds Gaussian noise of
+    standard deviation ``noise_multiplier * clip_norm / sampled`` per coordinate. An
+    accountant composes the rounds into (epsilon, ``delta``); with ``target_epsilon``
+    the job ends before the round that would exceed it.
+    """
+
+    enabled: bool = False
+    clip_norm: float = Field(default=1.0, gt=0, description="L2 bound on one worker's whole update")
+    noise_multiplier: float = Field(default=1.0, ge=0, le=1000, description="z: noise std over clip_norm, on the sum")
+    target_epsilon: float | None = Field(default=None, gt=0, description="the job stops before exceeding it")
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+    accountant: Literal["rdp", "pld"] = "rdp"
+
+
+class PrivacyConfig(_Section):
+    """Privacy mechanisms beyond attestation (docs/privacy.md)."""
+
+    dp: DpConfig = Field(default_factory=DpConfig)
+
+
 class JobConfig(_Section):
     """A whole job file."""
 
@@ -485,6 +511,7 @@ class JobConfig(_Section):
     summary: SummaryConfig = Field(default_factory=SummaryConfig)
     management: ManagementConfig = Field(default_factory=ManagementConfig)
     faults: FaultsConfig = Field(default_factory=FaultsConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
 
     @model_validator(mode="after")
     def _compatible(self) -> JobConfig:
@@ -506,11 +533,33 @@ class JobConfig(_Section):
                 raise ValueError(f"round.mode async needs a streaming server.aggregator (mean or norm_bounded), got {aggregator}")
             if strategy == "scaffold":
                 raise ValueError("round.mode async does not support server.strategy scaffold (its control variates assume rounds)")
+        if self.privacy.dp.enabled:
+            _check_dp(self)
         return self
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data, suitable for YAML or JSON (the resolved configuration)."""
         return self.model_dump(mode="json")
+
+
+def _check_dp(config: JobConfig) -> None:
+    """Refuses settings DP-FedAvg's sensitivity argument does not hold under; each message names both keys."""
+    aggregator, strategy = config.server.aggregator.name, config.server.strategy.name
+    if aggregator != "mean":
+        raise ValueError(
+            f"privacy.dp.enabled needs server.aggregator mean, got {aggregator}: the noise is calibrated to one "
+            "clipped update's share of a mean, and a robust aggregator selects or reweighs individual updates"
+        )
+    if config.round.mode == "async":
+        raise ValueError(
+            "privacy.dp.enabled is not supported with round.mode async yet: the accountant composes sampled "
+            "rounds, and an async step's participants are not a sample of the joined workers"
+        )
+    if strategy == "scaffold":
+        raise ValueError(
+            "privacy.dp.enabled does not support server.strategy scaffold: the control-variate change would be "
+            "clipped with the model delta, which breaks SCAFFOLD's correction"
+        )
 
 
 def _worker_count_problem(rounds: RoundConfig, workers: int, key: str) -> str | None:

@@ -19,6 +19,7 @@ from enclavefl.tensors import ParamSet, StreamHeader
 __all__ = [
     "CONTROL_DELTA_PREFIX",
     "CONTROL_PREFIX",
+    "DP_CLIP_NORM_KEY",
     "ClientSettings",
     "ConfigValue",
     "FederationHandler",
@@ -38,6 +39,9 @@ CONTROL_PREFIX = "scaffold.c/"
 
 CONTROL_DELTA_PREFIX = "scaffold.dc/"
 """SCAFFOLD: a worker's control-variate change travels with its delta as ``scaffold.dc/<param>``."""
+
+DP_CLIP_NORM_KEY = "privacy.dp.clip_norm"
+"""Differential privacy: the L2 bound a worker clips its whole update to, in a train task's config map."""
 
 ConfigValue: TypeAlias = bool | int | float | str
 """A value of a task's per-round configuration map (what later stages add travels here)."""

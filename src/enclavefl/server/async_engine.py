@@ -256,7 +256,8 @@ class AsyncEngine(Engine):
         worker.busy_since = time.monotonic()
         self._asked.add(worker.worker_id)
         return TaskInfo(TaskKind.TRAIN, core.instance, round=core.next_round, model_version=core.version,
-                        client=self.strategy.algorithm.client_settings(self.config.client, core.next_round))
+                        client=self.strategy.algorithm.client_settings(self.config.client, core.next_round),
+                        config=dict(self.strategy.task_config))
 
     def target_for(self, meta: UpdateMeta) -> tuple[UpdateTarget, int, float]:
         buf = self.buffer

@@ -124,6 +124,8 @@ class ClosePipeline:
             "seconds_eval": round(seconds_eval, 4),
             "time": round(time.time(), 3),
         }
+        for contribute in strategy.row_metrics:
+            row.update(contribute())
         row.update(extra or {})
         for key, value in evaluation.items():
             if key not in ("loss", "accuracy"):

@@ -243,6 +243,10 @@ class SyncEngine(Engine):
                     continue
             seconds_wait = time.monotonic() - wait_started
             rnd = self._open_round(attempt)
+            if rnd is None:  # a strategy gate ended the job (a budget): it stops cleanly after the last round
+                self.pipeline.checkpoint_latest()
+                core.finish()
+                break
             record = self._await_round(rnd)
             if core.stopping:
                 rnd.aggregator.close()
@@ -270,11 +274,25 @@ class SyncEngine(Engine):
                 attempt += 1
                 self._retry_or_fail(attempt, failure)
 
-    def _open_round(self, attempt: int) -> Round:
+    def _gate(self, round_: int, sampled: int, joined: int) -> str | None:
+        """The first refusal of the strategy's gates for this round, or None (caller holds the lock)."""
+        for gate in self.strategy.gates:
+            reason = gate.may_open(round_, sampled, joined)
+            if reason is not None:
+                return reason
+        return None
+
+    def _open_round(self, attempt: int) -> Round | None:
+        """Samples and opens the next round; None if a strategy gate refuses it (the job must end)."""
         core, cfg = self.core, self.config
         with core.cond:
             self._round_config = cfg
             ids = self.sampler().sample(core.registry.candidates(), core.next_round, attempt)
+            refusal = self._gate(core.next_round, len(ids), len(core.registry))
+            if refusal is not None:
+                log.warning("ps %s round %d: not opened: %s", core.instance, core.next_round, refusal,
+                            extra={"event": "gate_stop"})
+                return None
             core.registry.settle()
             required = max(1, int(np.ceil(cfg.round.update_ratio * len(ids) - 1e-9)))
             rnd = Round(core.next_round, core.version, attempt, frozenset(ids), required,
@@ -316,7 +334,8 @@ class SyncEngine(Engine):
         if self.core.phase is not Phase.TRAINING or rnd is None or not rnd.is_training(worker.worker_id):
             return None
         return TaskInfo(TaskKind.TRAIN, self.core.instance, round=rnd.number, model_version=rnd.model_version,
-                        client=self.strategy.algorithm.client_settings(self._round_config.client, rnd.number))
+                        client=self.strategy.algorithm.client_settings(self._round_config.client, rnd.number),
+                        config=dict(self.strategy.task_config))
 
     def target_for(self, meta: UpdateMeta) -> tuple[UpdateTarget, int, float]:
         rnd = self.round

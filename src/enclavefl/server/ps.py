@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 from enclavefl.config import JobConfig
-from enclavefl.errors import CheckpointError, ProtocolError, RoundError, UpdateRejected
+from enclavefl.errors import CheckpointError, ConfigError, ProtocolError, RoundError, UpdateRejected
 from enclavefl.messages import JoinInfo, PeerIdentity, TaskInfo, TaskKind, UpdateKind, UpdateMeta, UpdateSink
 from enclavefl.server.checkpoint import Checkpoint, params_digest
 from enclavefl.server.closing import ClosePipeline, Evaluator
@@ -133,14 +133,22 @@ class ParameterServer:
     def next_round(self) -> int:
         return self.core.next_round
 
-    def _part_states(self) -> dict[str, PartState]:
-        return {"optimizer": self.strategy.optimizer.state(), "algorithm": self.strategy.algorithm.state(),
-                "engine": self.engine.state()}
-
-    def _load_parts(self, ckpt: Checkpoint) -> None:
+    def _stateful_parts(self) -> dict[str, Stateful]:
+        """Every part whose state the checkpoint holds, by name (the strategy may add some)."""
         parts: dict[str, Stateful] = {
             "optimizer": self.strategy.optimizer, "algorithm": self.strategy.algorithm, "engine": self.engine,
         }
+        for name, part in self.strategy.parts:
+            if name in parts:
+                raise ConfigError(f"strategy part {name!r}: the name is taken by a built-in part")
+            parts[name] = part
+        return parts
+
+    def _part_states(self) -> dict[str, PartState]:
+        return {name: part.state() for name, part in self._stateful_parts().items()}
+
+    def _load_parts(self, ckpt: Checkpoint) -> None:
+        parts = self._stateful_parts()
         for name, part in parts.items():
             state = ckpt.parts.get(name)
             if state is not None:

@@ -6,34 +6,61 @@ SCAFFOLD), the :class:`~enclavefl.server.optimizer.ServerOptimizer`, a factory
 for each round's :class:`~enclavefl.server.aggregator.Aggregator`, the
 :class:`~enclavefl.server.sampling.Sampler`, and post-processing hooks that
 see the aggregate before the optimizer does (later: unmasking, DP noise).
+Optional stages (differential privacy) add more through generic seams: gates
+the engine asks before it opens a round, values for every metrics row,
+settings for every train task and stateful parts for the checkpoint.
 :func:`build_strategy` makes one from the job file; Python callers may build
 their own, or replace one part with ``dataclasses.replace``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-
+import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from enclavefl.config import JobConfig, RegisteredOptimizer
 from enclavefl.errors import ConfigError
 from enclavefl.server.aggregator import Aggregator, WeightedMean
 from enclavefl.server.algorithms import Algorithm, CloseContext, FedAvgAlgorithm, Scaffold
 from enclavefl.server.optimizer import SERVER_OPTIMIZERS, ServerOptimizer
+from enclavefl.messages import DP_CLIP_NORM_KEY, ConfigValue
 from enclavefl.server.sampling import Sampler, UniformSampler
+from enclavefl.server.state import Stateful
 from enclavefl.tensors import ParamSet, StreamHeader
 
-__all__ = ["AggregatorFactory", "PostProcess", "Strategy", "build_strategy"]
+__all__ = ["AggregatorFactory", "PostProcess", "RoundGate", "RowMetrics", "Strategy", "build_strategy"]
+
+log = logging.getLogger(__name__)
 
 AggregatorFactory = Callable[[StreamHeader], Aggregator]
 """Makes a fresh aggregator for one round, given the header every update must match."""
 
 PostProcess = Callable[[ParamSet, CloseContext], ParamSet]
 """Sees a round's aggregate before the server optimizer (noise, unmasking, ...); returns the one to use."""
+
+RowMetrics = Callable[[], Mapping[str, Any]]
+"""Values for the metrics row of the round just closed (called after the post-process hooks)."""
+
+
+class RoundGate(Protocol):
+    """Asked by the engine before it opens a round, once the round's workers are sampled.
+
+    A gate that refuses ends the job cleanly after the last completed round
+    (a final checkpoint, FINISH to the workers, the job counts as finished):
+    it is how a budget (a privacy budget, say) stops a job.
+    """
+
+    def may_open(self, round_: int, sampled: int, joined: int) -> str | None:
+        """None to let round ``round_`` open with ``sampled`` of ``joined`` workers; else why the job ends.
+
+        Called with the server lock held: keep it short and do not call into the server.
+        """
+        ...
 
 
 @dataclass(frozen=True)
@@ -47,6 +74,14 @@ class Strategy:
     post_process: tuple[PostProcess, ...] = ()
     buffers: bool = False
     """Whether the aggregator keeps every update until the round closes (robust aggregators)."""
+    gates: tuple[RoundGate, ...] = ()
+    """Asked, in order, before each synchronous round opens; the first refusal ends the job."""
+    row_metrics: tuple[RowMetrics, ...] = ()
+    """Each adds its values to every round's metrics row."""
+    task_config: Mapping[str, ConfigValue] = field(default_factory=dict)
+    """Settings every train task carries for the worker's update pipeline (namespaced keys)."""
+    parts: tuple[tuple[str, Stateful], ...] = ()
+    """More stateful parts, by checkpoint name, saved and restored like the optimizer."""
 
 
 def _aggregator_factory(config: JobConfig, spill_dir: Path) -> tuple[AggregatorFactory, bool]:
@@ -106,4 +141,23 @@ def build_strategy(config: JobConfig, model: StreamHeader, *, spill_dir: Path) -
         algorithm = FedAvgAlgorithm()
     aggregator, buffers = _aggregator_factory(config, spill_dir)
     sampler = UniformSampler(config.round.fraction, config.round.min_workers, config.job.seed)
-    return Strategy(algorithm=algorithm, optimizer=optimizer, aggregator=aggregator, sampler=sampler, buffers=buffers)
+    strategy = Strategy(algorithm=algorithm, optimizer=optimizer, aggregator=aggregator, sampler=sampler, buffers=buffers)
+    if config.privacy.dp.enabled:
+        strategy = _with_dp(strategy, config)
+    return strategy
+
+
+def _with_dp(strategy: Strategy, config: JobConfig) -> Strategy:
+    """DP-FedAvg plugged into the strategy's seams (server/dp.py); equal weights replace num_samples."""
+    from enclavefl.server.dp import DpFedAvg
+
+    dp = DpFedAvg(config.privacy.dp, config.job.seed)
+    log.info("privacy.dp: clip_norm=%g noise_multiplier=%g delta=%g accountant=%s target_epsilon=%s; updates are "
+             "averaged with equal weights (num_samples is ignored)", dp.config.clip_norm, dp.config.noise_multiplier,
+             dp.config.delta, dp.config.accountant, dp.config.target_epsilon)
+    return dataclasses.replace(
+        strategy, aggregator=dp.aggregator, post_process=(*strategy.post_process, dp.post_process),
+        gates=(*strategy.gates, dp), row_metrics=(*strategy.row_metrics, dp.accountant.row),
+        task_config={**strategy.task_config, DP_CLIP_NORM_KEY: dp.config.clip_norm},
+        parts=(*strategy.parts, ("accountant", dp.accountant)),
+    )

@@ -1,5 +1,6 @@
 """The worker runtime: local training, the update pipeline, and its clients to the PS."""
 
+from enclavefl.worker.clipping import ClipUpdate
 from enclavefl.worker.control import ScaffoldClient
 from enclavefl.worker.heartbeat import Heartbeat
 from enclavefl.worker.inmemory import InMemoryClient
@@ -18,6 +19,7 @@ from enclavefl.worker.pipeline import (
 from enclavefl.worker.runtime import Worker, WorkerSettings, grpc_client_factory
 
 __all__ = [
+    "ClipUpdate",
     "ControlDelta",
     "Delta",
     "Heartbeat",

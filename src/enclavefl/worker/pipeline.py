@@ -6,9 +6,10 @@ result, the PS's settings, the round) and hands the trained parameters to an
 ordered list of :class:`UpdateTransform` steps; :func:`run_pipeline` feeds each
 step's output to the next. The default list is :class:`Delta` (send
 ``local - global``), :class:`SparsifyRows` when the trainer reports the
-embedding rows it touched, and :class:`ControlDelta` (SCAFFOLD's control-variate
-change, a no-op for other algorithms). Later stages (clipping, compression,
-masking) plug in by being added to the list; each declares the
+embedding rows it touched, :class:`ControlDelta` (SCAFFOLD's control-variate
+change, a no-op for other algorithms) and
+:class:`~enclavefl.worker.clipping.ClipUpdate` (differential privacy's L2 bound,
+a no-op unless the task carries one). Later stages (compression, masking) plug in by being added to the list; each declares the
 :class:`~enclavefl.messages.UpdateKind` of what it produces, and the last one
 decides what the update header announces.
 """
@@ -16,13 +17,13 @@ decides what the update header announces.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, final, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
 
-from enclavefl.messages import CONTROL_DELTA_PREFIX, ClientSettings, UpdateKind
+from enclavefl.messages import CONTROL_DELTA_PREFIX, ClientSettings, ConfigValue, UpdateKind
 from enclavefl.tensors import ParamSet, SparseRows, Tensor
 from enclavefl.training import FitResult, Trainer
 
@@ -54,6 +55,8 @@ class UpdateContext:
         control_delta: SCAFFOLD's ``delta c_i`` per floating-point model tensor, in
             model order and named like the model's tensors; None unless the round
             runs SCAFFOLD.
+        task_config: the train task's per-round settings of later stages
+            (``privacy.dp.clip_norm``, ...), as the PS sent them.
     """
 
     global_params: ParamSet
@@ -62,6 +65,7 @@ class UpdateContext:
     settings: ClientSettings
     round: int
     control_delta: ParamSet | None = None
+    task_config: Mapping[str, ConfigValue] = field(default_factory=dict)
 
 
 class UpdateTransform(Protocol):
@@ -203,14 +207,17 @@ class ControlDelta:
 
 
 def default_transforms(trainer: Trainer) -> list[UpdateTransform]:
-    """The worker's default pipeline: Delta, SparsifyRows for a SparseTrainer, ControlDelta.
+    """The worker's default pipeline: Delta, SparsifyRows for a SparseTrainer, ControlDelta, ClipUpdate.
 
     To add a stage, extend this list where it belongs and hand it to the worker.
     """
+    from enclavefl.worker.clipping import ClipUpdate  # it imports this module
+
     transforms: list[UpdateTransform] = [Delta()]
     if isinstance(trainer, SparseTrainer):
         transforms.append(SparsifyRows(trainer))
     transforms.append(ControlDelta())
+    transforms.append(ClipUpdate())
     return transforms
 
 

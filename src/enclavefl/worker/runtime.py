@@ -341,7 +341,8 @@ class Worker:
             control_delta = scaffold_client.update(global_params, local_params, server_control, result.steps, c.lr)
         accepted = False
         try:
-            context = UpdateContext(global_params, local_params, result, c, round_, control_delta)
+            context = UpdateContext(global_params, local_params, result, c, round_, control_delta,
+                                    task_config=task.config)
             update, kind = run_pipeline(self._transforms, context)
             if control_delta is not None:
                 self._check_control_delta(update, control_delta)

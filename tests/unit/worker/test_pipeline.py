@@ -11,6 +11,7 @@ from enclavefl.messages import ClientSettings, UpdateKind
 from enclavefl.tensors import ParamSet, SparseRows
 from enclavefl.training import FitResult
 from enclavefl.worker import (
+    ClipUpdate,
     ControlDelta,
     Delta,
     SparseTrainer,
@@ -103,12 +104,12 @@ def test_sparse_trainer_is_recognised_by_its_touched_rows_method() -> None:
     assert not isinstance(AddTrainer(1.0, 4), SparseTrainer)
 
 
-def test_default_transforms_sparsify_only_for_a_sparse_trainer() -> None:
+def test_default_transforms_sparsify_only_for_a_sparse_trainer_and_clip_last() -> None:
     dense = [type(t) for t in default_transforms(AddTrainer(1.0, 4))]
     sparse = [type(t) for t in default_transforms(SparseAddTrainer(1.0, 4, "emb", [0]))]
 
-    assert dense == [Delta, ControlDelta]
-    assert sparse == [Delta, SparsifyRows, ControlDelta]
+    assert dense == [Delta, ControlDelta, ClipUpdate]
+    assert sparse == [Delta, SparsifyRows, ControlDelta, ClipUpdate]
 
 
 # -------------------------------------------------------------- ControlDelta
