@@ -263,9 +263,9 @@ class MeanAggregator(_Variant):
 
     name: Literal["mean"] = "mean"
     accumulate: Literal["float32", "float64"] = Field(
-        default="float32",
-        description="float32 tensors: a float32 running mean (half the memory, error bound in docs/performance.md) "
-                    "or a float64 sum",
+        default="float64",
+        description="float32 tensors: a float64 sum (the result does not depend on arrival order) or a float32 "
+                    "running mean (half the memory; error bound and order dependence in docs/performance.md)",
     )
 
 

@@ -9,10 +9,12 @@ the model.
 
 The accumulator's dtype is the ``accumulate`` setting:
 
-- ``"float64"``: a float64 running weighted *sum* per tensor (8 bytes per
-  value), divided by the total weight in ``result()``. The error is far below
-  the output's float32 rounding.
-- ``"float32"`` (the default): float16 and float32 tensors keep a float32
+- ``"float64"`` (the default): a float64 running weighted *sum* per tensor (8
+  bytes per value), divided by the total weight in ``result()``. The error is
+  far below the output's float32 rounding, so the result does not depend on
+  the order updates arrive in (an in-process simulation reproduces a
+  multi-process run bit for bit).
+- ``"float32"``: float16 and float32 tensors keep a float32
   running weighted *mean* (4 bytes per value, half the float64 sum). Each
   update is folded as ``m += (w / W) * (x - m)`` in float64 and rounded to
   float32 once, so an element carries at most one float32 rounding per update;
@@ -133,7 +135,7 @@ class WeightedMean(Aggregator):
         ValueError: `accumulate` is neither "float32" nor "float64".
     """
 
-    def __init__(self, template: StreamHeader, *, accumulate: Accumulate = "float32") -> None:
+    def __init__(self, template: StreamHeader, *, accumulate: Accumulate = "float64") -> None:
         if accumulate not in get_args(Accumulate):
             raise ValueError(f"WeightedMean: accumulate must be 'float32' or 'float64', got {accumulate!r}")
         self._template = template

@@ -154,7 +154,7 @@ def test_sparse_rows_across_blocks_match_the_dense_mean_in_float32() -> None:
 def test_float16_tensors_accumulate_in_float32() -> None:
     # Prepare
     template = StreamHeader.of(ParamSet({"h": np.zeros(3, np.float16)}))
-    agg = WeightedMean(template)
+    agg = WeightedMean(template, accumulate="float32")
 
     # Execute
     agg.add(ParamSet({"h": np.array([1, 2, 3], np.float16)}), 1.0)
@@ -180,8 +180,8 @@ def test_the_job_file_chooses_the_accumulation_of_the_mean_aggregator(tmp_path: 
 
     template = StreamHeader.of(ParamSet({"w": np.zeros(4, dtype=np.float32)}))
     default = build_strategy(parse_job({}), template, spill_dir=tmp_path).aggregator(template)
-    chosen = build_strategy(parse_job({"server": {"aggregator": {"name": "mean", "accumulate": "float64"}}}),
+    chosen = build_strategy(parse_job({"server": {"aggregator": {"name": "mean", "accumulate": "float32"}}}),
                             template, spill_dir=tmp_path).aggregator(template)
 
-    assert isinstance(default, WeightedMean) and default.accumulate == "float32"
-    assert isinstance(chosen, WeightedMean) and chosen.accumulate == "float64"
+    assert isinstance(default, WeightedMean) and default.accumulate == "float64"
+    assert isinstance(chosen, WeightedMean) and chosen.accumulate == "float32"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from enclavefl.config import JobConfig, parse_job
-from enclavefl.errors import ConfigError, RoundError, UpdateRejected
+from enclavefl.errors import ConfigError, EnclaveFLError, RoundError, UpdateRejected
 from enclavefl.server.accountant import PrivacyAccountant
 from enclavefl.server.algorithms import CloseContext
 from enclavefl.server.checkpoint import latest_checkpoint
@@ -51,11 +51,19 @@ def run_job(config: JobConfig, out_dir: Path, *, resume: bool = False,
     ps = ParameterServer(config, INITIAL, out_dir=out_dir, resume_from=checkpoint)
     stop = threading.Event()
     threads = []
+    errors: list[EnclaveFLError] = []
+
+    def run(worker: Worker) -> None:
+        try:
+            worker.run()
+        except EnclaveFLError as exc:  # a worker of a failed job is dropped: the job's outcome is what is tested
+            errors.append(exc)
+
     for index in range(config.job.workers):
         who = peer(f"worker-{index}")
         worker = Worker(lambda who=who: InMemoryClient(ps, who, chunk_bytes=64), GatedTrainer(Gate()),
                         WorkerSettings(name=f"worker-{index}", seed=7, poll_s=0.1), stop=stop, transforms=transforms)
-        thread = threading.Thread(target=worker.run, daemon=True)
+        thread = threading.Thread(target=run, args=(worker,), daemon=True)
         thread.start()
         threads.append(thread)
     try:
@@ -64,6 +72,7 @@ def run_job(config: JobConfig, out_dir: Path, *, resume: bool = False,
         stop.set()
         for thread in threads:
             thread.join(15)
+    assert not errors, errors  # reached only when the job succeeded: its workers must have too
     return ps
 
 
