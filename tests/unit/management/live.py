@@ -32,7 +32,7 @@ from enclavefl.management.api import Mount, create_app
 from enclavefl.management.schema import JobHandle
 from enclavefl.tensors import ParamSet
 from enclavefl.transport.audit import AuditLog
-from tests.unit.server.live_job import Gate, LiveJob, job, wait_for
+from tests.unit.server.live_job import Gate, LiveJob, controls, job, wait_for
 
 MR_ENCLAVE = "ab" * 32
 """What the held job's workers proved by default: simulated evidence of this enclave."""
@@ -90,11 +90,6 @@ def audit_log(live: LiveJob) -> Iterator[AuditLog]:
         yield audit
     finally:
         audit.close()
-
-
-def controls(live: LiveJob) -> list[dict[str, Any]]:
-    """The operator actions the job recorded (its ``control`` events), oldest first."""
-    return [dict(e.data) for e in live.handle.events.read(0, limit=2048).events if e.kind == "control"]
 
 
 TOKEN = "test-token-0123456789"

@@ -184,3 +184,15 @@ class LiveJob:
         self._stop.set()
         for thread in self._threads[1:]:
             thread.join(15)
+
+
+def start(live: list[LiveJob], out_dir: Path, gate: Gate | None = None, **job_settings: Any) -> LiveJob:
+    """A :class:`LiveJob` of :func:`job` (``job_settings``), added to ``live`` so the test's fixture closes it."""
+    j = LiveJob(job(**job_settings), out_dir, gate=gate)
+    live.append(j)
+    return j
+
+
+def controls(j: LiveJob) -> list[dict[str, Any]]:
+    """The operator actions the job recorded (its ``control`` events), oldest first."""
+    return [dict(e.data) for e in j.handle.events.read(0, limit=2048).events if e.kind == "control"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,21 +9,7 @@ import pytest
 from enclavefl.management.schema import Identity, JobHandle
 from enclavefl.messages import PeerIdentity
 from enclavefl.server.handle import PsHandle, identity_of
-from tests.unit.server.live_job import Gate, LiveJob, job, wait_for
-
-
-@pytest.fixture
-def live(tmp_path: Path) -> Iterator[list[LiveJob]]:
-    jobs: list[LiveJob] = []
-    yield jobs
-    for j in jobs:  # a failed test must not leave threads running
-        j.close()
-
-
-def start(live: list[LiveJob], tmp_path: Path, gate: Gate | None = None, **kwargs: object) -> LiveJob:
-    j = LiveJob(job(**kwargs), tmp_path, gate=gate)  # type: ignore[arg-type]
-    live.append(j)
-    return j
+from tests.unit.server.live_job import Gate, LiveJob, job, start, wait_for
 
 
 def test_handle_is_a_job_handle_and_one_per_ps(live: list[LiveJob], tmp_path: Path) -> None:

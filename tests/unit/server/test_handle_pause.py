@@ -3,34 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import pytest
-
-from tests.unit.server.live_job import Gate, LiveJob, job, wait_for
+from tests.unit.server.live_job import Gate, LiveJob, controls, start, wait_for
 
 SETTLE_S = 0.6
 """How long a test watches for something that must NOT happen (a round opening while paused)."""
-
-
-@pytest.fixture
-def live() -> Iterator[list[LiveJob]]:
-    jobs: list[LiveJob] = []
-    yield jobs
-    for j in jobs:  # a failed test must not leave threads running
-        j.close()
-
-
-def start(live: list[LiveJob], tmp_path: Path, gate: Gate, **kwargs: Any) -> LiveJob:
-    j = LiveJob(job(**kwargs), tmp_path, gate=gate)
-    live.append(j)
-    return j
-
-
-def controls(j: LiveJob) -> list[dict[str, Any]]:
-    return [dict(e.data) for e in j.handle.events.read(0).events if e.kind == "control"]
 
 
 def test_pause_holds_the_next_round_and_resume_continues(live: list[LiveJob], tmp_path: Path) -> None:

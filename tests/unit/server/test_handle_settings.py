@@ -3,28 +3,13 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from enclavefl.errors import ConfigError
-from tests.unit.server.live_job import Gate, LiveJob, job, wait_for
-
-
-@pytest.fixture
-def live() -> Iterator[list[LiveJob]]:
-    jobs: list[LiveJob] = []
-    yield jobs
-    for j in jobs:  # a failed test must not leave threads running
-        j.close()
-
-
-def start(live: list[LiveJob], tmp_path: Path, gate: Gate, **kwargs: Any) -> LiveJob:
-    j = LiveJob(job(**kwargs), tmp_path, gate=gate)
-    live.append(j)
-    return j
+from tests.unit.server.live_job import Gate, LiveJob, job, start, wait_for
 
 
 def test_settings_list_the_changeable_keys_of_a_sync_job(live: list[LiveJob], tmp_path: Path) -> None:

@@ -2,33 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from enclavefl.errors import ConfigError
 from enclavefl.server.checkpoint import latest_checkpoint
-from tests.unit.server.live_job import Gate, LiveJob, job, wait_for
-
-
-@pytest.fixture
-def live() -> Iterator[list[LiveJob]]:
-    jobs: list[LiveJob] = []
-    yield jobs
-    for j in jobs:  # a failed test must not leave threads running
-        j.close()
-
-
-def start(live: list[LiveJob], tmp_path: Path, gate: Gate, **kwargs: Any) -> LiveJob:
-    j = LiveJob(job(**kwargs), tmp_path, gate=gate)
-    live.append(j)
-    return j
-
-
-def controls(j: LiveJob) -> list[dict[str, Any]]:
-    return [dict(e.data) for e in j.handle.events.read(0).events if e.kind == "control"]
+from tests.unit.server.live_job import Gate, LiveJob, controls, job, start, wait_for
 
 
 def test_stop_finish_completes_the_open_round_then_ends(live: list[LiveJob], tmp_path: Path) -> None:
