@@ -9,7 +9,6 @@ pauses, stops or patches the job.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -17,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
 from enclavefl.config import JobConfig, parse_job
 from enclavefl.messages import PeerIdentity
@@ -26,16 +24,9 @@ from enclavefl.server.ps import ParameterServer
 from enclavefl.tensors import ParamSet
 from enclavefl.training import FitConfig, FitResult
 from enclavefl.worker import InMemoryClient, Worker, WorkerSettings
+from tests.unit.worker.federation import AddTrainer, f32, peer
 
 INITIAL = ParamSet({"w": np.zeros((2, 2), dtype=np.float32), "b": np.zeros(2, dtype=np.float32)})
-
-
-def f32(values: Any) -> npt.NDArray[np.float32]:
-    return np.asarray(values, dtype=np.float32)
-
-
-def peer(name: str, **proved: Any) -> PeerIdentity:
-    return PeerIdentity(fingerprint=hashlib.sha256(name.encode()).hexdigest(), label=name, **proved)
 
 
 def job(*, rounds: int = 2, workers: int = 2, mode: str = "sync", checkpoint_every: int = 1, name: str = "job",
@@ -81,33 +72,17 @@ class Gate:
                 raise TimeoutError(f"fit {fit} was never allowed")
 
 
-class GatedTrainer:
+class GatedTrainer(AddTrainer):
     """Local training that adds 1 to every weight, once per ``fit``, when the gate allows; records each FitConfig."""
 
     def __init__(self, gate: Gate, num_samples: int = 4) -> None:
+        super().__init__(1.0, num_samples)
         self.gate = gate
-        self._num_samples = num_samples
-        self.params = ParamSet()
-        self.configs: list[FitConfig] = []
-
-    @property
-    def num_samples(self) -> int:
-        return self._num_samples
-
-    def get_parameters(self) -> ParamSet:
-        return self.params.copy()
-
-    def set_parameters(self, params: ParamSet) -> None:
-        self.params = params.copy()
 
     def fit(self, config: FitConfig) -> FitResult:
-        self.configs.append(config)
-        self.gate.wait(len(self.configs))
-        self.params = self.params.map(lambda a: np.asarray(a + a.dtype.type(1)))
-        return FitResult(self._num_samples, {"loss": 0.25, "accuracy": 0.5}, steps=1)
-
-    def evaluate(self) -> Mapping[str, float]:
-        return {}
+        self.gate.wait(len(self.configs) + 1)
+        super().fit(config)
+        return FitResult(self.num_samples, {"loss": 0.25, "accuracy": 0.5}, steps=1)
 
 
 class LiveJob:

@@ -38,8 +38,9 @@ def f32(values: Any) -> npt.NDArray[np.float32]:
     return np.asarray(values, dtype=np.float32)
 
 
-def peer(name: str) -> PeerIdentity:
-    return PeerIdentity(fingerprint=hashlib.sha256(name.encode()).hexdigest(), label=name)
+def peer(name: str, **proved: Any) -> PeerIdentity:
+    """A worker's identity as the transport hands it to the PS; ``proved``: what its attestation proved."""
+    return PeerIdentity(fingerprint=hashlib.sha256(name.encode()).hexdigest(), label=name, **proved)
 
 
 def job(*, rounds: int = 2, workers: int = 2, client: Mapping[str, Any] | None = None,
