@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import hmac
 import logging
-import os
 import secrets
 import threading
 from pathlib import Path
 from typing import Final, final
 
 from enclavefl.errors import ConfigError
+from enclavefl.management.runfiles import write_file
 from enclavefl.transport.audit import AuditLog, AuditRecord
 from enclavefl.transport.ratelimit import ConnectionLimiter, RefusalLog
 
@@ -50,15 +50,9 @@ def write_token(path: Path, token: str) -> None:
     Raises:
         ConfigError: the file cannot be written.
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.unlink(missing_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(token + "\n")
-        os.replace(tmp, path)
+        write_file(path, (token + "\n").encode(), private=True)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise ConfigError(f"{path}: cannot write the management token: {exc.strerror or exc}") from exc
 
 

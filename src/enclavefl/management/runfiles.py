@@ -10,19 +10,41 @@ here, without loading FastAPI or uvicorn.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 from enclavefl.errors import ConfigError
 
-__all__ = ["MANAGEMENT_FILE", "TOKEN_FILE", "ManagementInfo", "read_management_info"]
+__all__ = ["MANAGEMENT_FILE", "TOKEN_FILE", "ManagementInfo", "read_management_info", "write_file"]
 
 MANAGEMENT_FILE: Final = "management.json"
 """The running API's URL, port, pid and CA file, in the run directory (removed when it stops)."""
 
 TOKEN_FILE: Final = "management.token"
 """The job's bearer token, in the run directory (mode 0600)."""
+
+
+def write_file(path: Path, data: bytes, *, private: bool) -> None:
+    """Replaces ``path`` with ``data`` at once (a reader sees the old file or the new one, never a part).
+
+    The temporary file is created with its final mode (0600 when ``private``), so a
+    secret is never readable by another user, even for a moment.
+
+    Raises:
+        OSError: the file cannot be written (the temporary file is removed).
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,7 @@ from enclavefl.config import ManagementConfig
 from enclavefl.errors import ConfigError, TransportError
 from enclavefl.management.api import Mount, create_app
 from enclavefl.management.auth import generate_token, write_token
-from enclavefl.management.runfiles import MANAGEMENT_FILE, TOKEN_FILE
+from enclavefl.management.runfiles import MANAGEMENT_FILE, TOKEN_FILE, write_file
 from enclavefl.management.schema import JobHandle
 from enclavefl.management.tls import TlsFiles, management_tls
 from enclavefl.transport.audit import AuditLog
@@ -150,10 +150,7 @@ class ManagementServer:
     def _write_info(self) -> None:
         doc = {"url": self.url, "port": self.port, "pid": os.getpid(), "ca": _relative(self.tls.ca, self.run_dir),
                "token_file": _relative(self.token_file, self.run_dir), "generated_ca": self.tls.generated}
-        path = self.run_dir / MANAGEMENT_FILE
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(doc, indent=2) + "\n")
-        os.replace(tmp, path)
+        write_file(self.run_dir / MANAGEMENT_FILE, (json.dumps(doc, indent=2) + "\n").encode(), private=False)
 
     def close(self) -> None:
         """Stops serving (open event streams end; in-flight requests get a short grace) and removes

@@ -16,12 +16,12 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 from enclavefl.errors import ConfigError
+from enclavefl.management.runfiles import write_file
 from enclavefl.transport.certs import make_ca, make_node_cert
 
 __all__ = ["MANAGEMENT_TLS_DIR", "TlsFiles", "management_tls"]
@@ -43,15 +43,6 @@ class TlsFiles:
     key: Path
     generated: bool
     """True: a per-run management CA made by :func:`management_tls`; False: the job's own CA."""
-
-
-def _write(path: Path, data: bytes, *, private: bool) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def _server_names(host: str) -> tuple[str, ...]:
@@ -85,9 +76,9 @@ def management_tls(run_dir: Path, tls_dir: Path | None, *, job_name: str, host: 
         bundle = make_node_cert(ca_cert, ca_key, "enclavefl-management", server_names=_server_names(host),
                                 validity=_VALIDITY)
         files = TlsFiles(out / "ca.pem", out / "server.pem", out / "server.key", generated=True)
-        _write(files.ca, bundle.ca_cert_pem, private=False)
-        _write(files.cert, bundle.cert_pem, private=False)
-        _write(files.key, bundle.key_pem, private=True)
+        write_file(files.ca, bundle.ca_cert_pem, private=False)
+        write_file(files.cert, bundle.cert_pem, private=False)
+        write_file(files.key, bundle.key_pem, private=True)
     except OSError as exc:
         raise ConfigError(f"{out}: cannot write the management API's certificate: {exc.strerror or exc}") from exc
     log.info("management API: no job CA, made a per-run management CA %s (its key is not kept)", files.ca)
