@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from enclavefl.cluster import MemoryStore, RedisSettings, RedisStore, Store
+from tests.unit.cluster.redis_server import REDIS_SERVER, RedisServer
+
+_jobs = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for the session's conformance tests (each test uses its own job prefix)."""
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not on PATH (Debian: apt-get install redis-server; .ci/run installs it)")
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fresh_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test alone (restart tests stop and start it)."""
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not on PATH (Debian: apt-get install redis-server; .ci/run installs it)")
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def redis_store(server: RedisServer, *, job: str | None = None, retries: int = 5) -> RedisStore:
+    return RedisStore(RedisSettings(port=server.port, retries=retries, backoff_base_s=0.02, backoff_cap_s=0.2),
+                      job=job or f"test-{next(_jobs)}")
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store(request: pytest.FixtureRequest) -> Iterator[Store]:
+    """Each store implementation, empty."""
+    made: Store
+    if request.param == "memory":
+        made = MemoryStore()
+    else:
+        made = redis_store(request.getfixturevalue("redis_server"))
+    yield made
+    made.close()
