@@ -14,6 +14,7 @@ from enclavefl.cluster.errors import (
 )
 from enclavefl.cluster.memory import MemoryStore
 from enclavefl.cluster.redis_store import RedisSettings, RedisStore
+from enclavefl.cluster.sealing import CLUSTER_KEY_BYTES, SealedStore, Sealer
 from enclavefl.cluster.store import (
     ROUND_TRANSITIONS,
     AcceptedUpdate,
@@ -32,6 +33,7 @@ from enclavefl.cluster.store import (
 )
 
 __all__ = [
+    "CLUSTER_KEY_BYTES",
     "ROUND_TRANSITIONS",
     "AcceptedUpdate",
     "DuplicateUpdate",
@@ -46,7 +48,9 @@ __all__ = [
     "RedisStore",
     "RoundPhase",
     "RoundState",
+    "SealedStore",
     "SealedValueRejected",
+    "Sealer",
     "Session",
     "StateBlob",
     "Store",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from enclavefl.cluster import MemoryStore, RedisSettings, RedisStore, Store
+from enclavefl.cluster import MemoryStore, RedisSettings, RedisStore, SealedStore, Sealer, Store
 from tests.unit.cluster.redis_server import REDIS_SERVER, RedisServer
 
 _jobs = itertools.count()
@@ -39,13 +39,19 @@ def redis_store(server: RedisServer, *, job: str | None = None, retries: int = 5
                       job=job or f"test-{next(_jobs)}")
 
 
-@pytest.fixture(params=["memory", "redis"])
+CLUSTER_KEY = bytes(range(32))
+
+
+@pytest.fixture(params=["memory", "redis", "sealed-redis"])
 def store(request: pytest.FixtureRequest) -> Iterator[Store]:
-    """Each store implementation, empty."""
+    """Each store implementation, empty (sealed-redis: a SealedStore over Redis, as servers use it)."""
     made: Store
     if request.param == "memory":
         made = MemoryStore()
-    else:
+    elif request.param == "redis":
         made = redis_store(request.getfixturevalue("redis_server"))
+    else:
+        inner = redis_store(request.getfixturevalue("redis_server"))
+        made = SealedStore(inner, Sealer(CLUSTER_KEY, job="sealed"))
     yield made
     made.close()
