@@ -111,7 +111,7 @@ class RedisStore(Store):
             raise ConfigError("the Redis store needs the redis client: pip install 'enclavefl[cluster]'") from exc
         if not _JOB.match(job):
             raise ConfigError(f"cluster job name {job!r}: expected 1-64 letters, digits, '_', '.' or '-'")
-        self._redis = redis
+        self._errors = redis.exceptions
         self._settings = settings
         self._prefix = f"efl:{{{job}}}:"
         self._closed = False
@@ -135,7 +135,7 @@ class RedisStore(Store):
         """Runs one Redis step, translating the client's errors into the store's."""
         if self._closed:
             raise ClosedError("the store was closed")
-        r = self._redis
+        r = self._errors
         where = self._settings.address
         try:
             return fn()

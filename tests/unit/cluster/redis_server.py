@@ -68,6 +68,13 @@ class RedisServer:
             self.proc.wait(10)
         self.proc = None
 
+    def kill(self) -> None:
+        """SIGKILL: a crash, no chance to flush anything (AOF with appendfsync always has it all)."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
     def client(self) -> Any:
         """A raw redis client, to look at (and tamper with) what the store wrote."""
         import redis
