@@ -19,7 +19,7 @@ from enclavefl.cluster import (
 )
 from enclavefl.errors import ConfigError
 from tests.unit.cluster.conftest import redis_store
-from tests.unit.cluster.redis_server import RedisServer, needs_redis
+from tests.unit.cluster.redis_server import RedisServer, make_tls_files, needs_redis
 
 
 @pytest.fixture
@@ -163,3 +163,31 @@ def test_acl_user_limited_to_other_keys_is_refused(fresh_redis: RedisServer) -> 
             store.config()
     finally:
         store.close()
+
+
+@needs_redis
+def test_store_reaches_redis_over_tls(tmp_path: Path) -> None:
+    tls = make_tls_files(tmp_path)
+    server = RedisServer(tmp_path, tls=tls)
+    server.start()
+    store = RedisStore(RedisSettings(port=server.port, tls=True, ca_file=str(tls.ca), retries=0), job="tls")
+    try:
+        store.put_config(b"over tls")
+
+        assert store.config() == b"over tls"
+    finally:
+        store.close()
+        server.stop()
+
+
+@needs_redis
+def test_plain_connection_to_a_tls_redis_is_unavailable(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path, tls=make_tls_files(tmp_path))
+    server.start()
+    store = RedisStore(RedisSettings(port=server.port, retries=0, timeout_s=2), job="tls")
+    try:
+        with pytest.raises(StoreUnavailable):
+            store.config()
+    finally:
+        store.close()
+        server.stop()
