@@ -1,8 +1,12 @@
 """The cluster's shared state: the Store interface, its in-memory and Redis implementations, sealed values.
 
-Redis is imported only when a :class:`RedisStore` is made (the ``cluster`` extra);
-the rest loads without it.
+Redis is imported only when a :class:`RedisStore` is made (the ``cluster`` extra),
+and the sealing names (``Sealer``, ``SealedStore``) load cryptography only when
+first used, so the interface and :class:`MemoryStore` load with neither: the
+single parameter server may use them.
 """
+
+from typing import TYPE_CHECKING, Any
 
 from enclavefl.cluster.errors import (
     DuplicateUpdate,
@@ -14,7 +18,6 @@ from enclavefl.cluster.errors import (
 )
 from enclavefl.cluster.memory import MemoryStore
 from enclavefl.cluster.redis_store import RedisSettings, RedisStore
-from enclavefl.cluster.sealing import CLUSTER_KEY_BYTES, SealedStore, Sealer
 from enclavefl.cluster.store import (
     ROUND_TRANSITIONS,
     AcceptedUpdate,
@@ -60,3 +63,17 @@ __all__ = [
     "UpdateRef",
     "check_partials",
 ]
+
+if TYPE_CHECKING:
+    from enclavefl.cluster.sealing import CLUSTER_KEY_BYTES, SealedStore, Sealer
+
+_SEALING = frozenset({"CLUSTER_KEY_BYTES", "SealedStore", "Sealer"})
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: the sealing names import cryptography on first use only.
+    if name in _SEALING:
+        from enclavefl.cluster import sealing
+
+        return getattr(sealing, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
