@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["ACCEPT", "ACQUIRE_LEASE", "FINISH_ROUND", "GET_MODEL", "MOVE_ROUND", "OPEN_ROUND", "PUBLISH_MODEL",
-           "RELEASE_LEASE", "RENEW_LEASE"]
+__all__ = ["ACCEPT", "ACQUIRE_LEASE", "FINISH_ROUND", "GET_MODEL", "LIVE_MEMBERS", "MOVE_ROUND", "OPEN_ROUND",
+           "PUBLISH_MODEL", "RELEASE_LEASE", "RENEW_LEASE"]
 
 # Refuses unless the lease KEYS[1] holds "token:holder" (ARGV[1], ARGV[2]); an empty token skips the check.
 _FENCE: Final = """
@@ -240,6 +240,18 @@ redis.call('SADD', KEYS[6], server)
 redis.call('HINCRBY', KEYS[2], 'c:accepted', count)
 for i = 7, first - 1, 2 do redis.call('HINCRBY', KEYS[2], 'c:' .. ARGV[i], ARGV[i + 1]) end
 return {'ok', tostring(gen + 1)}
+"""
+
+LIVE_MEMBERS: Final = """
+-- KEYS: members (the index); ARGV: member key prefix
+-- The bodies of the live members; expired ones leave the index in the same step (a member registering
+-- meanwhile cannot be pruned by mistake).
+local reply = {'ok'}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local body = redis.call('GET', ARGV[1] .. id)
+  if body then table.insert(reply, body) else redis.call('SREM', KEYS[1], id) end
+end
+return reply
 """
 
 ACQUIRE_LEASE: Final = """

@@ -194,17 +194,10 @@ class RedisStore(Store):
         self._call(f"deregister {member_id}", write)
 
     def members(self, role: MemberRole | None = None) -> list[Member]:
-        def read() -> list[Member]:
-            ids = sorted(_text(m) for m in self._client.smembers(self._key("members")))
-            bodies = self._client.mget([self._key("member", m) for m in ids]) if ids else []
-            gone = [m for m, body in zip(ids, bodies) if body is None]
-            if gone:  # expired: forget them in the index too
-                self._client.srem(self._key("members"), *gone)
-            found = [json.loads(body) for body in bodies if body is not None]
-            return [Member(d["member_id"], d["role"], d["address"], d["meta"]) for d in found
-                    if role is None or d["role"] == role]
-
-        return self._call("list members", read)
+        bodies = self._run("list members", "LIVE_MEMBERS", [self._key("members")], [self._key("member", "")])
+        found = [json.loads(body) for body in bodies]
+        return sorted((Member(d["member_id"], d["role"], d["address"], d["meta"]) for d in found
+                       if role is None or d["role"] == role), key=lambda m: m.member_id)
 
     # -- config and model ----------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -508,3 +509,26 @@ def test_use_after_close_raises_closed_error(store: Store) -> None:
 
     with pytest.raises(ClosedError):
         store.config()
+
+
+def test_racing_servers_accept_one_update_once(store: Store) -> None:
+    # Eight servers get the same re-sent update at once: exactly one records it.
+    open_first_round(store)
+    outcomes: list[str] = []
+
+    def send(server: str) -> None:
+        try:
+            store.accept(1, 0, server, [UpdateRef("w1", "u1")], server.encode(), generation=0)
+            outcomes.append("accepted")
+        except DuplicateUpdate:
+            outcomes.append("duplicate")
+
+    threads = [threading.Thread(target=send, args=(f"s{i}",)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+
+    assert sorted(outcomes) == ["accepted"] + ["duplicate"] * 7
+    assert store.round_state(1).counters["accepted"] == 1  # type: ignore[union-attr]
+    check_partials(1, 0, store.partials(1, 0), store.accepted(1, 0))
