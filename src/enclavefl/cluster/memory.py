@@ -306,6 +306,11 @@ class MemoryStore(Store):
             self._open()
             return dict(self._partials.get((number, attempt), {}))
 
+    def partial(self, number: int, attempt: int, server: str) -> Partial | None:
+        with self._lock:
+            self._open()
+            return self._partials.get((number, attempt), {}).get(server)
+
     # -- sessions --------------------------------------------------------------------------------
 
     def bind_session(self, session: Session) -> None:

@@ -332,6 +332,13 @@ class RedisStore(Store):
 
         return self._call("get partials", read)
 
+    def partial(self, number: int, attempt: int, server: str) -> Partial | None:
+        gen, ids, blob = self._call(f"get partial of {server}", lambda: self._client.hmget(
+            self._attempt_key(number, attempt, "partial", server), ["gen", "ids", "blob"]))
+        if gen is None or ids is None or blob is None:
+            return None
+        return Partial(server, int(gen), frozenset(json.loads(ids)), _bytes(blob))
+
     # -- sessions --------------------------------------------------------------------------------
 
     def bind_session(self, session: Session) -> None:

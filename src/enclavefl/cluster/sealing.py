@@ -263,7 +263,7 @@ class SealedStore(Store):
         known = self._ids.get((number, attempt, server))
         if known is not None and known[0] == generation:
             return known[1]
-        found = self._inner.partials(number, attempt).get(server)
+        found = self._inner.partial(number, attempt, server)
         return found.update_ids if found is not None and found.generation == generation else frozenset()
 
     def accept(self, number: int, attempt: int, server: str, updates: Sequence[UpdateRef], partial: bytes, *,
@@ -273,7 +273,7 @@ class SealedStore(Store):
         try:
             new = self._inner.accept(number, attempt, server, updates, sealed, generation=generation, counts=counts)
         except StoreConflict:
-            found = self.partials(number, attempt).get(server)
+            found = self.partial(number, attempt, server)
             ledger = self._inner.accepted(number, attempt)
             if (found is None or found.generation != generation + 1 or found.update_ids != ids or found.blob != partial
                     or any(ledger.get(u.update_id) != AcceptedUpdate(u.worker, u.update_id, server) for u in updates)):
@@ -283,10 +283,14 @@ class SealedStore(Store):
         self._ids[(number, attempt, server)] = (new, ids)
         return new
 
+    def _open_partial(self, number: int, attempt: int, p: Partial) -> Partial:
+        return Partial(p.server, p.generation, p.update_ids, self._sealer.open(
+            p.blob, "partial", number, attempt, p.server, p.generation, ids_digest(p.update_ids)))
+
     def partials(self, number: int, attempt: int) -> dict[str, Partial]:
-        return {
-            server: Partial(server, p.generation, p.update_ids,
-                            self._sealer.open(p.blob, "partial", number, attempt, server, p.generation,
-                                              ids_digest(p.update_ids)))
-            for server, p in self._inner.partials(number, attempt).items()
-        }
+        return {server: self._open_partial(number, attempt, p)
+                for server, p in self._inner.partials(number, attempt).items()}
+
+    def partial(self, number: int, attempt: int, server: str) -> Partial | None:
+        found = self._inner.partial(number, attempt, server)
+        return None if found is None else self._open_partial(number, attempt, found)

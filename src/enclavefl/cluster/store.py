@@ -339,6 +339,10 @@ class Store(ABC):
     def partials(self, number: int, attempt: int) -> dict[str, Partial]:
         """The attempt's partial aggregates by server (empty once the round finished or failed)."""
 
+    @abstractmethod
+    def partial(self, number: int, attempt: int, server: str) -> Partial | None:
+        """One server's partial of the attempt (a restarted server resumes from it), or None."""
+
     # -- sessions ----------------------------------------------------------------------------------
 
     @abstractmethod

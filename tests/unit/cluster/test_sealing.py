@@ -234,3 +234,16 @@ def test_the_dump_scan_finds_parameters_of_an_unsealed_job(redis_pair: tuple[Sea
     write_job_state(inner)
 
     assert holds_a_parameter(raw.values())
+
+
+def test_restarted_server_continues_its_sealed_partial(redis_pair: tuple[SealedStore, RedisStore, Raw]) -> None:
+    # A new process (a new SealedStore) learns the ids of the partial it extends from the store.
+    store, inner, _ = redis_pair
+    store.publish_model(0, b"m0")
+    store.open_round(1, 0, model_version=0, sampled=["w1", "w2"], required=2)
+    store.accept(1, 0, "s1", [UpdateRef("w1", "u1")], b"sum-1", generation=0)
+    restarted = SealedStore(inner, sealer())
+
+    restarted.accept(1, 0, "s1", [UpdateRef("w2", "u2")], b"sum-12", generation=1)
+
+    assert store.partials(1, 0)["s1"].blob == b"sum-12"

@@ -342,6 +342,14 @@ def test_accept_with_a_stale_generation_is_refused(store: Store) -> None:
     assert store.partials(1, 0)["s1"].blob == b"sum-1"
 
 
+def test_one_servers_partial_is_read_alone(store: Store) -> None:
+    open_first_round(store)
+    store.accept(1, 0, "s1", [UpdateRef("w1", "u1")], b"sum-1", generation=0)
+
+    assert store.partial(1, 0, "s1") == Partial("s1", 1, frozenset({"u1"}), b"sum-1")
+    assert store.partial(1, 0, "s2") is None
+
+
 def test_partial_grows_generation_by_generation(store: Store) -> None:
     open_first_round(store)
     store.accept(1, 0, "s1", [UpdateRef("w1", "u1")], b"sum-1", generation=0)
