@@ -16,6 +16,7 @@
         ├── Unavailable(ConnectionError)  the peer cannot be reached (yet)
         ├── DeadlineExceeded(TimeoutError)
         └── StaleSession                  the PS no longer knows this worker: re-join
+    (StoreError and its branch: enclavefl.cluster.errors, the cluster's shared state)
 
     ClosedError(RuntimeError)             caller misuse: used after close
 
