@@ -363,7 +363,7 @@ class TlsConfig(_Section):
 
 
 class SparseDownloadsConfig(_Section):
-    """Downloads of only the rows changed since the worker's copy (embedding tables; docs/performance.md).
+    """Downloads of only the rows changed since the worker's copy (embedding tables; docs/results.md).
 
     The PS keeps, per tracked tensor, the model version at which each row last
     changed; a worker that holds version ``v`` gets, per tracked tensor, the rows

@@ -72,15 +72,16 @@ class DownloadPolicy:
         """What worker ``worker_id``, holding model version ``held``, downloads of ``broadcast`` (version ``version``).
 
         Raises:
-            ProtocolError: ``held`` is a version this PS has not made yet, or below -1.
+            ProtocolError: sparse downloads are on and ``held`` is a version this PS has not made yet,
+                or below -1 (with them off the PS reads nothing from it).
         """
-        if held > version or held < NO_MODEL:
+        rows = self._rows
+        if rows is not None and (held > version or held < NO_MODEL):
             raise ProtocolError(f"PullModel: worker {worker_id} says it holds model version {held}, but the PS "
                                 f"is at version {version} (expected -1 for none, or 0..{version})")
         with self._counts:
             self._downloads += 1
             self._dense_bytes += broadcast.nbytes
-        rows = self._rows
         if rows is not None and held != NO_MODEL and version - held <= self._max_behind:
             sparse = self._changed_rows(broadcast, rows, held)
             if sparse is not None:
