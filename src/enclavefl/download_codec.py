@@ -66,11 +66,15 @@ QUANT_MIN_VALUES: Final = 1024
 """Tensors with fewer values stay dense: their bytes do not matter, their precision may (biases, norms)."""
 
 _LEVELS: Final = 255  # 8-bit codes 0..255
+_CHUNK_BLOCKS: Final = 256  # blocks quantized at a time: 256 Ki values, 2 MiB of float64 temporaries
 _QUANTIZED_DTYPES: Final = (np.dtype("<f4"), np.dtype("<f8"))
 
 
 def quantize(values: Array) -> tuple[Array, Array] | None:
     """8-bit codes and per-block ``(lo, step)`` of a float32 or float64 array.
+
+    Works through :data:`_CHUNK_BLOCKS` blocks at a time, so its temporaries stay a
+    few MiB whatever the tensor's size.
 
     Returns:
         ``(codes, params)``: codes uint8 of ``values.shape``; params of ``values.dtype``,
@@ -81,25 +85,41 @@ def quantize(values: Array) -> tuple[Array, Array] | None:
     if values.dtype not in _QUANTIZED_DTYPES or values.size == 0:
         return None
     flat = np.ascontiguousarray(values).reshape(-1)
-    if not np.isfinite(flat).all():
-        return None
     blocks = math.ceil(flat.size / QUANT_BLOCK)
-    padded = np.empty(blocks * QUANT_BLOCK, dtype=np.float64)  # (blocks * B,), float64 so hi - lo cannot overflow
-    padded[: flat.size] = flat
-    padded[flat.size :] = flat[-1]  # padding repeats a real value: it changes no block's range
-    grid = padded.reshape(blocks, QUANT_BLOCK)
+    codes = np.empty(flat.size, dtype=np.uint8)
+    params = np.empty((blocks, 2), dtype=values.dtype)
+    for first in range(0, blocks, _CHUNK_BLOCKS):
+        last = min(first + _CHUNK_BLOCKS, blocks)
+        start, stop = first * QUANT_BLOCK, min(last * QUANT_BLOCK, flat.size)
+        if not _quantize_chunk(flat[start:stop], codes[start:stop], params[first:last]):
+            return None
+    return codes.reshape(values.shape), params
+
+
+def _quantize_chunk(chunk: Array, codes: Array, params: Array) -> bool:
+    """Fills ``codes`` and ``params`` (rows: blocks of ``chunk``); False if a value or a step is not finite."""
+    blocks = params.shape[0]
+    grid = np.empty(blocks * QUANT_BLOCK, dtype=np.float64)  # float64, so max - min cannot overflow
+    grid[: chunk.size] = chunk
+    grid[chunk.size :] = chunk[-1]  # padding repeats a real value: it changes no block's range
+    grid = grid.reshape(blocks, QUANT_BLOCK)  # (blocks, B)
+    if not np.isfinite(grid).all():
+        return False
     lo = grid.min(axis=1)
     step = (grid.max(axis=1) - lo) / _LEVELS  # (blocks,)
-    # Stored in the tensor's dtype; the codes are computed against the stored values, so decode matches.
-    lo_stored = lo.astype(values.dtype)
-    step_stored = step.astype(values.dtype)
-    if not (np.isfinite(lo_stored).all() and np.isfinite(step_stored).all()):
-        return None
-    safe = np.where(step_stored > 0, step_stored, 1).astype(np.float64)
-    codes = np.rint((grid - lo_stored.astype(np.float64)[:, None]) / safe[:, None])
-    codes = np.clip(codes, 0, _LEVELS).astype(np.uint8).reshape(-1)[: flat.size].reshape(values.shape)
-    params = np.stack([lo_stored, step_stored], axis=1)  # (blocks, 2)
-    return codes, params
+    # Stored in the tensor's dtype; the codes are computed against the stored values, so decoding matches.
+    params[:, 0] = lo
+    params[:, 1] = step
+    if not np.isfinite(params).all():
+        return False
+    stored_lo = params[:, 0].astype(np.float64)[:, None]
+    stored_step = params[:, 1].astype(np.float64)
+    grid -= stored_lo
+    grid /= np.where(stored_step > 0, stored_step, 1.0)[:, None]
+    np.rint(grid, out=grid)
+    np.clip(grid, 0, _LEVELS, out=grid)
+    codes[:] = grid.reshape(-1)[: codes.size]
+    return True
 
 
 def dequantize(codes: Array, params: Array, where: str = "tensor") -> Array:
@@ -117,12 +137,16 @@ def dequantize(codes: Array, params: Array, where: str = "tensor") -> Array:
                             f"for {codes.size} values, got {params.dtype} {params.shape}")
     if not np.isfinite(params).all():
         raise ProtocolError(f"{where}: a block parameter is not finite")
-    flat = codes.reshape(-1)
-    wide = np.float64 if params.dtype == np.float64 else np.float32
-    lo = np.repeat(params[:, 0].astype(wide), QUANT_BLOCK)[: flat.size]
-    step = np.repeat(params[:, 1].astype(wide), QUANT_BLOCK)[: flat.size]
-    out: Array = (lo + flat.astype(wide) * step).astype(params.dtype).reshape(codes.shape)
-    return out
+    flat = np.ascontiguousarray(codes).reshape(-1)
+    out = np.empty(flat.size, dtype=params.dtype)
+    for first in range(0, blocks, _CHUNK_BLOCKS):
+        last = min(first + _CHUNK_BLOCKS, blocks)
+        start, stop = first * QUANT_BLOCK, min(last * QUANT_BLOCK, flat.size)
+        count = stop - start
+        lo = np.repeat(params[first:last, 0], QUANT_BLOCK)[:count]
+        step = np.repeat(params[first:last, 1], QUANT_BLOCK)[:count]
+        out[start:stop] = lo + flat[start:stop].astype(params.dtype) * step
+    return out.reshape(codes.shape)
 
 
 def quantize_download(params: ParamSet) -> ParamSet:

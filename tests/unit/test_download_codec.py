@@ -136,3 +136,20 @@ def test_changed_rows_of_another_dtype_than_the_copy_are_refused() -> None:
     download = ParamSet({"t": SparseRows(np.asarray([1]), np.ones((1, 2), np.float32), (4, 2))})
     with pytest.raises(ProtocolError, match="float64"):
         resolve_download(download, base, 5)
+
+
+def test_a_tensor_longer_than_one_chunk_of_blocks_keeps_the_bound_across_chunk_edges() -> None:
+    # Prepare: 300 blocks and 5 values (chunks of 256 blocks), values growing so each block has its own range.
+    values = (np.arange(300 * QUANT_BLOCK + 5, dtype=np.float64) ** 1.5).astype(np.float32)
+
+    # Execute
+    coded = quantize(values)
+    assert coded is not None
+    codes, params = coded
+    restored = dequantize(codes, params)
+
+    # Assert
+    assert params.shape == (301, 2)
+    steps = np.repeat(params[:, 1].astype(np.float64), QUANT_BLOCK)[: values.size]
+    error = np.abs(restored.astype(np.float64) - values)
+    assert np.all(error <= steps / 2 * (1 + 1e-4) + 1e-6 * np.abs(values))

@@ -8,14 +8,15 @@ none). With ``transport.sparse_downloads`` on, each tensor the
 changed after that version (``sparse_rows``), unless the worker is more than
 ``max_behind_versions`` behind or more than ``max_diff_fraction`` of the rows
 changed, when it goes dense; every other tensor goes dense. With
-``privacy.compression.download.type: quantize`` the broadcast goes quantized
-(:func:`~enclavefl.download_codec.quantize_download`), made once per model
-version and shared by every download of it. The worker resolves both with
-:func:`~enclavefl.download_codec.resolve_download`.
+``privacy.compression.download.type: quantize``, :meth:`DownloadPolicy.compress`
+then quantizes the broadcast (:func:`~enclavefl.download_codec.quantize_download`)
+outside the PS lock, once per model version, shared by every download of it.
+The worker resolves both with :func:`~enclavefl.download_codec.resolve_download`.
 
 The tracker learns of each new model from :meth:`DownloadPolicy.on_install`,
 which the server core calls with the old and new model as it installs a
-version. Every call here runs under the PS lock.
+version. Every call but :meth:`DownloadPolicy.compress` and :meth:`DownloadPolicy.row`
+runs under the PS lock.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ class DownloadPolicy:
             log.info("sparse downloads: tracking the rows of %d tensors (%s)", len(names),
                      ", ".join(names[:4]) + (" ..." if len(names) > 4 else ""))
         self._quantized: tuple[int, ParamSet] | None = None  # (version, its encoded broadcast)
-        self._counts = threading.Lock()  # row() runs outside the PS lock
+        self._quantizing = threading.Lock()  # compress() runs outside the PS lock
+        self._counts = threading.Lock()  # row() runs outside the PS lock too
         self._downloads = 0
         self._sparse_downloads = 0
         self._dense_bytes = 0
@@ -88,9 +90,29 @@ class DownloadPolicy:
                 with self._counts:
                     self._sparse_downloads += 1
                 return sparse
-        if self._quantize:
-            return self._quantized_broadcast(broadcast, version)
         return broadcast
+
+    @property
+    def compresses(self) -> bool:
+        """Whether :meth:`compress` changes a download (the job quantizes downloads)."""
+        return self._quantize
+
+    def compress(self, download: ParamSet, version: int) -> ParamSet:
+        """``download`` (what :meth:`encode` returned for ``version``) quantized if the job says so.
+
+        Safe to call without the PS lock: the quantized broadcast is made once per version
+        and shared; concurrent callers for the same version wait for the first.
+        """
+        if not self._quantize:
+            return download
+        with self._quantizing:
+            cached = self._quantized
+            # One version's broadcast never changes (the model and an algorithm's extras move together at a close).
+            if cached is not None and cached[0] == version:
+                return cached[1]
+            encoded = quantize_download(download)
+            self._quantized = (version, encoded)
+            return encoded
 
     def _changed_rows(self, broadcast: ParamSet, rows: RowVersions, held: int) -> ParamSet | None:
         """``broadcast`` with each tracked tensor as its rows changed after ``held`` (dense where too many did)."""
@@ -106,15 +128,6 @@ class DownloadPolicy:
                     continue
             out.append((name, value))
         return ParamSet(out) if any_sparse else None
-
-    def _quantized_broadcast(self, broadcast: ParamSet, version: int) -> ParamSet:
-        # One version's broadcast never changes (the model and an algorithm's extras move together at a close).
-        cached = self._quantized
-        if cached is not None and cached[0] == version:
-            return cached[1]
-        encoded = quantize_download(broadcast)
-        self._quantized = (version, encoded)
-        return encoded
 
     def row(self) -> dict[str, Any]:
         """The download figures since the last call, for the round's metrics row; resets them.

@@ -248,6 +248,13 @@ class ParameterServer:
             # model_version: the version the worker holds (-1: none); changed rows are relative to it.
             outgoing = self._downloads.encode(self.strategy.algorithm.broadcast(params), version, model_version,
                                               worker_id)
+            if not self._downloads.compresses:
+                self.engine.on_download(worker_id, outgoing.nbytes)
+                worker.bytes_out += outgoing.nbytes
+                return version, outgoing
+        # Quantizing a large model takes a while: outside the PS lock (once per version, shared by every download).
+        outgoing = self._downloads.compress(outgoing, version)
+        with self.core.cond:
             self.engine.on_download(worker_id, outgoing.nbytes)
             worker.bytes_out += outgoing.nbytes
         return version, outgoing

@@ -99,7 +99,8 @@ def test_quantized_broadcast_is_made_once_per_version() -> None:
     policy = DownloadPolicy(config, model, 0)
 
     # Execute
-    first, second = policy.encode(model, 0, NO_MODEL, "w1"), policy.encode(model, 0, NO_MODEL, "w2")
+    first = policy.compress(policy.encode(model, 0, NO_MODEL, "w1"), 0)
+    second = policy.compress(policy.encode(model, 0, NO_MODEL, "w2"), 0)
 
     # Assert: the same encoding for both; 4096 codes + 4 blocks x 2 float32 against 16384 bytes.
     assert first is second
