@@ -139,13 +139,12 @@ def dequantize(codes: Array, params: Array, where: str = "tensor") -> Array:
         raise ProtocolError(f"{where}: a block parameter is not finite")
     flat = np.ascontiguousarray(codes).reshape(-1)
     out = np.empty(flat.size, dtype=params.dtype)
-    for first in range(0, blocks, _CHUNK_BLOCKS):
-        last = min(first + _CHUNK_BLOCKS, blocks)
-        start, stop = first * QUANT_BLOCK, min(last * QUANT_BLOCK, flat.size)
-        count = stop - start
-        lo = np.repeat(params[first:last, 0], QUANT_BLOCK)[:count]
-        step = np.repeat(params[first:last, 1], QUANT_BLOCK)[:count]
-        out[start:stop] = lo + flat[start:stop].astype(params.dtype) * step
+    full = flat.size // QUANT_BLOCK  # whole blocks: (full, B) against (full, 1) parameters
+    grid = out[: full * QUANT_BLOCK].reshape(full, QUANT_BLOCK)
+    np.multiply(flat[: full * QUANT_BLOCK].reshape(full, QUANT_BLOCK), params[:full, 1:2], out=grid)
+    grid += params[:full, 0:1]
+    if full < blocks:  # the shorter last block
+        out[full * QUANT_BLOCK :] = params[full, 0] + flat[full * QUANT_BLOCK :].astype(params.dtype) * params[full, 1]
     return out.reshape(codes.shape)
 
 
