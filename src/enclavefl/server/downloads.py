@@ -37,6 +37,7 @@ __all__ = ["DownloadPolicy"]
 
 log = logging.getLogger(__name__)
 
+
 @final
 class DownloadPolicy:
     """Encodes each worker's download as the job's ``transport.sparse_downloads`` and download compression say."""
