@@ -44,10 +44,13 @@ from enclavefl.task_params import BUILTIN_TASK_PARAMS
 __all__ = [
     "BUFFERING_AGGREGATORS",
     "CLOUD_KEY_ALIASES",
+    "CLOUD_VALUE_ALIASES",
     "AggregatorConfig",
     "AttestationConfig",
     "ClientConfig",
     "CollateralConfig",
+    "CompressionConfig",
+    "DownloadCompressionConfig",
     "DpConfig",
     "FaultsConfig",
     "FileCollateralConfig",
@@ -58,6 +61,7 @@ __all__ = [
     "PrivacyConfig",
     "RoundConfig",
     "ServerConfig",
+    "SparseDownloadsConfig",
     "StalenessConfig",
     "StrategyConfig",
     "ManagementConfig",
@@ -358,12 +362,32 @@ class TlsConfig(_Section):
     server_name: str = "enclavefl-ps"
 
 
+class SparseDownloadsConfig(_Section):
+    """Downloads of only the rows changed since the worker's copy (embedding tables; docs/results.md).
+
+    The PS keeps, per tracked tensor, the model version at which each row last
+    changed; a worker that holds version ``v`` gets, per tracked tensor, the rows
+    changed after ``v`` and the other tensors dense. A worker more than
+    ``max_behind_versions`` behind, or a tensor with more than ``max_diff_fraction``
+    of its rows changed, gets the dense tensor.
+    """
+
+    enabled: bool = False
+    max_behind_versions: int = Field(default=16, ge=1, le=1_000_000,
+                                     description="a worker further behind downloads the dense model")
+    max_diff_fraction: float = Field(default=0.25, gt=0, le=1,
+                                     description="a tensor with more of its rows changed goes dense")
+    tensors: list[str] = Field(default_factory=list, max_length=1024,
+                               description="name patterns (fnmatch) of the tracked tensors; empty: every tensor of rank >= 2")
+
+
 class TransportConfig(_Section):
     """Where the PS listens and how tensors are chunked on the wire."""
 
     listen: str = Field(default="127.0.0.1:0", pattern=r"^[^\s:]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$")
     chunk_bytes: int = Field(default=2 * MiB, ge=4096, le=64 * MiB)
     tls: TlsConfig = Field(default_factory=TlsConfig)
+    sparse_downloads: SparseDownloadsConfig = Field(default_factory=SparseDownloadsConfig)
 
 
 class FileCollateralConfig(_Section):
@@ -492,10 +516,31 @@ class DpConfig(_Section):
     accountant: Literal["rdp", "pld"] = "rdp"
 
 
+class DownloadCompressionConfig(_Section):
+    """How the model travels to the workers; the PS keeps full precision (docs/privacy.md, "Compression").
+
+    ``quantize``: floating-point tensors go as 8-bit codes per block of
+    :data:`enclavefl.download_codec.QUANT_BLOCK` values with the block's minimum and
+    step (deterministic rounding to the nearest code: each value is off by at most
+    half a step); workers train from the dequantized model and send their delta
+    against it.
+    """
+
+    type: Literal["none", "quantize"] = "none"
+    bits: Literal[8] = 8
+
+
+class CompressionConfig(_Section):
+    """Update and model compression (docs/privacy.md)."""
+
+    download: DownloadCompressionConfig = Field(default_factory=DownloadCompressionConfig)
+
+
 class PrivacyConfig(_Section):
     """Privacy mechanisms beyond attestation (docs/privacy.md)."""
 
     dp: DpConfig = Field(default_factory=DpConfig)
+    compression: CompressionConfig = Field(default_factory=CompressionConfig)
 
 
 class JobConfig(_Section):
@@ -535,6 +580,7 @@ class JobConfig(_Section):
                 raise ValueError("round.mode async does not support server.strategy scaffold (its control variates assume rounds)")
         if self.privacy.dp.enabled:
             _check_dp(self)
+        _check_downloads(self)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -559,6 +605,16 @@ def _check_dp(config: JobConfig) -> None:
         raise ValueError(
             "privacy.dp.enabled does not support server.strategy scaffold: the control-variate change would be "
             "clipped with the model delta, which breaks SCAFFOLD's correction"
+        )
+
+
+def _check_downloads(config: JobConfig) -> None:
+    """Refuses download settings that cannot work together; each message names both keys."""
+    if config.privacy.compression.download.type != "none" and config.transport.sparse_downloads.enabled:
+        raise ValueError(
+            "privacy.compression.download.type quantize cannot be combined with transport.sparse_downloads.enabled: "
+            "a worker applies changed rows to its cached copy, which would then mix full-precision rows with "
+            "dequantized ones and no longer equal any model version of the PS; choose one"
         )
 
 
@@ -603,6 +659,12 @@ CLOUD_KEY_ALIASES: Mapping[str, tuple[str, float | None]] = {
     "client_epoch_num": ("client.epochs", None),
     "client_batch_size": ("client.batch_size", None),
     "client_learning_rate": ("client.lr", None),
+    "download_compress_type": ("privacy.compression.download.type", None),
+}
+
+# Cloud FL cluster key -> its values in our spelling (any other value is refused, naming the cloud key).
+CLOUD_VALUE_ALIASES: Mapping[str, Mapping[str, str]] = {
+    "download_compress_type": {"NO_COMPRESS": "none", "QUANT": "quantize"},
 }
 
 
@@ -629,6 +691,11 @@ def _resolve_aliases(doc: dict[str, Any], source: str) -> dict[str, Any]:
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ConfigError(f"{source}: {alias} = {value!r}: expected a number of milliseconds")
             value = value * factor
+        spelled = CLOUD_VALUE_ALIASES.get(alias)
+        if spelled is not None:
+            if not isinstance(value, str) or value not in spelled:
+                raise ConfigError(f"{source}: {alias} = {value!r}: expected one of {', '.join(spelled)}")
+            value = spelled[value]
         _set_dotted(out, dotted, value, source)
     return out
 

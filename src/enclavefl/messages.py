@@ -210,7 +210,11 @@ class WorkerClient(Protocol):
     def wait_task(self, worker_id: str, max_wait_s: float) -> TaskInfo: ...
 
     def pull_model(self, worker_id: str, model_version: int) -> tuple[int, ParamSet, int]:
-        """Returns (model version, parameters, bytes received)."""
+        """Returns (model version, parameters, bytes received).
+
+        ``model_version`` is the version the worker holds in full (-1: none); the parameters
+        may be relative to it (:func:`enclavefl.download_codec.resolve_download`).
+        """
         ...
 
     def push_update(self, worker_id: str, round_: int, model_version: int, update: ParamSet, num_samples: int,

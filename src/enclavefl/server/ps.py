@@ -29,6 +29,7 @@ from enclavefl.messages import JoinInfo, PeerIdentity, TaskInfo, TaskKind, Updat
 from enclavefl.server.checkpoint import Checkpoint, params_digest
 from enclavefl.server.closing import ClosePipeline, Evaluator
 from enclavefl.server.core import ServerCore
+from enclavefl.server.downloads import DownloadPolicy
 from enclavefl.server.engine import Engine, SyncEngine
 from enclavefl.server.liveness import LivenessMonitor
 from enclavefl.server.metrics import MetricsLog
@@ -86,9 +87,12 @@ class ParameterServer:
                 raise RoundError(f"checkpoint {resume_from.path} does not fit this task's model: {reason}")
             params, version, next_round = resume_from.params, resume_from.model_version, resume_from.round + 1
             history = resume_from.history
+        self._downloads = DownloadPolicy(config, params, version)
+        self.strategy = dataclasses.replace(self.strategy, row_metrics=(*self.strategy.row_metrics, self._downloads.row))
         self.metrics = MetricsLog(out_dir / config.summary.metrics_file, history)
         self.core = ServerCore(params, version=version, next_round=next_round, metrics=self.metrics,
                                part_states=self._part_states, config=config)
+        self.core.install_hooks.append(self._downloads.on_install)
         self.metrics.subscribe(self._publish_row)
         self._template = template
         upload_template = self.strategy.algorithm.upload_template(template)
@@ -241,7 +245,16 @@ class ParameterServer:
         with self.core.cond:
             worker = self.core.registry.get(peer, worker_id)
             params, version = self.core.params, self.core.version
-            outgoing = self.strategy.algorithm.broadcast(params)
+            # model_version: the version the worker holds (-1: none); changed rows are relative to it.
+            outgoing = self._downloads.encode(self.strategy.algorithm.broadcast(params), version, model_version,
+                                              worker_id)
+            if not self._downloads.compresses:
+                self.engine.on_download(worker_id, outgoing.nbytes)
+                worker.bytes_out += outgoing.nbytes
+                return version, outgoing
+        # Quantizing a large model takes a while: outside the PS lock (once per version, shared by every download).
+        outgoing = self._downloads.compress(outgoing, version)
+        with self.core.cond:
             self.engine.on_download(worker_id, outgoing.nbytes)
             worker.bytes_out += outgoing.nbytes
         return version, outgoing

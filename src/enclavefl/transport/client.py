@@ -183,6 +183,10 @@ class FederationClient:
     def pull_model(self, worker_id: str, model_version: int, timeout_s: float = 600.0) -> tuple[int, ParamSet, int]:
         """Streams the global parameters in.
 
+        Args:
+            model_version: the version this worker holds in full from this PS instance, -1 for none; the
+                download may hold rows changed since it (:func:`enclavefl.download_codec.resolve_download`).
+
         Returns:
             (model version, parameters, bytes received).
 

@@ -68,6 +68,7 @@ from enclavefl.training import FitConfig, Trainer
 from enclavefl.worker.control import ScaffoldClient
 from enclavefl.worker.faults import Slowdown
 from enclavefl.worker.heartbeat import Heartbeat
+from enclavefl.worker.model_cache import ModelCache
 from enclavefl.worker.pipeline import (
     UpdateContext,
     UpdateTransform,
@@ -105,6 +106,10 @@ class WorkerSettings:
             join for the PS to compare (:func:`enclavefl.job_digest.job_digests`); empty: none sent.
         join_attempts: how many times a join the PS refuses for its nonce is tried
             before the worker gives up (raising the refusal).
+        cache_downloads: keep the last downloaded model between rounds, so that a PS with
+            ``transport.sparse_downloads`` sends only the rows changed since
+            (:class:`~enclavefl.worker.model_cache.ModelCache`); False: every pull is a full
+            download and no model is held between rounds.
     """
 
     name: str
@@ -116,6 +121,7 @@ class WorkerSettings:
     slowdown: float = 1.0
     job_settings: Mapping[str, str] = field(default_factory=dict)
     join_attempts: int = 4
+    cache_downloads: bool = True
 
 
 _RETRIED_REFUSAL = "join.nonce"
@@ -169,6 +175,7 @@ class Worker:
         )
         self._client: WorkerClient | None = None
         self._scaffold: ScaffoldClient | None = None  # c_i, kept across rounds and re-joins
+        self._models = ModelCache(settings.cache_downloads)  # the last download, for changed-rows pulls
         self._slowdown = Slowdown(settings.slowdown, self._stop) if settings.slowdown != 1.0 else None
         self.rounds_done = 0
 
@@ -303,7 +310,10 @@ class Worker:
                 f"round {round_}: the PS asks for client algorithm {c.algorithm!r}; this worker runs {list(_ALGORITHMS)}"
             )
         t0 = time.monotonic()
-        got_version, download, nbytes = client.pull_model(join.worker_id, task.model_version)
+        # The version announced is the one this worker holds (-1: none): a PS may send only what changed since.
+        held = self._models.held_version(join.ps_instance)
+        got_version, download, nbytes = client.pull_model(join.worker_id, held)
+        download = self._models.resolve(join.ps_instance, held, got_version, download)
         t1 = time.monotonic()
         log.info("worker %s round %d: training on model version %d (%d B pulled in %.2fs)",
                  s.name, round_, got_version, nbytes, t1 - t0)
