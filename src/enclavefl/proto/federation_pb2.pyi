@@ -45,11 +45,31 @@ class _EncodingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Encoding.Val
     DESCRIPTOR: _descriptor.EnumDescriptor
     DENSE: _Encoding.ValueType  # 0
     SPARSE_ROWS: _Encoding.ValueType  # 1
+    Q8: _Encoding.ValueType  # 2
+    """Compressed floating-point tensors of a QUANTIZED update (enclavefl.compression):
+    stochastic 8- or 4-bit quantization with a float32 (low, step) pair per 2048
+    values, top-k values with their uint32 row-major indices, or both. For TOPK*
+    nnz_rows counts the values kept.
+    """
+    Q4: _Encoding.ValueType  # 3
+    TOPK: _Encoding.ValueType  # 4
+    TOPK_Q8: _Encoding.ValueType  # 5
+    TOPK_Q4: _Encoding.ValueType  # 6
 
 class Encoding(_Encoding, metaclass=_EncodingEnumTypeWrapper): ...
 
 DENSE: Encoding.ValueType  # 0
 SPARSE_ROWS: Encoding.ValueType  # 1
+Q8: Encoding.ValueType  # 2
+"""Compressed floating-point tensors of a QUANTIZED update (enclavefl.compression):
+stochastic 8- or 4-bit quantization with a float32 (low, step) pair per 2048
+values, top-k values with their uint32 row-major indices, or both. For TOPK*
+nnz_rows counts the values kept.
+"""
+Q4: Encoding.ValueType  # 3
+TOPK: Encoding.ValueType  # 4
+TOPK_Q8: Encoding.ValueType  # 5
+TOPK_Q4: Encoding.ValueType  # 6
 Global___Encoding: _TypeAlias = Encoding  # noqa: Y015
 
 class _UpdateKind:

@@ -88,7 +88,8 @@ SETTINGS_MISMATCH = "job settings differ"
 """Words of the PS's refusal of a join whose job settings differ (FAILED_PRECONDITION): the worker's
 :func:`error_from_rpc` recognises them and raises :class:`ConfigError`, a mistake in the job file."""
 
-_ENCODINGS = {pb.DENSE: "dense", pb.SPARSE_ROWS: "sparse_rows"}
+_ENCODINGS = {pb.DENSE: "dense", pb.SPARSE_ROWS: "sparse_rows", pb.Q8: "q8", pb.Q4: "q4", pb.TOPK: "topk",
+              pb.TOPK_Q8: "topk_q8", pb.TOPK_Q4: "topk_q4"}
 _ENCODING_IDS = {v: k for k, v in _ENCODINGS.items()}
 
 # Every gRPC status maps to the most specific error we have.
