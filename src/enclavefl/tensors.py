@@ -92,7 +92,7 @@ _FILE_MAGIC: Final = b"EFLTENS1"
 _MAX_FILE_HEADER_BYTES: Final = 64 * 2**20
 _FILE_CHUNK_BYTES: Final = 4 * 2**20
 _FLOAT_NAMES: Final = frozenset({"float16", "float32", "float64"})
-_SPEC_KEYS: Final = frozenset({"name", "dtype", "shape", "encoding", "nnz_rows"})
+_SPEC_KEYS: Final = frozenset({"name", "dtype", "shape", "encoding", "nnz_rows", "coded_bytes"})
 _REPR_MAX_TENSORS: Final = 20
 _COMPARE_BLOCK_BYTES: Final = 2**20
 
@@ -218,7 +218,8 @@ class SparseRows:
 Tensor: TypeAlias = Array | SparseRows
 
 
-def encoded_parts(encoding: str, shape: tuple[int, ...], nnz: int, dtype: np.dtype[Any]) -> tuple[tuple[str, np.dtype[Any], int], ...]:
+def encoded_parts(encoding: str, shape: tuple[int, ...], nnz: int, dtype: np.dtype[Any],
+                  coded_bytes: int = 0) -> tuple[tuple[str, np.dtype[Any], int], ...]:
     """The payload parts of a compressed tensor, in wire order: (part, dtype, element count).
 
     ``q8``/``q4`` quantize all ``prod(shape)`` values; ``topk*`` keep ``nnz`` of
@@ -226,6 +227,7 @@ def encoded_parts(encoding: str, shape: tuple[int, ...], nnz: int, dtype: np.dty
     ``scales`` holds a (low, step) float32 pair per :data:`QUANT_BLOCK` quantized
     values; 4-bit ``codes`` pack two values per byte, the first in the low nibble.
     ``values`` (plain ``topk``) are the kept values in the tensor's own dtype.
+    With ``coded_bytes`` > 0 the codes are deflated (zlib) to that many bytes.
 
     Raises:
         ValueError: ``encoding`` is not a compressed encoding.
@@ -240,7 +242,8 @@ def encoded_parts(encoding: str, shape: tuple[int, ...], nnz: int, dtype: np.dty
         parts.append(("values", dtype, count))
         return tuple(parts)
     parts.append(("scales", _SCALE_DTYPE, 2 * -(-count // QUANT_BLOCK)))
-    parts.append(("codes", np.dtype("u1"), count if encoding.endswith("q8") else -(-count // 2)))
+    raw = count if encoding.endswith("q8") else -(-count // 2)
+    parts.append(("codes", np.dtype("u1"), coded_bytes if coded_bytes > 0 else raw))
     return tuple(parts)
 
 
@@ -257,6 +260,8 @@ class TensorSpec:
     shape: tuple[int, ...]
     encoding: Encoding = "dense"
     nnz_rows: int = 0
+    coded_bytes: int = 0
+    """Quantized encodings: bytes of the deflated codes (0: raw codes)."""
 
     @property
     def nbytes(self) -> int:
@@ -265,8 +270,8 @@ class TensorSpec:
         if dtype is None:
             raise ValueError(f"tensor {_short(self.name)}: unknown dtype {_short(self.dtype)}")
         if self.encoding in COMPRESSED_ENCODINGS:
-            return sum(part.itemsize * count for _, part, count in encoded_parts(self.encoding, self.shape,
-                                                                                  self.nnz_rows, dtype))
+            return sum(part.itemsize * count for _, part, count in encoded_parts(
+                self.encoding, self.shape, self.nnz_rows, dtype, self.coded_bytes))
         if self.encoding == "sparse_rows":
             row_bytes = math.prod(self.shape[1:]) * dtype.itemsize
             return self.nnz_rows * (_IDS_DTYPE.itemsize + row_bytes)
@@ -341,6 +346,16 @@ def _check_spec(spec: object, index: int, limits: CodecLimits) -> int:
                 raise ProtocolError(f"{where}: {numel} values are too many for uint32 {spec.encoding} indices")
         elif nnz != 0:
             raise ProtocolError(f"{where}: nnz_rows={nnz} on a {spec.encoding} tensor (must be 0)")
+    coded = spec.coded_bytes
+    if not _is_int(coded) or coded < 0:
+        raise ProtocolError(f"{where}: coded_bytes must be a non-negative int, got {_short(coded)}")
+    if coded:
+        if spec.encoding not in COMPRESSED_ENCODINGS or spec.encoding == "topk":
+            raise ProtocolError(f"{where}: coded_bytes={coded} on a {spec.encoding} tensor (only quantized codes "
+                                "are deflated)")
+        raw = encoded_parts(spec.encoding, shape, nnz, DTYPES[spec.dtype])[-1][2]
+        if coded >= raw:
+            raise ProtocolError(f"{where}: coded_bytes={coded} is not below the {raw} bytes of its raw codes")
     if spec.encoding == "sparse_rows":
         if not shape:
             raise ProtocolError(f"{where}: a sparse_rows tensor needs rank >= 1, got a 0-d shape")
@@ -398,6 +413,7 @@ def _spec_from_json(entry: object, index: int) -> TensorSpec:
         shape=tuple(shape),
         encoding=entry.get("encoding", "dense"),
         nnz_rows=entry.get("nnz_rows", 0),
+        coded_bytes=entry.get("coded_bytes", 0),
     )
 
 
@@ -476,6 +492,8 @@ class StreamHeader:
             if spec.encoding != "dense":
                 entry["encoding"] = spec.encoding
                 entry["nnz_rows"] = spec.nnz_rows
+            if spec.coded_bytes:
+                entry["coded_bytes"] = spec.coded_bytes
             entries.append(entry)
         return json.dumps({"tensors": entries}, separators=(",", ":"), allow_nan=False).encode("ascii")
 
@@ -673,6 +691,7 @@ class EncodedTensor:
         encoding: one of :data:`COMPRESSED_ENCODINGS`.
         nnz: values kept by a ``topk*`` encoding (0 otherwise).
         parts: one C-contiguous array per part, in wire order.
+        coded_bytes: the deflated size of the codes, 0 for raw codes.
     """
 
     dtype: str
@@ -680,16 +699,17 @@ class EncodedTensor:
     encoding: Encoding
     nnz: int
     parts: tuple[Array, ...]
+    coded_bytes: int = 0
 
     def __post_init__(self) -> None:
-        spec = TensorSpec("encoded", self.dtype, tuple(self.shape), self.encoding, self.nnz)
+        spec = TensorSpec("encoded", self.dtype, tuple(self.shape), self.encoding, self.nnz, self.coded_bytes)
         try:
             _check_spec(spec, 0, CodecLimits())
         except ProtocolError as exc:
             raise ValueError(f"EncodedTensor: {exc}") from None
         if self.encoding not in COMPRESSED_ENCODINGS:
             raise ValueError(f"EncodedTensor: encoding {self.encoding} is not a compressed encoding")
-        plan = encoded_parts(self.encoding, spec.shape, self.nnz, DTYPES[self.dtype])
+        plan = encoded_parts(self.encoding, spec.shape, self.nnz, DTYPES[self.dtype], self.coded_bytes)
         if len(self.parts) != len(plan):
             raise ValueError(f"EncodedTensor: {self.encoding} has {len(plan)} parts, got {len(self.parts)}")
         for arr, (part, dtype, count) in zip(self.parts, plan):
@@ -704,7 +724,7 @@ class EncodedTensor:
 
     def spec(self, name: str) -> TensorSpec:
         """The header entry of this tensor under ``name``."""
-        return TensorSpec(name, self.dtype, self.shape, self.encoding, self.nnz)
+        return TensorSpec(name, self.dtype, self.shape, self.encoding, self.nnz, self.coded_bytes)
 
 
 @final

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import numpy as np
@@ -133,11 +134,29 @@ def test_decoder_fed_in_any_chunks_gives_what_the_worker_encoded(encoding: str, 
     np.testing.assert_array_equal(decoded["b"], f32([1.5, -2.5]))
 
 
-def test_compressed_payload_is_a_fraction_of_the_dense_one() -> None:
+def test_codes_that_do_not_deflate_travel_raw() -> None:
+    # Uniform values give uniform codes, which deflate cannot shorten: 100,000 codes + 49 scale pairs.
     rng = np.random.default_rng(0)
-    w = rng.normal(size=100_000).astype(np.float32)  # 400,000 dense bytes
-    assert encode_tensor(w, "q8", rng).spec("w").nbytes == 100_000 + 8 * 49  # 49 blocks
-    assert encode_tensor(w, "topk_q8", rng, sparse_rate=0.01).spec("w").nbytes == 1000 * 5 + 8  # 1 block
+    tensor = encode_tensor(rng.uniform(-1, 1, 100_000).astype(np.float32), "q8", rng)
+    assert (tensor.coded_bytes, tensor.spec("w").nbytes) == (0, 100_000 + 8 * 49)
+
+
+def test_codes_of_bell_shaped_values_are_deflated_and_decode_the_same() -> None:
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=100_000).astype(np.float32)
+    tensor = encode_tensor(w, "q8", np.random.default_rng(1))
+    assert 0 < tensor.coded_bytes < 100_000
+    raw = encode_tensor(w, "q8", np.random.default_rng(1))  # same rounding draws
+    np.testing.assert_array_equal(decode_tensor(tensor), decode_tensor(raw))
+    decoded = decode_stream(EncodedUpdate([("w", tensor)]), 1000)
+    np.testing.assert_array_equal(decoded["w"], decode_tensor(tensor))
+
+
+def test_topk_q8_payload_is_indices_scales_and_codes() -> None:
+    rng = np.random.default_rng(0)
+    w = rng.uniform(-1, 1, 100_000).astype(np.float32)  # 400,000 dense bytes
+    tensor = encode_tensor(w, "topk_q8", rng, sparse_rate=0.01)
+    assert tensor.spec("w").nbytes == 1000 * 4 + 8 + (tensor.coded_bytes or 1000)  # 1 block of scales
 
 
 def tampered(encoding: str, part: int, edit: Any) -> EncodedUpdate:
@@ -148,9 +167,46 @@ def tampered(encoding: str, part: int, edit: Any) -> EncodedUpdate:
     edit(parts[part])
     forged = object.__new__(EncodedTensor)  # skips the checks an honest encoder passes
     for field, value in [("dtype", tensor.dtype), ("shape", tensor.shape), ("encoding", tensor.encoding),
-                         ("nnz", tensor.nnz), ("parts", tuple(parts))]:
+                         ("nnz", tensor.nnz), ("parts", tuple(parts)), ("coded_bytes", tensor.coded_bytes)]:
         object.__setattr__(forged, field, value)
     return EncodedUpdate([("w", forged)])
+
+
+def deflated(codes: bytes, coded: bytes) -> EncodedUpdate:
+    """A q8 tensor of len(codes) values whose deflated codes are ``coded`` (forged, unchecked)."""
+    scales = np.array([0.0, 1.0], dtype=np.float32)
+    forged = object.__new__(EncodedTensor)
+    for field, value in [("dtype", "float32"), ("shape", (len(codes),)), ("encoding", "q8"), ("nnz", 0),
+                         ("coded_bytes", len(coded)), ("parts", (scales, np.frombuffer(coded, dtype=np.uint8)))]:
+        object.__setattr__(forged, field, value)
+    return EncodedUpdate([("w", forged)])
+
+
+def test_decoder_rejects_deflated_codes_that_expand_past_the_announced_size() -> None:
+    # A 2000-byte run deflates to a few bytes; the header says the tensor has 100 values.
+    bomb = zlib.compress(b"\1" * 2000)
+    update = deflated(b"\1" * 100, bomb)
+    with pytest.raises(UpdateRejected, match=r"tensor 'w' \(q8\): the deflated codes expand past the 100 bytes"):
+        decode_stream(update, 3)
+
+
+def test_decoder_rejects_deflated_codes_that_end_early() -> None:
+    update = deflated(b"\1" * 100, zlib.compress(b"\1" * 60))
+    with pytest.raises(UpdateRejected, match="the deflated codes give 60 bytes, the header announces 100"):
+        decode_stream(update, 5)
+
+
+def test_decoder_rejects_corrupt_deflated_codes() -> None:
+    coded = bytearray(zlib.compress(bytes(range(100)) * 2))
+    coded[0] ^= 0xFF  # the zlib header
+    with pytest.raises(UpdateRejected, match="the deflated codes are corrupt"):
+        decode_stream(deflated(bytes(200), bytes(coded)), 64)
+
+
+def test_header_with_coded_bytes_not_below_the_raw_codes_is_refused() -> None:
+    header = StreamHeader((TensorSpec("w", "float32", (10,), "q8", 0, 10),))
+    with pytest.raises(ProtocolError, match="coded_bytes=10 is not below the 10 bytes of its raw codes"):
+        CompressedDecoder(header)
 
 
 def test_decoder_rejects_indices_that_do_not_increase() -> None:

@@ -18,7 +18,9 @@ than new fields; existing field numbers never change. Fields added since
 them leaves them empty and the other side skips what they check.
 
 Additions that keep version 2 (an older peer ignores or never calls them):
-JoinReply.heartbeat_s and the Heartbeat call.
+JoinReply.heartbeat_s and the Heartbeat call; the compressed Encoding values
+and TensorSpec.coded_bytes (only in QUANTIZED updates, which a PS accepts only
+from a job configured for them).
 """
 
 from collections import abc as _abc
@@ -109,10 +111,15 @@ class TensorSpec(_message.Message):
     SHAPE_FIELD_NUMBER: _builtins.int
     ENCODING_FIELD_NUMBER: _builtins.int
     NNZ_ROWS_FIELD_NUMBER: _builtins.int
+    CODED_BYTES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     dtype: _builtins.str
     encoding: Global___Encoding.ValueType
     nnz_rows: _builtins.int
+    coded_bytes: _builtins.int
+    """Q8, Q4, TOPK_Q8, TOPK_Q4: the codes are deflated (RFC 1950) to this many
+    bytes; 0: raw. Added in version 2; an older peer never sends compressed tensors.
+    """
     @_builtins.property
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
@@ -123,10 +130,11 @@ class TensorSpec(_message.Message):
         shape: _abc.Iterable[_builtins.int] | None = ...,
         encoding: Global___Encoding.ValueType = ...,
         nnz_rows: _builtins.int = ...,
+        coded_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dtype", b"dtype", "encoding", b"encoding", "name", b"name", "nnz_rows", b"nnz_rows", "shape", b"shape"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coded_bytes", b"coded_bytes", "dtype", b"dtype", "encoding", b"encoding", "name", b"name", "nnz_rows", b"nnz_rows", "shape", b"shape"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -192,6 +192,7 @@ def header_to_proto(header: StreamHeader) -> pb.TensorHeader:
                 shape=list(t.shape),
                 encoding=_ENCODING_IDS[t.encoding],
                 nnz_rows=t.nnz_rows,
+                coded_bytes=t.coded_bytes,
             )
             for t in header.tensors
         ]
@@ -207,7 +208,8 @@ def header_from_proto(msg: pb.TensorHeader) -> StreamHeader:
             raise ProtocolError(f"tensor {t.name!r}: unknown encoding {t.encoding}")
         specs.append(
             TensorSpec(name=t.name, dtype=t.dtype, shape=tuple(int(d) for d in t.shape),
-                       encoding=encoding, nnz_rows=int(t.nnz_rows))  # type: ignore[arg-type]
+                       encoding=encoding, nnz_rows=int(t.nnz_rows),  # type: ignore[arg-type]
+                       coded_bytes=int(t.coded_bytes))
         )
     return StreamHeader(tuple(specs))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -139,8 +140,9 @@ def test_quantized_federation_averages_within_the_quantization_error(tmp_path: P
                                 [("a", AddTrainer(0.5, 10)), ("b", AddTrainer(1.5, 10))], tmp_path)
     np.testing.assert_allclose(federation.ps.core.params["w"], np.arange(4096, dtype=np.float32) + 2)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    # Each upload: 2 blocks of 2048 -> 16 bytes of scales plus 4096 one-byte codes, vs 16384 dense.
-    assert [r["bytes_in"] for r in rows] == [2 * (16 + 4096)] * 2
+    # Each upload: 2 blocks of 2048 -> 16 bytes of scales, plus 4096 one-byte codes, all 0 (a constant
+    # block is its low), deflated; vs 16384 bytes dense.
+    assert [r["bytes_in"] for r in rows] == [2 * (16 + len(zlib.compress(bytes(4096), 6)))] * 2
     assert [r["bytes_in_dense"] for r in rows] == [2 * 16384] * 2
 
 
