@@ -161,10 +161,10 @@ def _scaled(value: Tensor | EncodedTensor, factor: float) -> Tensor | EncodedTen
     """``value`` whose decoded form is ``factor`` times as large (floating-point values only)."""
     if isinstance(value, EncodedTensor):
         parts = list(value.parts)
-        # q*: scales (low, step) follow the optional indices; topk: values are the last part.
+        # q*: scales (low, step) come before the (possibly deflated) codes; topk: values are the last part.
         target = len(parts) - 1 if value.encoding == "topk" else len(parts) - 2
         parts[target] = np.asarray(parts[target] * factor, dtype=parts[target].dtype)
-        return EncodedTensor(value.dtype, value.shape, value.encoding, value.nnz, tuple(parts))
+        return EncodedTensor(value.dtype, value.shape, value.encoding, value.nnz, tuple(parts), value.coded_bytes)
     if isinstance(value, SparseRows):
         if value.rows.dtype.kind != "f":
             return value

@@ -161,3 +161,17 @@ def test_ps_refuses_a_dense_delta_in_a_compressed_job(tmp_path: Path) -> None:
     with pytest.raises(UpdateRejected, match=r"update kind delta is not what this job aggregates \(quantized, "
                                              r"privacy.compression.upload.type topk\)"):
         ps.open_update(who, meta)
+
+
+def test_dp_federation_accepts_compressed_updates_bounded_by_clip_norm(tmp_path: Path) -> None:
+    # Each worker adds 1 to 64 weights: a delta of norm 8, clipped to 1, top-half kept and 4-bit
+    # quantized with its residual; the PS measures every decoded update against clip_norm = 1 and
+    # would refuse (and count) any above it.
+    config = compressed_job({"type": "topk_quantize", "bits": 4, "sparse_rate": 0.5}, rounds=3)
+    config = parse_job({**config.to_dict(), "privacy": {**config.to_dict()["privacy"],
+                                                        "dp": {"enabled": True, "clip_norm": 1.0,
+                                                               "noise_multiplier": 0.0}}})
+    initial = ParamSet({"w": np.zeros(64, dtype=np.float32)})
+    run_federation(config, initial, [("a", AddTrainer(1.0, 10)), ("b", AddTrainer(1.0, 10))], tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["participants"], r["rejected"]) for r in rows] == [(2, 0)] * 3
