@@ -502,12 +502,16 @@ class UploadCompressionConfig(_Section):
     ``quantize``: unbiased stochastic quantization to ``bits`` per value;
     ``topk``: the ``sparse_rate`` fraction of values of largest magnitude per
     tensor, with error feedback (what a worker does not send it adds to its next
-    update); ``topk_quantize``: both (the cloud cluster's ``DIFF_SPARSE_QUANT``).
+    update), kept at ``sparse_rate ** (round / warmup_rounds)`` during the first
+    ``warmup_rounds``; ``topk_quantize``: both (the cloud cluster's ``DIFF_SPARSE_QUANT``).
     """
 
     type: Literal["none", "quantize", "topk", "topk_quantize"] = "none"
     bits: Literal[8, 4] = Field(default=8, description="bits per quantized value (quantize, topk_quantize)")
     sparse_rate: float = Field(default=0.01, gt=0, lt=1, description="fraction of each tensor's values a top-k keeps")
+    warmup_rounds: int = Field(default=0, ge=0, le=100_000,
+                               description="top-k: the kept fraction falls exponentially from 1 to sparse_rate over "
+                                           "these first rounds (Deep Gradient Compression's warm-up)")
 
 
 class DownloadCompressionConfig(_Section):

@@ -21,6 +21,7 @@ __all__ = [
     "COMPRESSION_BITS_KEY",
     "COMPRESSION_SPARSE_RATE_KEY",
     "COMPRESSION_TYPE_KEY",
+    "COMPRESSION_WARMUP_KEY",
     "CONTROL_PREFIX",
     "DP_CLIP_NORM_KEY",
     "ClientSettings",
@@ -54,6 +55,9 @@ COMPRESSION_BITS_KEY = "privacy.compression.upload.bits"
 
 COMPRESSION_SPARSE_RATE_KEY = "privacy.compression.upload.sparse_rate"
 """Upload compression: the fraction of each tensor's values a top-k keeps, in a train task's config map."""
+
+COMPRESSION_WARMUP_KEY = "privacy.compression.upload.warmup_rounds"
+"""Upload compression: rounds over which top-k's kept fraction falls from 1 to the sparse rate (0: none)."""
 
 ConfigValue: TypeAlias = bool | int | float | str
 """A value of a task's per-round configuration map (what later stages add travels here)."""

@@ -32,6 +32,7 @@ from enclavefl.messages import (
     COMPRESSION_BITS_KEY,
     COMPRESSION_SPARSE_RATE_KEY,
     COMPRESSION_TYPE_KEY,
+    COMPRESSION_WARMUP_KEY,
     DP_CLIP_NORM_KEY,
     ConfigValue,
 )
@@ -155,7 +156,7 @@ def build_strategy(config: JobConfig, model: StreamHeader, *, spill_dir: Path) -
         # Workers compress as each task says (their own job file is not trusted for it).
         strategy = dataclasses.replace(strategy, task_config={
             **strategy.task_config, COMPRESSION_TYPE_KEY: upload.type, COMPRESSION_BITS_KEY: upload.bits,
-            COMPRESSION_SPARSE_RATE_KEY: upload.sparse_rate})
+            COMPRESSION_SPARSE_RATE_KEY: upload.sparse_rate, COMPRESSION_WARMUP_KEY: upload.warmup_rounds})
     return strategy
 
 

@@ -10,7 +10,8 @@ travel as they are. The result is an
 :class:`~enclavefl.tensors.EncodedUpdate` announced as
 :attr:`~enclavefl.messages.UpdateKind.QUANTIZED`.
 
-Top-k keeps error feedback (Stich et al. 2018, "Sparsified SGD with Memory";
+During the job's first ``warmup_rounds`` the kept fraction falls exponentially
+to the sparse rate (:func:`kept_fraction`). Top-k keeps error feedback (Stich et al. 2018, "Sparsified SGD with Memory";
 Lin et al. 2018, "Deep Gradient Compression"): the compressor adds the residual
 of earlier rounds to the update before it selects the top values, and keeps as
 the new residual everything it did not send (including the quantization error
@@ -44,13 +45,14 @@ from enclavefl.messages import (
     COMPRESSION_BITS_KEY,
     COMPRESSION_SPARSE_RATE_KEY,
     COMPRESSION_TYPE_KEY,
+    COMPRESSION_WARMUP_KEY,
     DP_CLIP_NORM_KEY,
     UpdateKind,
 )
 from enclavefl.tensors import EncodedTensor, EncodedUpdate, ParamSet, SparseRows, Tensor
 from enclavefl.worker.pipeline import UpdateContext
 
-__all__ = ["UploadCompressor"]
+__all__ = ["UploadCompressor", "kept_fraction"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,19 @@ Array: TypeAlias = npt.NDArray[Any]
 _TYPES: Final = ("none", "quantize", "topk", "topk_quantize")
 _NORM_MARGIN: Final = 1.0 - 1e-6  # scale a hair below clip_norm: float32 scales round either way
 _MAX_RESCALES: Final = 4
+
+
+def kept_fraction(sparse_rate: float, warmup_rounds: int, round_: int) -> float:
+    """Top-k's kept fraction in ``round_`` (1-based): ``sparse_rate ** (round_ / warmup_rounds)`` while warming up.
+
+    Lin et al. 2018 (Deep Gradient Compression) raise the sparsity exponentially
+    over the first epochs, so the early, large updates are not held back by the
+    residual for long; with 4 warm-up rounds and a rate of 0.01 the rounds keep
+    31.6 %, 10 %, 3.16 % and then 1 %.
+    """
+    if warmup_rounds <= 0 or round_ >= warmup_rounds:
+        return sparse_rate
+    return float(sparse_rate ** (max(round_, 1) / warmup_rounds))
 
 
 @final
@@ -98,6 +113,10 @@ class UploadCompressor:
         rate = config.get(COMPRESSION_SPARSE_RATE_KEY, 0.01)
         if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate < 1:
             raise ValueError(f"task config {COMPRESSION_SPARSE_RATE_KEY} = {rate!r}: expected a number in (0, 1)")
+        warmup = config.get(COMPRESSION_WARMUP_KEY, 0)
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"task config {COMPRESSION_WARMUP_KEY} = {warmup!r}: expected an int >= 0")
+        rate = kept_fraction(float(rate), warmup, context.round)
         if kind is not UpdateKind.DELTA:
             raise ValueError(f"upload compression encodes a delta, the pipeline produced {kind.value}")
         encoding = encoding_for(ctype, int(bits))  # type: ignore[arg-type]  # checked against _TYPES above

@@ -16,6 +16,7 @@ from enclavefl.messages import (
     COMPRESSION_BITS_KEY,
     COMPRESSION_SPARSE_RATE_KEY,
     COMPRESSION_TYPE_KEY,
+    COMPRESSION_WARMUP_KEY,
     DP_CLIP_NORM_KEY,
     ClientSettings,
     ConfigValue,
@@ -25,6 +26,7 @@ from enclavefl.norms import update_norm
 from enclavefl.tensors import EncodedTensor, EncodedUpdate, ParamSet, SparseRows
 from enclavefl.training import FitResult
 from enclavefl.worker import UpdateContext, UploadCompressor
+from enclavefl.worker.compression import kept_fraction
 from tests.unit.worker.federation import AddTrainer, f32, run_federation
 
 SETTINGS = ClientSettings(epochs=1, batch_size=4, lr=0.5)
@@ -175,3 +177,19 @@ def test_dp_federation_accepts_compressed_updates_bounded_by_clip_norm(tmp_path:
     run_federation(config, initial, [("a", AddTrainer(1.0, 10)), ("b", AddTrainer(1.0, 10))], tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["participants"], r["rejected"]) for r in rows] == [(2, 0)] * 3
+
+
+def test_warm_up_keeps_an_exponentially_falling_fraction() -> None:
+    # rate 0.01 over 4 warm-up rounds: 0.01^(1/4) = 0.316, 0.01^(2/4) = 0.1, 0.01^(3/4) = 0.0316, then 0.01.
+    fractions = [kept_fraction(0.01, 4, r) for r in range(1, 7)]
+    np.testing.assert_allclose(fractions, [0.01**0.25, 0.1, 0.01**0.75, 0.01, 0.01, 0.01], rtol=1e-12)
+    assert kept_fraction(0.01, 0, 1) == 0.01
+
+
+def test_warm_up_round_sends_more_values() -> None:
+    # Round 1 of 2 warm-up rounds at rate 0.01 keeps 0.01^(1/2) = 10 % of 1000 values.
+    config: dict[str, ConfigValue] = {COMPRESSION_TYPE_KEY: "topk", COMPRESSION_SPARSE_RATE_KEY: 0.01,
+                                      COMPRESSION_WARMUP_KEY: 2}
+    update = ParamSet({"w": np.arange(1, 1001, dtype=np.float32)})
+    payload, _ = UploadCompressor().encode(update, UpdateKind.DELTA, context(config))
+    assert isinstance(payload["w"], EncodedTensor) and payload["w"].nnz == 100
