@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import zlib
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from enclavefl.compression import decode_tensor
+from enclavefl.compression import CompressedDecoder, decode_tensor
 from enclavefl.config import parse_job
 from enclavefl.messages import (
     COMPRESSION_BITS_KEY,
@@ -20,14 +21,19 @@ from enclavefl.messages import (
     DP_CLIP_NORM_KEY,
     ClientSettings,
     ConfigValue,
+    PeerIdentity,
+    TaskInfo,
+    TaskKind,
     UpdateKind,
+    UpdateMeta,
+    UpdateSink,
 )
 from enclavefl.norms import update_norm
 from enclavefl.tensors import EncodedTensor, EncodedUpdate, ParamSet, SparseRows
 from enclavefl.training import FitResult
 from enclavefl.worker import UpdateContext, UploadCompressor
 from enclavefl.worker.compression import kept_fraction
-from tests.unit.worker.federation import AddTrainer, f32, run_federation
+from tests.unit.worker.federation import AddTrainer, ScriptedHandler, f32, run_federation, run_scripted
 
 SETTINGS = ClientSettings(epochs=1, batch_size=4, lr=0.5)
 TOPK_HALF: dict[str, ConfigValue] = {COMPRESSION_TYPE_KEY: "topk", COMPRESSION_SPARSE_RATE_KEY: 0.5}
@@ -193,3 +199,40 @@ def test_warm_up_round_sends_more_values() -> None:
     update = ParamSet({"w": np.arange(1, 1001, dtype=np.float32)})
     payload, _ = UploadCompressor().encode(update, UpdateKind.DELTA, context(config))
     assert isinstance(payload["w"], EncodedTensor) and payload["w"].nnz == 100
+
+
+class CompressingHandler(ScriptedHandler):
+    """A scripted PS whose tasks ask for top-k at rate 0.5 and that decodes what it is pushed."""
+
+    def wait_task(self, peer: PeerIdentity, worker_id: str, max_wait_s: float) -> TaskInfo:
+        task = super().wait_task(peer, worker_id, max_wait_s)
+        return dataclasses.replace(task, config=TOPK_HALF) if task.kind is TaskKind.TRAIN else task
+
+    def open_update(self, peer: PeerIdentity, meta: UpdateMeta) -> UpdateSink:
+        handler, decoder = self, CompressedDecoder(meta.tensors)
+
+        class Sink(UpdateSink):
+            def feed(self, chunk: bytes | memoryview) -> None:
+                decoder.feed(chunk)
+
+            def commit(self) -> None:
+                handler.pushed.append((meta, decoder.finish()))
+
+            def abort(self, reason: str) -> None:
+                pass
+
+        return Sink()
+
+
+def test_residual_survives_a_rejoin() -> None:
+    # The PS forgets the worker after round 1, so it joins again before round 2. Each round's delta
+    # is +1 everywhere; round 1 sends 2 of the 4 ones, round 2 sends 1 + 1 (the residual) at the
+    # other two positions.
+    handler = CompressingHandler(SETTINGS, ParamSet({"w": np.zeros(4, dtype=np.float32)}), rounds=2,
+                                 forget_after_round=1)
+    run_scripted(handler, AddTrainer(1.0, 4))
+    assert handler.joins == 2
+    (meta1, first), (meta2, second) = handler.pushed
+    assert meta1.kind is meta2.kind is UpdateKind.QUANTIZED
+    unsent = first["w"] == 0
+    np.testing.assert_array_equal(second["w"], np.where(unsent, 2.0, 0.0).astype(np.float32))
