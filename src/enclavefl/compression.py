@@ -23,7 +23,7 @@ float32) and each value is off by less than one ``step``. As QSGD does with
 Elias codes, the codes are then coded losslessly: deflated (zlib, RFC 1950)
 whenever that makes them shorter, which ``TensorSpec.coded_bytes`` announces.
 Stochastically rounded updates concentrate near the middle of their range, so
-8-bit codes of a trained model's delta deflate to about 0.85 bytes a value.
+8-bit codes of a trained model's delta deflate to about 0.83 bytes a value.
 
 Top-k sparsification keeps the ``k`` values of largest magnitude
 (Aji & Heafield 2017; Lin et al. 2018, "Deep Gradient Compression"), with their
