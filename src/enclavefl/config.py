@@ -44,7 +44,7 @@ from enclavefl.task_params import BUILTIN_TASK_PARAMS
 __all__ = [
     "BUFFERING_AGGREGATORS",
     "CLOUD_KEY_ALIASES",
-    "CLOUD_VALUE_ALIASES",
+    "CLOUD_SECTION_ALIASES",
     "AggregatorConfig",
     "AttestationConfig",
     "ClientConfig",
@@ -69,6 +69,7 @@ __all__ = [
     "TaskConfig",
     "TlsConfig",
     "TransportConfig",
+    "UploadCompressionConfig",
     "apply_overrides",
     "check_worker_count",
     "load_job",
@@ -516,6 +517,24 @@ class DpConfig(_Section):
     accountant: Literal["rdp", "pld"] = "rdp"
 
 
+class UploadCompressionConfig(_Section):
+    """How workers compress their updates (docs/privacy.md, "Update compression").
+
+    ``quantize``: unbiased stochastic quantization to ``bits`` per value;
+    ``topk``: the ``sparse_rate`` fraction of values of largest magnitude per
+    tensor, with error feedback (what a worker does not send it adds to its next
+    update), kept at ``sparse_rate ** (round / warmup_rounds)`` during the first
+    ``warmup_rounds``; ``topk_quantize``: both (the cloud cluster's ``DIFF_SPARSE_QUANT``).
+    """
+
+    type: Literal["none", "quantize", "topk", "topk_quantize"] = "none"
+    bits: Literal[8, 4] = Field(default=8, description="bits per quantized value (quantize, topk_quantize)")
+    sparse_rate: float = Field(default=0.01, gt=0, lt=1, description="fraction of each tensor's values a top-k keeps")
+    warmup_rounds: int = Field(default=0, ge=0, le=100_000,
+                               description="top-k: the kept fraction falls exponentially from 1 to sparse_rate over "
+                                           "these first rounds (Deep Gradient Compression's warm-up)")
+
+
 class DownloadCompressionConfig(_Section):
     """How the model travels to the workers; the PS keeps full precision (docs/privacy.md, "Compression").
 
@@ -531,8 +550,9 @@ class DownloadCompressionConfig(_Section):
 
 
 class CompressionConfig(_Section):
-    """Update and model compression (docs/privacy.md)."""
+    """Update and model compression (the PS keeps full precision either way)."""
 
+    upload: UploadCompressionConfig = Field(default_factory=UploadCompressionConfig)
     download: DownloadCompressionConfig = Field(default_factory=DownloadCompressionConfig)
 
 
@@ -581,6 +601,8 @@ class JobConfig(_Section):
         if self.privacy.dp.enabled:
             _check_dp(self)
         _check_downloads(self)
+        if self.privacy.compression.upload.type != "none":
+            _check_upload_compression(self)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -615,6 +637,24 @@ def _check_downloads(config: JobConfig) -> None:
             "privacy.compression.download.type quantize cannot be combined with transport.sparse_downloads.enabled: "
             "a worker applies changed rows to its cached copy, which would then mix full-precision rows with "
             "dequantized ones and no longer equal any model version of the PS; choose one"
+        )
+
+
+def _check_upload_compression(config: JobConfig) -> None:
+    """Refuses what upload compression cannot be combined with; each message names both keys.
+
+    Allowed, and why: robust aggregators and async rounds see decoded, plain
+    updates; DP clips before compressing and the worker bounds the decoded upload
+    by ``clip_norm`` again (docs/privacy.md); sparse embedding rows travel as
+    they are (already sparse) while the dense tensors are compressed.
+    """
+    kind = config.privacy.compression.upload.type
+    if config.server.strategy.name == "scaffold" and kind in ("topk", "topk_quantize"):
+        raise ValueError(
+            f"privacy.compression.upload.type {kind} does not support server.strategy scaffold: error feedback "
+            "sends parts of a model delta rounds later, while the control variates are updated with the whole "
+            "delta at once, so SCAFFOLD's drift correction no longer matches the model (quantize is unbiased "
+            "and allowed)"
         )
 
 
@@ -659,13 +699,18 @@ CLOUD_KEY_ALIASES: Mapping[str, tuple[str, float | None]] = {
     "client_epoch_num": ("client.epochs", None),
     "client_batch_size": ("client.batch_size", None),
     "client_learning_rate": ("client.lr", None),
-    "download_compress_type": ("privacy.compression.download.type", None),
 }
 
-# Cloud FL cluster key -> its values in our spelling (any other value is refused, naming the cloud key).
-CLOUD_VALUE_ALIASES: Mapping[str, Mapping[str, str]] = {
-    "download_compress_type": {"NO_COMPRESS": "none", "QUANT": "quantize"},
+# Keys the cloud FL cluster nests in its own sections ("compression.upload_compress_type") -> (our
+# dotted key, the cloud's value -> ours, or None to keep the value).
+CLOUD_SECTION_ALIASES: Mapping[str, tuple[str, Mapping[str, Any] | None]] = {
+    "compression.upload_compress_type": (
+        "privacy.compression.upload.type", {"NO_COMPRESS": "none", "DIFF_SPARSE_QUANT": "topk_quantize"}),
+    "compression.upload_sparse_rate": ("privacy.compression.upload.sparse_rate", None),
+    "compression.download_compress_type": (
+        "privacy.compression.download.type", {"NO_COMPRESS": "none", "QUANT": "quantize"}),
 }
+_CLOUD_SECTIONS = frozenset(key.split(".", 1)[0] for key in CLOUD_SECTION_ALIASES)
 
 
 def _set_dotted(doc: dict[str, Any], dotted: str, value: Any, source: str) -> None:
@@ -681,8 +726,28 @@ def _set_dotted(doc: dict[str, Any], dotted: str, value: Any, source: str) -> No
     node[parts[-1]] = value
 
 
+def _resolve_section_aliases(doc: dict[str, Any], out: dict[str, Any], source: str) -> None:
+    """Moves the cloud cluster's nested keys (CLOUD_SECTION_ALIASES) from ``doc`` to our keys in ``out``."""
+    for section in sorted(_CLOUD_SECTIONS & set(doc)):
+        entries = doc[section]
+        known = sorted(k.split(".", 1)[1] for k in CLOUD_SECTION_ALIASES if k.startswith(section + "."))
+        if not isinstance(entries, dict):
+            raise ConfigError(f"{source}: {section} is the cloud cluster's section: expected a mapping of {known}")
+        for key, value in entries.items():
+            alias = f"{section}.{key}"
+            if alias not in CLOUD_SECTION_ALIASES:
+                raise ConfigError(f"{source}: {alias} is not a cloud cluster key enclavefl knows (known: {known})")
+            dotted, values = CLOUD_SECTION_ALIASES[alias]
+            if values is not None:
+                if not isinstance(value, str) or value not in values:
+                    raise ConfigError(f"{source}: {alias} = {value!r}: expected one of {sorted(values)}")
+                value = values[value]
+            _set_dotted(out, dotted, value, source)
+
+
 def _resolve_aliases(doc: dict[str, Any], source: str) -> dict[str, Any]:
-    out = {k: v for k, v in doc.items() if k not in CLOUD_KEY_ALIASES}
+    out = {k: v for k, v in doc.items() if k not in CLOUD_KEY_ALIASES and k not in _CLOUD_SECTIONS}
+    _resolve_section_aliases(doc, out, source)
     for alias, (dotted, factor) in CLOUD_KEY_ALIASES.items():
         if alias not in doc:
             continue
@@ -691,11 +756,6 @@ def _resolve_aliases(doc: dict[str, Any], source: str) -> dict[str, Any]:
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ConfigError(f"{source}: {alias} = {value!r}: expected a number of milliseconds")
             value = value * factor
-        spelled = CLOUD_VALUE_ALIASES.get(alias)
-        if spelled is not None:
-            if not isinstance(value, str) or value not in spelled:
-                raise ConfigError(f"{source}: {alias} = {value!r}: expected one of {', '.join(spelled)}")
-            value = spelled[value]
         _set_dotted(out, dotted, value, source)
     return out
 

@@ -15,16 +15,16 @@ def test_downloads_are_dense_and_full_precision_by_default() -> None:
 
 
 def test_cloud_download_compress_type_quant_means_quantize() -> None:
-    assert parse_job({"download_compress_type": "QUANT"}).privacy.compression.download.type == "quantize"
+    assert parse_job({"compression": {"download_compress_type": "QUANT"}}).privacy.compression.download.type == "quantize"
 
 
 def test_cloud_download_compress_type_no_compress_means_none() -> None:
-    assert parse_job({"download_compress_type": "NO_COMPRESS"}).privacy.compression.download.type == "none"
+    assert parse_job({"compression": {"download_compress_type": "NO_COMPRESS"}}).privacy.compression.download.type == "none"
 
 
 def test_an_unknown_cloud_download_compress_type_is_refused_by_its_key() -> None:
     with pytest.raises(ConfigError, match="download_compress_type"):
-        parse_job({"download_compress_type": "DIFF_SPARSE_QUANT"})
+        parse_job({"compression": {"download_compress_type": "DIFF_SPARSE_QUANT"}})
 
 
 def test_download_bits_other_than_8_are_refused() -> None:

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
+from enclavefl.compression import CompressedDecoder
 from enclavefl.config import JobConfig
 from enclavefl.errors import CheckpointError, ConfigError, ProtocolError, RoundError, UpdateRejected
 from enclavefl.messages import JoinInfo, PeerIdentity, TaskInfo, TaskKind, UpdateKind, UpdateMeta, UpdateSink
@@ -77,6 +78,9 @@ class ParameterServer:
         self._limits = limits or CodecLimits(
             max_total_bytes=config.server.max_update_bytes, max_chunk_bytes=config.transport.chunk_bytes
         )
+        # What every upload must announce: compressed jobs push QUANTIZED encodings of their delta.
+        compressed = config.privacy.compression.upload.type != "none"
+        self._update_kind = UpdateKind.QUANTIZED if compressed else UpdateKind.DELTA
         template = StreamHeader.of(initial)
         self.strategy = strategy or build_strategy(config, template, spill_dir=out_dir / "spill")
         self._slots = threading.Semaphore(config.server.max_concurrent_uploads)
@@ -270,8 +274,9 @@ class ParameterServer:
         with core.cond:
             worker = core.registry.get(peer, meta.worker_id)
             reason = None
-            if meta.kind is not UpdateKind.DELTA:
-                reason = f"update kind {meta.kind.value} is not what this job aggregates (delta)"
+            if meta.kind is not self._update_kind:
+                reason = (f"update kind {meta.kind.value} is not what this job aggregates ({self._update_kind.value}, "
+                          f"privacy.compression.upload.type {self.config.privacy.compression.upload.type})")
             elif meta.num_samples <= 0:
                 reason = f"num_samples must be positive, got {meta.num_samples}"
             elif worker.num_samples <= 0:
@@ -308,7 +313,11 @@ class ParameterServer:
         if not self._slots.acquire(timeout=max(deadline - time.monotonic(), 0.1)):
             self._refuse(target, meta, "no upload slot before the round closed")
         try:
-            decoder = StreamDecoder(meta.tensors, self._limits, expected=self.engine.upload_template)
+            decoder: StreamDecoder | CompressedDecoder
+            if meta.kind is UpdateKind.QUANTIZED:  # decoded chunk by chunk into the staged dense tensors
+                decoder = CompressedDecoder(meta.tensors, self._limits, expected=self.engine.upload_template)
+            else:
+                decoder = StreamDecoder(meta.tensors, self._limits, expected=self.engine.upload_template)
         except ProtocolError as exc:
             self._slots.release()
             self._refuse(target, meta, str(exc))

@@ -14,7 +14,9 @@ keeps its own variate across rounds and re-joins, and sends its change as
 ``scaffold.dc/`` tensors; when the PS does not accept the update the variate
 goes back to where it was, as the server did not count the change). The
 trained model then goes through the update pipeline
-(:mod:`enclavefl.worker.pipeline`) and is pushed.
+(:mod:`enclavefl.worker.pipeline`), is encoded as the task's upload compression
+says (:mod:`enclavefl.worker.compression`, which keeps top-k's residual across
+rounds and re-joins), and is pushed.
 
 It keeps the PS told that it is alive: each long-poll lasts at most the
 ``heartbeat_s`` the PS gave at join, and while it pulls, trains and pushes a
@@ -65,6 +67,7 @@ from enclavefl.messages import (
 )
 from enclavefl.tensors import ParamSet, Tensor
 from enclavefl.training import FitConfig, Trainer
+from enclavefl.worker.compression import UploadCompressor
 from enclavefl.worker.control import ScaffoldClient
 from enclavefl.worker.faults import Slowdown
 from enclavefl.worker.heartbeat import Heartbeat
@@ -152,6 +155,7 @@ class Worker:
         *,
         stop: threading.Event | None = None,
         transforms: Sequence[UpdateTransform] | None = None,
+        compressor: UploadCompressor | None = None,
     ) -> None:
         """Prepares the worker; nothing is sent until :meth:`run`.
 
@@ -165,6 +169,9 @@ class Worker:
                 :func:`~enclavefl.worker.pipeline.default_transforms` of ``trainer``.
                 For SCAFFOLD it must append the control delta
                 (:class:`~enclavefl.worker.pipeline.ControlDelta`).
+            compressor: encodes the pipeline's output as the task's
+                ``privacy.compression.upload`` says; it keeps top-k's residual for the
+                worker's lifetime. Default: a fresh one.
         """
         self._client_factory = client_factory
         self._trainer = trainer
@@ -173,6 +180,7 @@ class Worker:
         self._transforms: tuple[UpdateTransform, ...] = tuple(
             default_transforms(trainer) if transforms is None else transforms
         )
+        self._compressor = compressor if compressor is not None else UploadCompressor()
         self._client: WorkerClient | None = None
         self._scaffold: ScaffoldClient | None = None  # c_i, kept across rounds and re-joins
         self._models = ModelCache(settings.cache_downloads)  # the last download, for changed-rows pulls
@@ -356,15 +364,17 @@ class Worker:
             update, kind = run_pipeline(self._transforms, context)
             if control_delta is not None:
                 self._check_control_delta(update, control_delta)
+            payload, kind = self._compressor.encode(update, kind, context)
             metrics = dict(result.metrics)
             metrics["seconds_fit"] = t2 - t1
-            reply = client.push_update(join.worker_id, round_, got_version, update, result.num_samples, metrics,
+            reply = client.push_update(join.worker_id, round_, got_version, payload, result.num_samples, metrics,
                                        kind=kind)
             accepted = reply.accepted
             if accepted:
                 self.rounds_done += 1
             self._log_push(round_, reply, kind, t2 - t1, metrics, time.monotonic() - t2)
         finally:
+            self._compressor.settle(accepted)
             if not accepted and scaffold_client is not None and control_before is not None:
                 # The PS did not count this delta c_i, so c_i must not move either (eq. 5 keeps c = mean c_i).
                 scaffold_client.load_state(control_before)
