@@ -33,7 +33,7 @@ from enclavefl.server.sampling import Sampler, UniformSampler
 from enclavefl.server.state import Stateful
 from enclavefl.tensors import ParamSet, StreamHeader
 
-__all__ = ["AggregatorFactory", "PostProcess", "RoundGate", "RowMetrics", "Strategy", "build_strategy"]
+__all__ = ["AggregatorFactory", "PostProcess", "RoundGate", "RoundStages", "RowMetrics", "Strategy", "build_strategy"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,37 @@ class RoundGate(Protocol):
         ...
 
 
+class RoundStages(Protocol):
+    """A round protocol with stages of its own around the upload (secure aggregation's key and unmask stages).
+
+    The synchronous engine calls it at four points of a round attempt; every
+    method but :meth:`finish` is called with the server lock held and must not
+    block. A round with stages sees its uploads folded by the strategy's
+    aggregator as usual; :meth:`finish` then turns that aggregator into the one
+    the close pipeline reads (unmasking, say).
+    """
+
+    def open(self, round_: int, attempt: int, sampled: frozenset[str]) -> Mapping[str, ConfigValue]:
+        """A round attempt opened with these workers; returns settings its train tasks add (a nonce, say)."""
+        ...
+
+    def admit(self, worker_id: str) -> None:
+        """Raises UpdateRejected if ``worker_id`` may not upload now (it skipped a stage)."""
+        ...
+
+    def finish(self, pushed: frozenset[str], aggregator: Aggregator) -> Aggregator:
+        """Runs the stages after the upload window (may block); returns what the close pipeline aggregates.
+
+        Raises:
+            RoundError: the round cannot complete (too few workers for a stage); it is retried.
+        """
+        ...
+
+    def abandon(self) -> None:
+        """The open attempt ends without :meth:`finish` (too few updates, a stop): forget it."""
+        ...
+
+
 @dataclass(frozen=True)
 class Strategy:
     """The parts that decide what a round does. Stateful parts have state()/load_state()."""
@@ -82,6 +113,8 @@ class Strategy:
     """Settings every train task carries for the worker's update pipeline (namespaced keys)."""
     parts: tuple[tuple[str, Stateful], ...] = ()
     """More stateful parts, by checkpoint name, saved and restored like the optimizer."""
+    stages: RoundStages | None = None
+    """Stages of each synchronous round around its upload (secure aggregation); None: upload only."""
 
 
 def _aggregator_factory(config: JobConfig, spill_dir: Path) -> tuple[AggregatorFactory, bool]:
