@@ -28,7 +28,7 @@ from enclavefl.errors import ConfigError
 from enclavefl.server.aggregator import Aggregator, WeightedMean
 from enclavefl.server.algorithms import Algorithm, CloseContext, FedAvgAlgorithm, Scaffold
 from enclavefl.server.optimizer import SERVER_OPTIMIZERS, ServerOptimizer
-from enclavefl.messages import DP_CLIP_NORM_KEY, ConfigValue
+from enclavefl.messages import DP_CLIP_NORM_KEY, ConfigValue, UpdateKind
 from enclavefl.server.sampling import Sampler, UniformSampler
 from enclavefl.server.state import Stateful
 from enclavefl.tensors import ParamSet, StreamHeader
@@ -72,6 +72,10 @@ class RoundStages(Protocol):
     aggregator as usual; :meth:`finish` then turns that aggregator into the one
     the close pipeline reads (unmasking, say).
     """
+
+    def upload(self, template: StreamHeader) -> tuple[StreamHeader, UpdateKind]:
+        """The header and kind of what workers upload for updates shaped like ``template``."""
+        ...
 
     def open(self, round_: int, attempt: int, sampled: frozenset[str]) -> Mapping[str, ConfigValue]:
         """A round attempt opened with these workers; returns settings its train tasks add (a nonce, say)."""
@@ -177,7 +181,26 @@ def build_strategy(config: JobConfig, model: StreamHeader, *, spill_dir: Path) -
     strategy = Strategy(algorithm=algorithm, optimizer=optimizer, aggregator=aggregator, sampler=sampler, buffers=buffers)
     if config.privacy.dp.enabled:
         strategy = _with_dp(strategy, config)
+    if config.privacy.secure_aggregation.enabled:
+        strategy = _with_secure_aggregation(strategy, config, algorithm.upload_template(model))
     return strategy
+
+
+def _with_secure_aggregation(strategy: Strategy, config: JobConfig, upload: StreamHeader) -> Strategy:
+    """SecAgg+ plugged into the stages seam (server/secagg.py); its modular sum replaces the aggregator.
+
+    With DP on, workers weigh 1 each (DP-FedAvg's equal weights) and the noise hook runs
+    on the unmasked mean, inside the attested PS.
+    """
+    from enclavefl.server.secagg import SecAggCoordinator
+
+    settings = config.privacy.secure_aggregation
+    coordinator = SecAggCoordinator(settings, upload, equal_weights=config.privacy.dp.enabled)
+    log.info("privacy.secure_aggregation: threshold=%s neighbours=%s quantization_bits=%d clip_range=%g "
+             "rounding=%s weight_cap=%d stage_timeout_s=%g; the PS sees only masked uploads", settings.threshold,
+             settings.neighbours or "auto", settings.quantization_bits, settings.clip_range, settings.rounding,
+             settings.weight_cap, settings.stage_timeout_s)
+    return dataclasses.replace(strategy, aggregator=coordinator.aggregator, stages=coordinator)
 
 
 def _with_dp(strategy: Strategy, config: JobConfig) -> Strategy:

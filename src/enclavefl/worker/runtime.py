@@ -47,6 +47,7 @@ from enclavefl.errors import (
     ConfigError,
     DeadlineExceeded,
     ProtocolError,
+    RoundError,
     StaleSession,
     TransportError,
     Unavailable,
@@ -63,7 +64,7 @@ from enclavefl.messages import (
     UpdateKind,
     WorkerClient,
 )
-from enclavefl.tensors import ParamSet, Tensor
+from enclavefl.tensors import ParamSet, StreamHeader, Tensor
 from enclavefl.training import FitConfig, Trainer
 from enclavefl.worker.control import ScaffoldClient
 from enclavefl.worker.faults import Slowdown
@@ -79,6 +80,7 @@ from enclavefl.worker.pipeline import (
 
 if TYPE_CHECKING:
     from enclavefl.transport.credentials import Credentials
+    from enclavefl.worker.secagg import SecAggRound
 
 # compute_delta and sparsify_rows live in the pipeline; importable from here as before.
 __all__ = ["Worker", "WorkerSettings", "compute_delta", "grpc_client_factory", "sparsify_rows"]
@@ -317,6 +319,13 @@ class Worker:
             raise ProtocolError(
                 f"round {round_}: the model holds {CONTROL_PREFIX} tensors but the task runs {c.algorithm}"
             )
+        secagg = self._secure_aggregation(client, join, task)
+        if secagg is not None:
+            try:
+                secagg.keys()  # before training: a worker that drops later is unmasked from its shares
+            except (ProtocolError, RoundError) as exc:  # refused, or the PS ended the attempt
+                log.warning("worker %s round %d: secure aggregation: round abandoned here: %s", s.name, round_, exc)
+                return
         scaffold_client: ScaffoldClient | None = None
         correction = None
         if scaffold:
@@ -348,16 +357,38 @@ class Worker:
                 self._check_control_delta(update, control_delta)
             metrics = dict(result.metrics)
             metrics["seconds_fit"] = t2 - t1
-            reply = client.push_update(join.worker_id, round_, got_version, update, result.num_samples, metrics,
+            num_samples = result.num_samples
+            if secagg is not None:  # the weight travels masked; the header claims 1
+                update, kind = secagg.mask(update, StreamHeader.of(global_params), result.num_samples)
+                num_samples = 1
+            reply = client.push_update(join.worker_id, round_, got_version, update, num_samples, metrics,
                                        kind=kind)
             accepted = reply.accepted
             if accepted:
                 self.rounds_done += 1
             self._log_push(round_, reply, kind, t2 - t1, metrics, time.monotonic() - t2)
+            if accepted and secagg is not None:
+                try:
+                    secagg.unmask()
+                except (ProtocolError, RoundError) as exc:
+                    log.warning("worker %s round %d: secure aggregation: unmask not answered: %s", s.name, round_, exc)
         finally:
             if not accepted and scaffold_client is not None and control_before is not None:
                 # The PS did not count this delta c_i, so c_i must not move either (eq. 5 keeps c = mean c_i).
                 scaffold_client.load_state(control_before)
+
+    def _secure_aggregation(self, client: WorkerClient, join: JoinInfo, task: TaskInfo) -> SecAggRound | None:
+        """This round's secure-aggregation part if the task asks for it (its stages import cryptography)."""
+        from enclavefl.privacy.secagg.stages import NONCE_KEY, SecAggChannel
+
+        if NONCE_KEY not in task.config:
+            return None
+        if not isinstance(client, SecAggChannel):
+            raise ProtocolError(f"round {task.round}: the PS runs secure aggregation, which this worker's "
+                                f"connection ({type(client).__name__}) cannot do")
+        from enclavefl.worker.secagg import SecAggRound
+
+        return SecAggRound(client, join.worker_id, task, name=self._settings.name, stop=self._stop)
 
     def _check_control_delta(self, update: ParamSet, control_delta: ParamSet) -> None:
         expected = [f"{CONTROL_DELTA_PREFIX}{name}" for name in control_delta]

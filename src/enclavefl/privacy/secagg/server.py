@@ -224,6 +224,37 @@ class SecAggServer:
         self._sum += vector  # uint32 arithmetic wraps: addition in Z_{2^32}
         self._uploaded.add(masked.sender)
 
+    def adopt_uploads(self, survivors: Collection[str], total: np.ndarray) -> None:
+        """Stage 3 for drivers that fold uploads themselves: the survivors and their running sum.
+
+        The PS's round folds masked vectors as they stream in (one transition with its
+        record); this hands that sum over in place of :meth:`receive_masked` calls.
+
+        Raises:
+            ProtocolError: wrong stage, uploads already received, a survivor that did not
+                share keys, or a sum that is not ``length + 1`` uint32 words.
+        """
+        if self._stage is not _Stage.UPLOAD or self._uploaded:
+            raise ProtocolError(f"round {self._tag.round}: uploads adopted in stage {self._stage.value}")
+        strangers = set(survivors) - set(self._shares)
+        if strangers:
+            raise ProtocolError(f"round {self._tag.round}: uploads from {sorted(strangers)}, which shared no keys")
+        if total.dtype != np.uint32 or total.shape != (self._length,):
+            raise ProtocolError(f"round {self._tag.round}: the masked sum must be {self._length} uint32 words, "
+                                f"got {total.dtype} {total.shape}")
+        self._sum = total.copy()
+        self._uploaded = set(survivors)
+
+    @property
+    def shared(self) -> frozenset[str]:
+        """The workers whose share bundles were accepted (stage 2)."""
+        return frozenset(self._shares)
+
+    @property
+    def length(self) -> int:
+        """Words of a masked input: the update's values and the weight."""
+        return self._length
+
     def unmask_request(self) -> UnmaskRequest:
         """Closes stage 3: the one unmask question, naming survivors and dropped workers.
 
