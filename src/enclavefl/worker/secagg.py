@@ -14,7 +14,9 @@ worker's part in the round with a ProtocolError, which the caller logs.
 TEST HOOK: if the environment variable :data:`CRASH_AFTER_SHARE_ENV` names this
 worker (``name:round``, comma-separated), the process kills itself with SIGKILL
 right after its shares were accepted, so tests can drop workers at exactly that
-point. It can only end the process, which the host can do anyway: no trust is
+point. With :data:`CRASH_ONCE_DIR_ENV` set too, it does so once per worker and
+round (a marker file in that directory), so a restarted worker takes part in the
+retry. It can only end the process, which the host can do anyway: no trust is
 taken from the environment.
 """
 
@@ -25,6 +27,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import final
 
 import numpy as np
@@ -45,12 +48,14 @@ from enclavefl.privacy.secagg.stages import (
 )
 from enclavefl.tensors import ParamSet, StreamHeader
 
-__all__ = ["CRASH_AFTER_SHARE_ENV", "SecAggRound"]
+__all__ = ["CRASH_AFTER_SHARE_ENV", "CRASH_ONCE_DIR_ENV", "SecAggRound"]
 
 log = logging.getLogger(__name__)
 
 CRASH_AFTER_SHARE_ENV = "ENCLAVEFL_TEST_SECAGG_CRASH_AFTER_SHARE"
 """TEST ONLY: ``worker-7:1,worker-8:1`` makes those workers SIGKILL themselves after their round-1 shares."""
+CRASH_ONCE_DIR_ENV = "ENCLAVEFL_TEST_SECAGG_CRASH_ONCE_DIR"
+"""TEST ONLY: a directory of marker files, so each ``name:round`` crash happens once."""
 
 POLL_S = 5.0
 """One stage call waits at most this long before it asks again."""
@@ -61,7 +66,16 @@ READY_LIMIT_S = 3600.0
 
 def _crash_requested(name: str, round_: int) -> bool:
     wanted = os.environ.get(CRASH_AFTER_SHARE_ENV, "")
-    return f"{name}:{round_}" in {item.strip() for item in wanted.split(",")}
+    if f"{name}:{round_}" not in {item.strip() for item in wanted.split(",")}:
+        return False
+    once = os.environ.get(CRASH_ONCE_DIR_ENV)
+    if not once:
+        return True
+    try:
+        (Path(once) / f"{name}-{round_}").touch(exist_ok=False)
+    except FileExistsError:
+        return False
+    return True
 
 
 @final
