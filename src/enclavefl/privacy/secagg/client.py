@@ -126,9 +126,6 @@ class SecAggClient:
         own = adverts.get(self._id)
         if own is None or (own.enc_public, own.mask_public) != (self._enc.public, self._mask.public):
             raise self._refuse("roster does not carry this worker's own keys unchanged")
-        for advert in roster.adverts:
-            if not self._verifier(advert.sender, advert.signed_payload(self._tag), advert.signature):
-                raise self._refuse(f"advertised keys of {advert.sender} are not signed by its attested key")
         if len(adverts) < MIN_PARTICIPANTS:
             raise self._refuse(f"{len(adverts)} workers in the roster, at least {MIN_PARTICIPANTS} needed")
         ids = sorted(adverts)
@@ -137,9 +134,16 @@ class SecAggClient:
             self._threshold = self._params.threshold_count(k + 1)  # the k neighbours and this worker hold shares
         except ValueError as exc:
             raise self._refuse(str(exc)) from exc
+        neighbours = neighbour_graph(ids, k, graph_seed(self._tag, roster.adverts))[self._id]
+        # Only the neighbours' keys are ever used (Bell et al.: O(log n) checks, not n); a key of
+        # anyone else changes only the graph seed, which every worker computes from the same roster.
+        for v in neighbours:
+            advert = adverts[v]
+            if not self._verifier(advert.sender, advert.signed_payload(self._tag), advert.signature):
+                raise self._refuse(f"advertised keys of {advert.sender} are not signed by its attested key")
         self._adverts = adverts
         self._positions = {u: i + 1 for i, u in enumerate(ids)}
-        self._neighbours = neighbour_graph(ids, k, graph_seed(self._tag, roster.adverts))[self._id]
+        self._neighbours = neighbours
         xs = [self._positions[v] for v in self._neighbours] + [self._positions[self._id]]
         seed_shares = split_secret(self._seed, self._threshold, xs)
         key_shares = split_secret(self._mask.private, self._threshold, xs)

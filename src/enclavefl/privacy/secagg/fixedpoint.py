@@ -83,17 +83,22 @@ class FixedPoint:
         """
         if not 1 <= weight <= self.capacity:
             raise ValueError(f"weight must be in 1..{self.capacity}, got {weight}")
-        flat = np.asarray(values, dtype=np.float64).reshape(-1)
-        if not np.all(np.isfinite(flat)):
+        given = np.asarray(values).reshape(-1)
+        if not np.isfinite(given).all():
             raise ValueError("cannot encode a non-finite value")
-        scaled = np.clip(flat, -self.clip_range, self.clip_range) / self.step  # in [-L, L]
+        scaled = np.clip(given, -self.clip_range, self.clip_range, dtype=np.float64)  # a float64 copy
+        scaled *= 1.0 / self.step  # in [-L, L]
         if self.rounding == "stochastic":
-            q = np.floor(scaled + rng.random(scaled.shape[0]))  # P(up) = fractional part: unbiased
+            scaled += rng.random(scaled.shape[0])  # floor(x + U) rounds up with P = frac(x): unbiased
+            np.floor(scaled, out=scaled)
         else:
-            q = np.rint(scaled)
-        out = np.empty(flat.shape[0] + 1, dtype=np.uint32)
-        # int64 -> uint32 keeps the low 32 bits: the two's complement residue mod 2**32.
-        out[:-1] = (q.astype(np.int64) * weight).astype(np.uint32)
+            np.rint(scaled, out=scaled)
+        out = np.empty(scaled.shape[0] + 1, dtype=np.uint32)
+        q = out[:-1].view(np.int32)
+        q[...] = scaled  # |q| <= L < 2**31: exact
+        # int32 products wrap modulo 2**32, which is the arithmetic we want (two's complement residues).
+        with np.errstate(over="ignore"):
+            q *= np.int32(weight)
         out[-1] = weight
         return out
 

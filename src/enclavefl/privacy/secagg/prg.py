@@ -29,7 +29,17 @@ def expand_mask(seed: bytes, length: int) -> np.ndarray:
     if length < 0:
         raise ValueError(f"mask length must be >= 0, got {length}")
     encryptor = Cipher(algorithms.AES(seed), modes.CTR(_ZERO_COUNTER)).encryptor()
-    zeros = bytearray(4 * length)
-    out = bytearray(4 * length + 15)  # update_into wants block_size - 1 spare bytes
-    encryptor.update_into(zeros, out)  # CTR is a stream cipher: exactly 4 * length bytes
-    return np.frombuffer(out, dtype="<u4", count=length)
+    out = np.empty(length + 4, dtype="<u4")  # update_into wants block_size - 1 spare bytes; not zero-filled
+    encryptor.update_into(_zeros(4 * length), memoryview(out).cast("B"))  # CTR: exactly 4 * length bytes
+    return out[:length]
+
+
+_ZEROS = memoryview(bytes(0))
+
+
+def _zeros(nbytes: int) -> memoryview:
+    """A read-only view of ``nbytes`` zero bytes, shared by every call (grown when a longer one is needed)."""
+    global _ZEROS
+    if len(_ZEROS) < nbytes:
+        _ZEROS = memoryview(bytes(nbytes))
+    return _ZEROS[:nbytes]
