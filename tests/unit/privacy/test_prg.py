@@ -28,3 +28,17 @@ def test_mask_words_are_uniform_by_chi_square() -> None:
     counts = np.bincount(words >> 28, minlength=16)
     expected = len(words) / 16
     assert float(np.sum((counts - expected) ** 2 / expected)) < 37.7
+
+
+def test_add_masks_equals_adding_each_expanded_mask() -> None:
+    # 70_000 words: two full blocks of 32768 and a partial one.
+    from enclavefl.privacy.secagg.prg import add_masks
+
+    seeds = [bytes([i]) * 32 for i in range(3)]
+    vector = np.arange(70_000, dtype=np.uint32)
+    expected = vector.copy()
+    expected += expand_mask(seeds[0], 70_000)
+    expected -= expand_mask(seeds[1], 70_000)
+    expected += expand_mask(seeds[2], 70_000)
+    add_masks(vector, [(seeds[0], 1), (seeds[1], -1), (seeds[2], 1)])
+    np.testing.assert_array_equal(vector, expected)

@@ -40,7 +40,7 @@ from enclavefl.privacy.secagg.messages import (
     advert_payload,
 )
 from enclavefl.privacy.secagg.params import MIN_PARTICIPANTS, SecAggParams, Signer, Verifier, graph_seed
-from enclavefl.privacy.secagg.prg import expand_mask
+from enclavefl.privacy.secagg.prg import add_masks
 from enclavefl.privacy.secagg.shamir import SHARE_VALUE_BYTES, Share, split_secret
 
 __all__ = ["SecAggClient", "share_associated_data"]
@@ -190,15 +190,10 @@ class SecAggClient:
         grid = self._params.fixed_point()
         capped = max(1, min(int(weight), self._params.weight_cap))
         vector = grid.encode(update, capped, np.random.default_rng(int.from_bytes(os.urandom(16), "big")))
-        vector += expand_mask(self._seed, vector.shape[0])
-        for v in self._held:  # only neighbours that shared: the PS removes exactly these pairs
-            if v == self._id:
-                continue
-            mask = expand_mask(self.pairwise_seed(v), vector.shape[0])
-            if self._id < v:
-                vector += mask
-            else:
-                vector -= mask
+        # The self-mask, and +-PRG(s_uv) for each neighbour that shared (the PS removes exactly these pairs).
+        masks = [(self._seed, 1)] + [(self.pairwise_seed(v), 1 if self._id < v else -1)
+                                     for v in self._held if v != self._id]
+        add_masks(vector, masks)
         return MaskedInput(self._id, vector)
 
     def pairwise_seed(self, peer: str) -> bytes:

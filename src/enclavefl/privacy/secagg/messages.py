@@ -29,10 +29,8 @@ __all__ = [
     "ShareCiphertext",
     "UnmaskReply",
     "UnmaskRequest",
+    "advert_payload",
 ]
-
-NONCE_BYTES = 16
-
 
 @dataclass(frozen=True, slots=True)
 class RoundTag:

@@ -36,7 +36,7 @@ from enclavefl.privacy.secagg.messages import (
     UnmaskRequest,
 )
 from enclavefl.privacy.secagg.params import MIN_PARTICIPANTS, SecAggParams, Verifier, graph_seed
-from enclavefl.privacy.secagg.prg import expand_mask
+from enclavefl.privacy.secagg.prg import add_masks
 from enclavefl.privacy.secagg.shamir import SHARE_VALUE_BYTES, Share, combine_shares
 
 __all__ = ["SEALED_SHARE_BYTES", "SecAggResult", "SecAggServer"]
@@ -308,9 +308,9 @@ class SecAggServer:
             raise ProtocolError(f"round {self._tag.round}: finish asked in stage {self._stage.value}")
         self._stage = _Stage.DONE
         total = self._sum
+        masks: list[tuple[bytes, int]] = []
         for u in request.survivors:
-            seed = self._rebuild(u, lambda reply: reply.seed_shares)
-            total -= expand_mask(seed, self._length)
+            masks.append((self._rebuild(u, lambda reply: reply.seed_shares), -1))
         for u in request.dropped:
             private = self._rebuild(u, lambda reply: reply.key_shares)
             public = X25519PrivateKey.from_private_bytes(private).public_key().public_bytes(
@@ -321,12 +321,9 @@ class SecAggServer:
                 if v not in self._uploaded:
                     continue
                 # v added +PRG(s_uv) if v < u, else -PRG(s_uv); X25519 is symmetric.
-                mask = expand_mask(agree(private, self._adverts[v].mask_public, MASK_PURPOSE, self._tag.encode()),
-                                   self._length)
-                if v < u:
-                    total -= mask
-                else:
-                    total += mask
+                seed = agree(private, self._adverts[v].mask_public, MASK_PURPOSE, self._tag.encode())
+                masks.append((seed, -1 if v < u else 1))
+        add_masks(total, masks)
         weighted_sum, weight = self._params.fixed_point().decode_sum(total)
         return SecAggResult(weighted_sum, weight, request.survivors)
 

@@ -25,7 +25,7 @@ tensors in header order (:func:`flatten_update`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
@@ -41,6 +41,7 @@ __all__ = [
     "MASKED_TENSOR",
     "NONCE_KEY",
     "PREFIX",
+    "STAGES",
     "SecAggAnswer",
     "SecAggCall",
     "SecAggChannel",
@@ -231,16 +232,3 @@ def unflatten_mean(mean: np.ndarray, template: StreamHeader) -> ParamSet:
             values = np.rint(values)
         out.append((spec.name, np.asarray(values, dtype=dtype)))
     return ParamSet(out)
-
-
-def stage_index(stage: str) -> int:
-    """The position of a stage in a round (raises ProtocolError for an unknown one)."""
-    if stage not in STAGES:
-        raise ProtocolError(f"unknown secure-aggregation stage {stage!r}")
-    return STAGES.index(stage)
-
-
-def check_count(what: str, items: Sequence[object], limit: int) -> None:
-    """Refuses more than ``limit`` items read from the wire."""
-    if len(items) > limit:
-        raise ProtocolError(f"{what}: {len(items)} entries, at most {limit}")
