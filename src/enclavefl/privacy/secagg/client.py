@@ -87,6 +87,7 @@ class SecAggClient:
         self._neighbours: tuple[str, ...] = ()
         self._threshold = 0
         self._held: dict[str, tuple[Share, Share]] = {}  # owner -> (seed share, key share) held for it
+        self._share_keys: dict[str, bytes] = {}
 
     @property
     def worker_id(self) -> str:
@@ -150,7 +151,7 @@ class SecAggClient:
         self._held[self._id] = (seed_shares[-1], key_shares[-1])  # its own share is never sent
         out = []
         for v, b, s in zip(self._neighbours, seed_shares[:-1], key_shares[:-1], strict=True):
-            key = agree(self._enc.private, adverts[v].enc_public, SHARE_PURPOSE, self._tag.encode())
+            key = self._share_key(v)
             sealed = seal(key, b.value_bytes() + s.value_bytes(), share_associated_data(self._tag, self._id, v))
             out.append(ShareCiphertext(self._id, v, sealed))
         return out
@@ -174,7 +175,7 @@ class SecAggClient:
                 raise self._refuse(f"share from {packet.sender} to {packet.recipient} is not for this worker")
             if packet.sender in self._held:  # includes this worker's own id
                 raise self._refuse(f"second share from {packet.sender}")
-            key = agree(self._enc.private, self._adverts[packet.sender].enc_public, SHARE_PURPOSE, self._tag.encode())
+            key = self._share_key(packet.sender)
             try:
                 plain = open_sealed(key, packet.sealed, share_associated_data(self._tag, packet.sender, self._id))
             except ProtocolError as exc:
@@ -198,7 +199,17 @@ class SecAggClient:
 
     def pairwise_seed(self, peer: str) -> bytes:
         """The mask seed this worker shares with ``peer`` (after :meth:`share`)."""
-        return agree(self._mask.private, self._adverts[peer].mask_public, MASK_PURPOSE, self._tag.encode())
+        return agree(self._mask.key or self._mask.private, self._adverts[peer].mask_public, MASK_PURPOSE,
+                     self._tag.encode())
+
+    def _share_key(self, peer: str) -> bytes:
+        """The AES key of the shares exchanged with ``peer`` (one agreement per peer and round)."""
+        key = self._share_keys.get(peer)
+        if key is None:
+            key = agree(self._enc.key or self._enc.private, self._adverts[peer].enc_public, SHARE_PURPOSE,
+                        self._tag.encode())
+            self._share_keys[peer] = key
+        return key
 
     def unmask(self, request: UnmaskRequest) -> UnmaskReply:
         """Stage 4: answers the PS's only unmask question of the round.

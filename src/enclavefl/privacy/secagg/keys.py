@@ -13,7 +13,7 @@ another sender, fails its tag check.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
@@ -37,19 +37,24 @@ class KeyPair:
     private: bytes
     public: bytes
 
+    key: X25519PrivateKey | None = field(default=None, compare=False)
+    """The loaded private key (agreements with it skip parsing the raw bytes)."""
+
     @classmethod
     def generate(cls) -> KeyPair:
         """A fresh key pair from the OS's randomness."""
         key = X25519PrivateKey.generate()
         private = key.private_bytes(_RAW, serialization.PrivateFormat.Raw, serialization.NoEncryption())
-        return cls(private, key.public_key().public_bytes(_RAW, serialization.PublicFormat.Raw))
+        return cls(private, key.public_key().public_bytes(_RAW, serialization.PublicFormat.Raw), key)
 
     def __repr__(self) -> str:  # never print the private half
         return f"KeyPair(public={self.public.hex()[:16]}...)"
 
 
-def agree(private: bytes, peer_public: bytes, purpose: bytes, context: bytes) -> bytes:
+def agree(private: bytes | X25519PrivateKey, peer_public: bytes, purpose: bytes, context: bytes) -> bytes:
     """A 32-byte key both ends derive: HKDF-SHA256(X25519(private, peer_public), info=purpose|context).
+
+    ``private`` may be the raw 32 bytes or the loaded key (cheaper when used many times).
 
     Raises:
         ProtocolError: the peer's public key is malformed or of small order (the shared
@@ -58,7 +63,8 @@ def agree(private: bytes, peer_public: bytes, purpose: bytes, context: bytes) ->
     if len(peer_public) != KEY_BYTES:
         raise ProtocolError(f"an X25519 public key is {KEY_BYTES} bytes, got {len(peer_public)}")
     try:
-        shared = X25519PrivateKey.from_private_bytes(private).exchange(X25519PublicKey.from_public_bytes(peer_public))
+        key = private if isinstance(private, X25519PrivateKey) else X25519PrivateKey.from_private_bytes(private)
+        shared = key.exchange(X25519PublicKey.from_public_bytes(peer_public))
     except ValueError as exc:  # cryptography refuses an all-zero result
         raise ProtocolError(f"unusable X25519 public key {peer_public.hex()[:16]}...: {exc}") from exc
     info = purpose + b"|" + context
