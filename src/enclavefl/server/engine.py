@@ -368,6 +368,8 @@ class SyncEngine(Engine):
     def on_drop(self, worker_id: str) -> None:
         if self.round is not None:
             self.round.mark_dropped(worker_id)
+            if self.strategy.stages is not None:
+                self.strategy.stages.on_drop(worker_id)
 
     def on_download(self, worker_id: str, nbytes: int) -> None:
         if self.round is not None and worker_id in self.round.sampled:

@@ -6,9 +6,9 @@ attempt it starts a :class:`~enclavefl.privacy.secagg.server.SecAggServer` for t
 sampled workers under a fresh nonce, which the train tasks carry. Workers then
 call :meth:`SecAggCoordinator.exchange` once per stage (through the transport's
 ``SecAggExchange``): advertise keys, share keys, wait for the unmask request,
-answer it. A stage closes when every worker still in the round has posted, or
-when ``stage_timeout_s`` has passed, whichever comes first; whoever is waiting
-closes it. Masked uploads arrive as ordinary updates of kind ``masked`` and are
+answer it. A stage closes when every worker still in the round (not dropped by the
+PS's liveness check) has posted, or when ``stage_timeout_s`` has passed,
+whichever comes first; whoever is waiting closes it. Masked uploads arrive as ordinary updates of kind ``masked`` and are
 folded by :class:`ModularSum` inside the round's accept transition, so the PS holds
 one uint32 vector whatever the number of workers; only workers whose shares were
 accepted may upload. After the upload window :meth:`SecAggCoordinator.finish`
@@ -143,6 +143,7 @@ class _Attempt:
     inboxes: dict[str, list[ShareCiphertext]] = field(default_factory=dict)
     request: UnmaskRequest | None = None
     replied: set[str] = field(default_factory=set)
+    dropped: set[str] = field(default_factory=set)
     failure: str = ""
 
 
@@ -198,6 +199,12 @@ class SecAggCoordinator:
                 raise UpdateRejected(f"worker {worker_id} did not complete this round's secure-aggregation key "
                                      f"stages (stage {stage}): its masks could not be removed")
 
+    def on_drop(self, worker_id: str) -> None:
+        with self._cond:
+            if self._attempt is not None and worker_id in self._attempt.sampled:
+                self._attempt.dropped.add(worker_id)
+                self._cond.notify_all()
+
     def finish(self, pushed: frozenset[str], aggregator: Aggregator) -> Aggregator:
         if not isinstance(aggregator, ModularSum):
             raise RoundError("secure aggregation needs the round's ModularSum aggregator")
@@ -219,7 +226,7 @@ class SecAggCoordinator:
             survivors = set(current.request.survivors)
             log.info("secagg round %d: unmasking %d survivors (%d dropped after sharing), threshold %d",
                      server.tag.round, len(survivors), len(current.request.dropped), server.threshold)
-            while current.replied < survivors:
+            while current.replied < survivors - current.dropped:
                 remaining = current.deadline - time.monotonic()
                 if remaining <= 0:
                     break
@@ -255,13 +262,14 @@ class SecAggCoordinator:
         now = time.monotonic()
         server = current.server
         try:
-            if current.stage == "advertise" and (len(current.certificates) >= len(current.sampled)
+            if current.stage == "advertise" and (current.sampled - current.dropped <= current.certificates.keys()
                                                  or now >= current.deadline):
                 current.roster = server.roster()
                 current.stage, current.deadline = "share", now + self._config.stage_timeout_s
                 self._cond.notify_all()
             if current.stage == "share" and current.roster is not None and (
-                    len(server.shared) >= len(current.roster.adverts) or now >= current.deadline):
+                    {a.sender for a in current.roster.adverts} - current.dropped <= server.shared
+                    or now >= current.deadline):
                 current.inboxes = server.inboxes()
                 current.stage = "upload"
                 self._cond.notify_all()

@@ -85,6 +85,10 @@ class RoundStages(Protocol):
         """Raises UpdateRejected if ``worker_id`` may not upload now (it skipped a stage)."""
         ...
 
+    def on_drop(self, worker_id: str) -> None:
+        """A worker of the open attempt left or was dropped: its stages stop waiting for it."""
+        ...
+
     def finish(self, pushed: frozenset[str], aggregator: Aggregator) -> Aggregator:
         """Runs the stages after the upload window (may block); returns what the close pipeline aggregates.
 

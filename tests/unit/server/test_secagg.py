@@ -80,15 +80,15 @@ class StepTrainer:
 
 
 def secagg_job(*, workers: int, rounds: int = 1, window_s: float = 20, start_s: float = 20,
-               **secagg: Any) -> JobConfig:
+               dp: dict[str, Any] | None = None, **secagg: Any) -> JobConfig:
     return parse_job({
+        "privacy": {"dp": dp or {}, "secure_aggregation": {"enabled": True, "rounding": "deterministic",
+                                                           "clip_range": 4.0, "stage_timeout_s": 5, **secagg}},
         "job": {"rounds": rounds, "workers": workers},
         "round": {"min_workers": workers, "start_window_s": start_s, "update_window_s": window_s, "max_retries": 1,
                   "worker_timeout_s": 8, "heartbeat_s": 0.5},
         "client": {"epochs": 1, "batch_size": 4, "lr": 0.5},
         "attestation": {"mode": "none"},
-        "privacy": {"secure_aggregation": {"enabled": True, "rounding": "deterministic", "clip_range": 4.0,
-                                           "stage_timeout_s": 5, **secagg}},
     })
 
 
@@ -137,6 +137,17 @@ def test_model_is_the_weighted_fedavg_of_the_workers(tmp_path: Path) -> None:
         np.testing.assert_allclose(ps.params[name], np.asarray(INITIAL[name]) + 0.34375, atol=step / 2 + 1e-6)
     row = ps.metrics.history[-1]
     assert row["participants"] == 4 and row["num_samples"] == 4  # each header claims 1: weights stay masked
+
+
+def test_central_dp_noise_applies_to_the_unmasked_equal_weight_mean(tmp_path: Path) -> None:
+    # DP-FedAvg weighs workers equally: steps 1, 2, 3 with 1, 5, 10 samples average to 2, not
+    # (1 + 10 + 30) / 16. clip_norm 10 clips nothing (each update's norm is step * sqrt(6) <= 7.4)
+    # and noise_multiplier 0 adds none, so the model moves by exactly the mean, within quantization.
+    trainers = [StepTrainer(1.0, 1), StepTrainer(2.0, 5), StepTrainer(3.0, 10)]
+    config = secagg_job(workers=3, dp={"enabled": True, "clip_norm": 10.0, "noise_multiplier": 0.0})
+    ps = run(config, trainers, tmp_path)
+    np.testing.assert_allclose(ps.params["w"], np.asarray(INITIAL["w"]) + 2.0, atol=4.0 / 32767)
+    assert "dp_epsilon" in ps.metrics.history[-1]
 
 
 def test_a_worker_lost_after_sharing_is_unmasked_from_its_shares(tmp_path: Path) -> None:
