@@ -26,6 +26,7 @@ from enclavefl.transport.credentials import Credentials
 from enclavefl.messages import JoinInfo, PushResult, TaskInfo, UpdateKind, UpdateMeta, WorkerClient
 from enclavefl.transport.ratelimit import RATE_LIMITED
 from enclavefl.privacy.secagg.stages import SecAggAnswer, SecAggCall
+from enclavefl.transport.audit import AuditRecord
 from enclavefl.transport.secagg_wire import answer_from_proto, call_to_proto
 from enclavefl.transport.service import SESSION_METADATA_KEY, message_limit
 from enclavefl.transport.wire import (
@@ -308,6 +309,15 @@ class FederationClient:
             if len(self._trusted) < 4096:
                 self._trusted[certificate] = trusted
         return trusted and verify_with_certificate(certificate, payload, signature)
+
+    def record_secagg_refusal(self, stage: str, reason: str) -> None:
+        """Audits a secure-aggregation message this worker refused (attested credentials keep an audit log)."""
+        audit = self._credentials.audit_log
+        if audit is None:
+            return
+        audit.record(AuditRecord(node=self._credentials.own_identity().label, role="worker", peer=f"ps {self.target}",
+                                 decision="refused", reason=f"secure aggregation stage {stage}: {reason}"[:400],
+                                 field=f"secagg.{stage}"))
 
     def heartbeat(self, worker_id: str, timeout_s: float = 5.0) -> None:
         """Tells the PS this worker is alive (thread-safe: the worker calls it while it trains).

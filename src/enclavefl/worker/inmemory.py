@@ -177,6 +177,9 @@ class InMemoryClient:
 
         return verify_with_certificate(certificate, payload, signature)
 
+    def record_secagg_refusal(self, stage: str, reason: str) -> None:
+        """In process there is no audit log: the worker's warning line is the record."""
+
     def leave(self, worker_id: str, reason: str) -> None:
         self._check_open()
         self._handler.leave(self._peer, worker_id, reason)

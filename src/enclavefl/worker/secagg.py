@@ -28,7 +28,8 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import final
+from collections.abc import Callable
+from typing import TypeVar, final
 
 import numpy as np
 
@@ -51,6 +52,8 @@ from enclavefl.tensors import ParamSet, StreamHeader
 __all__ = ["CRASH_AFTER_SHARE_ENV", "CRASH_ONCE_DIR_ENV", "SecAggRound"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 CRASH_AFTER_SHARE_ENV = "ENCLAVEFL_TEST_SECAGG_CRASH_AFTER_SHARE"
 """TEST ONLY: ``worker-7:1,worker-8:1`` makes those workers SIGKILL themselves after their round-1 shares."""
@@ -112,6 +115,14 @@ class SecAggRound:
         certificate = self._certificates.get(sender)
         return certificate is not None and self._channel.verify_for_secagg(certificate, payload, signature)
 
+    def _refusing(self, stage: str, step: Callable[[], T]) -> T:
+        """Runs a protocol step; a refusal (forged, replayed, greedy) is audited, then raised."""
+        try:
+            return step()
+        except ProtocolError as exc:
+            self._channel.record_secagg_refusal(stage, str(exc))
+            raise
+
     def _call(self, stage: Stage, limit_s: float, **payload: object) -> SecAggAnswer:
         """Posts this stage's message, then polls until the PS answers ``ready`` (at most ``limit_s``)."""
         deadline = time.monotonic() + limit_s
@@ -131,7 +142,7 @@ class SecAggRound:
         advert: KeyAdvert = self._client.advertise()
         answer = self._call("advertise", limit, advert=advert, certificate=self._own_certificate)
         self._certificates = dict(answer.certificates)
-        packets = self._client.share(Roster(self._tag, answer.roster))
+        packets = self._refusing("share", lambda: self._client.share(Roster(self._tag, answer.roster)))
         answer = self._call("share", limit, shares=tuple(packets))
         self._inbox = answer.inbox
         log.info("worker %s round %d: secure aggregation keys exchanged with %d workers, %d shares received",
@@ -148,7 +159,7 @@ class SecAggRound:
             ValueError: the update does not fit ``template`` (the model the round started from).
         """
         flat = flatten_update(update, template)
-        masked = self._client.upload(self._inbox, flat, num_samples)
+        masked = self._refusing("upload", lambda: self._client.upload(self._inbox, flat, num_samples))
         return ParamSet([(MASKED_TENSOR, np.ascontiguousarray(masked.vector, dtype=np.uint32))]), UpdateKind.MASKED
 
     def unmask(self) -> None:
@@ -156,7 +167,8 @@ class SecAggRound:
         answer = self._call("ready", READY_LIMIT_S)
         if answer.request is None:
             raise ProtocolError(f"round {self._tag.round}: the PS's unmask answer holds no request")
-        reply = self._client.unmask(answer.request)
+        request = answer.request
+        reply = self._refusing("unmask", lambda: self._client.unmask(request))
         self._call("unmask", self._timeout_s + POLL_S, reply=reply)
         log.info("worker %s round %d: unmask shares sent (%d survivors, %d dropped)", self._name, self._tag.round,
                  len(answer.request.survivors), len(answer.request.dropped))

@@ -17,7 +17,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from enclavefl.attest.ratls import RatlsIdentity, create_ratls_identity
 from enclavefl.config import parse_job
 from enclavefl.errors import ProtocolError
-from enclavefl.privacy.secagg.messages import KeyAdvert, RoundTag, ShareCiphertext, advert_payload
+from enclavefl.privacy.secagg.client import SecAggClient
+from enclavefl.privacy.secagg.messages import KeyAdvert, Roster, RoundTag, ShareCiphertext, advert_payload
+from enclavefl.privacy.secagg.params import SecAggParams
 from enclavefl.privacy.secagg.stages import SecAggCall
 from enclavefl.proto import PROTOCOL_VERSION
 from enclavefl.proto import federation_pb2 as pb
@@ -26,7 +28,7 @@ from enclavefl.server.ps import ParameterServer
 from enclavefl.tensors import ParamSet
 from enclavefl.transport.attested import AttestedCredentials
 from enclavefl.transport.audit import AuditLog
-from enclavefl.transport.secagg_wire import call_from_proto, call_to_proto
+from enclavefl.transport.secagg_wire import answer_from_proto, call_from_proto, call_to_proto
 from enclavefl.transport.service import SESSION_METADATA_KEY, FederationServer
 from enclavefl.worker import Worker, WorkerSettings
 from enclavefl.worker.runtime import grpc_client_factory
@@ -140,6 +142,50 @@ def test_forged_and_replayed_key_adverts_are_refused_and_audited(tmp_path: Path,
     assert "other than the one bound at its join" in (relabelled.value.details() or "")
     refusals = _refusals(running)
     assert len(refusals) == 3 and all(r["field"] == "secagg.advertise" for r in refusals)
+
+
+def test_a_share_bundle_posted_under_another_workers_session_is_refused_and_audited(tmp_path: Path, sim: Sim) -> None:
+    running = start_secagg_ps(tmp_path, sim)
+    ps_thread = threading.Thread(target=running.ps.run, daemon=True)
+    ps_thread.start()
+    channels = [running.channel() for _ in range(3)]
+    try:
+        joined = _joined(running, sim, channels)
+        tasks = []
+        for channel, (reply, _) in zip(channels, joined):
+            task = wait_task(channel, reply.worker_id, reply.session_token)
+            while task.kind != pb.Task.TRAIN:
+                task = wait_task(channel, reply.worker_id, reply.session_token)
+            tasks.append(task)
+        nonce = bytes.fromhex(tasks[0].config["secagg.nonce"].text)
+        tag = RoundTag(tasks[0].round, nonce)
+        params = SecAggParams()
+        clients = []
+        for (reply, ident), channel in zip(joined, channels):
+            sign = (lambda key: lambda payload: key.sign(payload, ec.ECDSA(hashes.SHA256())))(ident.key)
+            client = SecAggClient(reply.worker_id, tag, params, sign, lambda *a: True)
+            clients.append(client)
+            post = SecAggCall(reply.worker_id, tag.round, nonce, "advertise", advert=client.advertise(),
+                              certificate=ident.cert_pem, max_wait_s=0)
+            _exchange(channel, reply.session_token, call_to_proto(post))
+        poll = call_to_proto(SecAggCall(joined[0][0].worker_id, tag.round, nonce, "advertise", poll=True,
+                                        max_wait_s=5))
+        answer = answer_from_proto(_exchange(channels[0], joined[0][0].session_token, poll),
+                                   call_from_proto(poll))
+        bundle = clients[0].share(Roster(tag, answer.roster))
+        # Worker 0's bundle, replayed by worker 1 (its session): the PS refuses a bundle under another name.
+        replay = call_to_proto(SecAggCall(joined[1][0].worker_id, tag.round, nonce, "share", shares=tuple(bundle),
+                                          max_wait_s=0))
+        with pytest.raises(grpc.RpcError) as refused:
+            _exchange(channels[1], joined[1][0].session_token, replay)
+    finally:
+        running.ps.stop()
+        for channel in channels:
+            channel.close()
+        running.server.stop(0.1)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "another sender's name" in (refused.value.details() or "")
+    assert [r["field"] for r in _refusals(running)] == ["secagg.share"]
 
 
 def test_wire_refuses_a_sealed_share_of_the_wrong_size_and_unknown_stages() -> None:

@@ -126,6 +126,10 @@ class SecAggChannel(Protocol):
         """Whether ``certificate`` is one this worker trusts and its key signed ``payload``."""
         ...
 
+    def record_secagg_refusal(self, stage: str, reason: str) -> None:
+        """Audits a message this worker refused (a forged share, a greedy unmask request)."""
+        ...
+
 
 def task_config(params: SecAggParams, stage_timeout_s: float, *, equal_weights: bool) -> dict[str, ConfigValue]:
     """The job-wide settings every secure-aggregation train task carries."""
