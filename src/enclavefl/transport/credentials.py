@@ -155,9 +155,9 @@ class Credentials(ABC):
         bound at its join.
 
         Raises:
-            ProtocolError: these credentials hold no key to sign with.
+            ConfigError: these credentials hold no key to sign with.
         """
-        raise ProtocolError("secure aggregation: these credentials hold no certificate key to sign with")
+        raise ConfigError("secure aggregation: these credentials hold no certificate key to sign with")
 
     def check_secagg_certificate(self, cert_pem: bytes) -> bool:
         """Whether a fellow worker's certificate is one this node trusts (worker side).
@@ -246,7 +246,7 @@ class CaCredentials(Credentials):
     def sign_secagg(self, payload: bytes) -> tuple[bytes, bytes]:
         key = serialization.load_pem_private_key(self._key, password=None)
         if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise ProtocolError("secure aggregation signs with an EC key; this node's TLS key is not one")
+            raise ConfigError("secure aggregation signs with an EC key; this node's TLS key is not one")
         return self._cert, key.sign(payload, ec.ECDSA(hashes.SHA256()))
 
     def check_secagg_certificate(self, cert_pem: bytes) -> bool:

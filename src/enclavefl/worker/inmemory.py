@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, final
 
-from enclavefl.errors import ClosedError, ProtocolError, UpdateRejected
+from enclavefl.errors import ClosedError, ConfigError, ProtocolError, UpdateRejected
 from enclavefl.messages import (
     FederationHandler,
     JoinInfo,
@@ -165,10 +165,11 @@ class InMemoryClient:
         """(certificate PEM, signature) from the signer given at construction.
 
         Raises:
-            ProtocolError: this client was made without one.
+            ConfigError: this client was made without one (the worker cannot take part at all).
         """
         if self._secagg_signer is None:
-            raise ProtocolError(f"{self._peer.label}: this in-memory worker has no key to sign secure-aggregation keys")
+            raise ConfigError(f"{self._peer.label}: this in-memory worker has no key to sign secure-aggregation keys "
+                              "(give InMemoryClient a secagg_signer)")
         return self._secagg_signer(payload)
 
     def verify_for_secagg(self, certificate: bytes, payload: bytes, signature: bytes) -> bool:

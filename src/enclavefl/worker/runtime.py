@@ -230,7 +230,8 @@ class Worker:
             VerificationError: the PS (or we, for the PS) failed verification.
             ProtocolError: the PS sent a task or model this worker cannot follow
                 (an unknown client algorithm, a malformed SCAFFOLD variate).
-            ConfigError: the update transforms do not produce what the task needs, the
+            ConfigError: the PS runs secure aggregation and this worker's connection holds no
+                key to sign its keys with, the update transforms do not produce what the task needs, the
                 TLS handshake refused the PS certificate, or the PS refused this worker's
                 job settings (they differ from its own).
         """

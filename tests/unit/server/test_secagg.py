@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from enclavefl.config import JobConfig, parse_job
-from enclavefl.errors import ProtocolError, RoundError, UpdateRejected
+from enclavefl.errors import ConfigError, ProtocolError, RoundError, UpdateRejected
 from enclavefl.messages import PeerIdentity, TaskInfo, TaskKind
 from enclavefl.privacy.secagg.identity import certificate_fingerprint, sign_with_key
 from enclavefl.privacy.secagg.messages import KeyAdvert
@@ -243,4 +243,23 @@ def test_message_for_another_attempt_is_refused(tmp_path: Path) -> None:
         with pytest.raises(RoundError, match="no open secure-aggregation attempt"):
             ps.secagg_exchange(who[0].peer, call)
     finally:
+        ps.stop()
+
+
+def test_a_worker_that_cannot_sign_its_keys_stops_with_a_config_error(tmp_path: Path) -> None:
+    ps = ParameterServer(secagg_job(workers=3), INITIAL, out_dir=tmp_path)
+    threading.Thread(target=ps.run, daemon=True).start()
+    stop = threading.Event()
+    signed = [Identity("w0"), Identity("w1")]
+    for i, who in enumerate(signed):
+        worker = Worker(lambda who=who: InMemoryClient(ps, who.peer, secagg_signer=who.sign), StepTrainer(1.0, 1),
+                        WorkerSettings(name=f"w{i}", poll_s=0.2), stop=stop)
+        threading.Thread(target=worker.run, daemon=True).start()
+    unsigned = Worker(lambda: InMemoryClient(ps, Identity("w2").peer), StepTrainer(1.0, 1),
+                      WorkerSettings(name="w2", poll_s=0.2), stop=stop)
+    try:
+        with pytest.raises(ConfigError, match="no key to sign secure-aggregation keys"):
+            unsigned.run()
+    finally:
+        stop.set()
         ps.stop()

@@ -119,7 +119,11 @@ class SecAggChannel(Protocol):
     def secagg_exchange(self, call: SecAggCall) -> SecAggAnswer: ...
 
     def sign_for_secagg(self, payload: bytes) -> tuple[bytes, bytes]:
-        """(certificate PEM, signature) with the key this worker's join bound."""
+        """(certificate PEM, signature) with the key this worker's join bound.
+
+        Raises:
+            ConfigError: this connection holds no such key (the worker cannot take part).
+        """
         ...
 
     def verify_for_secagg(self, certificate: bytes, payload: bytes, signature: bytes) -> bool:
