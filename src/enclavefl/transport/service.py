@@ -391,9 +391,9 @@ class _Servicer(pb_grpc.FederationServicer):
         exchange = getattr(self._handler, "secagg_exchange", None)
         try:
             check_version(request.protocol_version, "SecAggExchange", sender="worker")
+            call = call_from_proto(request)
             if exchange is None:
                 raise ProtocolError("SecAggExchange: this PS runs no secure aggregation")
-            call = call_from_proto(request)
             answer = exchange(peer, call)
         except ProtocolError as exc:
             self._audit_secagg(peer, request, exc)
