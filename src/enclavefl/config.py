@@ -657,6 +657,12 @@ def _check_secure_aggregation(config: JobConfig) -> None:
             f"privacy.secure_aggregation.threshold = {secagg.threshold} exceeds round.min_workers = "
             f"{config.round.min_workers}: a round of that many workers could never be unmasked"
         )
+    holders = None if secagg.neighbours is None else secagg.neighbours + secagg.neighbours % 2 + 1
+    if isinstance(secagg.threshold, int) and holders is not None and secagg.threshold > holders:
+        raise ValueError(
+            f"privacy.secure_aggregation.threshold = {secagg.threshold} exceeds the {holders} holders of each "
+            f"worker's shares (privacy.secure_aggregation.neighbours = {secagg.neighbours}, made even, plus itself)"
+        )
 
 
 def _worker_count_problem(rounds: RoundConfig, workers: int, key: str) -> str | None:

@@ -94,6 +94,14 @@ def test_threshold_count_above_min_workers_is_refused() -> None:
         parse_job(doc)
 
 
+def test_threshold_count_above_the_share_holders_is_refused() -> None:
+    # neighbours 4 -> 4 holders plus the worker itself: a count of 6 could never be met.
+    doc = with_on(round={"min_workers": 10}, job={"workers": 10})
+    doc["privacy"]["secure_aggregation"].update(threshold=6, neighbours=4)
+    with pytest.raises(ConfigError, match=r"threshold = 6 exceeds the 5 holders .*neighbours = 4"):
+        parse_job(doc)
+
+
 @pytest.mark.parametrize("value", [1, 0.5, 1.5, 0])
 def test_threshold_out_of_range_is_refused_by_its_key(value: float) -> None:
     with pytest.raises(ConfigError, match=r"privacy\.secure_aggregation\.threshold"):

@@ -165,6 +165,7 @@ class SecAggCoordinator:
         self._task_config = task_config(self._params, config.stage_timeout_s, equal_weights=equal_weights)
         self._cond = threading.Condition()
         self._attempt: _Attempt | None = None
+        self._last: dict[str, int] = {}
 
     @property
     def task_config(self) -> Mapping[str, ConfigValue]:
@@ -237,9 +238,16 @@ class SecAggCoordinator:
                 self._fail(current, str(exc))
                 raise RoundError(str(exc)) from exc
             current.stage = "done"
+            self._last = {"secagg_survivors": len(result.survivors), "secagg_dropped": len(current.request.dropped),
+                          "secagg_threshold": server.threshold}
             self._cond.notify_all()
         mean = unflatten_mean(result.mean, self._template)
         return FixedAggregate(mean, len(result.survivors))
+
+    def row(self) -> Mapping[str, int]:
+        """The last unmasked round's figures for its metrics row: survivors, workers dropped after sharing, t."""
+        with self._cond:
+            return dict(self._last)
 
     def abandon(self) -> None:
         with self._cond:

@@ -204,7 +204,8 @@ def _with_secure_aggregation(strategy: Strategy, config: JobConfig, upload: Stre
              "rounding=%s weight_cap=%d stage_timeout_s=%g; the PS sees only masked uploads", settings.threshold,
              settings.neighbours or "auto", settings.quantization_bits, settings.clip_range, settings.rounding,
              settings.weight_cap, settings.stage_timeout_s)
-    return dataclasses.replace(strategy, aggregator=coordinator.aggregator, stages=coordinator)
+    return dataclasses.replace(strategy, aggregator=coordinator.aggregator, stages=coordinator,
+                               row_metrics=(*strategy.row_metrics, coordinator.row))
 
 
 def _with_dp(strategy: Strategy, config: JobConfig) -> Strategy:

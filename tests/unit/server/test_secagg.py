@@ -157,7 +157,8 @@ def test_a_worker_lost_after_sharing_is_unmasked_from_its_shares(tmp_path: Path)
     trainers = [StepTrainer(1.0, 1) for _ in range(4)] + [StepTrainer(9.0, 1, hang=hang)]
     ps = run(secagg_job(workers=5, window_s=3), trainers, tmp_path)
     np.testing.assert_allclose(ps.params["b"], np.asarray(INITIAL["b"]) + 1.0, atol=1e-3)
-    assert ps.metrics.history[-1]["participants"] == 4
+    row = ps.metrics.history[-1]
+    assert (row["participants"], row["secagg_survivors"], row["secagg_dropped"], row["secagg_threshold"]) == (4, 4, 1, 4)
 
 
 def test_below_threshold_the_round_is_retried_and_nothing_is_unmasked(
