@@ -7,6 +7,7 @@ every stage, the masked upload and the unmasking run the production code.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import threading
 from pathlib import Path
@@ -27,6 +28,7 @@ from enclavefl.privacy.secagg.messages import KeyAdvert
 from enclavefl.privacy.secagg.stages import MASKED_TENSOR, SecAggCall, flatten_update, masked_template
 from enclavefl.server.ps import ParameterServer
 from enclavefl.server.secagg import ModularSum
+from enclavefl.server.strategy import build_strategy
 from enclavefl.tensors import ParamSet, StreamHeader
 from enclavefl.training import FitConfig, FitResult
 from enclavefl.worker import InMemoryClient, Worker, WorkerSettings
@@ -264,3 +266,49 @@ def test_a_worker_that_cannot_sign_its_keys_stops_with_a_config_error(tmp_path: 
     finally:
         stop.set()
         ps.stop()
+
+
+class RampTrainer(StepTrainer):
+    """Adds a strongly structured ramp (linspace -2..2) to the weights: an update easy to recognise."""
+
+    def fit(self, config: FitConfig) -> FitResult:
+        self.params = self.params.map(lambda a: np.asarray(a + np.linspace(-2, 2, a.size, dtype=a.dtype).reshape(a.shape)))
+        return FitResult(self._num_samples, {"loss": 0.0}, steps=1)
+
+
+def test_what_the_ps_receives_from_one_worker_is_uniform_and_uncorrelated_with_its_update(tmp_path: Path) -> None:
+    # Prepare: the PS's own aggregator, wrapped to keep the first masked upload it folds.
+    initial = ParamSet({"w": np.zeros(64_000, np.float32)})
+    config = secagg_job(workers=3)
+    strategy = build_strategy(config, StreamHeader.of(initial), spill_dir=tmp_path / "spill")
+    received: list[np.ndarray] = []
+
+    class Recording(ModularSum):
+        def add(self, update: ParamSet, weight: float) -> None:
+            received.append(np.asarray(update[MASKED_TENSOR]).copy())
+            super().add(update, weight)
+
+    ps = ParameterServer(config, initial, out_dir=tmp_path, strategy=dataclasses.replace(strategy, aggregator=Recording))
+    stop = threading.Event()
+    workers = []
+    for i in range(3):
+        who = Identity(f"w{i}")
+        workers.append(Worker(lambda who=who: InMemoryClient(ps, who.peer, secagg_signer=who.sign),
+                              RampTrainer(0.0, 1), WorkerSettings(name=f"w{i}", poll_s=0.2), stop=stop))
+    threads = [threading.Thread(target=w.run, daemon=True) for w in workers]
+    for t in threads:
+        t.start()
+    try:
+        ps.run()
+    finally:
+        stop.set()
+
+    # Assert: the model moved by the ramp (the sum was unmasked), but one upload looks like noise.
+    ramp = np.linspace(-2, 2, 64_000)
+    np.testing.assert_allclose(ps.params["w"], ramp, atol=8.0 / 32767)
+    words = received[0][:-1]
+    # Top 4 bits in 16 bins, 64k words: chi-square (15 dof) < 37.7 at p = 0.001.
+    counts = np.bincount(words >> 28, minlength=16)
+    assert float(np.sum((counts - 4000.0) ** 2 / 4000.0)) < 37.7
+    # |r| < 4 / sqrt(64000) ~ 0.016: four standard errors.
+    assert abs(np.corrcoef(words.astype(np.float64), ramp)[0, 1]) < 0.016
