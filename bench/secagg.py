@@ -28,7 +28,7 @@ In a deployment the workers mask in parallel, so a round costs one worker's
 ``ps_secagg_s`` where a plain round spends ``ps_plain_fold_s``.
 
 Real processes (``--real N``): ``enclavefl run`` with N worker processes on
-127.0.0.1 (TLS, simulated attestation), the digits task, plain then secure::
+127.0.0.1 (TLS, simulated attestation), the digits task (4810 parameters), plain then secure::
 
     mode=processes workers=10 params=4810 plain_s=... secagg_s=... ratio=...
 
@@ -242,7 +242,7 @@ def main() -> None:
           f"ps_plain_fold_s={plain_fold_s:.3f} ps_secagg_s={ps_s:.3f}", flush=True)
     if args.real:
         plain, secure = real(args.real, args.rounds, False), real(args.real, args.rounds, True)
-        print(f"mode=processes workers={args.real} params=digits-mlp plain_s={plain:.2f} secagg_s={secure:.2f} "
+        print(f"mode=processes workers={args.real} params=4810 plain_s={plain:.2f} secagg_s={secure:.2f} "
               f"ratio={secure / plain:.2f}", flush=True)
 
 
