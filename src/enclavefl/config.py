@@ -43,6 +43,7 @@ from enclavefl.task_params import BUILTIN_TASK_PARAMS
 
 __all__ = [
     "BUFFERING_AGGREGATORS",
+    "CLOUD_ENCRYPT_TYPES",
     "CLOUD_KEY_ALIASES",
     "CLOUD_SECTION_ALIASES",
     "AggregatorConfig",
@@ -60,6 +61,7 @@ __all__ = [
     "PccsCollateralConfig",
     "PrivacyConfig",
     "RoundConfig",
+    "SecureAggregationConfig",
     "ServerConfig",
     "SparseDownloadsConfig",
     "StalenessConfig",
@@ -556,11 +558,53 @@ class CompressionConfig(_Section):
     download: DownloadCompressionConfig = Field(default_factory=DownloadCompressionConfig)
 
 
+class SecureAggregationConfig(_Section):
+    """Secure aggregation, SecAgg+ (Bonawitz et al. 2017; Bell et al. 2020; see docs/privacy.md).
+
+    Each worker quantizes its update onto a fixed-point grid (``clip_range``,
+    ``quantization_bits``), scales it by its capped integer weight and masks it with
+    pseudorandom vectors that cancel in the sum; the PS learns only the survivors'
+    weighted sum and total weight. Masks of workers that drop after sharing their
+    keys are removed from Shamir shares held by ``neighbours`` other workers, any
+    ``threshold`` of which suffice; below the threshold the round is retried and
+    nothing is unmasked.
+    """
+
+    enabled: bool = False
+    threshold: int | float = Field(
+        default=0.67,
+        description="shares that rebuild a worker's secrets: a fraction of its holders (0.5 < t <= 1, "
+                    "with a decimal point) or a count (>= 2); must exceed half the holders")
+    neighbours: int | None = Field(default=None, ge=2, le=1024,
+                                   description="share holders per worker (SecAgg+); none: 3 log2 n, complete when small")
+    quantization_bits: int = Field(default=16, ge=2, le=31, description="fixed-point bits per value, sign included")
+    clip_range: float = Field(default=8.0, gt=0, le=1e6, description="values are clipped to [-clip_range, clip_range]")
+    rounding: Literal["stochastic", "deterministic"] = Field(
+        default="stochastic", description="stochastic: unbiased, error < step; deterministic: error <= step / 2")
+    weight_cap: int = Field(default=256, ge=1, description="a worker's integer weight is min(num_samples, weight_cap)")
+    min_share_ratio: float = Field(default=0.0, ge=0, le=1,
+                                   description="fewer of the round's workers sharing keys: the attempt fails")
+    stage_timeout_s: float = Field(default=30.0, gt=0, le=86_400,
+                                   description="each key stage (advertise, share, unmask) waits at most this long")
+    dense_fallback: bool = Field(default=False,
+                                 description="send row-sparse updates densely (masks destroy sparsity)")
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold(cls, value: int | float) -> int | float:
+        if isinstance(value, int) and value < 2:
+            raise ValueError("a count of share holders must be at least 2 (a fraction is written like 0.67)")
+        if isinstance(value, float) and not 0.5 < value <= 1.0:
+            raise ValueError("a fraction of share holders must be in (0.5, 1.0]")
+        return value
+
+
 class PrivacyConfig(_Section):
     """Privacy mechanisms beyond attestation (docs/privacy.md)."""
 
     dp: DpConfig = Field(default_factory=DpConfig)
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
+    secure_aggregation: SecureAggregationConfig = Field(default_factory=SecureAggregationConfig)
 
 
 class JobConfig(_Section):
@@ -603,6 +647,8 @@ class JobConfig(_Section):
         _check_downloads(self)
         if self.privacy.compression.upload.type != "none":
             _check_upload_compression(self)
+        if self.privacy.secure_aggregation.enabled:
+            _check_secure_aggregation(self)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -658,6 +704,63 @@ def _check_upload_compression(config: JobConfig) -> None:
         )
 
 
+def _check_secure_aggregation(config: JobConfig) -> None:
+    """Refuses settings secure aggregation cannot serve; each message names both keys and why.
+
+    Allowed on purpose: ``privacy.dp`` (central noise is added after unmasking, inside
+    the attested PS) and every server optimizer (they act on the unmasked mean).
+    """
+    key = "privacy.secure_aggregation.enabled"
+    secagg = config.privacy.secure_aggregation
+    aggregator, strategy = config.server.aggregator.name, config.server.strategy.name
+    if aggregator != "mean":
+        raise ValueError(
+            f"{key} needs server.aggregator mean, got {aggregator}: the PS sees only the masked sum, so it cannot "
+            "select, buffer, reweigh or clip individual updates"
+        )
+    if config.round.mode == "async":
+        raise ValueError(
+            f"{key} is not supported with round.mode async: masks cancel only within one round's set of workers, "
+            "and an async step folds updates from different model versions as they arrive"
+        )
+    if strategy == "scaffold":
+        raise ValueError(
+            f"{key} does not support server.strategy scaffold yet: its control variates travel beside the masked "
+            "update and would be revealed"
+        )
+    if config.round.min_workers < 3:
+        raise ValueError(
+            f"{key} needs round.min_workers >= 3, got {config.round.min_workers}: with two workers the sum minus "
+            "one's own update is the other's update"
+        )
+    if config.task.name == "criteo-dlrm" and config.task.params.get("sparse_gradients", True) \
+            and not secagg.dense_fallback:
+        raise ValueError(
+            f"{key} with task.params.sparse_gradients (criteo-dlrm uploads row-sparse embedding updates) needs "
+            "privacy.secure_aggregation.dense_fallback true: masks destroy sparsity, so rows must travel densely "
+            "(or set task.params.sparse_gradients false)"
+        )
+    levels = 2 ** (secagg.quantization_bits - 1) - 1
+    capacity = (2**31 - 1) // levels
+    if config.job.workers * secagg.weight_cap > capacity:
+        raise ValueError(
+            f"{key}: job.workers = {config.job.workers} times privacy.secure_aggregation.weight_cap = "
+            f"{secagg.weight_cap} exceeds {capacity}, the total weight privacy.secure_aggregation.quantization_bits "
+            f"= {secagg.quantization_bits} can sum without overflowing 32 bits; lower one of them"
+        )
+    if isinstance(secagg.threshold, int) and secagg.threshold > config.round.min_workers:
+        raise ValueError(
+            f"privacy.secure_aggregation.threshold = {secagg.threshold} exceeds round.min_workers = "
+            f"{config.round.min_workers}: a round of that many workers could never be unmasked"
+        )
+    holders = None if secagg.neighbours is None else secagg.neighbours + secagg.neighbours % 2 + 1
+    if isinstance(secagg.threshold, int) and holders is not None and secagg.threshold > holders:
+        raise ValueError(
+            f"privacy.secure_aggregation.threshold = {secagg.threshold} exceeds the {holders} holders of each "
+            f"worker's shares (privacy.secure_aggregation.neighbours = {secagg.neighbours}, made even, plus itself)"
+        )
+
+
 def _worker_count_problem(rounds: RoundConfig, workers: int, key: str) -> str | None:
     """Why ``workers`` workers can never complete a round of ``rounds``, or None if they can."""
     given = f"{key} {workers}" if key.startswith("--") else f"{key} = {workers}"
@@ -699,6 +802,18 @@ CLOUD_KEY_ALIASES: Mapping[str, tuple[str, float | None]] = {
     "client_epoch_num": ("client.epochs", None),
     "client_batch_size": ("client.batch_size", None),
     "client_learning_rate": ("client.lr", None),
+    "share_secrets_ratio": ("privacy.secure_aggregation.min_share_ratio", None),
+    "reconstruct_secrets_threshold": ("privacy.secure_aggregation.threshold", None),
+    "cipher_time_window": ("privacy.secure_aggregation.stage_timeout_s", 0.001),
+}
+
+# The cloud cluster's `encrypt` section: encrypt_type -> the settings it means here.
+# (Its pw_encrypt sub-section carries the aliases above; STABLE_PW_ENCRYPT is its
+# variant for clients that never drop, which our dropout-tolerant protocol covers.)
+CLOUD_ENCRYPT_TYPES: Mapping[str, Mapping[str, Any]] = {
+    "NOT_ENCRYPT": {},
+    "PW_ENCRYPT": {"privacy.secure_aggregation.enabled": True},
+    "STABLE_PW_ENCRYPT": {"privacy.secure_aggregation.enabled": True},
 }
 
 # Keys the cloud FL cluster nests in its own sections ("compression.upload_compress_type") -> (our
@@ -745,7 +860,34 @@ def _resolve_section_aliases(doc: dict[str, Any], out: dict[str, Any], source: s
             _set_dotted(out, dotted, value, source)
 
 
+def _resolve_encrypt(doc: dict[str, Any], source: str) -> dict[str, Any]:
+    """Lifts the cloud ``encrypt`` section into top-level aliases and our keys."""
+    encrypt = doc.pop("encrypt", None)
+    if encrypt is None:
+        return doc
+    if not isinstance(encrypt, dict):
+        raise ConfigError(f"{source}: encrypt must be a mapping with encrypt_type, got {encrypt!r}")
+    encrypt = dict(encrypt)
+    kind = encrypt.pop("encrypt_type", "NOT_ENCRYPT")
+    if kind not in CLOUD_ENCRYPT_TYPES:
+        raise ConfigError(f"{source}: encrypt.encrypt_type = {kind!r}; supported: {', '.join(CLOUD_ENCRYPT_TYPES)}")
+    pw = encrypt.pop("pw_encrypt", {})
+    if not isinstance(pw, dict):
+        raise ConfigError(f"{source}: encrypt.pw_encrypt must be a mapping, got {pw!r}")
+    for key in list(pw):
+        if key not in CLOUD_KEY_ALIASES:
+            raise ConfigError(f"{source}: encrypt.pw_encrypt.{key} is not a known key; "
+                              "known: share_secrets_ratio, reconstruct_secrets_threshold, cipher_time_window")
+        doc.setdefault(key, pw[key])
+    if encrypt:
+        raise ConfigError(f"{source}: encrypt.{sorted(encrypt)[0]} is not a known key; known: encrypt_type, pw_encrypt")
+    for dotted, value in CLOUD_ENCRYPT_TYPES[kind].items():
+        _set_dotted(doc, dotted, value, source)
+    return doc
+
+
 def _resolve_aliases(doc: dict[str, Any], source: str) -> dict[str, Any]:
+    doc = _resolve_encrypt(doc, source)
     out = {k: v for k, v in doc.items() if k not in CLOUD_KEY_ALIASES and k not in _CLOUD_SECTIONS}
     _resolve_section_aliases(doc, out, source)
     for alias, (dotted, factor) in CLOUD_KEY_ALIASES.items():

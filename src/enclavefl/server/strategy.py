@@ -35,12 +35,13 @@ from enclavefl.messages import (
     COMPRESSION_WARMUP_KEY,
     DP_CLIP_NORM_KEY,
     ConfigValue,
+    UpdateKind,
 )
 from enclavefl.server.sampling import Sampler, UniformSampler
 from enclavefl.server.state import Stateful
 from enclavefl.tensors import ParamSet, StreamHeader
 
-__all__ = ["AggregatorFactory", "PostProcess", "RoundGate", "RowMetrics", "Strategy", "build_strategy"]
+__all__ = ["AggregatorFactory", "PostProcess", "RoundGate", "RoundStages", "RowMetrics", "Strategy", "build_strategy"]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,45 @@ class RoundGate(Protocol):
         ...
 
 
+class RoundStages(Protocol):
+    """A round protocol with stages of its own around the upload (secure aggregation's key and unmask stages).
+
+    The synchronous engine calls it at four points of a round attempt; every
+    method but :meth:`finish` is called with the server lock held and must not
+    block. A round with stages sees its uploads folded by the strategy's
+    aggregator as usual; :meth:`finish` then turns that aggregator into the one
+    the close pipeline reads (unmasking, say).
+    """
+
+    def upload(self, template: StreamHeader) -> tuple[StreamHeader, UpdateKind]:
+        """The header and kind of what workers upload for updates shaped like ``template``."""
+        ...
+
+    def open(self, round_: int, attempt: int, sampled: frozenset[str]) -> Mapping[str, ConfigValue]:
+        """A round attempt opened with these workers; returns settings its train tasks add (a nonce, say)."""
+        ...
+
+    def admit(self, worker_id: str) -> None:
+        """Raises UpdateRejected if ``worker_id`` may not upload now (it skipped a stage)."""
+        ...
+
+    def on_drop(self, worker_id: str) -> None:
+        """A worker of the open attempt left or was dropped: its stages stop waiting for it."""
+        ...
+
+    def finish(self, pushed: frozenset[str], aggregator: Aggregator) -> Aggregator:
+        """Runs the stages after the upload window (may block); returns what the close pipeline aggregates.
+
+        Raises:
+            RoundError: the round cannot complete (too few workers for a stage); it is retried.
+        """
+        ...
+
+    def abandon(self) -> None:
+        """The open attempt ends without :meth:`finish` (too few updates, a stop): forget it."""
+        ...
+
+
 @dataclass(frozen=True)
 class Strategy:
     """The parts that decide what a round does. Stateful parts have state()/load_state()."""
@@ -89,6 +129,8 @@ class Strategy:
     """Settings every train task carries for the worker's update pipeline (namespaced keys)."""
     parts: tuple[tuple[str, Stateful], ...] = ()
     """More stateful parts, by checkpoint name, saved and restored like the optimizer."""
+    stages: RoundStages | None = None
+    """Stages of each synchronous round around its upload (secure aggregation); None: upload only."""
 
 
 def _aggregator_factory(config: JobConfig, spill_dir: Path) -> tuple[AggregatorFactory, bool]:
@@ -157,7 +199,27 @@ def build_strategy(config: JobConfig, model: StreamHeader, *, spill_dir: Path) -
         strategy = dataclasses.replace(strategy, task_config={
             **strategy.task_config, COMPRESSION_TYPE_KEY: upload.type, COMPRESSION_BITS_KEY: upload.bits,
             COMPRESSION_SPARSE_RATE_KEY: upload.sparse_rate, COMPRESSION_WARMUP_KEY: upload.warmup_rounds})
+    if config.privacy.secure_aggregation.enabled:
+        strategy = _with_secure_aggregation(strategy, config, algorithm.upload_template(model))
     return strategy
+
+
+def _with_secure_aggregation(strategy: Strategy, config: JobConfig, upload: StreamHeader) -> Strategy:
+    """SecAgg+ plugged into the stages seam (server/secagg.py); its modular sum replaces the aggregator.
+
+    With DP on, workers weigh 1 each (DP-FedAvg's equal weights) and the noise hook runs
+    on the unmasked mean, inside the attested PS.
+    """
+    from enclavefl.server.secagg import SecAggCoordinator
+
+    settings = config.privacy.secure_aggregation
+    coordinator = SecAggCoordinator(settings, upload, equal_weights=config.privacy.dp.enabled)
+    log.info("privacy.secure_aggregation: threshold=%s neighbours=%s quantization_bits=%d clip_range=%g "
+             "rounding=%s weight_cap=%d stage_timeout_s=%g; the PS sees only masked uploads", settings.threshold,
+             settings.neighbours or "auto", settings.quantization_bits, settings.clip_range, settings.rounding,
+             settings.weight_cap, settings.stage_timeout_s)
+    return dataclasses.replace(strategy, aggregator=coordinator.aggregator, stages=coordinator,
+                               row_metrics=(*strategy.row_metrics, coordinator.row))
 
 
 def _with_dp(strategy: Strategy, config: JobConfig) -> Strategy:
