@@ -740,6 +740,20 @@ def _check_secure_aggregation(config: JobConfig) -> None:
             "privacy.secure_aggregation.dense_fallback true: masks destroy sparsity, so rows must travel densely "
             "(or set task.params.sparse_gradients false)"
         )
+    upload = config.privacy.compression.upload.type
+    if upload == "quantize":
+        raise ValueError(
+            f"{key} with privacy.compression.upload.type quantize: secure aggregation already sends every value "
+            "as fixed point of privacy.secure_aggregation.quantization_bits, and per-block quantization scales "
+            "differ between workers, so masked codes could not be summed; set the upload type to none and choose "
+            "quantization_bits"
+        )
+    if upload in ("topk", "topk_quantize") and not secagg.dense_fallback:
+        raise ValueError(
+            f"{key} with privacy.compression.upload.type {upload}: masks destroy sparsity (every masked value is "
+            "uniformly random, so the upload is dense whatever top-k keeps); set privacy.secure_aggregation."
+            "dense_fallback true to send dense masked updates with top-k off, or turn one of them off"
+        )
     levels = 2 ** (secagg.quantization_bits - 1) - 1
     capacity = (2**31 - 1) // levels
     if config.job.workers * secagg.weight_cap > capacity:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from enclavefl.config import parse_job
 from enclavefl.errors import ConfigError
+from enclavefl.messages import COMPRESSION_TYPE_KEY
+from enclavefl.server.strategy import build_strategy
+from enclavefl.tensors import ParamSet, StreamHeader
 
 ON: dict[str, Any] = {"privacy": {"secure_aggregation": {"enabled": True}}, "round": {"min_workers": 3}}
 
@@ -142,3 +147,36 @@ def test_unknown_cloud_encrypt_type_is_refused() -> None:
 
 def test_not_encrypt_leaves_secure_aggregation_off() -> None:
     assert not parse_job({"encrypt": {"encrypt_type": "NOT_ENCRYPT"}}).privacy.secure_aggregation.enabled
+
+
+def _with_upload(kind: str, *, dense_fallback: bool = False) -> dict[str, Any]:
+    doc = with_on()
+    doc["privacy"]["compression"] = {"upload": {"type": kind}}
+    doc["privacy"]["secure_aggregation"]["dense_fallback"] = dense_fallback
+    return doc
+
+
+def test_upload_quantization_is_refused_naming_both_keys() -> None:
+    with pytest.raises(ConfigError, match=r"privacy\.secure_aggregation\.enabled.*privacy\.compression\.upload\.type "
+                                          r"quantize.*quantization_bits"):
+        parse_job(_with_upload("quantize"))
+
+
+@pytest.mark.parametrize("kind", ["topk", "topk_quantize"])
+def test_upload_top_k_is_refused_without_dense_fallback(kind: str) -> None:
+    with pytest.raises(ConfigError, match=rf"privacy\.secure_aggregation\.enabled.*privacy\.compression\.upload\.type "
+                                          rf"{kind}.*masks destroy sparsity.*dense_fallback"):
+        parse_job(_with_upload(kind))
+
+
+def test_upload_top_k_with_dense_fallback_sends_dense_masked_updates(tmp_path: Path) -> None:
+    config = parse_job(_with_upload("topk", dense_fallback=True))
+    model = StreamHeader.of(ParamSet({"w": np.zeros(4, np.float32)}))
+    strategy = build_strategy(config, model, spill_dir=tmp_path)
+    assert COMPRESSION_TYPE_KEY not in strategy.task_config
+
+
+def test_quantized_downloads_compose_with_secure_aggregation() -> None:
+    doc = with_on()
+    doc["privacy"]["compression"] = {"download": {"type": "quantize"}}
+    assert parse_job(doc).privacy.compression.download.type == "quantize"

@@ -194,8 +194,9 @@ def build_strategy(config: JobConfig, model: StreamHeader, *, spill_dir: Path) -
     if config.privacy.dp.enabled:
         strategy = _with_dp(strategy, config)
     upload = config.privacy.compression.upload
-    if upload.type != "none":
-        # Workers compress as each task says (their own job file is not trusted for it).
+    if upload.type != "none" and not config.privacy.secure_aggregation.enabled:
+        # Workers compress as each task says (their own job file is not trusted for it). With secure
+        # aggregation only top-k with dense_fallback passes the config: the masked upload goes dense.
         strategy = dataclasses.replace(strategy, task_config={
             **strategy.task_config, COMPRESSION_TYPE_KEY: upload.type, COMPRESSION_BITS_KEY: upload.bits,
             COMPRESSION_SPARSE_RATE_KEY: upload.sparse_rate, COMPRESSION_WARMUP_KEY: upload.warmup_rounds})
