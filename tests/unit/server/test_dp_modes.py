@@ -10,10 +10,12 @@ import pytest
 
 from enclavefl.config import DpConfig, JobConfig, parse_job
 from enclavefl.errors import UpdateRejected
-from enclavefl.messages import DP_ADAPTIVE_KEY, DP_CLIP_NORM_KEY, DP_NOISE_STD_KEY, DP_UNCLIPPED_TENSOR
+from enclavefl.messages import DP_ADAPTIVE_KEY, DP_CLIP_NORM_KEY, DP_NOISE_STD_KEY, DP_UNCLIPPED_TENSOR, ClientSettings
 from enclavefl.server.algorithms import CloseContext
 from enclavefl.server.dp import ClippedMean, DpFedAvg, noise_norm_bound, with_unclipped_bit
 from enclavefl.tensors import ParamSet, StreamHeader
+from enclavefl.training import FitResult
+from enclavefl.worker import DistributedNoise, UpdateContext
 from tests.unit.server.live_job import INITIAL, f32
 from tests.unit.server.test_dp import independent_epsilon, run_job
 
@@ -163,3 +165,16 @@ def test_distributed_job_completes_with_the_workers_noise(tmp_path: Path) -> Non
     assert rows[-1]["dp_epsilon"] == pytest.approx(independent_epsilon(1.0, 1.0, 2, 1e-5), abs=1e-6)
     # Each round moves every weight by the clipped mean (1/sqrt(6) each) plus the workers' noise: not exactly.
     assert not np.allclose(ps.params["w"], 2 / np.sqrt(6))
+
+
+def test_min_updates_worker_shares_sum_to_central_noise() -> None:
+    # z = 1, C = 2, u = 4: each worker adds std 1; the sum of 4 workers' noise has std sqrt(4 * 1^2) = 2 = z C,
+    # the standard deviation central mode adds to the sum.
+    dp = DpFedAvg(DpConfig(enabled=True, mode="distributed", clip_norm=2.0, noise_multiplier=1.0), seed=1,
+                  min_updates=4)
+    empty = ParamSet()
+    context = UpdateContext(empty, empty, FitResult(4, steps=1), ClientSettings(epochs=1, batch_size=4, lr=0.5), 1,
+                            task_config=dict(dp.task_config({})))
+    zeros = ParamSet({"w": np.zeros((200, 200), dtype=np.float64)})
+    total = sum(DistributedNoise(np.random.default_rng(i))(zeros, context)["w"] for i in range(4))
+    assert float(np.std(total)) == pytest.approx(2.0, rel=0.01)
