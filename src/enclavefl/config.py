@@ -87,7 +87,7 @@ class _Section(BaseModel):
         # Lax mode would read YAML's `yes`/`true` as 1: `rounds: yes` must be an error.
         field_name = info.field_name
         if isinstance(value, bool) and field_name is not None:
-            if cls.model_fields[field_name].annotation in (int, float, int | None):
+            if cls.model_fields[field_name].annotation in (int, float, int | None, float | None):
                 raise ValueError("expected a number, got a boolean")
         return value
 

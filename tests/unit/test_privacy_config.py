@@ -190,3 +190,11 @@ def test_unknown_encrypt_key_is_refused_naming_it() -> None:
 def test_encrypt_parameter_out_of_range_is_refused_by_our_key() -> None:
     with pytest.raises(ConfigError, match=r"privacy\.local_dp\.sparse_rate"):
         parse_job({"encrypt": {"encrypt_type": "SIGNDS", "sign_k": 0.5}})
+
+
+@pytest.mark.parametrize("section", [{"dp": {"enabled": True, "target_epsilon": True}},
+                                     {"dp": {"enabled": True, "noise_multiplier": 0.0,
+                                             "adaptive_clipping": {"enabled": True, "clipped_count_stddev": True}}}])
+def test_optional_number_given_as_a_boolean_is_refused(section: dict[str, object]) -> None:
+    with pytest.raises(ConfigError, match="expected a number, got a boolean"):
+        parse_job({"privacy": section})
