@@ -109,9 +109,20 @@ class LocalDp:
     name: str = "local-dp"
     produces: UpdateKind = UpdateKind.DELTA
 
-    def __init__(self, rng: np.random.Generator | None = None) -> None:
+    def __init__(self, rng: np.random.Generator | None = None, *, max_epsilon: float | None = None,
+                 max_delta: float | None = None) -> None:
+        """Prepares the step.
+
+        Args:
+            rng: only for tests; default the operating system's randomness.
+            max_epsilon: the most one upload may spend, whatever the task says: a worker that does not
+                trust the PS pins its own budget here (from its own job file) and refuses a weaker task.
+            max_delta: the same for delta (``gaussian``).
+        """
         self._rng = rng or np.random.default_rng()
         self._sigmas: dict[tuple[float, float, float], float] = {}
+        self.max_epsilon = max_epsilon
+        self.max_delta = max_delta
 
     def sigma(self, epsilon: float, delta: float, clip_norm: float) -> float:
         """The Gaussian noise std for one (epsilon, delta) release of an update clipped to ``clip_norm``."""
@@ -127,10 +138,16 @@ class LocalDp:
         if mechanism is None:
             return update
         epsilon = _number(config, LOCAL_DP_EPSILON_KEY)
+        if self.max_epsilon is not None and epsilon > self.max_epsilon:
+            raise ValueError(f"task config {LOCAL_DP_EPSILON_KEY} = {epsilon:g} is above this worker's own limit "
+                             f"{self.max_epsilon:g}: refused, nothing is uploaded")
         if mechanism == "gaussian":
             delta = _number(config, LOCAL_DP_DELTA_KEY)
             if not delta < 1:
                 raise ValueError(f"task config {LOCAL_DP_DELTA_KEY} = {delta!r}: expected a number in (0, 1)")
+            if self.max_delta is not None and delta > self.max_delta:
+                raise ValueError(f"task config {LOCAL_DP_DELTA_KEY} = {delta:g} is above this worker's own limit "
+                                 f"{self.max_delta:g}: refused, nothing is uploaded")
             clip_norm = _number(config, LOCAL_DP_CLIP_NORM_KEY)
             clipped = clip_update(update, clip_norm)
             return add_gaussian_noise(clipped, self.sigma(epsilon, delta, clip_norm), self._rng)

@@ -130,3 +130,11 @@ def test_signds_uploads_the_indices_and_the_sign_only() -> None:
     assert list(out) == [SIGNDS_INDICES_TENSOR, SIGNDS_SIGN_TENSOR]
     sign = int(out[SIGNDS_SIGN_TENSOR][0])
     assert out[SIGNDS_INDICES_TENSOR].tolist() == ([0, 3] if sign == 1 else [1, 4])
+
+
+def test_local_dp_refuses_a_task_above_the_workers_own_limits() -> None:
+    with pytest.raises(ValueError, match="above this worker's own limit 4"):
+        LocalDp(max_epsilon=4.0)(big_update(), context(GAUSSIAN))  # the task asks for epsilon 8
+    with pytest.raises(ValueError, match="above this worker's own limit 1e-06"):
+        LocalDp(max_delta=1e-6)(big_update(), context(GAUSSIAN))  # the task asks for delta 1e-5
+    assert LocalDp(max_epsilon=8.0, max_delta=1e-5)(big_update(), context(GAUSSIAN))["w"].shape == (200, 200)
