@@ -63,7 +63,8 @@ _NOISE_STREAM = 0x44505F4E  # keeps the noise's random stream apart from the sam
 
 NOISE_NORM_MARGIN = 8.0
 """t in ``sqrt(d) + t``: the norm of d standard normal values exceeds it with probability at most
-``exp(-t^2 / 2)`` (Laurent and Massart 2000), below 1e-13 for t = 8."""
+``exp(-t^2 / 2)`` (the norm is 1-Lipschitz with mean below sqrt(d): Gaussian concentration, e.g.
+Boucheron, Lugosi and Massart 2013, Theorem 5.6), below 1e-13 for t = 8."""
 
 
 def noise_norm_bound(std: float, dims: int) -> float:
