@@ -141,7 +141,8 @@ def test_cloud_encrypt_type_can_be_set_on_the_command_line() -> None:
 
 
 def test_unknown_cloud_encrypt_type_is_refused() -> None:
-    with pytest.raises(ConfigError, match=r"encrypt\.encrypt_type = 'XOR'; supported: NOT_ENCRYPT, PW_ENCRYPT"):
+    with pytest.raises(ConfigError, match=r"encrypt\.encrypt_type = 'XOR': not supported here \(accepted: NOT_ENCRYPT, PW_ENCRYPT, "
+                                          r"STABLE_PW_ENCRYPT"):
         parse_job({"encrypt": {"encrypt_type": "XOR"}})
 
 

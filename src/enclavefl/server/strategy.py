@@ -33,7 +33,6 @@ from enclavefl.messages import (
     COMPRESSION_SPARSE_RATE_KEY,
     COMPRESSION_TYPE_KEY,
     COMPRESSION_WARMUP_KEY,
-    DP_CLIP_NORM_KEY,
     ConfigValue,
     UpdateKind,
 )
@@ -191,8 +190,6 @@ def build_strategy(config: JobConfig, model: StreamHeader, *, spill_dir: Path) -
     aggregator, buffers = _aggregator_factory(config, spill_dir)
     sampler = UniformSampler(config.round.fraction, config.round.min_workers, config.job.seed)
     strategy = Strategy(algorithm=algorithm, optimizer=optimizer, aggregator=aggregator, sampler=sampler, buffers=buffers)
-    if config.privacy.dp.enabled:
-        strategy = _with_dp(strategy, config)
     upload = config.privacy.compression.upload
     if upload.type != "none" and not config.privacy.secure_aggregation.enabled:
         # Workers compress as each task says (their own job file is not trusted for it). With secure
@@ -200,6 +197,10 @@ def build_strategy(config: JobConfig, model: StreamHeader, *, spill_dir: Path) -
         strategy = dataclasses.replace(strategy, task_config={
             **strategy.task_config, COMPRESSION_TYPE_KEY: upload.type, COMPRESSION_BITS_KEY: upload.bits,
             COMPRESSION_SPARSE_RATE_KEY: upload.sparse_rate, COMPRESSION_WARMUP_KEY: upload.warmup_rounds})
+    if config.privacy.local_dp.enabled:
+        strategy = _with_local_dp(strategy, config, model)
+    if config.privacy.dp.enabled:  # after the fixed settings: its task config is a live view over them
+        strategy = _with_dp(strategy, config)
     if config.privacy.secure_aggregation.enabled:
         strategy = _with_secure_aggregation(strategy, config, algorithm.upload_template(model))
     return strategy
@@ -226,14 +227,58 @@ def _with_secure_aggregation(strategy: Strategy, config: JobConfig, upload: Stre
 def _with_dp(strategy: Strategy, config: JobConfig) -> Strategy:
     """DP-FedAvg plugged into the strategy's seams (server/dp.py); equal weights replace num_samples."""
     from enclavefl.server.dp import DpFedAvg
+    from enclavefl.server.upload_layout import UploadLayout
 
-    dp = DpFedAvg(config.privacy.dp, config.job.seed)
-    log.info("privacy.dp: clip_norm=%g noise_multiplier=%g delta=%g accountant=%s target_epsilon=%s; updates are "
-             "averaged with equal weights (num_samples is ignored)", dp.config.clip_norm, dp.config.noise_multiplier,
+    dp = DpFedAvg(config.privacy.dp, config.job.seed, min_updates=config.round.min_updates)
+    adaptive = config.privacy.dp.adaptive_clipping
+    log.info("privacy.dp: mode=%s clip_norm=%g%s noise_multiplier=%g delta=%g accountant=%s target_epsilon=%s; "
+             "updates are averaged with equal weights (num_samples is ignored)", dp.config.mode, dp.config.clip_norm,
+             f" (adaptive: quantile {adaptive.target_quantile:g}, update noise multiplier "
+             f"{dp.update_noise_multiplier:.6g})" if adaptive.enabled else "", dp.config.noise_multiplier,
              dp.config.delta, dp.config.accountant, dp.config.target_epsilon)
+    if dp.config.mode == "distributed":
+        log.info("privacy.dp: distributed: each sampled worker adds noise of std %.6g (z C / sqrt(round.min_updates="
+                 "%d)); the PS adds none", dp.worker_noise_std, dp.min_updates)
+    parts: tuple[tuple[str, Stateful], ...] = (("accountant", dp.accountant),)
+    algorithm = strategy.algorithm
+    if dp.adaptive is not None:
+        parts += (("dp_clip", dp.adaptive),)
+        algorithm = UploadLayout(algorithm, dp.upload_layout)
     return dataclasses.replace(
-        strategy, aggregator=dp.aggregator, post_process=(*strategy.post_process, dp.post_process),
-        gates=(*strategy.gates, dp), row_metrics=(*strategy.row_metrics, dp.accountant.row),
-        task_config={**strategy.task_config, DP_CLIP_NORM_KEY: dp.config.clip_norm},
-        parts=(*strategy.parts, ("accountant", dp.accountant)),
+        strategy, algorithm=algorithm, aggregator=dp.aggregator, post_process=(*strategy.post_process, dp.post_process),
+        gates=(*strategy.gates, dp), row_metrics=(*strategy.row_metrics, dp.row),
+        task_config=dp.task_config(strategy.task_config),
+        parts=(*strategy.parts, *parts),
     )
+
+
+def _with_local_dp(strategy: Strategy, config: JobConfig, model: StreamHeader) -> Strategy:
+    """Local DP's settings, round count and metrics (server/local_dp.py); SignDS also replaces the upload and
+    the aggregator (server/signds.py)."""
+    from enclavefl.server.local_dp import LocalDpRelease
+    from enclavefl.server.signds import SignDsSum, float_values, signds_template
+    from enclavefl.server.upload_layout import UploadLayout
+
+    local = LocalDpRelease(config.privacy.local_dp, model)
+    settings = config.privacy.local_dp
+    strategy = dataclasses.replace(
+        strategy, post_process=(*strategy.post_process, local.post_process),
+        row_metrics=(*strategy.row_metrics, local.row), task_config={**strategy.task_config, **local.task_config},
+        parts=(*strategy.parts, ("local_dp", local)),
+    )
+    if settings.mechanism == "gaussian":
+        log.info("privacy.local_dp: gaussian, epsilon=%g delta=%g per upload, clip_norm=%g: each worker adds noise of "
+                 "std %.6g (analytic Gaussian mechanism, sensitivity 2 clip_norm)", settings.epsilon, settings.delta,
+                 settings.clip_norm, local.sigma)
+        return strategy
+    log.info("privacy.local_dp: signds, epsilon=%g per upload, k=%d of %d values, h=%d indices per upload, "
+             "global_lr=%g", settings.epsilon, local.top_k, float_values(model), local.dims_out, settings.global_lr)
+
+    def aggregator(template: StreamHeader) -> Aggregator:
+        return SignDsSum(model, local.dims_out, settings.global_lr)
+
+    return dataclasses.replace(
+        strategy, algorithm=UploadLayout(strategy.algorithm, lambda _: signds_template(local.dims_out)),
+        aggregator=aggregator, buffers=False,
+    )
+
