@@ -38,6 +38,14 @@ log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'enclavefl[simulation]'"
 
+LOCAL_RAY_ENV = {
+    # Ray's "local only" mode: the node's address is 127.0.0.1 and every Ray server binds it.
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    # No usage reporting to the Ray project.
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+"""Environment a pool sets (unless already set) before it starts a Ray instance of its own."""
+
 
 def import_ray() -> Any:
     """The ``ray`` module.
@@ -89,15 +97,20 @@ class RayPool(ClientPool):
         Raises:
             ConfigError: Ray is not installed, or a count is below its minimum.
         """
-        ray = import_ray()
         if actors is not None and actors < 1 or cpus_per_client <= 0 or threads_per_client < 1:
             raise ConfigError(f"Ray pool: actors and threads_per_client must be >= 1 and cpus_per_client > 0, "
                               f"got {actors}, {threads_per_client} and {cpus_per_client}")
+        if address is None:
+            for var, value in LOCAL_RAY_ENV.items():
+                os.environ.setdefault(var, value)  # read when ray is imported, and by every Ray process
+        ray = import_ray()
         self._ray = ray
         self._started = False
         if not ray.is_initialized():
             if address is None:
-                os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no reporting to the Ray project
+                if ray._private.ray_constants.ENABLE_RAY_CLUSTER:
+                    log.warning("simulation: ray was imported before the pool could keep it on 127.0.0.1; "
+                                "its processes may listen on every interface")
                 cpus = actors if actors is not None else default_processes()
                 ray.init(num_cpus=max(1, int(cpus * cpus_per_client + 0.999)), include_dashboard=False,
                          _node_ip_address="127.0.0.1", logging_level=logging.WARNING, log_to_driver=False,
