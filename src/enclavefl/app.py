@@ -246,7 +246,9 @@ def simulate(task: Task, config: JobConfig, *, workers: int | None = None, out_d
     :class:`~enclavefl.simulation.ClientPool`, a :class:`~enclavefl.simulation.Driver`
     plays the ``workers`` clients instead, and only the clients sampled for a round train,
     as jobs on the pool (local processes, Ray actors), so a thousand clients cost what
-    the sampled ones cost; the pool builds the trainers (``make_trainer`` is not used).
+    the sampled ones cost; the pool builds the trainers (``make_trainer`` is not used), and each
+    client's declared examples come from ``task.partition_summary(workers)`` when the task has
+    one (the built-in tasks do), else from the pool.
     Either way client ``i`` is named ``worker-<i>``, exactly as ``enclavefl run`` names its
     processes, so sampling matches, and the final model is bit-identical to ``enclavefl run``'s
     for the same job when the ML framework uses one thread per client, as the worker processes
@@ -283,19 +285,30 @@ def simulate(task: Task, config: JobConfig, *, workers: int | None = None, out_d
         if pool is None:
             _run_threads(ps, task, config, n, faults, chunk_bytes, make_trainer)
         else:
-            _run_pool(ps, pool, n, out_dir, chunk_bytes)
+            _run_pool(ps, pool, task, n, out_dir, chunk_bytes)
     finally:
         if api is not None:
             api.close()
     return SimulationResult(ps.params, list(ps.metrics.history), out_dir)
 
 
-def _run_pool(ps: ParameterServer, pool: ClientPool, n: int, out_dir: Path, chunk_bytes: int) -> None:
+def _partition_sizes(task: Task, n: int) -> list[int] | None:
+    """Every worker's training examples from the task's partition summary, if it has one (built-in tasks do).
+
+    One partition of the data instead of ``n`` trainers built to count their examples.
+    """
+    summarize = getattr(task, "partition_summary", None)
+    if not callable(summarize):
+        return None
+    return [int(row.size) for row in summarize(n)]
+
+
+def _run_pool(ps: ParameterServer, pool: ClientPool, task: Task, n: int, out_dir: Path, chunk_bytes: int) -> None:
     """Runs ``ps`` with ``n`` clients played by a driver on ``pool``."""
     from enclavefl.simulation import ClientStateStore, Driver
 
     driver = Driver(ps, pool, num_clients=n, store=ClientStateStore(out_dir / "clients"), chunk_bytes=chunk_bytes)
-    driver.join()
+    driver.join(_partition_sizes(task, n))
     errors: list[BaseException] = []
 
     def drive() -> None:

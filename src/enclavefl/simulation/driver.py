@@ -30,6 +30,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, final
 
@@ -101,13 +102,21 @@ class Driver:
         self.updates_accepted = 0
         self.updates_refused = 0
 
-    def join(self) -> None:
+    def join(self, counts: Sequence[int] | None = None) -> None:
         """Joins every client to the PS (before it runs), declaring each one's training examples.
+
+        Args:
+            counts: each client's training examples, by index, if the caller knows them
+                (a task's partition summary); default: the pool builds every trainer to count.
 
         Raises:
             RoundError: a client's trainer could not be built (to count its examples).
+            ValueError: ``counts`` does not have one entry per client.
         """
-        counts = self._pool.num_samples(self._n)
+        if counts is None:
+            counts = self._pool.num_samples(self._n)
+        if len(counts) != self._n:
+            raise ValueError(f"simulation: {len(counts)} sample counts for {self._n} clients")
         for client, count in zip(self._clients, counts, strict=True):
             client.num_samples = count
             self._join(client)
