@@ -51,7 +51,7 @@ __all__ = ["Driver", "simulated_peer"]
 log = logging.getLogger(__name__)
 
 BEAT_EVERY_S = 1.0
-"""How often the driver heartbeats the clients whose jobs are queued or running."""
+"""How often the driver heartbeats the clients whose jobs are queued or running (at most ``round.heartbeat_s``)."""
 
 
 def simulated_peer(index: int) -> PeerIdentity:
@@ -81,19 +81,22 @@ class Driver:
     """Runs ``num_clients`` simulated clients of ``ps`` on ``pool`` (see the module docstring)."""
 
     def __init__(self, ps: ParameterServer, pool: ClientPool, *, num_clients: int,
-                 store: ClientStateStore | None = None, chunk_bytes: int = 1 << 20, poll_s: float = 0.25) -> None:
+                 store: ClientStateStore | None = None, chunk_bytes: int = 1 << 20, poll_s: float = 1.0) -> None:
         """Binds the driver; nothing is sent to the PS until :meth:`join`.
 
         Args:
             store: where SCAFFOLD variates are kept between rounds; required for a SCAFFOLD job.
             chunk_bytes: the size of the chunks an update is fed in.
-            poll_s: the longest between two task polls of the idle clients.
+            poll_s: the longest between two task polls of the idle clients (a poll also tells the PS
+                they are alive; at most ``round.heartbeat_s``). A change of phase, round or model
+                version makes the driver poll at once.
         """
         self._ps = ps
         self._pool = pool
         self._n = num_clients
         self._store = store
-        self._poll_s = poll_s
+        self._poll_s = min(poll_s, ps.config.round.heartbeat_s)
+        self._beat_s = min(BEAT_EVERY_S, ps.config.round.heartbeat_s)
         self._clients = [_Client(i, InMemoryClient(ps, simulated_peer(i), chunk_bytes=chunk_bytes))
                          for i in range(num_clients)]
         self._pending: deque[_Pending] = deque()
@@ -151,7 +154,7 @@ class Driver:
                 if all(c.status == "finished" for c in self._clients):
                     return
             self._start_jobs()
-            if now - last_beat >= BEAT_EVERY_S:
+            if now - last_beat >= self._beat_s:
                 self._heartbeat()
                 last_beat = now
             if self._running:
