@@ -4,10 +4,13 @@ The command line is argument parsing over these functions: ``enclavefl ps``
 is :func:`build_server` then :func:`serve`, ``enclavefl worker`` is
 :func:`run_worker` over :func:`~enclavefl.worker.runtime.grpc_client_factory`,
 and ``enclavefl simulate`` is :func:`simulate`. :func:`simulate`
-runs the very same server (engine, strategy, staging, close pipeline) and
-worker runtime as a real deployment, with workers on threads that talk to the
-server through :class:`~enclavefl.worker.inmemory.InMemoryClient` instead of
-gRPC and TLS: no processes, no certificates, for research and notebooks.
+runs the very same server (engine, strategy, staging, close pipeline) as a
+real deployment, with its workers either on threads (the worker runtime
+itself, talking to the server through
+:class:`~enclavefl.worker.inmemory.InMemoryClient` instead of gRPC and TLS)
+or played by a :class:`~enclavefl.simulation.Driver` whose sampled clients
+train on a pool of processes or Ray actors (:mod:`enclavefl.simulation`):
+no certificates, for research, notebooks and simulations of many clients.
 
 Example::
 

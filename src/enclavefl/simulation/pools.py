@@ -21,6 +21,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from abc import ABC, abstractmethod
@@ -139,8 +140,13 @@ _MODEL: tuple[int, ParamSet] | None = None
 
 
 def _start_process(config: JobConfig, make_trainer: TrainerFactory, trainers_kept: int, threads: int) -> None:
-    """Initialises a pool process: one host; the ML framework on ``threads`` threads."""
+    """Initialises a pool process: one host; the ML framework on ``threads`` threads.
+
+    Ctrl-C is the parent's to handle (it closes the pool): a process that died of it
+    would leave the pool broken while the parent checkpoints and stops.
+    """
     global _HOST
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)
     _HOST = ClientHost(config, make_trainer, trainers_kept=trainers_kept)

@@ -44,6 +44,7 @@ def test_simulate_trains_and_writes_the_run_directory(job_file: Path, tmp_path: 
     stdout = capsys.readouterr().out
     assert "in-memory simulation: no network, no TLS, no attestation" in stdout
     assert "clients on processes" in stdout
+    assert "management API https://127.0.0.1:" in stdout  # as in `enclavefl run`: the job's API and dashboard
     assert "round   1/2  workers  3" in stdout and "round   2/2  workers  3" in stdout
     assert "enclavefl simulate summary" in stdout
 
