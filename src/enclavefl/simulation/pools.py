@@ -12,11 +12,17 @@ whatever the number of clients.
 A pool sends each model version to its processes once, not once per client:
 :class:`ProcessPool` writes it to a tensor file the processes read (each keeps
 the newest version it read), and the Ray pool puts it in Ray's object store.
+Updates come back the same way: a pool process writes each to a file and
+sends its name, the driver reads it and removes it. A 4 MB update through a
+pipe takes dozens of hand-overs between the two processes, each a wait for the
+scheduler on a busy machine; a file in shared memory (``/dev/shm`` where there
+is one) takes one write and one read.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -172,12 +178,55 @@ def _count_in_process(indices: list[int], num_clients: int) -> list[int]:
     return counts
 
 
-def _run_in_process(job: ClientJob, model_file: str) -> ClientOutcome:
+_LIMITS = CodecLimits(max_total_bytes=1 << 62)
+"""The pool's own files: written by the pool, any size."""
+
+
+def _write_file(path: Path, params: ParamSet) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as f:
+        write_params(f, params)
+    os.replace(tmp, path)
+
+
+def _read_file(path: Path) -> ParamSet:
+    with path.open("rb") as f:
+        return read_params(f, _LIMITS)
+
+
+def _run_in_process(job: ClientJob, model_file: str) -> tuple[ClientOutcome, str, str]:
+    """Runs ``job``; its update and state go back as files next to the model, the rest through the pipe."""
     global _MODEL
     if _MODEL is None or _MODEL[0] != job.model_version:
-        with open(model_file, "rb") as f:
-            _MODEL = (job.model_version, read_params(f, CodecLimits(max_total_bytes=1 << 62)))
-    return _host().run(job, _MODEL[1])
+        _MODEL = (job.model_version, _read_file(Path(model_file)))
+    outcome = _host().run(job, _MODEL[1])
+    base = Path(model_file).with_name(f"r{job.round}-c{job.index}-p{os.getpid()}")
+    update_file, state_file = base.with_suffix(".update"), base.with_suffix(".state")
+    _write_file(update_file, outcome.update)
+    if outcome.state is not None:
+        _write_file(state_file, outcome.state)
+    return (dataclasses.replace(outcome, update=ParamSet(), state=None), str(update_file),
+            str(state_file) if outcome.state is not None else "")
+
+
+def _collect(result: tuple[ClientOutcome, str, str]) -> ClientOutcome:
+    """The outcome with its update (and state) read back from the files a pool process wrote; removes them."""
+    outcome, update_file, state_file = result
+    try:
+        update = _read_file(Path(update_file))
+        state = _read_file(Path(state_file)) if state_file else None
+    finally:
+        Path(update_file).unlink(missing_ok=True)
+        if state_file:
+            Path(state_file).unlink(missing_ok=True)
+    return dataclasses.replace(outcome, update=update, state=state)
+
+
+def _scratch_dir() -> Path:
+    """A new directory for the pool's files: in shared memory where there is some (they are read at once)."""
+    shm = Path("/dev/shm")
+    parent = str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+    return Path(tempfile.mkdtemp(prefix="enclavefl-sim-", dir=parent))
 
 
 @final
@@ -207,10 +256,10 @@ class ProcessPool(ClientPool):
                               f"got {n} and {threads_per_client}")
         self._processes = n
         self._own_dir = model_dir is None
-        self._dir = Path(tempfile.mkdtemp(prefix="enclavefl-sim-")) if model_dir is None else model_dir
+        self._dir = _scratch_dir() if model_dir is None else model_dir
         self._dir.mkdir(parents=True, exist_ok=True)
         self._files: dict[int, Path] = {}
-        self._futures: dict[cf.Future[ClientOutcome], ClientJob] = {}
+        self._futures: dict[cf.Future[tuple[ClientOutcome, str, str]], ClientJob] = {}
         self._executor = cf.ProcessPoolExecutor(
             max_workers=n, mp_context=multiprocessing.get_context("spawn"), initializer=_start_process,
             initargs=(config, make_trainer, trainers_kept, threads_per_client))
@@ -233,10 +282,7 @@ class ProcessPool(ClientPool):
         path = self._files.get(version)
         if path is None:
             path = self._dir / f"model-v{version}.params"
-            tmp = path.with_name(f".{path.name}.tmp")
-            with tmp.open("wb") as f:
-                write_params(f, download)
-            os.replace(tmp, path)
+            _write_file(path, download)
             self._files[version] = path
             for old in sorted(self._files)[:-VERSIONS_KEPT]:
                 self._files.pop(old).unlink(missing_ok=True)  # a process still reading it keeps its open file
@@ -254,7 +300,7 @@ class ProcessPool(ClientPool):
         for future in done:
             job = self._futures.pop(future)
             try:
-                outcomes.append(future.result())
+                outcomes.append(_collect(future.result()))
             except Exception as exc:
                 raise _failed(job, exc) from exc
         return outcomes

@@ -54,7 +54,7 @@ def test_a_model_version_is_written_once_for_all_its_jobs(pool: ProcessPool, tmp
     pool.submit(job(1, version=5), ParamSet({"w": f32([1])}))
     drain(pool, 2)
 
-    assert sorted(os.listdir(tmp_path / "models")) == ["model-v5.params"]
+    assert sorted(os.listdir(tmp_path / "models")) == ["model-v5.params"]  # and no update file left
 
 
 def test_a_failing_job_raises_a_round_error_naming_the_client(tmp_path: Path) -> None:
