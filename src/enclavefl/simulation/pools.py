@@ -12,18 +12,20 @@ whatever the number of clients.
 A pool sends each model version to its processes once, not once per client:
 :class:`ProcessPool` writes it to a tensor file the processes read (each keeps
 the newest version it read), and the Ray pool puts it in Ray's object store.
-Updates come back the same way: a pool process writes each to a file and
-sends its name, the driver reads it and removes it. A 4 MB update through a
-pipe takes dozens of hand-overs between the two processes, each a wait for the
-scheduler on a busy machine; a file in shared memory (``/dev/shm`` where there
-is one) takes one write and one read.
+Updates come back the same way: a pool process writes each raw to a file and
+sends its name and layout, and the driver maps the file and pushes from the
+mapping, with no copy before the server's own. A 4 MB update through a pipe
+takes dozens of hand-overs between the two processes, each a wait for the
+scheduler on a busy machine, and two copies; a file in shared memory
+(``/dev/shm`` where there is one) takes one write.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import dataclasses
 import logging
+import math
+import mmap
 import multiprocessing
 import os
 import shutil
@@ -32,8 +34,14 @@ import sys
 import tempfile
 from abc import ABC, abstractmethod
 from collections import deque
+from dataclasses import dataclass, field
+from multiprocessing import connection as mp_connection
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import TYPE_CHECKING, final
+from typing import TYPE_CHECKING, Any, final
+
+import numpy as np
 
 from enclavefl.errors import ConfigError, RoundError
 from enclavefl.simulation.client import ClientHost, ClientJob, ClientOutcome, TrainerFactory
@@ -140,46 +148,21 @@ class InlinePool(ClientPool):
 
 
 # ------------------------------------------------------------------ process pool
-# What one pool process holds: its host, and the newest model version it read.
-_HOST: ClientHost | None = None
-_MODEL: tuple[int, ParamSet] | None = None
+# A pool process runs _serve: it answers each request on its pipe, in order.
+# Requests: ("count", indices, num_clients) -> counts; ("run", job, model_file) -> (outcome, update_file,
+# state_file); None -> exit. Replies: ("ok", value) or ("error", "Type: message").
+
+_LIMITS = CodecLimits(max_total_bytes=1 << 62)
+"""The pool's own files: written by the pool, any size."""
+
+_Reply = tuple[str, Any]
 
 
-def _start_process(config: JobConfig, make_trainer: TrainerFactory, trainers_kept: int, threads: int) -> None:
-    """Initialises a pool process: one host; the ML framework on ``threads`` threads.
-
-    Ctrl-C is the parent's to handle (it closes the pool): a process that died of it
-    would leave the pool broken while the parent checkpoints and stops.
-    """
-    global _HOST
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(threads)
-    _HOST = ClientHost(config, make_trainer, trainers_kept=trainers_kept)
-    _set_framework_threads(threads)
-
-
-def _set_framework_threads(threads: int) -> None:
+def set_framework_threads(threads: int) -> None:
     """Caps torch's threads if the task loaded it (the simulation itself does not import it)."""
     torch = sys.modules.get("torch")
     if torch is not None and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
-
-
-def _host() -> ClientHost:
-    if _HOST is None:
-        raise RuntimeError("simulation pool process used before its initializer ran")
-    return _HOST
-
-
-def _count_in_process(indices: list[int], num_clients: int) -> list[int]:
-    counts = [_host().num_samples(i, num_clients) for i in indices]
-    _set_framework_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # a task may load torch late
-    return counts
-
-
-_LIMITS = CodecLimits(max_total_bytes=1 << 62)
-"""The pool's own files: written by the pool, any size."""
 
 
 def _write_file(path: Path, params: ParamSet) -> None:
@@ -194,32 +177,118 @@ def _read_file(path: Path) -> ParamSet:
         return read_params(f, _LIMITS)
 
 
-def _run_in_process(job: ClientJob, model_file: str) -> tuple[ClientOutcome, str, str]:
-    """Runs ``job``; its update and state go back as files next to the model, the rest through the pipe."""
-    global _MODEL
-    if _MODEL is None or _MODEL[0] != job.model_version:
-        _MODEL = (job.model_version, _read_file(Path(model_file)))
-    outcome = _host().run(job, _MODEL[1])
-    base = Path(model_file).with_name(f"r{job.round}-c{job.index}-p{os.getpid()}")
-    update_file, state_file = base.with_suffix(".update"), base.with_suffix(".state")
-    _write_file(update_file, outcome.update)
-    if outcome.state is not None:
-        _write_file(state_file, outcome.state)
-    return (dataclasses.replace(outcome, update=ParamSet(), state=None), str(update_file),
-            str(state_file) if outcome.state is not None else "")
+class _Server:
+    """What one pool process holds: its host, and the newest model version it read."""
+
+    def __init__(self, host: ClientHost, threads: int) -> None:
+        self.host = host
+        self.threads = threads
+        self.model: tuple[int, ParamSet] | None = None
+
+    def count(self, indices: list[int], num_clients: int) -> list[int]:
+        counts = [self.host.num_samples(i, num_clients) for i in indices]
+        set_framework_threads(self.threads)  # the task may have loaded torch just now
+        return counts
+
+    def run(self, job: ClientJob, model_file: str) -> tuple[ClientOutcome, _Shipped, _Shipped]:
+        """Runs ``job``; its update and state go back in files next to the model, the rest through the pipe."""
+        if self.model is None or self.model[0] != job.model_version:
+            self.model = (job.model_version, _read_file(Path(model_file)))
+        outcome = self.host.run(job, self.model[1])
+        base = Path(model_file).with_name(f"r{job.round}-c{job.index}-p{os.getpid()}")
+        update = _ship(outcome.update, base.with_suffix(".update"))
+        state = _ship(outcome.state, base.with_suffix(".state")) if outcome.state is not None else None
+        return dataclasses.replace(outcome, update=ParamSet(), state=None), update, state
 
 
-def _collect(result: tuple[ClientOutcome, str, str]) -> ClientOutcome:
-    """The outcome with its update (and state) read back from the files a pool process wrote; removes them."""
-    outcome, update_file, state_file = result
+_Layout = list[tuple[str, str, tuple[int, ...], int]]
+"""(name, dtype, shape, byte offset) of each tensor in a shipped file."""
+_Shipped = tuple[str, _Layout] | ParamSet | None
+"""Tensors on their way back: a file and its layout, or (with sparse tensors) the tensors themselves."""
+
+_ALIGN = 64
+
+
+def _ship(params: ParamSet, path: Path) -> _Shipped:
+    """Writes dense ``params`` raw to ``path`` for the driver to map; sparse ones travel through the pipe."""
+    dense = [(name, value) for name, value in params.items() if isinstance(value, np.ndarray)]
+    if len(dense) != len(params):
+        return params
+    layout: _Layout = []
+    offset = 0
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as f:
+        for name, value in dense:
+            arr = np.ascontiguousarray(value).reshape(value.shape)
+            pad = -offset % _ALIGN
+            f.write(b"\0" * pad)
+            offset += pad
+            f.write(arr.reshape(-1).view(np.uint8).data)
+            layout.append((name, arr.dtype.str, tuple(arr.shape), offset))
+            offset += arr.nbytes
+    os.replace(tmp, path)
+    return str(path), layout
+
+
+def _unship(shipped: _Shipped) -> ParamSet | None:
+    """The tensors :func:`_ship` sent, mapped read-only from their file (no copy); the file is removed."""
+    if shipped is None or isinstance(shipped, ParamSet):
+        return shipped
+    name, layout = shipped
+    path = Path(name)
     try:
-        update = _read_file(Path(update_file))
-        state = _read_file(Path(state_file)) if state_file else None
+        with path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            mapped = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) if size else None
     finally:
-        Path(update_file).unlink(missing_ok=True)
-        if state_file:
-            Path(state_file).unlink(missing_ok=True)
-    return dataclasses.replace(outcome, update=update, state=state)
+        path.unlink(missing_ok=True)  # the mapping keeps the data while the arrays live
+    tensors = []
+    for tensor, dtype, shape, offset in layout:
+        count = math.prod(shape)
+        if mapped is None or count == 0:
+            tensors.append((tensor, np.zeros(shape, dtype=np.dtype(dtype))))
+        else:
+            tensors.append((tensor, np.frombuffer(mapped, dtype=np.dtype(dtype), count=count, offset=offset)
+                            .reshape(shape)))
+    return ParamSet(tensors)
+
+
+def _serve(conn: Connection, config: JobConfig, make_trainer: TrainerFactory, trainers_kept: int,
+           threads: int) -> None:
+    """A pool process's main loop.
+
+    Ctrl-C is the parent's to handle (it closes the pool): a process that died of it
+    would break the pool while the parent checkpoints and stops.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    server = _Server(ClientHost(config, make_trainer, trainers_kept=trainers_kept), threads)
+    set_framework_threads(threads)
+    while True:
+        try:
+            request = conn.recv()
+        except EOFError:  # the parent is gone
+            return
+        if request is None:
+            return
+        try:
+            kind, *args = request
+            value = server.count(*args) if kind == "count" else server.run(*args)
+            conn.send(("ok", value))
+        except Exception as exc:  # reported to the parent, which fails the simulation with it
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+
+
+def _collect(result: tuple[ClientOutcome, _Shipped, _Shipped]) -> ClientOutcome:
+    """The outcome with its update (and state) as a pool process shipped them."""
+    outcome, update, state = result
+    try:
+        return dataclasses.replace(outcome, update=_unship(update) or ParamSet(), state=_unship(state))
+    finally:
+        for shipped in (update, state):  # a failed read leaves no file behind
+            if isinstance(shipped, tuple):
+                Path(shipped[0]).unlink(missing_ok=True)
 
 
 def _scratch_dir() -> Path:
@@ -227,6 +296,14 @@ def _scratch_dir() -> Path:
     shm = Path("/dev/shm")
     parent = str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
     return Path(tempfile.mkdtemp(prefix="enclavefl-sim-", dir=parent))
+
+
+@dataclass(slots=True)
+class _Worker:
+    process: BaseProcess
+    conn: Connection
+    jobs: deque[ClientJob] = field(default_factory=deque)
+    """Jobs sent to it and not yet answered, in the order it answers them."""
 
 
 @final
@@ -237,6 +314,8 @@ class ProcessPool(ClientPool):
     to it: the default :class:`~enclavefl.simulation.client.TaskTrainers` loads
     ``task.name`` as a deployed worker does), and trains with ``threads_per_client``
     threads, one by default, as ``enclavefl run`` starts its worker processes.
+    The driver talks to each process over one pipe, with no thread of its own in
+    between: a job costs one small message each way.
     """
 
     def __init__(self, config: JobConfig, make_trainer: TrainerFactory, *, processes: int | None = None,
@@ -245,7 +324,8 @@ class ProcessPool(ClientPool):
 
         Args:
             processes: how many; default one per core.
-            model_dir: where the model files go; default a new temporary directory, removed by :meth:`close`.
+            model_dir: where the model and update files go; default a new temporary directory
+                (in shared memory where there is some), removed by :meth:`close`.
 
         Raises:
             ConfigError: ``processes`` or ``threads_per_client`` is below 1.
@@ -254,29 +334,50 @@ class ProcessPool(ClientPool):
         if n < 1 or threads_per_client < 1:
             raise ConfigError(f"process pool: processes and threads_per_client must be >= 1, "
                               f"got {n} and {threads_per_client}")
-        self._processes = n
         self._own_dir = model_dir is None
         self._dir = _scratch_dir() if model_dir is None else model_dir
         self._dir.mkdir(parents=True, exist_ok=True)
         self._files: dict[int, Path] = {}
-        self._futures: dict[cf.Future[tuple[ClientOutcome, str, str]], ClientJob] = {}
-        self._executor = cf.ProcessPoolExecutor(
-            max_workers=n, mp_context=multiprocessing.get_context("spawn"), initializer=_start_process,
-            initargs=(config, make_trainer, trainers_kept, threads_per_client))
         self._closed = False
+        context = multiprocessing.get_context("spawn")
+        self._workers: list[_Worker] = []
+        try:
+            for i in range(n):
+                parent, child = context.Pipe()
+                process = context.Process(target=_serve, name=f"enclavefl-sim-{i}", daemon=True,
+                                          args=(child, config, make_trainer, trainers_kept, threads_per_client))
+                process.start()
+                child.close()
+                self._workers.append(_Worker(process, parent))
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def capacity(self) -> int:
-        return 2 * self._processes  # one running and one queued per process: no process waits for the driver
+        return 2 * len(self._workers)  # one running and one queued per process: no process waits for the driver
+
+    def _receive(self, worker: _Worker) -> _Reply:
+        try:
+            reply: _Reply = worker.conn.recv()
+        except (EOFError, OSError) as exc:
+            worker.process.join(1.0)
+            raise RoundError(f"simulation pool process {worker.process.name} died "
+                             f"(exit code {worker.process.exitcode})") from exc
+        return reply
 
     def num_samples(self, num_clients: int) -> list[int]:
-        step = -(-num_clients // self._processes)
+        step = -(-num_clients // len(self._workers))
         parts = [list(range(start, min(start + step, num_clients))) for start in range(0, num_clients, step)]
-        try:
-            futures = [self._executor.submit(_count_in_process, part, num_clients) for part in parts]
-            return [count for future in futures for count in future.result()]
-        except Exception as exc:
-            raise RoundError(f"simulated clients: cannot build a trainer: {type(exc).__name__}: {exc}") from exc
+        for worker, part in zip(self._workers, parts, strict=False):
+            worker.conn.send(("count", part, num_clients))
+        counts: list[int] = []
+        for worker, _ in zip(self._workers, parts, strict=False):
+            status, value = self._receive(worker)
+            if status != "ok":
+                raise RoundError(f"simulated clients: cannot build a trainer: {value}")
+            counts += value
+        return counts
 
     def _model_file(self, version: int, download: ParamSet) -> Path:
         path = self._files.get(version)
@@ -290,26 +391,43 @@ class ProcessPool(ClientPool):
 
     def submit(self, job: ClientJob, download: ParamSet) -> None:
         path = self._model_file(job.model_version, download)
-        self._futures[self._executor.submit(_run_in_process, job, str(path))] = job
+        worker = min(self._workers, key=lambda w: len(w.jobs))
+        worker.conn.send(("run", job, str(path)))
+        worker.jobs.append(job)
 
     def wait(self, timeout_s: float) -> list[ClientOutcome]:
-        if not self._futures:
+        busy = {w.conn: w for w in self._workers if w.jobs}
+        if not busy:
             return []
-        done, _ = cf.wait(self._futures, timeout=timeout_s, return_when=cf.FIRST_COMPLETED)
         outcomes = []
-        for future in done:
-            job = self._futures.pop(future)
-            try:
-                outcomes.append(_collect(future.result()))
-            except Exception as exc:
-                raise _failed(job, exc) from exc
+        for conn in mp_connection.wait(list(busy), timeout=timeout_s):
+            worker = busy[conn]  # type: ignore[index]
+            while worker.jobs and worker.conn.poll():
+                status, value = self._receive(worker)
+                job = worker.jobs.popleft()
+                if status != "ok":
+                    raise RoundError(f"simulated client {job.index} (worker-{job.index}) failed in round "
+                                     f"{job.round}: {value}")
+                try:
+                    outcomes.append(_collect(value))
+                except Exception as exc:
+                    raise _failed(job, exc) from exc
         return outcomes
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        self._executor.shutdown(wait=True, cancel_futures=True)
-        self._futures.clear()
+        for worker in self._workers:
+            try:
+                worker.conn.send(None)
+            except OSError:
+                pass  # already gone
+        for worker in self._workers:
+            worker.process.join(5.0)
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join(5.0)
+            worker.conn.close()
         if self._own_dir:
             shutil.rmtree(self._dir, ignore_errors=True)

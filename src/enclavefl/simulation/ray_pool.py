@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, final
 
 from enclavefl.errors import ConfigError, RoundError
 from enclavefl.simulation.client import ClientHost, ClientJob, ClientOutcome, TrainerFactory
-from enclavefl.simulation.pools import VERSIONS_KEPT, ClientPool, _failed, _set_framework_threads, default_processes
+from enclavefl.simulation.pools import VERSIONS_KEPT, ClientPool, _failed, default_processes, set_framework_threads
 
 if TYPE_CHECKING:
     from enclavefl.config import JobConfig
@@ -71,11 +71,11 @@ class _ClientActor:
 
     def num_samples(self, indices: list[int], num_clients: int) -> list[int]:
         counts = [self._host.num_samples(i, num_clients) for i in indices]
-        _set_framework_threads(self._threads)
+        set_framework_threads(self._threads)
         return counts
 
     def run(self, job: ClientJob, download: ParamSet) -> ClientOutcome:
-        _set_framework_threads(self._threads)
+        set_framework_threads(self._threads)
         return self._host.run(job, download)
 
 
