@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from enclavefl.config import parse_job
@@ -65,3 +66,15 @@ def test_a_failing_job_raises_a_round_error_naming_the_client(tmp_path: Path) ->
             drain(pool, 1)
     finally:
         pool.close()
+
+
+def test_updates_of_every_shape_and_dtype_come_back_intact(pool: ProcessPool) -> None:
+    download = ParamSet({"w": f32([[1, 2], [3, 4]]), "count": np.asarray(7, dtype=np.int64),
+                         "flag": np.asarray([True]), "empty": f32(np.zeros((0, 3)))})
+    pool.submit(job(0), download)
+
+    (outcome,) = drain(pool, 1)
+
+    # Client 0 adds 1: the float delta is 1 everywhere, the 0-d counter's 1, a bool's delta is all False.
+    assert outcome.update == ParamSet({"w": f32([[1, 1], [1, 1]]), "count": np.asarray(1, dtype=np.int64),
+                                       "flag": np.asarray([False]), "empty": f32(np.zeros((0, 3)))})
