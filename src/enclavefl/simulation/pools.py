@@ -115,6 +115,8 @@ class InlinePool(ClientPool):
     """Runs each job in the calling thread, during :meth:`wait`: no processes, for tests and small jobs.
 
     It uses the trainers of ``make_trainer`` directly, so it takes any task, picklable or not.
+    Nothing heartbeats while a job runs: a job longer than ``round.worker_timeout_s`` gets
+    its client dropped by the PS (the driver joins it again).
     """
 
     def __init__(self, config: JobConfig, make_trainer: TrainerFactory, *, trainers_kept: int = 4) -> None:
