@@ -786,6 +786,13 @@ def _check_local_dp(config: JobConfig) -> None:
             "privacy.local_dp.enabled is not supported with round.mode async: the composed epsilon counts one "
             "upload per round, and an async worker may upload several times per server step"
         )
+    upload = config.privacy.compression.upload.type
+    if local.mechanism == "signds" and upload != "none":
+        raise ValueError(
+            f"privacy.local_dp.mechanism signds with privacy.compression.upload.type {upload}: SignDS is itself "
+            "the upload's encoding (a few selected indices and one sign), so there is nothing left to compress; "
+            "set the upload type to none"
+        )
     aggregator = config.server.aggregator.name
     if local.mechanism == "signds" and aggregator != "mean":
         raise ValueError(
@@ -857,6 +864,19 @@ def _check_secure_aggregation(config: JobConfig) -> None:
             f"{key} with task.params.sparse_gradients (criteo-dlrm uploads row-sparse embedding updates) needs "
             "privacy.secure_aggregation.dense_fallback true: masks destroy sparsity, so rows must travel densely "
             "(or set task.params.sparse_gradients false)"
+        )
+    local = config.privacy.local_dp
+    if local.enabled and local.mechanism == "signds":
+        raise ValueError(
+            f"{key} with privacy.local_dp.mechanism signds: a SignDS upload is a list of selected indices and a "
+            "sign, which the PS must see to rebuild the update; masks only cancel in a sum of dense fixed-point "
+            "vectors (Gaussian local DP composes: its noise is added before masking)"
+        )
+    if config.privacy.dp.enabled and config.privacy.dp.adaptive_clipping.enabled:
+        raise ValueError(
+            f"{key} does not support privacy.dp.adaptive_clipping.enabled yet: the clipped-or-not bits would be "
+            "masked with the update and summed with its weights, and the noisy count adaptive clipping needs is "
+            "not built into the masked sum; use a fixed privacy.dp.clip_norm"
         )
     upload = config.privacy.compression.upload.type
     if upload == "quantize":
