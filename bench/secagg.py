@@ -7,7 +7,7 @@ fixed noise (no training: only the federation is measured). The same job runs
 twice, plain and with ``privacy.secure_aggregation`` (SecAgg+, 3 log2 n
 neighbours, every key signed and checked, masks expanded with AES-CTR). It prints::
 
-    mode=in-process-simulation workers=100 params=1000000 plain_s=2.10 secagg_s=3.00 ratio=1.43
+    mode=in-process-simulation workers=100 params=1000000 plain_s=... secagg_s=... ratio=...
 
 ``*_s`` is the median time per round over rounds 2..R (the time between
 consecutive metrics rows: stages, uploads, unmasking, the step). In one process
@@ -21,7 +21,7 @@ keys, share, quantize and mask, answer the unmask) and the PS's (check keys,
 relay, fold the masked uploads modulo 2**32, unmask) against the PS folding the
 same number of float32 updates into its streaming weighted mean::
 
-    mode=per-node workers=100 params=1000000 worker_secagg_s=0.05 ps_plain_fold_s=0.60 ps_secagg_s=0.45
+    mode=per-node workers=100 params=1000000 worker_secagg_s=... ps_plain_fold_s=... ps_secagg_s=...
 
 In a deployment the workers mask in parallel, so a round costs one worker's
 ``worker_secagg_s`` (plus the two key stages' round trips) more, and the PS spends
