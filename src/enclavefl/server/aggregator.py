@@ -48,7 +48,7 @@ from typing import Any, ClassVar, Final, Literal, get_args
 import numpy as np
 import numpy.typing as npt
 
-from enclavefl.errors import UpdateRejected
+from enclavefl.errors import ClosedError, UpdateRejected
 from enclavefl.tensors import DTYPES, ParamSet, SparseRows, StreamHeader, Tensor
 
 __all__ = ["Accumulate", "Aggregator", "WeightedMean"]
@@ -146,6 +146,7 @@ class WeightedMean(Aggregator):
         self._lock = threading.Lock()
         self._block_a = np.empty(0, dtype=np.float64)
         self._block_b = np.empty(0, dtype=np.float64)
+        self._closed = False
 
     @property
     def count(self) -> int:
@@ -191,6 +192,8 @@ class WeightedMean(Aggregator):
         if reason is not None:
             raise UpdateRejected(reason)
         with self._lock:
+            if self._closed:
+                raise ClosedError("WeightedMean.add() called after close()")
             # Everything above is checked; below only arithmetic that cannot fail
             # part-way on valid input, so the aggregate is never half-updated.
             for spec in self._template.tensors:
@@ -243,6 +246,8 @@ class WeightedMean(Aggregator):
 
     def result(self) -> ParamSet:
         with self._lock:
+            if self._closed:
+                raise ClosedError("WeightedMean.result() called after close()")
             if self._count == 0:
                 raise UpdateRejected("no update was aggregated; refusing to produce a result from zero updates")
             out: list[tuple[str, np.ndarray]] = []
@@ -266,3 +271,17 @@ class WeightedMean(Aggregator):
                 # np.asarray: mean is already a fresh array; reshape restores 0-d and N-d shapes.
                 out.append((spec.name, np.asarray(mean.reshape(spec.shape), dtype=dtype)))
             return ParamSet(out)
+
+    def close(self) -> None:
+        """Frees the running state (one or two model-sized buffers) before the caller builds the next model.
+
+        The PS closes the round's aggregator right after ``result()``, so at the
+        round's close it holds the old model, the aggregate and the new model,
+        not the running sums as well. Idempotent; ``add`` and ``result`` raise
+        ClosedError afterwards.
+        """
+        with self._lock:
+            self._closed = True
+            self._slots = {}
+            self._block_a = np.empty(0, dtype=np.float64)
+            self._block_b = np.empty(0, dtype=np.float64)
