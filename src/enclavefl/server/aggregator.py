@@ -3,9 +3,9 @@
 How this works: each tensor has one running accumulator (plus, for tensors
 that receive row-sparse updates, one float64 weight per row), whatever the
 number of workers: an update is never kept after it has been added. Updates
-are folded BLOCK_VALUES values at a time through two small float64 scratch
+are folded BLOCK_VALUES values at a time through small float64 scratch
 blocks, so arithmetic is always float64 and the temporaries do not grow with
-the model.
+the model; a float64 sum's dense rows are added into the accumulator in place.
 
 The accumulator's dtype is the ``accumulate`` setting:
 
@@ -222,9 +222,15 @@ class WeightedMean(Aggregator):
             stop = min(start + step, count)
             where: slice | npt.NDArray[Any] = slice(start, stop) if ids is None else ids[start:stop]
             n = (stop - start) * row_len
-            acc = a[:n].reshape(stop - start, row_len)
+            in_place = ids is None and not slot.is_mean
+            if in_place:
+                # A float64 sum's dense rows are added in place (a view): copying them into a
+                # block and back moved 16 bytes per value per update for nothing.
+                acc = slot.acc[start:stop]
+            else:
+                acc = a[:n].reshape(stop - start, row_len)
+                acc[...] = slot.acc[where]
             x = b[:n].reshape(stop - start, row_len)
-            acc[...] = slot.acc[where]
             x[...] = data[start:stop]
             if slot.is_mean:
                 # m += (w / W_after) * (x - m), float64, then one rounding to float32.
@@ -235,7 +241,8 @@ class WeightedMean(Aggregator):
             else:
                 x *= weight
                 acc += x
-            slot.acc[where] = acc
+            if not in_place:
+                slot.acc[where] = acc
         if ids is None:
             slot.dense_weight += weight
         if slot.row_weight is not None:
