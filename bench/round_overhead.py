@@ -24,7 +24,11 @@ handshake per poll). It prints both medians and their ratio::
 
     workers=4 api_off_s_per_round=1.20 api_on_s_per_round=1.21 ratio=1.008 polls=412 poll_errors=0
 
+``--params N`` replaces ResNet-18 with an MLP of exactly N float32 values, and
+the line names it: ``workers=100 params=1000000 s_per_round=… ps_peak_rss_mb=…``.
+
 Run: ``.venv/bin/python bench/round_overhead.py --workers 10 40 --rounds 4``
+and ``.venv/bin/python bench/round_overhead.py --workers 100 --params 1000000``
 """
 
 from __future__ import annotations
@@ -60,6 +64,26 @@ for _stage, (_cin, _cout) in enumerate([(64, 64), (64, 128), (128, 256), (256, 5
         if _block == 0 and _cin != _cout:
             _RESNET18.append((f"s{_stage}b{_block}.short", (_cout, _in, 1, 1)))
 _RESNET18.append(("fc", (10, 512)))
+
+
+def model_shapes(params: int | None) -> list[tuple[str, tuple[int, ...]]]:
+    """ResNet-18's tensors (None), or an MLP 784-H-200-10 with H chosen to hold exactly ``params`` values.
+
+    H = (params - 2210) // 985 (784H + H + 200H + 200 + 2000 + 10 values); a flat
+    tensor carries the few values left over. 1,000,000 gives H = 1012, close to
+    the 784-1000-200-10 MLP other frameworks' benchmarks use for "1M parameters".
+    """
+    if params is None:
+        return list(_RESNET18)
+    hidden = (params - 2210) // 985
+    if hidden < 1:
+        raise SystemExit(f"--params {params}: at least 3195 (an MLP 784-1-200-10)")
+    shapes = [("fc1.w", (hidden, 784)), ("fc1.b", (hidden,)), ("fc2.w", (200, hidden)), ("fc2.b", (200,)),
+              ("fc3.w", (10, 200)), ("fc3.b", (10,))]
+    rest = params - sum(int(np.prod(s)) for _, s in shapes)
+    if rest:
+        shapes.append(("pad", (rest,)))
+    return shapes
 
 
 class NoiseTrainer:
@@ -104,10 +128,12 @@ class NoiseTask:
 
     def __init__(self, config: JobConfig) -> None:
         self._seed = config.job.seed
+        count = config.task.params.get("params")
+        self._shapes = model_shapes(None if count is None else int(count))
 
     def initial_parameters(self) -> ParamSet:
         rng = np.random.default_rng(self._seed)
-        return ParamSet((n, rng.standard_normal(s, dtype=np.float32) * 0.01) for n, s in _RESNET18)
+        return ParamSet((n, rng.standard_normal(s, dtype=np.float32) * 0.01) for n, s in self._shapes)
 
     def worker_trainer(self, index: int, num_workers: int) -> Trainer:
         return NoiseTrainer(self._seed + index, self.initial_parameters())
@@ -185,7 +211,7 @@ class StatusPoller:
 
 def run_once(workers: int, rounds: int, chunk_bytes: int, uploads: int, keep: Path | None = None,
              aggregator: str = "mean", *, management: bool = False, fresh_connections: bool = False,
-             polls: list[int] | None = None) -> tuple[float, float, list[float]]:
+             polls: list[int] | None = None, params: int | None = None) -> tuple[float, float, list[float]]:
     """One job; with ``management`` the API is on and polled, and ``polls`` receives (polls, errors)."""
     with tempfile.TemporaryDirectory(prefix="round-overhead-") as tmp:
         name = f"workers-{workers}" + ("-api" if management else "")
@@ -194,7 +220,7 @@ def run_once(workers: int, rounds: int, chunk_bytes: int, uploads: int, keep: Pa
         job = {
             "job": {"name": f"overhead{workers}", "rounds": rounds, "workers": workers},
             "round": {"min_workers": workers, "start_window_s": 300, "update_window_s": 600},
-            "task": {"name": "round_overhead:make_task"},
+            "task": {"name": "round_overhead:make_task", "params": {} if params is None else {"params": params}},
             "server": {"checkpoint_every": 1000, "max_concurrent_uploads": uploads, "aggregator": aggregator,
                        "max_buffered_updates": max(workers, 1)},
             "transport": {"chunk_bytes": chunk_bytes},
@@ -247,6 +273,7 @@ def run_once(workers: int, rounds: int, chunk_bytes: int, uploads: int, keep: Pa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, nargs="+", default=[10, 40])
+    parser.add_argument("--params", type=int, help="float32 values of an MLP model (default: ResNet-18's 11.17M)")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--chunk-bytes", type=int, default=2 * 2**20)
     parser.add_argument("--uploads", type=int, default=4, help="server.max_concurrent_uploads")
@@ -264,8 +291,9 @@ def main() -> None:
         return
     for n in args.workers:
         s_per_round, rss_mb, times = run_once(n, args.rounds, args.chunk_bytes, args.uploads, args.keep,
-                                              args.aggregator)
-        label = "" if args.aggregator == "mean" else f" aggregator={args.aggregator}"
+                                              args.aggregator, params=args.params)
+        label = "" if args.params is None else f" params={args.params}"
+        label += "" if args.aggregator == "mean" else f" aggregator={args.aggregator}"
         print(f"workers={n}{label} s_per_round={s_per_round:.2f} ps_peak_rss_mb={rss_mb:.0f}", flush=True)
         print(f"  rounds: {' '.join(f'{t:.2f}' for t in times)}", file=sys.stderr, flush=True)
 

@@ -34,6 +34,7 @@ from typing import Any, BinaryIO, Final, Literal, TypeAlias, final
 import numpy as np
 import numpy.typing as npt
 
+from enclavefl.bufferpool import BufferPool
 from enclavefl.errors import ClosedError, ProtocolError
 
 __all__ = [
@@ -816,9 +817,19 @@ class StreamDecoder:
     __slots__ = ("_header", "_limits", "_total", "_buf", "_view", "_received", "_closed")
 
     def __init__(
-        self, header: StreamHeader, limits: CodecLimits = CodecLimits(), expected: StreamHeader | None = None
+        self,
+        header: StreamHeader,
+        limits: CodecLimits = CodecLimits(),
+        expected: StreamHeader | None = None,
+        *,
+        pool: BufferPool | None = None,
     ) -> None:
         """Check `header` (and that it matches `expected`), then allocate its payload buffer.
+
+        Args:
+            pool: where the payload buffer comes from: a buffer of an earlier stream
+                that nothing views any more is already resident, a new one is not.
+                None: a new buffer.
 
         Raises:
             ProtocolError: the header breaks `limits` or does not match `expected`.
@@ -839,7 +850,9 @@ class StreamDecoder:
         self._header = header
         self._limits = limits
         self._total = header.total_bytes
-        self._buf: Array = np.empty(self._total, dtype=np.uint8)
+        self._buf: Array = (
+            np.empty(self._total, dtype=np.uint8) if pool is None else pool.take(self._total)
+        )
         self._view = self._buf.data  # 1-D uint8: format "B"
         self._received = 0
         self._closed = False

@@ -115,7 +115,13 @@ def _iter_dense_pairs(owner: str, params: ParamSet, mean_delta: ParamSet) -> Ite
 def _fedavg_update(x: Array, d: Array, lr: float) -> Array:
     """x + lr * d in x's dtype; integer tensors round the step half to even."""
     if x.dtype.kind == "f":
-        new = x + (d * lr).astype(x.dtype, copy=False)
+        new = (d * lr).astype(x.dtype, copy=False)
+        if isinstance(new, np.ndarray) and new.ndim:
+            # Added into the step's own fresh array: the same sum (addition commutes exactly), one
+            # model-sized temporary fewer at the round's close, which matters for a model of gigabytes.
+            np.add(x, new, out=new)
+        else:
+            new = x + new
     else:
         new = (x + np.rint(d * lr)).astype(x.dtype)
     return np.asarray(new, dtype=x.dtype)  # 0-d arithmetic yields numpy scalars

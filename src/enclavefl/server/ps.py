@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
+from enclavefl.bufferpool import BufferPool
 from enclavefl.compression import CompressedDecoder
 from enclavefl.config import JobConfig
 from enclavefl.errors import CheckpointError, ConfigError, ProtocolError, RoundError, UpdateRejected
@@ -82,6 +83,10 @@ class ParameterServer:
         template = StreamHeader.of(initial)
         self.strategy = strategy or build_strategy(config, template, spill_dir=out_dir / "spill")
         self._slots = threading.Semaphore(config.server.max_concurrent_uploads)
+        # One resident payload buffer per upload slot, reused round after round (no page faults),
+        # for models up to 256 MiB: a larger one is freed after each upload, so that the close of a
+        # round (old model, aggregate, new model) does not also hold idle upload buffers.
+        self._upload_buffers = BufferPool(config.server.max_concurrent_uploads, max_buffer_bytes=256 * 2**20)
         params, version, next_round, history = initial, 0, 1, []
         if resume_from is not None:
             reason = StreamHeader.of(resume_from.params).matches(template)
@@ -321,7 +326,8 @@ class ParameterServer:
             if meta.kind is UpdateKind.QUANTIZED:  # decoded chunk by chunk into the staged dense tensors
                 decoder = CompressedDecoder(meta.tensors, self._limits, expected=self.engine.upload_template)
             else:
-                decoder = StreamDecoder(meta.tensors, self._limits, expected=self.engine.upload_template)
+                decoder = StreamDecoder(meta.tensors, self._limits, expected=self.engine.upload_template,
+                                        pool=self._upload_buffers)
         except ProtocolError as exc:
             self._slots.release()
             self._refuse(target, meta, str(exc))

@@ -23,7 +23,7 @@ from enclavefl.errors import ProtocolError, UpdateRejected
 from enclavefl.messages import UpdateMeta, UpdateSink
 from enclavefl.tensors import ParamSet, SparseRows
 
-__all__ = ["PayloadDecoder", "StagedUpdate", "UpdateOutcome", "UpdateTarget", "check_finite"]
+__all__ = ["FINITE_BLOCK_VALUES", "PayloadDecoder", "StagedUpdate", "UpdateOutcome", "UpdateTarget", "check_finite"]
 
 UpdateOutcome = Callable[[bool, str, int], None]
 """Hears how a staged upload ended: accepted or not, why not ("" when accepted), bytes received.
@@ -66,12 +66,24 @@ class UpdateTarget(Protocol):
         ...
 
 
+FINITE_BLOCK_VALUES = 2**20
+"""Values checked per step by :func:`check_finite`: its temporary is 1 MiB of bools, not one per value."""
+
+
 def check_finite(update: ParamSet) -> None:
-    """Raises UpdateRejected if a floating tensor holds NaN or Inf."""
+    """Raises UpdateRejected if a floating tensor holds NaN or Inf.
+
+    Checked a block at a time: a tensor of gigabytes would otherwise need a
+    bool temporary of a quarter of its size.
+    """
     for name, value in update.items():
         data = value.rows if isinstance(value, SparseRows) else value
-        if data.dtype.kind == "f" and not np.isfinite(data).all():
-            raise UpdateRejected(f"tensor {name!r} holds NaN or Inf values")
+        if data.dtype.kind != "f":
+            continue
+        flat = data.reshape(-1)
+        for start in range(0, flat.size, FINITE_BLOCK_VALUES):
+            if not np.isfinite(flat[start : start + FINITE_BLOCK_VALUES]).all():
+                raise UpdateRejected(f"tensor {name!r} holds NaN or Inf values")
 
 
 class StagedUpdate(UpdateSink):

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Mapping
 
 import grpc
 
+from enclavefl.bufferpool import BufferPool
 from enclavefl.errors import ClosedError, ConfigError, EnclaveFLError, ProtocolError, Unavailable
 from enclavefl.job_digest import differing_settings
 from enclavefl.proto import PROTOCOL_VERSION
@@ -91,6 +92,8 @@ class FederationClient:
         self._chunk_bytes = chunk_bytes
         self._limits = limits
         self._trusted: dict[bytes, bool] = {}
+        # The last download's buffer, reused when the worker no longer views that model (no page faults).
+        self._download_buffers = BufferPool(1)
         self._closed = False
         self.target = target
 
@@ -208,7 +211,8 @@ class FederationClient:
             if first is None or isinstance(first, DataChunk) or first.WhichOneof("part") != "header":
                 raise ProtocolError("PullModel: the stream did not start with a model header")
             check_version(first.header.protocol_version, "ModelHeader", sender="PS")
-            decoder = StreamDecoder(header_from_proto(first.header.tensors), self._limits)
+            decoder = StreamDecoder(header_from_proto(first.header.tensors), self._limits,
+                                    pool=self._download_buffers)
             for msg in stream:
                 data = chunk_payload(msg)
                 if data is None:

@@ -8,7 +8,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from enclavefl.errors import UpdateRejected
+from enclavefl.errors import ClosedError, UpdateRejected
 from enclavefl.server.aggregator import WeightedMean
 from enclavefl.tensors import ParamSet, SparseRows, StreamHeader, Tensor
 
@@ -225,3 +225,26 @@ def test_sparse_update_with_no_rows_counts_but_moves_nothing() -> None:
 
     np.testing.assert_array_equal(agg.result()["emb"], f32([[0, 0], [8, 8], [0, 0], [0, 0]]))
     assert agg.count == 2
+
+
+def test_close_frees_the_running_state() -> None:
+    agg = WeightedMean(TEMPLATE)
+    agg.add(ParamSet({"w": f32([[1, 2], [3, 4]]), "b": f32([1, 1])}), 1.0)
+    assert agg.nbytes > 0
+
+    agg.close()
+
+    assert agg.nbytes == 0
+
+
+def test_add_and_result_after_close_raise_closed_error() -> None:
+    agg = WeightedMean(TEMPLATE)
+    update = ParamSet({"w": f32([[1, 2], [3, 4]]), "b": f32([1, 1])})
+    agg.add(update, 1.0)
+    agg.close()
+    agg.close()  # idempotent
+
+    with pytest.raises(ClosedError):
+        agg.add(update, 1.0)
+    with pytest.raises(ClosedError):
+        agg.result()
