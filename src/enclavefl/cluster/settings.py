@@ -1,0 +1,103 @@
+"""From the job file's ``cluster:`` section to a store: Redis settings, and the job settings a cluster supports.
+
+The single parameter server never reads the ``cluster:`` section; the
+cluster roles call :func:`check_cluster_job` first, so a job the cluster
+cannot run the same way as one PS is refused with the key to change.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from enclavefl.cluster.redis_store import RedisSettings
+from enclavefl.config import JobConfig, RedisConfig
+from enclavefl.errors import ConfigError
+
+__all__ = ["check_cluster_job", "redis_settings", "redis_settings_from_url"]
+
+
+def check_cluster_job(config: JobConfig) -> None:
+    """Refuses job settings that several servers cannot run as one PS would.
+
+    Raises:
+        ConfigError: naming the key: the aggregator must be mergeable (``mean``: each server folds
+            a partial sum), rounds synchronous, and differential privacy off (its clipped mean
+            has no partials yet).
+    """
+    aggregator = config.server.aggregator.name
+    if aggregator != "mean":
+        raise ConfigError(f"server.aggregator = {aggregator}: cluster mode needs mean (each server folds a partial "
+                          "weighted sum the leader merges; a robust aggregator needs every update in one place)")
+    if config.round.mode != "sync":
+        raise ConfigError(f"round.mode = {config.round.mode}: cluster mode runs synchronous rounds only")
+    if config.privacy.dp.enabled:
+        raise ConfigError("privacy.dp.enabled = true: cluster mode does not support differential privacy yet "
+                          "(its clipped mean has no partials)")
+
+
+def _read_password(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cluster.redis.password_file {path}: cannot read it: {exc.strerror or exc}") from exc
+    password = text.strip("\r\n")
+    if not password:
+        raise ConfigError(f"cluster.redis.password_file {path}: the file is empty")
+    return password
+
+
+def _path(base: Path, value: str | None) -> str | None:
+    if value is None:
+        return None
+    path = Path(value)
+    return str(path if path.is_absolute() else base / path)
+
+
+def redis_settings(redis: RedisConfig, *, base_dir: Path) -> RedisSettings:
+    """The :class:`RedisSettings` of the job's ``cluster.redis`` section.
+
+    Args:
+        base_dir: the job file's directory; relative paths (CA, certificate, password file) are
+            resolved against it.
+
+    Raises:
+        ConfigError: the password file cannot be read or is empty.
+    """
+    password = None if redis.password_file is None else _read_password(Path(_path(base_dir, redis.password_file) or ""))
+    return RedisSettings(
+        host=redis.host, port=redis.port, db=redis.db, username=redis.username, password=password, tls=redis.tls,
+        ca_file=_path(base_dir, redis.ca_cert), cert_file=_path(base_dir, redis.cert), key_file=_path(base_dir, redis.key),
+        timeout_s=redis.timeout_s, retries=redis.retries,
+    )
+
+
+def redis_settings_from_url(url: str, *, base: RedisSettings | None = None) -> RedisSettings:
+    """``redis://host:port/db`` or ``rediss://...`` (TLS) over ``base``'s other settings.
+
+    A URL carries no password (it would show in the process list): use ``cluster.redis.password_file``.
+
+    Raises:
+        ConfigError: not a redis URL, a password in it, or a bad port or db.
+    """
+    base = base or RedisSettings()
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"--store {url!r}: {exc}") from exc
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise ConfigError(f"--store {url!r}: expected redis://HOST:PORT/DB or rediss://HOST:PORT/DB")
+    if parts.password is not None:
+        raise ConfigError("--store: a password in the URL is refused (it shows in the process list); "
+                          "use cluster.redis.password_file")
+    db_text = parts.path.strip("/") or str(base.db)
+    if not db_text.isdigit() or int(db_text) > 15:
+        raise ConfigError(f"--store {url!r}: database must be 0..15, got {db_text!r}")
+    return RedisSettings(
+        host=parts.hostname, port=port or 6379, db=int(db_text),
+        username=unquote(parts.username) if parts.username else base.username, password=base.password,
+        tls=parts.scheme == "rediss", ca_file=base.ca_file, cert_file=base.cert_file, key_file=base.key_file,
+        connect_timeout_s=base.connect_timeout_s, timeout_s=base.timeout_s, retries=base.retries,
+        backoff_base_s=base.backoff_base_s, backoff_cap_s=base.backoff_cap_s,
+    )
