@@ -31,15 +31,20 @@ MAX_META_BYTES: Final = 16 * 2**20
 _LEN: Final = struct.Struct("<Q")
 
 
-def encode_partial(meta: Mapping[str, Any], arrays: ParamSet) -> bytes:
+def encode_partial(meta: Mapping[str, Any], arrays: ParamSet, *, magic: bytes = MAGIC) -> bytes:
     """``meta`` (JSON-able, finite numbers only) and ``arrays`` as one blob.
+
+    ``magic`` (8 bytes) names what the blob holds; other state that is JSON plus
+    arrays (a cluster's strategy state) uses the same format under its own.
 
     Raises:
         ValueError: ``meta`` holds a value JSON cannot carry exactly (NaN, Infinity, an object).
     """
     head = json.dumps(meta, separators=(",", ":"), allow_nan=False, sort_keys=True).encode()
     out = io.BytesIO()
-    out.write(MAGIC)
+    if len(magic) != len(MAGIC):
+        raise ValueError(f"magic must be {len(MAGIC)} bytes, got {len(magic)}")
+    out.write(magic)
     out.write(_LEN.pack(len(head)))
     out.write(head)
     write_params(out, arrays)
@@ -50,19 +55,20 @@ def _refuse_constant(token: str) -> Any:
     raise ValueError(f"{token} is not a finite number")
 
 
-def decode_partial(blob: bytes, limits: CodecLimits = CodecLimits()) -> tuple[dict[str, Any], ParamSet]:
-    """The metadata and arrays of a blob made by :func:`encode_partial`.
+def decode_partial(blob: bytes, limits: CodecLimits = CodecLimits(), *,
+                   magic: bytes = MAGIC) -> tuple[dict[str, Any], ParamSet]:
+    """The metadata and arrays of a blob made by :func:`encode_partial` with the same ``magic``.
 
     Raises:
         UpdateRejected: the blob is not a partial, is truncated, has trailing bytes, or its
             metadata or arrays break the format or ``limits``.
     """
     view = memoryview(blob)
-    fixed = len(MAGIC) + _LEN.size
-    if len(view) < fixed or bytes(view[: len(MAGIC)]) != MAGIC:
-        raise UpdateRejected(f"not an aggregator partial: expected magic {MAGIC!r} and a length, got "
-                             f"{bytes(view[: len(MAGIC)])!r} in a blob of {len(view)} bytes")
-    (meta_len,) = _LEN.unpack(view[len(MAGIC):fixed])
+    fixed = len(magic) + _LEN.size
+    if len(view) < fixed or bytes(view[: len(magic)]) != magic:
+        raise UpdateRejected(f"not an aggregator partial: expected magic {magic!r} and a length, got "
+                             f"{bytes(view[: len(magic)])!r} in a blob of {len(view)} bytes")
+    (meta_len,) = _LEN.unpack(view[len(magic):fixed])
     if meta_len > min(MAX_META_BYTES, len(view) - fixed):
         raise UpdateRejected(f"aggregator partial: metadata of {meta_len} bytes announced, at most "
                              f"{min(MAX_META_BYTES, len(view) - fixed)} possible")
