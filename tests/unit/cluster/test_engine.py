@@ -1,0 +1,96 @@
+"""Tests for enclavefl.cluster.engine: several servers run one job through a shared store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from enclavefl.cluster import MemoryStore, RoundPhase, Store
+from enclavefl.tensors import ParamSet
+from tests.unit.cluster.cluster_job import cluster_job, run_cluster
+from tests.unit.worker.federation import AddTrainer, f32, run_federation
+
+INITIAL = ParamSet({"w": f32([[0.5, -1.25], [2.0, 0.0]]), "b": f32([0.125, 3.0])})
+
+
+def trainers(n: int) -> list[tuple[str, AddTrainer]]:
+    # Worker i adds (i + 1) / 16 to every weight and weighs 10 + i samples: every float64 sum of
+    # weight x delta is exact, so the merge of per-server sums cannot differ from one PS's sum.
+    return [(f"worker-{i}", AddTrainer((i + 1) / 16, 10 + i)) for i in range(n)]
+
+
+def test_three_servers_end_with_the_single_ps_model_bit_for_bit(tmp_path: Path) -> None:
+    # Prepare
+    config = cluster_job(rounds=3, workers=12)
+    store = MemoryStore()
+
+    # Execute
+    run = run_cluster(config, INITIAL, trainers(12), lambda i: store, tmp_path / "cluster", servers=3)
+    single = run_federation(config, INITIAL, trainers(12), tmp_path / "single")
+
+    # Assert: every server serves the same final model, the one a single PS makes.
+    assert not run.errors, run.errors
+    for ps in run.servers:
+        assert ps.version == 3
+        assert ps.params.equal(single.ps.params)
+    # Hand check of round 1: the weighted mean delta is sum((10+i)(i+1)/16) / sum(10+i) over i < 12.
+    delta = sum((10 + i) * (i + 1) / 16 for i in range(12)) / sum(10 + i for i in range(12))
+    assert not np.array_equal(single.ps.params["b"], INITIAL["b"])
+    np.testing.assert_allclose(single.ps.params["b"], f32([0.125, 3.0]) + 3 * delta, rtol=1e-6)
+
+
+def test_the_store_counts_each_update_once_in_exactly_one_partial(tmp_path: Path) -> None:
+    # Prepare
+    config = cluster_job(rounds=2, workers=6)
+    store = MemoryStore()
+
+    # Execute
+    run = run_cluster(config, INITIAL, trainers(6), lambda i: store, tmp_path, servers=3)
+
+    # Assert
+    assert not run.errors, run.errors
+    for number in (1, 2):
+        state = store.round_state(number)
+        assert state is not None and state.phase is RoundPhase.CLOSED
+        ledger = store.accepted(number, state.attempt)
+        assert len(ledger) == 6 == state.counters["accepted"]
+        assert sorted(a.update_id for a in ledger.values()) == sorted(f"{number}/worker-{i}" for i in range(6))
+        assert {a.server for a in ledger.values()} == {"server-0", "server-1", "server-2"}
+    model = store.model()
+    assert model is not None and model.version == 2
+
+
+def test_every_server_records_the_leaders_metrics_rows(tmp_path: Path) -> None:
+    # Prepare
+    config = cluster_job(rounds=2, workers=4)
+    store = MemoryStore()
+
+    # Execute
+    run = run_cluster(config, INITIAL, trainers(4), lambda i: store, tmp_path, servers=2)
+
+    # Assert: one row per round on each server, the same rows, with the whole cluster's counts.
+    assert not run.errors, run.errors
+    rows = [list(ps.metrics.history) for ps in run.servers]
+    assert [r["round"] for r in rows[0]] == [1, 2]
+    assert rows[0] == rows[1]
+    assert rows[0][0]["participants"] == 4
+    assert rows[0][0]["num_samples"] == 10 + 11 + 12 + 13
+    assert rows[0][0]["train_loss"] == 0.0
+
+
+def test_servers_over_sealed_redis_end_with_the_single_ps_model(tmp_path: Path, store: Store) -> None:
+    # Prepare
+    config = cluster_job(rounds=2, workers=6)
+
+    # Execute
+    run = run_cluster(config, INITIAL, trainers(6), lambda i: store, tmp_path / "cluster", servers=3)
+    single = run_federation(config, INITIAL, trainers(6), tmp_path / "single")
+
+    # Assert
+    assert not run.errors, run.errors
+    for ps in run.servers:
+        assert ps.params.equal(single.ps.params)
+
+
