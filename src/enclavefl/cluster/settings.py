@@ -7,6 +7,7 @@ cannot run the same way as one PS is refused with the key to change.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -14,7 +15,7 @@ from enclavefl.cluster.redis_store import RedisSettings
 from enclavefl.config import JobConfig, RedisConfig
 from enclavefl.errors import ConfigError
 
-__all__ = ["check_cluster_job", "redis_settings", "redis_settings_from_url"]
+__all__ = ["check_cluster_job", "read_cluster_key", "redis_settings", "redis_settings_from_url", "write_cluster_key"]
 
 
 def check_cluster_job(config: JobConfig) -> None:
@@ -101,3 +102,45 @@ def redis_settings_from_url(url: str, *, base: RedisSettings | None = None) -> R
         connect_timeout_s=base.connect_timeout_s, timeout_s=base.timeout_s, retries=base.retries,
         backoff_base_s=base.backoff_base_s, backoff_cap_s=base.backoff_cap_s,
     )
+
+
+CLUSTER_KEY_BYTES = 32
+
+
+def write_cluster_key(path: Path) -> bytes:
+    """Makes a fresh random cluster key and writes it to ``path`` (hex, mode 0600, created exclusively).
+
+    For a cluster started on one host (``enclavefl run --servers``); in a deployment the scheduler
+    hands the key only to servers whose attestation passes the policy.
+
+    Raises:
+        ConfigError: ``path`` exists already or cannot be written.
+    """
+    key = os.urandom(CLUSTER_KEY_BYTES)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"cluster key {path}: cannot create it: {exc.strerror or exc}") from exc
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+        f.write(key.hex() + "\n")
+    return key
+
+
+def read_cluster_key(path: Path) -> bytes:
+    """The cluster key in ``path``: 64 hex digits (a trailing newline allowed).
+
+    Raises:
+        ConfigError: unreadable, or not 32 bytes of hex (the message never shows the file's content).
+    """
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cluster key {path}: cannot read it: {getattr(exc, 'strerror', None) or exc}") from exc
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    if len(key) != CLUSTER_KEY_BYTES:
+        raise ConfigError(f"cluster key {path}: expected {2 * CLUSTER_KEY_BYTES} hex digits ({CLUSTER_KEY_BYTES} "
+                          f"bytes), found {len(text)} characters")
+    return key

@@ -81,3 +81,22 @@ def test_a_job_the_cluster_cannot_split_is_refused_naming_the_key(doc: dict[str,
 
 def test_a_fedavg_job_runs_in_a_cluster() -> None:
     check_cluster_job(parse_job({"server": {"optimizer": {"name": "fedadam"}}}))
+
+
+def test_a_written_cluster_key_reads_back_and_only_its_owner_may_read_it(tmp_path: Path) -> None:
+    from enclavefl.cluster.settings import read_cluster_key, write_cluster_key
+
+    key = write_cluster_key(tmp_path / "cluster.key")
+
+    assert read_cluster_key(tmp_path / "cluster.key") == key and len(key) == 32
+    assert (tmp_path / "cluster.key").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_short_cluster_key_is_refused_without_showing_it(tmp_path: Path) -> None:
+    from enclavefl.cluster.settings import read_cluster_key
+
+    (tmp_path / "k").write_text("abcd1234", encoding="ascii")
+
+    with pytest.raises(ConfigError, match="expected 64 hex digits") as info:
+        read_cluster_key(tmp_path / "k")
+    assert "abcd1234" not in str(info.value)
