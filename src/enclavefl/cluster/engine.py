@@ -56,12 +56,15 @@ from enclavefl.server.state import Stateful
 from enclavefl.server.strategy import Strategy
 from enclavefl.tensors import StreamHeader
 
-__all__ = ["LEADER_LEASE", "UPDATE_ID_KEY", "ClusterEngine", "cluster_engine"]
+__all__ = ["LEADER_LEASE", "PAUSE_LEASE", "UPDATE_ID_KEY", "ClusterEngine", "cluster_engine"]
 
 log = logging.getLogger(__name__)
 
 LEADER_LEASE = "leader"
 """The lease whose holder opens and closes rounds."""
+
+PAUSE_LEASE = "pause"
+"""Held by the scheduler while an operator has paused the job: the leader opens no round."""
 
 UPDATE_ID_KEY = "update_id"
 """An update's ``extensions`` key for the id it carries on every (re-)send; else ``<round>/<worker name>``."""
@@ -323,6 +326,8 @@ class ClusterEngine(SyncEngine):
 
     def _open_next(self, lease: Lease, number: int, attempt: int) -> None:
         cfg = self.config.round
+        if self.store.lease(PAUSE_LEASE) is not None:
+            return  # paused by the operator: the open round (if any) ran on, no new one opens
         live = {m.member_id for m in self.store.members("server")}
         candidates = [Candidate(s.worker_id, s.name, 0) for s in self.store.sessions() if s.server in live]
         if len(candidates) < cfg.min_workers:

@@ -7,8 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from enclavefl.cluster import MemoryStore, RoundPhase, Store
-from enclavefl.tensors import ParamSet
+from enclavefl.cluster import Member, MemoryStore, RoundPhase, Session, Store, UpdateRef
+from enclavefl.cluster.blobs import decode_model
+from enclavefl.cluster.engine import PAUSE_LEASE, ClusterEngine, cluster_engine
+from enclavefl.cluster.ledger import StoreAggregator
+from enclavefl.server.aggregator import WeightedMean
+from enclavefl.server.ps import ParameterServer
+from enclavefl.tensors import ParamSet, StreamHeader
 from tests.unit.cluster.cluster_job import cluster_job, run_cluster
 from tests.unit.worker.federation import AddTrainer, f32, run_federation
 
@@ -94,3 +99,56 @@ def test_servers_over_sealed_redis_end_with_the_single_ps_model(tmp_path: Path, 
         assert ps.params.equal(single.ps.params)
 
 
+
+
+def _ticking_server(tmp_path: Path, store: MemoryStore) -> ClusterEngine:
+    """A server that has not started its loop: each test calls tick() itself."""
+    config = cluster_job(rounds=1, workers=2)
+    ps = ParameterServer(config, INITIAL, out_dir=tmp_path, engine=cluster_engine(store, "server-0", config.cluster))
+    engine = ps.engine
+    assert isinstance(engine, ClusterEngine)
+    store.register(Member("server-0", "server", "127.0.0.1:7000"), 30)
+    for i in range(2):  # two workers joined to it, as its session sync would bind them
+        store.bind_session(Session(f"w-{i}", f"fp{i}", "server-0", f"worker-{i}"))
+    return engine
+
+
+def test_the_leader_opens_no_round_while_the_pause_lease_is_held(tmp_path: Path) -> None:
+    # Prepare
+    store = MemoryStore()
+    engine = _ticking_server(tmp_path, store)
+    store.acquire_lease(PAUSE_LEASE, "scheduler", 30)
+
+    # Execute
+    engine.tick()
+
+    # Assert: the first model is published, no round opened; once the pause ends, it opens.
+    assert store.model() is not None and store.round_state() is None
+    held = store.lease(PAUSE_LEASE)
+    assert held is not None
+    store.release_lease(held)
+    engine.tick()
+    state = store.round_state()
+    assert state is not None and state.phase is RoundPhase.OPEN and state.sampled == {"w-0", "w-1"}
+
+
+def test_the_leader_finishes_a_closing_round_from_the_partials_the_store_holds(tmp_path: Path) -> None:
+    # Prepare: round 1 open on version 0, one update in the partial of a server that died, and the
+    # round already CLOSING (a leader that began the close and died, say).
+    store = MemoryStore()
+    engine = _ticking_server(tmp_path, store)
+    engine.tick()  # publishes version 0 and opens round 1
+    dead = StoreAggregator(WeightedMean, StreamHeader.of(INITIAL), store, number=1, attempt=0, server="server-dead")
+    with dead.name(UpdateRef("w-0", "1/worker-0"), {"num_samples": 10}):
+        dead.add(ParamSet({"w": np.ones((2, 2), np.float32), "b": np.ones(2, np.float32)}), 10.0)
+    store.begin_close(1, 0)
+
+    # Execute
+    engine.tick()
+
+    # Assert: the close is finished from the store's partial: version 1 = initial + the one delta.
+    state = store.round_state(1)
+    assert state is not None and state.phase is RoundPhase.CLOSED
+    model = store.model()
+    assert model is not None and model.version == 1
+    np.testing.assert_array_equal(decode_model(model.blob)["b"], f32([1.125, 4.0]))
