@@ -2,11 +2,12 @@
 
 Like the single-PS ``run`` (:mod:`enclavefl.cli.run_cmd`), with a cluster in
 the PS's place: it starts ``redis-server`` from PATH (with a clear error
-naming the package when it is missing), makes a fresh cluster key in the run
-directory, starts ``enclavefl server`` N times (``server-<i>/`` each: log,
-metrics, checkpoints of the rounds it led) and the workers, worker ``i``
-connecting to server ``i mod N``. It follows ``server-0``'s metrics (every
-server records every round) and stops everything when the servers are done.
+naming the package when it is missing), then ``enclavefl scheduler``
+(``scheduler/``: the job's metrics, the management API), then ``enclavefl
+server`` N times (``server-<i>/`` each: log, metrics, checkpoints of the rounds
+it led), which get the cluster key from the scheduler once their attestation
+passes, and the workers, worker ``i`` connecting to server ``i mod N``. It
+follows the scheduler's metrics and stops everything when the job is done.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from enclavefl.cli.run_cmd import (
     _tail,
 )
 from enclavefl.cli.runs import choose_run_dir, claim_run_dir, print_summary, write_config
-from enclavefl.cluster.settings import check_cluster_job, write_cluster_key
+from enclavefl.cluster.settings import check_cluster_job
 from enclavefl.config import load_job
 from enclavefl.errors import ConfigError, RoundError
 from enclavefl.transport.certs import create_job_certs
@@ -86,8 +87,6 @@ def run_cluster(args: argparse.Namespace, overrides: list[str]) -> int:
         create_job_certs(run_dir / "certs", config.job.name, workers=config.job.workers)
         tls_args = ["--tls-dir", str(run_dir / "certs")]
     audit_args = ["--audit-file", str(run_dir / "audit.jsonl")]
-    key_file = run_dir / "cluster.key"
-    write_cluster_key(key_file)
     python = [sys.executable, "-m", "enclavefl"] + (["--debug"] if args.debug else [])
     watch_args = ["--parent-pid", str(os.getpid())]
     redis = RedisProcess(run_dir / "redis")
@@ -97,14 +96,21 @@ def run_cluster(args: argparse.Namespace, overrides: list[str]) -> int:
     try:
         redis.start()
         console.print(f"redis-server on 127.0.0.1:{redis.port} (AOF in {redis.directory}); what it holds is sealed "
-                      f"under the cluster key in {key_file}")
+                      "under a cluster key only the scheduler and attested servers hold")
+        scheduler_port = run_dir / "scheduler.port"
+        scheduler = children.spawn("scheduler", python + [
+            "scheduler", "--config", str(config_path), "--store", redis.url, "--out", str(run_dir / "scheduler"),
+            "--port-file", str(scheduler_port), *tls_args, *audit_args, *watch_args])
+        (scheduler_at,) = _wait_ports([(scheduler, scheduler_port)])
+        if config.management.enabled:
+            console.print(f"management API and dashboard: see {run_dir / 'scheduler' / 'management.json'}")
         servers: list[tuple[_Child, Path]] = []
         for i in range(n):
             out, port_file = run_dir / f"server-{i}", run_dir / f"server-{i}.port"
             child = children.spawn(f"server-{i}", python + [
-                "server", "--config", str(config_path), "--store", redis.url, "--cluster-key-file", str(key_file),
-                "--id", f"server-{i}", "--out", str(out), "--port-file", str(port_file), *tls_args, *audit_args,
-                *watch_args])
+                "server", "--config", str(config_path), "--store", redis.url, "--scheduler",
+                f"127.0.0.1:{scheduler_at}", "--id", f"server-{i}", "--out", str(out), "--port-file", str(port_file),
+                *tls_args, *audit_args, *watch_args])
             servers.append((child, port_file))
         ports = _wait_ports(servers)
         for i in range(config.job.workers):
@@ -112,7 +118,7 @@ def run_cluster(args: argparse.Namespace, overrides: list[str]) -> int:
                                                     "--connect", f"127.0.0.1:{ports[i % n]}", "--index", str(i),
                                                     *watch_args])
         console.print(f"servers listening on {', '.join(f'127.0.0.1:{p}' for p in ports)}; logs in {run_dir / 'logs'}")
-        rows = _follow(console, servers[0][0], run_dir / "server-0" / config.summary.metrics_file, config,
+        rows = _follow(console, scheduler, run_dir / "scheduler" / config.summary.metrics_file, config,
                        quiet=args.quiet)
         end = time.monotonic() + WORKER_EXIT_TIMEOUT_S
         for child in children.children:
@@ -120,7 +126,7 @@ def run_cluster(args: argparse.Namespace, overrides: list[str]) -> int:
                 child.proc.wait(max(end - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
                 pass
-        failed = [c for c, _ in servers if c.proc.returncode not in (0, None)]
+        failed = [c for c in [scheduler, *(c for c, _ in servers)] if c.proc.returncode not in (0, None)]
     finally:
         children.close()
         redis.stop()

@@ -34,8 +34,11 @@ def add_parser(sub: Any) -> None:
     add_overrides_option(p)
     p.add_argument("--store", metavar="URL",
                    help="redis://HOST:PORT/DB or rediss://... (default: the job's cluster.redis)")
-    p.add_argument("--cluster-key-file", type=Path, required=True,
-                   help="the cluster key (64 hex digits) that seals what the store holds")
+    key = p.add_mutually_exclusive_group(required=True)
+    key.add_argument("--scheduler", metavar="HOST:PORT",
+                     help="the scheduler, which hands the cluster key to this server once its attestation passes")
+    key.add_argument("--cluster-key-file", type=Path,
+                     help="the cluster key (64 hex digits) from a file instead (development; no scheduler)")
     p.add_argument("--id", dest="server_id", required=True, help="this server's member id (unique in the cluster)")
     p.add_argument("--out", type=Path, default=Path("."), help="this server's directory (default .)")
     p.add_argument("--tls-dir", type=Path, help="directory made by `enclavefl certs` (ca.pem, ps.pem ...)")
@@ -50,6 +53,7 @@ def run_server(args: argparse.Namespace) -> int:
     from enclavefl.app import build_server, serve
     from enclavefl.cluster import RedisStore, SealedStore, Sealer
     from enclavefl.cluster.engine import ClusterEngine, cluster_engine
+    from enclavefl.cluster.keyservice import fetch_cluster_key
     from enclavefl.cluster.settings import check_cluster_job, read_cluster_key, redis_settings, redis_settings_from_url
     from enclavefl.cli.roles import _write_port_file
     from enclavefl.tasks import load_task
@@ -68,11 +72,15 @@ def run_server(args: argparse.Namespace) -> int:
         settings = redis_settings(config.cluster.redis, base_dir=args.config.parent)
         if args.store:
             settings = redis_settings_from_url(args.store, base=settings)
-        key = read_cluster_key(args.cluster_key_file)
+        credentials = make_credentials(config, args.tls_dir, "ps", job_dir=args.config.parent,
+                                       audit_path=args.audit_file or out / "audit.jsonl")
+        if args.scheduler:
+            key = fetch_cluster_key(args.scheduler, credentials, args.server_id)
+            log.info("server %s: cluster key received from the scheduler at %s", args.server_id, args.scheduler)
+        else:
+            key = read_cluster_key(args.cluster_key_file)
         store = SealedStore(RedisStore(settings, job=config.job.name), Sealer(key, job=config.job.name))
         try:
-            credentials = make_credentials(config, args.tls_dir, "ps", job_dir=args.config.parent,
-                                           audit_path=args.audit_file or out / "audit.jsonl")
             ps = build_server(config, load_task(config), out_dir=out,
                               engine=cluster_engine(store, args.server_id, config.cluster))
             stopper.on_stop(ps.stop)

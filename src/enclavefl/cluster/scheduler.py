@@ -182,6 +182,7 @@ class ClusterHandle:
     def __init__(self, scheduler: Scheduler) -> None:
         self._scheduler = scheduler
 
+    @property
     def events(self) -> EventBus:
         return self._scheduler.events
 
