@@ -106,6 +106,8 @@ class ClusterEngine(SyncEngine):
         self._first_seen: dict[tuple[int, int], float] = {}
         self._waiting_since: float | None = None
         self._first_checked = False
+        self._unpublished: tuple[int, int, bytes, bytes] | None = None
+        """A close this leader made but could not publish yet: (round, attempt, model, state)."""
         self._unreachable_since: float | None = None
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -362,6 +364,12 @@ class ClusterEngine(SyncEngine):
     def _close(self, lease: Lease, state: RoundState) -> None:
         """Merges the partials of a CLOSING round and publishes the next model (or fails the attempt)."""
         number, attempt = state.number, state.attempt
+        pending = self._unpublished
+        if pending is not None and pending[:2] == (number, attempt):
+            # This leader ran the close already and could not publish it (the store was unreachable):
+            # publish the same bytes again, never a second optimizer step.
+            self._publish_close(lease, state, pending[2], pending[3], count=-1, servers=-1)
+            return
         self._follow(state)  # the local round closes: no upload is folded from here on
         partials, accepted = self.store.partials(number, attempt), self.store.accepted(number, attempt)
         check_partials(number, attempt, partials, accepted)
@@ -385,16 +393,24 @@ class ClusterEngine(SyncEngine):
             params, row, parts = core.params, dict(core.metrics.history[-1]), core.part_states()
             if core.phase is Phase.AGGREGATING:
                 core.set_phase(Phase.WAITING)
+        model, close_state = encode_model(params), encode_close_state(CloseState(number, row, parts))
+        self._unpublished = (number, attempt, model, close_state)
+        self._publish_close(lease, state, model, close_state, count=aggregator.count, servers=len(partials))
+
+    def _publish_close(self, lease: Lease, state: RoundState, model: bytes, close_state: bytes, *, count: int,
+                       servers: int) -> None:
+        """``finish_round`` with what the close made (StoreUnavailable: kept, and retried by the next tick)."""
         try:
-            self.store.finish_round(number, attempt, model=encode_model(params), lease=lease,
-                                    strategy_state=encode_close_state(CloseState(number, row, parts)))
+            self.store.finish_round(state.number, state.attempt, model=model, strategy_state=close_state, lease=lease)
         except (LeaseLost, StoreConflict) as exc:
             # This server's model is ahead of the store's: it cannot serve the cluster's rounds any more.
-            raise RoundError(f"server {self.server_id} round {number}: the close could not be published ({exc}); "
-                             "another leader finishes it") from exc
+            raise RoundError(f"server {self.server_id} round {state.number}: the close could not be published "
+                             f"({exc}); another leader finishes it") from exc
+        self._unpublished = None
         self._synced = state.model_version + 1
-        log.info("server %s round %d: closed, %d updates from %d servers, model version %d published",
-                 self.server_id, number, aggregator.count, len(partials), self._synced, extra={"event": "round_closed"})
+        log.info("server %s round %d: closed, %s updates from %s servers, model version %d published", self.server_id,
+                 state.number, count if count >= 0 else "the", servers if servers >= 0 else "its", self._synced,
+                 extra={"event": "round_closed"})
 
     def _record(self, state: RoundState, pushed: set[str], count: int, weight: float) -> RoundRecord:
         """The round as the whole cluster saw it (from the store's counters), for the metrics row."""

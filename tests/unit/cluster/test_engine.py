@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from enclavefl.cluster import Member, MemoryStore, RoundPhase, Session, Store, UpdateRef
+from enclavefl.cluster import StoreUnavailable
 from enclavefl.cluster.blobs import decode_model
 from enclavefl.cluster.engine import PAUSE_LEASE, ClusterEngine, cluster_engine
 from enclavefl.cluster.ledger import StoreAggregator
@@ -152,3 +154,49 @@ def test_the_leader_finishes_a_closing_round_from_the_partials_the_store_holds(t
     model = store.model()
     assert model is not None and model.version == 1
     np.testing.assert_array_equal(decode_model(model.blob)["b"], f32([1.125, 4.0]))
+
+
+def _unreachable_once(inner: MemoryStore, method: str) -> Store:
+    """``inner``, except that the first call of ``method`` applies nothing and raises StoreUnavailable."""
+    failed: list[bool] = []
+
+    def delegate(name: str) -> Any:
+        def call(self: Store, *args: Any, **kwargs: Any) -> Any:
+            if name == method and not failed:
+                failed.append(True)
+                raise StoreUnavailable(f"{name}: Redis is restarting (test)")
+            return getattr(inner, name)(*args, **kwargs)
+        return call
+
+    cls = type("UnreachableOnce", (Store,), {name: delegate(name) for name in Store.__abstractmethods__})
+    made: Store = cls()
+    return made
+
+
+def test_a_close_the_store_missed_is_published_again_without_a_second_step(tmp_path: Path) -> None:
+    # Prepare: round 1 open with one accepted update; the first finish_round finds the store unreachable.
+    inner = MemoryStore()
+    store = _unreachable_once(inner, "finish_round")
+    config = cluster_job(rounds=1, workers=2)
+    ps = ParameterServer(config, INITIAL, out_dir=tmp_path, engine=cluster_engine(store, "server-0", config.cluster))
+    engine = ps.engine
+    assert isinstance(engine, ClusterEngine)
+    inner.register(Member("server-0", "server", "127.0.0.1:7000"), 30)
+    for i in range(2):
+        inner.bind_session(Session(f"w-{i}", f"fp{i}", "server-0", f"worker-{i}"))
+    engine.tick()
+    agg = StoreAggregator(WeightedMean, StreamHeader.of(INITIAL), inner, number=1, attempt=0, server="server-1")
+    with agg.name(UpdateRef("w-0", "1/worker-0"), {"num_samples": 10}):
+        agg.add(ParamSet({"w": np.ones((2, 2), np.float32), "b": np.ones(2, np.float32)}), 10.0)
+    inner.begin_close(1, 0)
+
+    # Execute: the first tick closes locally and fails to publish; the second publishes the same close.
+    with pytest.raises(StoreUnavailable):
+        engine.tick()
+    engine.tick()
+
+    # Assert: version 1 is initial + one delta (not two), and the server's own model is that one.
+    model = inner.model()
+    assert model is not None and model.version == 1
+    np.testing.assert_array_equal(decode_model(model.blob)["b"], f32([1.125, 4.0]))
+    assert ps.version == 1 and ps.params.equal(decode_model(model.blob))
