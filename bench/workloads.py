@@ -37,6 +37,8 @@ class Outcome:
     fed_wall: float
     bytes_in: int
     bytes_dense: int
+    bytes_out: int = 0
+    bytes_out_dense: int = 0
     cen_final: float | None = None
     cen_best: float | None = None
     cen_wall: float | None = None
@@ -60,7 +62,9 @@ def run_once(job: Path, sets: list[str], out: Path, baseline: bool) -> Outcome:
     fed = _rows(out / "metrics.jsonl")
     metric, fed_final, fed_best = _score(fed)
     outcome = Outcome(metric, len(fed), fed_final, fed_best, time.monotonic() - t0,
-                      sum(int(r["bytes_in"]) for r in fed), sum(int(r.get("bytes_in_dense") or 0) for r in fed))
+                      sum(int(r["bytes_in"]) for r in fed), sum(int(r.get("bytes_in_dense") or 0) for r in fed),
+                      sum(int(r.get("bytes_out") or 0) for r in fed),
+                      sum(int(r.get("bytes_out_dense") or r.get("bytes_out") or 0) for r in fed))
     if baseline:
         t1 = time.monotonic()
         # One thread, like each worker of `enclavefl run`: oversubscribed cores make small models crawl.
@@ -82,6 +86,12 @@ def describe(name: str, o: Outcome) -> str:
     if o.bytes_dense > o.bytes_in:  # only workloads with sparse uploads
         line += (f" | uploads {o.bytes_in / 1e6:.1f} MB vs dense {o.bytes_dense / 1e6:.1f} MB "
                  f"({o.bytes_dense / max(o.bytes_in, 1):.1f}x smaller)")
+    if o.bytes_out_dense > o.bytes_out:  # sparse or quantized downloads
+        line += (f" | downloads {o.bytes_out / 1e6:.1f} MB vs dense {o.bytes_out_dense / 1e6:.1f} MB "
+                 f"({o.bytes_out_dense / max(o.bytes_out, 1):.1f}x smaller)")
+    up_down, dense = o.bytes_in + o.bytes_out, max(o.bytes_dense, o.bytes_in) + o.bytes_out_dense
+    if dense > up_down:
+        line += f" | up + down {up_down / 1e6:.1f} MB vs dense {dense / 1e6:.1f} MB ({dense / max(up_down, 1):.1f}x smaller)"
     return line
 
 

@@ -48,11 +48,12 @@ from enclavefl.attest.tcg_evidence import decode_tagged_evidence
 from enclavefl.attest.verifier import verify_quote
 from enclavefl.config import parse_job
 from enclavefl.errors import EnclaveFLError, ProtocolError
-from enclavefl.messages import UpdateMeta
+from enclavefl.compression import CompressedDecoder, encode_tensor
+from enclavefl.messages import UpdateKind, UpdateMeta
 from enclavefl.proto import PROTOCOL_VERSION
 from enclavefl.proto import federation_pb2 as pb
 from enclavefl.server.ps import ParameterServer
-from enclavefl.tensors import CodecLimits, ParamSet, StreamDecoder, StreamHeader, iter_chunks
+from enclavefl.tensors import CodecLimits, EncodedUpdate, ParamSet, StreamDecoder, StreamHeader, iter_chunks
 from enclavefl.transport.attested import AttestedCredentials
 from enclavefl.transport.audit import AuditLog
 from enclavefl.transport.certs import make_ca, make_node_cert
@@ -285,6 +286,38 @@ def _tensor_stream_seeds() -> list[bytes]:
     return [frame(_update_messages())]
 
 
+def _compressed_stream(data: bytes) -> None:
+    """A QUANTIZED update as the PS reads it: header envelope, then chunks decoded as they arrive."""
+    messages = unframe(data)
+    if not messages:
+        return
+    decode = chunk_decoder(pb.UpdateChunk)
+    first = decode(messages[0])
+    if not isinstance(first, pb.UpdateChunk) or first.WhichOneof("part") != "header":
+        raise ProtocolError("the first message must be the update header")
+    decoder = CompressedDecoder(update_meta_from_proto(first.header).tensors, LIMITS)
+    for raw in messages[1:]:
+        payload = chunk_payload(decode(raw))
+        if payload is None:
+            raise ProtocolError("a second header")
+        decoder.feed(payload)
+    decoder.finish()
+
+
+def _compressed_stream_seeds() -> list[bytes]:
+    rng = np.random.default_rng(0)
+    bell = rng.normal(size=300).astype(np.float32)  # its 8-bit codes deflate
+    update = EncodedUpdate([
+        ("q8", encode_tensor(bell, "q8", rng)),
+        ("topk_q4", encode_tensor(bell[:21], "topk_q4", rng, sparse_rate=0.3)),
+        ("topk", encode_tensor(bell[:10], "topk", rng, sparse_rate=0.5)),
+        *MODEL.items(),
+    ])
+    header = update_meta_to_proto(UpdateMeta("w-1", 1, 0, 3, StreamHeader.of(update), {"loss": 0.5},
+                                             kind=UpdateKind.QUANTIZED))
+    return [frame([pb.UpdateChunk(header=header).SerializeToString(), *(encode_data(c) for c in iter_chunks(update, 16))])]
+
+
 def _tensor_header_json(data: bytes) -> None:
     StreamHeader.from_json(data, LIMITS)
 
@@ -405,6 +438,7 @@ TARGETS: dict[str, Target] = {
         Target("collateral_envelope", _collateral_envelope, _collateral_envelope_seeds),
         Target("tensor_stream", _tensor_stream, _tensor_stream_seeds),
         Target("tensor_header_json", _tensor_header_json, _tensor_header_json_seeds),
+        Target("compressed_stream", _compressed_stream, _compressed_stream_seeds),
         *(Target(f"rpc_{m}", _rpc_target(m), _rpc_seeds(m)) for m in _METHODS),
     )
 }

@@ -44,11 +44,14 @@ from enclavefl.task_params import BUILTIN_TASK_PARAMS
 __all__ = [
     "BUFFERING_AGGREGATORS",
     "CLOUD_KEY_ALIASES",
+    "CLOUD_SECTION_ALIASES",
     "AggregatorConfig",
     "AttestationConfig",
     "ClientConfig",
     "ClusterConfig",
     "CollateralConfig",
+    "CompressionConfig",
+    "DownloadCompressionConfig",
     "DpConfig",
     "FaultsConfig",
     "FileCollateralConfig",
@@ -60,6 +63,7 @@ __all__ = [
     "RedisConfig",
     "RoundConfig",
     "ServerConfig",
+    "SparseDownloadsConfig",
     "StalenessConfig",
     "StrategyConfig",
     "ManagementConfig",
@@ -67,6 +71,7 @@ __all__ = [
     "TaskConfig",
     "TlsConfig",
     "TransportConfig",
+    "UploadCompressionConfig",
     "apply_overrides",
     "check_worker_count",
     "load_job",
@@ -360,12 +365,32 @@ class TlsConfig(_Section):
     server_name: str = "enclavefl-ps"
 
 
+class SparseDownloadsConfig(_Section):
+    """Downloads of only the rows changed since the worker's copy (embedding tables; docs/results.md).
+
+    The PS keeps, per tracked tensor, the model version at which each row last
+    changed; a worker that holds version ``v`` gets, per tracked tensor, the rows
+    changed after ``v`` and the other tensors dense. A worker more than
+    ``max_behind_versions`` behind, or a tensor with more than ``max_diff_fraction``
+    of its rows changed, gets the dense tensor.
+    """
+
+    enabled: bool = False
+    max_behind_versions: int = Field(default=16, ge=1, le=1_000_000,
+                                     description="a worker further behind downloads the dense model")
+    max_diff_fraction: float = Field(default=0.25, gt=0, le=1,
+                                     description="a tensor with more of its rows changed goes dense")
+    tensors: list[str] = Field(default_factory=list, max_length=1024,
+                               description="name patterns (fnmatch) of the tracked tensors; empty: every tensor of rank >= 2")
+
+
 class TransportConfig(_Section):
     """Where the PS listens and how tensors are chunked on the wire."""
 
     listen: str = Field(default="127.0.0.1:0", pattern=r"^[^\s:]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$")
     chunk_bytes: int = Field(default=2 * MiB, ge=4096, le=64 * MiB)
     tls: TlsConfig = Field(default_factory=TlsConfig)
+    sparse_downloads: SparseDownloadsConfig = Field(default_factory=SparseDownloadsConfig)
 
 
 class FileCollateralConfig(_Section):
@@ -531,10 +556,50 @@ class DpConfig(_Section):
     accountant: Literal["rdp", "pld"] = "rdp"
 
 
+class UploadCompressionConfig(_Section):
+    """How workers compress their updates (docs/privacy.md, "Update compression").
+
+    ``quantize``: unbiased stochastic quantization to ``bits`` per value;
+    ``topk``: the ``sparse_rate`` fraction of values of largest magnitude per
+    tensor, with error feedback (what a worker does not send it adds to its next
+    update), kept at ``sparse_rate ** (round / warmup_rounds)`` during the first
+    ``warmup_rounds``; ``topk_quantize``: both (the cloud cluster's ``DIFF_SPARSE_QUANT``).
+    """
+
+    type: Literal["none", "quantize", "topk", "topk_quantize"] = "none"
+    bits: Literal[8, 4] = Field(default=8, description="bits per quantized value (quantize, topk_quantize)")
+    sparse_rate: float = Field(default=0.01, gt=0, lt=1, description="fraction of each tensor's values a top-k keeps")
+    warmup_rounds: int = Field(default=0, ge=0, le=100_000,
+                               description="top-k: the kept fraction falls exponentially from 1 to sparse_rate over "
+                                           "these first rounds (Deep Gradient Compression's warm-up)")
+
+
+class DownloadCompressionConfig(_Section):
+    """How the model travels to the workers; the PS keeps full precision (docs/privacy.md, "Compression").
+
+    ``quantize``: floating-point tensors go as 8-bit codes per block of
+    :data:`enclavefl.download_codec.QUANT_BLOCK` values with the block's minimum and
+    step (deterministic rounding to the nearest code: each value is off by at most
+    half a step); workers train from the dequantized model and send their delta
+    against it.
+    """
+
+    type: Literal["none", "quantize"] = "none"
+    bits: Literal[8] = 8
+
+
+class CompressionConfig(_Section):
+    """Update and model compression (the PS keeps full precision either way)."""
+
+    upload: UploadCompressionConfig = Field(default_factory=UploadCompressionConfig)
+    download: DownloadCompressionConfig = Field(default_factory=DownloadCompressionConfig)
+
+
 class PrivacyConfig(_Section):
     """Privacy mechanisms beyond attestation (docs/privacy.md)."""
 
     dp: DpConfig = Field(default_factory=DpConfig)
+    compression: CompressionConfig = Field(default_factory=CompressionConfig)
 
 
 class JobConfig(_Section):
@@ -575,6 +640,9 @@ class JobConfig(_Section):
                 raise ValueError("round.mode async does not support server.strategy scaffold (its control variates assume rounds)")
         if self.privacy.dp.enabled:
             _check_dp(self)
+        _check_downloads(self)
+        if self.privacy.compression.upload.type != "none":
+            _check_upload_compression(self)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -599,6 +667,34 @@ def _check_dp(config: JobConfig) -> None:
         raise ValueError(
             "privacy.dp.enabled does not support server.strategy scaffold: the control-variate change would be "
             "clipped with the model delta, which breaks SCAFFOLD's correction"
+        )
+
+
+def _check_downloads(config: JobConfig) -> None:
+    """Refuses download settings that cannot work together; each message names both keys."""
+    if config.privacy.compression.download.type != "none" and config.transport.sparse_downloads.enabled:
+        raise ValueError(
+            "privacy.compression.download.type quantize cannot be combined with transport.sparse_downloads.enabled: "
+            "a worker applies changed rows to its cached copy, which would then mix full-precision rows with "
+            "dequantized ones and no longer equal any model version of the PS; choose one"
+        )
+
+
+def _check_upload_compression(config: JobConfig) -> None:
+    """Refuses what upload compression cannot be combined with; each message names both keys.
+
+    Allowed, and why: robust aggregators and async rounds see decoded, plain
+    updates; DP clips before compressing and the worker bounds the decoded upload
+    by ``clip_norm`` again (docs/privacy.md); sparse embedding rows travel as
+    they are (already sparse) while the dense tensors are compressed.
+    """
+    kind = config.privacy.compression.upload.type
+    if config.server.strategy.name == "scaffold" and kind in ("topk", "topk_quantize"):
+        raise ValueError(
+            f"privacy.compression.upload.type {kind} does not support server.strategy scaffold: error feedback "
+            "sends parts of a model delta rounds later, while the control variates are updated with the whole "
+            "delta at once, so SCAFFOLD's drift correction no longer matches the model (quantize is unbiased "
+            "and allowed)"
         )
 
 
@@ -645,6 +741,17 @@ CLOUD_KEY_ALIASES: Mapping[str, tuple[str, float | None]] = {
     "client_learning_rate": ("client.lr", None),
 }
 
+# Keys the cloud FL cluster nests in its own sections ("compression.upload_compress_type") -> (our
+# dotted key, the cloud's value -> ours, or None to keep the value).
+CLOUD_SECTION_ALIASES: Mapping[str, tuple[str, Mapping[str, Any] | None]] = {
+    "compression.upload_compress_type": (
+        "privacy.compression.upload.type", {"NO_COMPRESS": "none", "DIFF_SPARSE_QUANT": "topk_quantize"}),
+    "compression.upload_sparse_rate": ("privacy.compression.upload.sparse_rate", None),
+    "compression.download_compress_type": (
+        "privacy.compression.download.type", {"NO_COMPRESS": "none", "QUANT": "quantize"}),
+}
+_CLOUD_SECTIONS = frozenset(key.split(".", 1)[0] for key in CLOUD_SECTION_ALIASES)
+
 
 def _set_dotted(doc: dict[str, Any], dotted: str, value: Any, source: str) -> None:
     parts = dotted.split(".")
@@ -659,8 +766,28 @@ def _set_dotted(doc: dict[str, Any], dotted: str, value: Any, source: str) -> No
     node[parts[-1]] = value
 
 
+def _resolve_section_aliases(doc: dict[str, Any], out: dict[str, Any], source: str) -> None:
+    """Moves the cloud cluster's nested keys (CLOUD_SECTION_ALIASES) from ``doc`` to our keys in ``out``."""
+    for section in sorted(_CLOUD_SECTIONS & set(doc)):
+        entries = doc[section]
+        known = sorted(k.split(".", 1)[1] for k in CLOUD_SECTION_ALIASES if k.startswith(section + "."))
+        if not isinstance(entries, dict):
+            raise ConfigError(f"{source}: {section} is the cloud cluster's section: expected a mapping of {known}")
+        for key, value in entries.items():
+            alias = f"{section}.{key}"
+            if alias not in CLOUD_SECTION_ALIASES:
+                raise ConfigError(f"{source}: {alias} is not a cloud cluster key enclavefl knows (known: {known})")
+            dotted, values = CLOUD_SECTION_ALIASES[alias]
+            if values is not None:
+                if not isinstance(value, str) or value not in values:
+                    raise ConfigError(f"{source}: {alias} = {value!r}: expected one of {sorted(values)}")
+                value = values[value]
+            _set_dotted(out, dotted, value, source)
+
+
 def _resolve_aliases(doc: dict[str, Any], source: str) -> dict[str, Any]:
-    out = {k: v for k, v in doc.items() if k not in CLOUD_KEY_ALIASES}
+    out = {k: v for k, v in doc.items() if k not in CLOUD_KEY_ALIASES and k not in _CLOUD_SECTIONS}
+    _resolve_section_aliases(doc, out, source)
     for alias, (dotted, factor) in CLOUD_KEY_ALIASES.items():
         if alias not in doc:
             continue

@@ -14,10 +14,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, TypeAlias
 
-from enclavefl.tensors import ParamSet, StreamHeader
+from enclavefl.tensors import EncodedUpdate, ParamSet, StreamHeader
 
 __all__ = [
     "CONTROL_DELTA_PREFIX",
+    "COMPRESSION_BITS_KEY",
+    "COMPRESSION_SPARSE_RATE_KEY",
+    "COMPRESSION_TYPE_KEY",
+    "COMPRESSION_WARMUP_KEY",
     "CONTROL_PREFIX",
     "DP_CLIP_NORM_KEY",
     "ClientSettings",
@@ -42,6 +46,18 @@ CONTROL_DELTA_PREFIX = "scaffold.dc/"
 
 DP_CLIP_NORM_KEY = "privacy.dp.clip_norm"
 """Differential privacy: the L2 bound a worker clips its whole update to, in a train task's config map."""
+
+COMPRESSION_TYPE_KEY = "privacy.compression.upload.type"
+"""Upload compression: ``quantize``, ``topk`` or ``topk_quantize`` in a train task's config map (absent: none)."""
+
+COMPRESSION_BITS_KEY = "privacy.compression.upload.bits"
+"""Upload compression: bits per quantized value (8 or 4), in a train task's config map."""
+
+COMPRESSION_SPARSE_RATE_KEY = "privacy.compression.upload.sparse_rate"
+"""Upload compression: the fraction of each tensor's values a top-k keeps, in a train task's config map."""
+
+COMPRESSION_WARMUP_KEY = "privacy.compression.upload.warmup_rounds"
+"""Upload compression: rounds over which top-k's kept fraction falls from 1 to the sparse rate (0: none)."""
 
 ConfigValue: TypeAlias = bool | int | float | str
 """A value of a task's per-round configuration map (what later stages add travels here)."""
@@ -210,12 +226,18 @@ class WorkerClient(Protocol):
     def wait_task(self, worker_id: str, max_wait_s: float) -> TaskInfo: ...
 
     def pull_model(self, worker_id: str, model_version: int) -> tuple[int, ParamSet, int]:
-        """Returns (model version, parameters, bytes received)."""
+        """Returns (model version, parameters, bytes received).
+
+        ``model_version`` is the version the worker holds in full (-1: none); the parameters
+        may be relative to it (:func:`enclavefl.download_codec.resolve_download`).
+        """
         ...
 
-    def push_update(self, worker_id: str, round_: int, model_version: int, update: ParamSet, num_samples: int,
-                    metrics: Mapping[str, float], *, kind: UpdateKind = UpdateKind.DELTA,
-                    extensions: Mapping[str, bytes] | None = None) -> PushResult: ...
+    def push_update(self, worker_id: str, round_: int, model_version: int, update: ParamSet | EncodedUpdate,
+                    num_samples: int, metrics: Mapping[str, float], *, kind: UpdateKind = UpdateKind.DELTA,
+                    extensions: Mapping[str, bytes] | None = None) -> PushResult:
+        """Streams an update (an EncodedUpdate when its kind is QUANTIZED) and returns the PS's verdict."""
+        ...
 
     def leave(self, worker_id: str, reason: str) -> None: ...
 

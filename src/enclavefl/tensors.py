@@ -3,7 +3,10 @@
 How this works: a stream is a :class:`StreamHeader` (names, dtypes, dense shapes,
 encodings) followed by the tensors' raw little-endian bytes, concatenated in
 header order; a ``sparse_rows`` tensor contributes its int64 row ids, then its
-rows. :func:`iter_chunks` yields memoryviews over the arrays' own buffers, so
+rows. A compressed tensor (``q8``, ``q4``, ``topk``, ``topk_q8``, ``topk_q4``,
+see :mod:`enclavefl.compression`) contributes the parts :func:`encoded_parts`
+lists (row-major indices, per-block scales, codes or values), and travels in an
+:class:`EncodedUpdate` rather than a ParamSet. :func:`iter_chunks` yields memoryviews over the arrays' own buffers, so
 sending copies nothing. :class:`StreamDecoder` checks the header against
 :class:`CodecLimits` *before* it allocates one buffer for the whole payload,
 copies each chunk into place, and hands out ``np.frombuffer`` views of that
@@ -34,8 +37,12 @@ import numpy.typing as npt
 from enclavefl.errors import ClosedError, ProtocolError
 
 __all__ = [
+    "COMPRESSED_ENCODINGS",
     "DTYPES",
+    "QUANT_BLOCK",
     "CodecLimits",
+    "EncodedTensor",
+    "EncodedUpdate",
     "Encoding",
     "ParamSet",
     "SparseRows",
@@ -44,6 +51,7 @@ __all__ = [
     "Tensor",
     "TensorSpec",
     "decode",
+    "encoded_parts",
     "iter_chunks",
     "read_params",
     "write_params",
@@ -52,7 +60,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Array: TypeAlias = npt.NDArray[Any]
-Encoding: TypeAlias = Literal["dense", "sparse_rows"]
+Encoding: TypeAlias = Literal["dense", "sparse_rows", "q8", "q4", "topk", "topk_q8", "topk_q4"]
 
 #: Wire dtype names and their little-endian numpy dtypes.
 DTYPES: Final[Mapping[str, np.dtype[Any]]] = MappingProxyType(
@@ -71,12 +79,20 @@ DTYPES: Final[Mapping[str, np.dtype[Any]]] = MappingProxyType(
 _WIRE_NAMES: Final[Mapping[tuple[str, int], str]] = MappingProxyType(
     {(dt.kind, dt.itemsize): name for name, dt in DTYPES.items()}
 )
-_ENCODINGS: Final[tuple[str, ...]] = ("dense", "sparse_rows")
+_ENCODINGS: Final[tuple[str, ...]] = ("dense", "sparse_rows", "q8", "q4", "topk", "topk_q8", "topk_q4")
+#: Encodings of a floating-point tensor in compressed form (:mod:`enclavefl.compression`).
+COMPRESSED_ENCODINGS: Final = frozenset({"q8", "q4", "topk", "topk_q8", "topk_q4"})
+#: Elements that share one (low, step) scale pair in a quantized encoding.
+QUANT_BLOCK: Final = 2048
+_SCALE_DTYPE: Final[np.dtype[Any]] = np.dtype("<f4")
+_INDEX_DTYPE: Final[np.dtype[Any]] = np.dtype("<u4")
+_MAX_TOPK_ELEMENTS: Final = 2**32  # indices travel as uint32
 _IDS_DTYPE: Final[np.dtype[Any]] = np.dtype("<i8")
 _FILE_MAGIC: Final = b"EFLTENS1"
 _MAX_FILE_HEADER_BYTES: Final = 64 * 2**20
 _FILE_CHUNK_BYTES: Final = 4 * 2**20
-_SPEC_KEYS: Final = frozenset({"name", "dtype", "shape", "encoding", "nnz_rows"})
+_FLOAT_NAMES: Final = frozenset({"float16", "float32", "float64"})
+_SPEC_KEYS: Final = frozenset({"name", "dtype", "shape", "encoding", "nnz_rows", "coded_bytes"})
 _REPR_MAX_TENSORS: Final = 20
 _COMPARE_BLOCK_BYTES: Final = 2**20
 
@@ -202,6 +218,35 @@ class SparseRows:
 Tensor: TypeAlias = Array | SparseRows
 
 
+def encoded_parts(encoding: str, shape: tuple[int, ...], nnz: int, dtype: np.dtype[Any],
+                  coded_bytes: int = 0) -> tuple[tuple[str, np.dtype[Any], int], ...]:
+    """The payload parts of a compressed tensor, in wire order: (part, dtype, element count).
+
+    ``q8``/``q4`` quantize all ``prod(shape)`` values; ``topk*`` keep ``nnz`` of
+    them: their ``indices`` (uint32, row-major, strictly increasing) come first.
+    ``scales`` holds a (low, step) float32 pair per :data:`QUANT_BLOCK` quantized
+    values; 4-bit ``codes`` pack two values per byte, the first in the low nibble.
+    ``values`` (plain ``topk``) are the kept values in the tensor's own dtype.
+    With ``coded_bytes`` > 0 the codes are deflated (zlib) to that many bytes.
+
+    Raises:
+        ValueError: ``encoding`` is not a compressed encoding.
+    """
+    if encoding not in COMPRESSED_ENCODINGS:
+        raise ValueError(f"encoding {_short(encoding)} is not compressed (expected one of {sorted(COMPRESSED_ENCODINGS)})")
+    count = nnz if encoding.startswith("topk") else math.prod(shape)
+    parts: list[tuple[str, np.dtype[Any], int]] = []
+    if encoding.startswith("topk"):
+        parts.append(("indices", _INDEX_DTYPE, count))
+    if encoding == "topk":
+        parts.append(("values", dtype, count))
+        return tuple(parts)
+    parts.append(("scales", _SCALE_DTYPE, 2 * -(-count // QUANT_BLOCK)))
+    raw = count if encoding.endswith("q8") else -(-count // 2)
+    parts.append(("codes", np.dtype("u1"), coded_bytes if coded_bytes > 0 else raw))
+    return tuple(parts)
+
+
 @final
 @dataclass(frozen=True, slots=True)
 class TensorSpec:
@@ -215,13 +260,18 @@ class TensorSpec:
     shape: tuple[int, ...]
     encoding: Encoding = "dense"
     nnz_rows: int = 0
+    coded_bytes: int = 0
+    """Quantized encodings: bytes of the deflated codes (0: raw codes)."""
 
     @property
     def nbytes(self) -> int:
-        """Payload bytes: dense ``prod(shape)*itemsize``; sparse ids (int64) plus rows."""
+        """Payload bytes: dense ``prod(shape)*itemsize``; sparse ids (int64) plus rows; compressed: its parts."""
         dtype = DTYPES.get(self.dtype) if isinstance(self.dtype, str) else None
         if dtype is None:
             raise ValueError(f"tensor {_short(self.name)}: unknown dtype {_short(self.dtype)}")
+        if self.encoding in COMPRESSED_ENCODINGS:
+            return sum(part.itemsize * count for _, part, count in encoded_parts(
+                self.encoding, self.shape, self.nnz_rows, dtype, self.coded_bytes))
         if self.encoding == "sparse_rows":
             row_bytes = math.prod(self.shape[1:]) * dtype.itemsize
             return self.nnz_rows * (_IDS_DTYPE.itemsize + row_bytes)
@@ -285,6 +335,27 @@ def _check_spec(spec: object, index: int, limits: CodecLimits) -> int:
         raise ProtocolError(f"{where}: nnz_rows must be a non-negative int, got {_short(nnz)}")
     if spec.encoding == "dense" and nnz != 0:
         raise ProtocolError(f"{where}: nnz_rows={nnz} on a dense tensor (must be 0)")
+    if spec.encoding in COMPRESSED_ENCODINGS:
+        if spec.dtype not in _FLOAT_NAMES:
+            raise ProtocolError(f"{where}: encoding {spec.encoding} needs a floating-point dtype, got {spec.dtype}")
+        numel = math.prod(shape)
+        if spec.encoding.startswith("topk"):
+            if nnz > numel:
+                raise ProtocolError(f"{where}: {spec.encoding} keeps nnz_rows={nnz} values of a {numel}-value tensor")
+            if numel > _MAX_TOPK_ELEMENTS:
+                raise ProtocolError(f"{where}: {numel} values are too many for uint32 {spec.encoding} indices")
+        elif nnz != 0:
+            raise ProtocolError(f"{where}: nnz_rows={nnz} on a {spec.encoding} tensor (must be 0)")
+    coded = spec.coded_bytes
+    if not _is_int(coded) or coded < 0:
+        raise ProtocolError(f"{where}: coded_bytes must be a non-negative int, got {_short(coded)}")
+    if coded:
+        if spec.encoding not in COMPRESSED_ENCODINGS or spec.encoding == "topk":
+            raise ProtocolError(f"{where}: coded_bytes={coded} on a {spec.encoding} tensor (only quantized codes "
+                                "are deflated)")
+        raw = encoded_parts(spec.encoding, shape, nnz, DTYPES[spec.dtype])[-1][2]
+        if coded >= raw:
+            raise ProtocolError(f"{where}: coded_bytes={coded} is not below the {raw} bytes of its raw codes")
     if spec.encoding == "sparse_rows":
         if not shape:
             raise ProtocolError(f"{where}: a sparse_rows tensor needs rank >= 1, got a 0-d shape")
@@ -342,6 +413,7 @@ def _spec_from_json(entry: object, index: int) -> TensorSpec:
         shape=tuple(shape),
         encoding=entry.get("encoding", "dense"),
         nnz_rows=entry.get("nnz_rows", 0),
+        coded_bytes=entry.get("coded_bytes", 0),
     )
 
 
@@ -420,6 +492,8 @@ class StreamHeader:
             if spec.encoding != "dense":
                 entry["encoding"] = spec.encoding
                 entry["nnz_rows"] = spec.nnz_rows
+            if spec.coded_bytes:
+                entry["coded_bytes"] = spec.coded_bytes
             entries.append(entry)
         return json.dumps({"tensors": entries}, separators=(",", ":"), allow_nan=False).encode("ascii")
 
@@ -447,7 +521,7 @@ class StreamHeader:
         return header
 
     @classmethod
-    def of(cls, params: ParamSet) -> StreamHeader:
+    def of(cls, params: ParamSet | EncodedUpdate) -> StreamHeader:
         """The header describing `params`."""
         return cls(params.specs())
 
@@ -602,7 +676,108 @@ class ParamSet(Mapping[str, Tensor]):
         return True
 
 
-def iter_chunks(params: ParamSet, chunk_bytes: int) -> Iterator[memoryview]:
+@final
+@dataclass(frozen=True, slots=True, eq=False, repr=False)
+class EncodedTensor:
+    """A floating-point tensor in a compressed wire encoding: the raw parts :func:`encoded_parts` lists.
+
+    :mod:`enclavefl.compression` makes and reads them; this type only checks that
+    the parts have the sizes and dtypes the encoding announces, so the header
+    built from it is honest.
+
+    Attributes:
+        dtype: the dense tensor's wire dtype name (float16, float32 or float64).
+        shape: the dense shape.
+        encoding: one of :data:`COMPRESSED_ENCODINGS`.
+        nnz: values kept by a ``topk*`` encoding (0 otherwise).
+        parts: one C-contiguous array per part, in wire order.
+        coded_bytes: the deflated size of the codes, 0 for raw codes.
+    """
+
+    dtype: str
+    shape: tuple[int, ...]
+    encoding: Encoding
+    nnz: int
+    parts: tuple[Array, ...]
+    coded_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        spec = TensorSpec("encoded", self.dtype, tuple(self.shape), self.encoding, self.nnz, self.coded_bytes)
+        try:
+            _check_spec(spec, 0, CodecLimits())
+        except ProtocolError as exc:
+            raise ValueError(f"EncodedTensor: {exc}") from None
+        if self.encoding not in COMPRESSED_ENCODINGS:
+            raise ValueError(f"EncodedTensor: encoding {self.encoding} is not a compressed encoding")
+        plan = encoded_parts(self.encoding, spec.shape, self.nnz, DTYPES[self.dtype], self.coded_bytes)
+        if len(self.parts) != len(plan):
+            raise ValueError(f"EncodedTensor: {self.encoding} has {len(plan)} parts, got {len(self.parts)}")
+        for arr, (part, dtype, count) in zip(self.parts, plan):
+            if not isinstance(arr, np.ndarray) or arr.dtype != dtype or arr.size != count:
+                found = f"{arr.dtype}[{arr.size}]" if isinstance(arr, np.ndarray) else type(arr).__name__
+                raise ValueError(f"EncodedTensor: {self.encoding} part {part} must be {dtype}[{count}], got {found}")
+        object.__setattr__(self, "shape", spec.shape)
+        object.__setattr__(self, "parts", tuple(np.ascontiguousarray(p).reshape(-1) for p in self.parts))
+
+    def __repr__(self) -> str:
+        return f"EncodedTensor({self.encoding}, nnz={self.nnz}, shape={self.shape}, dtype={self.dtype})"
+
+    def spec(self, name: str) -> TensorSpec:
+        """The header entry of this tensor under ``name``."""
+        return TensorSpec(name, self.dtype, self.shape, self.encoding, self.nnz, self.coded_bytes)
+
+
+@final
+class EncodedUpdate(Mapping[str, "Tensor | EncodedTensor"]):
+    """An update on its way out with some tensors compressed: what a worker pushes as kind QUANTIZED.
+
+    Ordered like the ParamSet it was encoded from; tensors that were not
+    compressed (integers, SparseRows, empty ones) stay as they were.
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Iterable[tuple[str, Tensor | EncodedTensor]]) -> None:
+        """Raises ValueError on a repeated or empty name, TypeError on a value of another type."""
+        out: dict[str, Tensor | EncodedTensor] = {}
+        for name, value in items:
+            if not isinstance(name, str) or not name or name in out:
+                raise ValueError(f"EncodedUpdate: tensor name {_short(name)} is empty, not a str or repeated")
+            if not isinstance(value, EncodedTensor | SparseRows):
+                value = _to_wire_array(value, f"tensor {_short(name)}")
+            out[name] = value
+        self._items = out
+
+    def __getitem__(self, name: str) -> Tensor | EncodedTensor:
+        return self._items[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        encoded = sum(isinstance(v, EncodedTensor) for v in self._items.values())
+        return f"EncodedUpdate({len(self._items)} tensors, {encoded} compressed, {self.nbytes} bytes)"
+
+    def specs(self) -> tuple[TensorSpec, ...]:
+        """One TensorSpec per tensor, in order."""
+        out: list[TensorSpec] = []
+        for name, value in self._items.items():
+            if isinstance(value, EncodedTensor):
+                out.append(value.spec(name))
+            else:
+                out.extend(ParamSet([(name, value)]).specs())
+        return tuple(out)
+
+    @property
+    def nbytes(self) -> int:
+        """Payload bytes on the wire."""
+        return sum(spec.nbytes for spec in self.specs())
+
+
+def iter_chunks(params: ParamSet | EncodedUpdate, chunk_bytes: int) -> Iterator[memoryview]:
     """Yield the payload of `params` as memoryviews of at most `chunk_bytes` bytes.
 
     Views point into the arrays' own buffers (only a non C-contiguous array is
@@ -617,9 +792,15 @@ def iter_chunks(params: ParamSet, chunk_bytes: int) -> Iterator[memoryview]:
     return _iter_chunks(params, chunk_bytes)
 
 
-def _iter_chunks(params: ParamSet, chunk_bytes: int) -> Iterator[memoryview]:
+def _iter_chunks(params: ParamSet | EncodedUpdate, chunk_bytes: int) -> Iterator[memoryview]:
     for value in params.values():
-        parts = (value.ids, value.rows) if isinstance(value, SparseRows) else (value,)
+        parts: tuple[Array, ...]
+        if isinstance(value, SparseRows):
+            parts = (value.ids, value.rows)
+        elif isinstance(value, EncodedTensor):
+            parts = value.parts
+        else:
+            parts = (value,)
         for part in parts:
             if part.size == 0:
                 continue
@@ -645,6 +826,12 @@ class StreamDecoder:
         if not isinstance(header, StreamHeader):
             raise TypeError(f"StreamDecoder: expected a StreamHeader, got {type(header).__name__}")
         header.check(limits)
+        compressed = [spec.name for spec in header.tensors if spec.encoding in COMPRESSED_ENCODINGS]
+        if compressed:
+            raise ProtocolError(
+                f"tensor {_short(compressed[0])}: a compressed encoding in an update not declared quantized "
+                "(compressed tensors are read by enclavefl.compression.CompressedDecoder)"
+            )
         if expected is not None:
             reason = header.matches(expected)
             if reason is not None:

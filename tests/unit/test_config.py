@@ -373,8 +373,11 @@ def test_cloud_alias_maps_to_our_key(alias: str, value: Any, section: str, key: 
 def test_every_cloud_alias_targets_an_existing_key() -> None:
     defaults = JobConfig().to_dict()
     for alias, (dotted, _factor) in CLOUD_KEY_ALIASES.items():
-        section, key = dotted.split(".")
-        assert key in defaults[section], alias
+        *sections, key = dotted.split(".")
+        node = defaults
+        for section in sections:
+            node = node[section]
+        assert key in node, alias
 
 
 def test_cloud_alias_keeps_other_keys_of_its_section() -> None:

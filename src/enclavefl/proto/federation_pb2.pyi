@@ -18,7 +18,9 @@ than new fields; existing field numbers never change. Fields added since
 them leaves them empty and the other side skips what they check.
 
 Additions that keep version 2 (an older peer ignores or never calls them):
-JoinReply.heartbeat_s and the Heartbeat call.
+JoinReply.heartbeat_s and the Heartbeat call; the compressed Encoding values
+and TensorSpec.coded_bytes (only in QUANTIZED updates, which a PS accepts only
+from a job configured for them).
 """
 
 from collections import abc as _abc
@@ -45,11 +47,31 @@ class _EncodingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Encoding.Val
     DESCRIPTOR: _descriptor.EnumDescriptor
     DENSE: _Encoding.ValueType  # 0
     SPARSE_ROWS: _Encoding.ValueType  # 1
+    Q8: _Encoding.ValueType  # 2
+    """Compressed floating-point tensors of a QUANTIZED update (enclavefl.compression):
+    stochastic 8- or 4-bit quantization with a float32 (low, step) pair per 2048
+    values, top-k values with their uint32 row-major indices, or both. For TOPK*
+    nnz_rows counts the values kept.
+    """
+    Q4: _Encoding.ValueType  # 3
+    TOPK: _Encoding.ValueType  # 4
+    TOPK_Q8: _Encoding.ValueType  # 5
+    TOPK_Q4: _Encoding.ValueType  # 6
 
 class Encoding(_Encoding, metaclass=_EncodingEnumTypeWrapper): ...
 
 DENSE: Encoding.ValueType  # 0
 SPARSE_ROWS: Encoding.ValueType  # 1
+Q8: Encoding.ValueType  # 2
+"""Compressed floating-point tensors of a QUANTIZED update (enclavefl.compression):
+stochastic 8- or 4-bit quantization with a float32 (low, step) pair per 2048
+values, top-k values with their uint32 row-major indices, or both. For TOPK*
+nnz_rows counts the values kept.
+"""
+Q4: Encoding.ValueType  # 3
+TOPK: Encoding.ValueType  # 4
+TOPK_Q8: Encoding.ValueType  # 5
+TOPK_Q4: Encoding.ValueType  # 6
 Global___Encoding: _TypeAlias = Encoding  # noqa: Y015
 
 class _UpdateKind:
@@ -89,10 +111,15 @@ class TensorSpec(_message.Message):
     SHAPE_FIELD_NUMBER: _builtins.int
     ENCODING_FIELD_NUMBER: _builtins.int
     NNZ_ROWS_FIELD_NUMBER: _builtins.int
+    CODED_BYTES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     dtype: _builtins.str
     encoding: Global___Encoding.ValueType
     nnz_rows: _builtins.int
+    coded_bytes: _builtins.int
+    """Q8, Q4, TOPK_Q8, TOPK_Q4: the codes are deflated (RFC 1950) to this many
+    bytes; 0: raw. Added in version 2; an older peer never sends compressed tensors.
+    """
     @_builtins.property
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
@@ -103,10 +130,11 @@ class TensorSpec(_message.Message):
         shape: _abc.Iterable[_builtins.int] | None = ...,
         encoding: Global___Encoding.ValueType = ...,
         nnz_rows: _builtins.int = ...,
+        coded_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dtype", b"dtype", "encoding", b"encoding", "name", b"name", "nnz_rows", b"nnz_rows", "shape", b"shape"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coded_bytes", b"coded_bytes", "dtype", b"dtype", "encoding", b"encoding", "name", b"name", "nnz_rows", b"nnz_rows", "shape", b"shape"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -530,6 +558,12 @@ class PullRequest(_message.Message):
     protocol_version: _builtins.int
     worker_id: _builtins.str
     model_version: _builtins.int
+    """The model version the worker holds in full from this PS instance, -1 for
+    none. A PS with transport.sparse_downloads may then send a tracked tensor
+    as SPARSE_ROWS: the rows changed after this version, every other row as
+    in the worker's copy. (Before sparse downloads the worker sent the task's
+    version here and the PS ignored it.)
+    """
     def __init__(
         self,
         *,

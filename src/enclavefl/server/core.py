@@ -62,6 +62,8 @@ class ServerCore:
         """How the job ended (None while it runs)."""
         self.started_at = time.time()
         self.started_monotonic = time.monotonic()
+        self.install_hooks: list[Callable[[ParamSet, ParamSet, int], None]] = []
+        """Called under the lock with (old model, new model, new version) as :meth:`install` replaces the model."""
         self._config = config
         self._part_states = part_states
         self._metrics_dropped = 0
@@ -103,6 +105,8 @@ class ServerCore:
     def install(self, params: ParamSet, version: int, next_round: int, row: Mapping[str, Any]) -> None:
         """Makes ``params`` the global model and records its metrics row, as one change."""
         with self.cond:
+            for hook in self.install_hooks:
+                hook(self.params, params, version)
             self.params = params
             self.version = version
             self.next_round = next_round

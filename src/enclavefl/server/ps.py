@@ -24,12 +24,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
+from enclavefl.compression import CompressedDecoder
 from enclavefl.config import JobConfig
 from enclavefl.errors import CheckpointError, ConfigError, ProtocolError, RoundError, UpdateRejected
 from enclavefl.messages import JoinInfo, PeerIdentity, TaskInfo, TaskKind, UpdateKind, UpdateMeta, UpdateSink
 from enclavefl.server.checkpoint import Checkpoint, params_digest
 from enclavefl.server.closing import ClosePipeline, Evaluator
 from enclavefl.server.core import ServerCore
+from enclavefl.server.downloads import DownloadPolicy
 from enclavefl.server.engine import Engine, SyncEngine
 from enclavefl.server.liveness import LivenessMonitor
 from enclavefl.server.metrics import MetricsLog
@@ -83,6 +85,9 @@ class ParameterServer:
         self._limits = limits or CodecLimits(
             max_total_bytes=config.server.max_update_bytes, max_chunk_bytes=config.transport.chunk_bytes
         )
+        # What every upload must announce: compressed jobs push QUANTIZED encodings of their delta.
+        compressed = config.privacy.compression.upload.type != "none"
+        self._update_kind = UpdateKind.QUANTIZED if compressed else UpdateKind.DELTA
         template = StreamHeader.of(initial)
         self.strategy = strategy or build_strategy(config, template, spill_dir=out_dir / "spill")
         self._slots = threading.Semaphore(config.server.max_concurrent_uploads)
@@ -93,9 +98,12 @@ class ParameterServer:
                 raise RoundError(f"checkpoint {resume_from.path} does not fit this task's model: {reason}")
             params, version, next_round = resume_from.params, resume_from.model_version, resume_from.round + 1
             history = resume_from.history
+        self._downloads = DownloadPolicy(config, params, version)
+        self.strategy = dataclasses.replace(self.strategy, row_metrics=(*self.strategy.row_metrics, self._downloads.row))
         self.metrics = MetricsLog(out_dir / config.summary.metrics_file, history)
         self.core = ServerCore(params, version=version, next_round=next_round, metrics=self.metrics,
                                part_states=self._part_states, config=config)
+        self.core.install_hooks.append(self._downloads.on_install)
         self.metrics.subscribe(self._publish_row)
         self._template = template
         upload_template = self.strategy.algorithm.upload_template(template)
@@ -250,7 +258,16 @@ class ParameterServer:
         with self.core.cond:
             worker = self.core.registry.get(peer, worker_id)
             params, version = self.core.params, self.core.version
-            outgoing = self.strategy.algorithm.broadcast(params)
+            # model_version: the version the worker holds (-1: none); changed rows are relative to it.
+            outgoing = self._downloads.encode(self.strategy.algorithm.broadcast(params), version, model_version,
+                                              worker_id)
+            if not self._downloads.compresses:
+                self.engine.on_download(worker_id, outgoing.nbytes)
+                worker.bytes_out += outgoing.nbytes
+                return version, outgoing
+        # Quantizing a large model takes a while: outside the PS lock (once per version, shared by every download).
+        outgoing = self._downloads.compress(outgoing, version)
+        with self.core.cond:
             self.engine.on_download(worker_id, outgoing.nbytes)
             worker.bytes_out += outgoing.nbytes
         return version, outgoing
@@ -266,8 +283,9 @@ class ParameterServer:
         with core.cond:
             worker = core.registry.get(peer, meta.worker_id)
             reason = None
-            if meta.kind is not UpdateKind.DELTA:
-                reason = f"update kind {meta.kind.value} is not what this job aggregates (delta)"
+            if meta.kind is not self._update_kind:
+                reason = (f"update kind {meta.kind.value} is not what this job aggregates ({self._update_kind.value}, "
+                          f"privacy.compression.upload.type {self.config.privacy.compression.upload.type})")
             elif meta.num_samples <= 0:
                 reason = f"num_samples must be positive, got {meta.num_samples}"
             elif worker.num_samples <= 0:
@@ -304,7 +322,11 @@ class ParameterServer:
         if not self._slots.acquire(timeout=max(deadline - time.monotonic(), 0.1)):
             self._refuse(target, meta, "no upload slot before the round closed")
         try:
-            decoder = StreamDecoder(meta.tensors, self._limits, expected=self.engine.upload_template)
+            decoder: StreamDecoder | CompressedDecoder
+            if meta.kind is UpdateKind.QUANTIZED:  # decoded chunk by chunk into the staged dense tensors
+                decoder = CompressedDecoder(meta.tensors, self._limits, expected=self.engine.upload_template)
+            else:
+                decoder = StreamDecoder(meta.tensors, self._limits, expected=self.engine.upload_template)
         except ProtocolError as exc:
             self._slots.release()
             self._refuse(target, meta, str(exc))

@@ -1,5 +1,10 @@
 """Upload staging: one update is decoded into a bounded buffer and checked whole before it is accepted.
 
+A compressed upload (kind QUANTIZED) is decoded chunk by chunk into dense
+tensors as its bytes arrive, so it costs the staging buffer no more than a
+dense one; the checks after that (finite values, the DP norm, the aggregator's
+own) see the decoded, plain update.
+
 At most ``server.max_concurrent_uploads`` updates are staged at once (a
 semaphore held from ``open`` to ``commit``/``abort``), so PS memory is
 O(model x (max_concurrent_uploads + 2)) however many workers push.
@@ -16,9 +21,9 @@ import numpy as np
 
 from enclavefl.errors import ProtocolError, UpdateRejected
 from enclavefl.messages import UpdateMeta, UpdateSink
-from enclavefl.tensors import ParamSet, SparseRows, StreamDecoder
+from enclavefl.tensors import ParamSet, SparseRows
 
-__all__ = ["StagedUpdate", "UpdateOutcome", "UpdateTarget", "check_finite"]
+__all__ = ["PayloadDecoder", "StagedUpdate", "UpdateOutcome", "UpdateTarget", "check_finite"]
 
 UpdateOutcome = Callable[[bool, str, int], None]
 """Hears how a staged upload ended: accepted or not, why not ("" when accepted), bytes received.
@@ -26,6 +31,22 @@ UpdateOutcome = Callable[[bool, str, int], None]
 Called once per upload, without the server lock held."""
 
 log = logging.getLogger(__name__)
+
+
+class PayloadDecoder(Protocol):
+    """Turns an upload's chunks into its tensors: a dense :class:`~enclavefl.tensors.StreamDecoder`, or a
+    :class:`~enclavefl.compression.CompressedDecoder` that decodes each chunk into the staged dense tensors."""
+
+    @property
+    def bytes_received(self) -> int: ...
+
+    def feed(self, chunk: bytes | memoryview) -> None:
+        """Raises ProtocolError (framing, limits) or UpdateRejected (a bad index or scale)."""
+        ...
+
+    def finish(self) -> ParamSet:
+        """Raises ProtocolError on a truncated or malformed payload."""
+        ...
 
 
 class UpdateTarget(Protocol):
@@ -56,7 +77,7 @@ def check_finite(update: ParamSet) -> None:
 class StagedUpdate(UpdateSink):
     """One update being received; owns an upload slot until commit() or abort()."""
 
-    def __init__(self, target: UpdateTarget, meta: UpdateMeta, decoder: StreamDecoder, slot: threading.Semaphore,
+    def __init__(self, target: UpdateTarget, meta: UpdateMeta, decoder: PayloadDecoder, slot: threading.Semaphore,
                  *, weight: float, num_samples: int, staleness: int = 0, log_prefix: str = "ps",
                  on_end: UpdateOutcome | None = None) -> None:
         self._target = target

@@ -28,7 +28,14 @@ from enclavefl.errors import ConfigError
 from enclavefl.server.aggregator import Aggregator, WeightedMean
 from enclavefl.server.algorithms import Algorithm, CloseContext, FedAvgAlgorithm, Scaffold
 from enclavefl.server.optimizer import SERVER_OPTIMIZERS, ServerOptimizer
-from enclavefl.messages import DP_CLIP_NORM_KEY, ConfigValue
+from enclavefl.messages import (
+    COMPRESSION_BITS_KEY,
+    COMPRESSION_SPARSE_RATE_KEY,
+    COMPRESSION_TYPE_KEY,
+    COMPRESSION_WARMUP_KEY,
+    DP_CLIP_NORM_KEY,
+    ConfigValue,
+)
 from enclavefl.server.sampling import Sampler, UniformSampler
 from enclavefl.server.state import Stateful
 from enclavefl.tensors import ParamSet, StreamHeader
@@ -144,6 +151,12 @@ def build_strategy(config: JobConfig, model: StreamHeader, *, spill_dir: Path) -
     strategy = Strategy(algorithm=algorithm, optimizer=optimizer, aggregator=aggregator, sampler=sampler, buffers=buffers)
     if config.privacy.dp.enabled:
         strategy = _with_dp(strategy, config)
+    upload = config.privacy.compression.upload
+    if upload.type != "none":
+        # Workers compress as each task says (their own job file is not trusted for it).
+        strategy = dataclasses.replace(strategy, task_config={
+            **strategy.task_config, COMPRESSION_TYPE_KEY: upload.type, COMPRESSION_BITS_KEY: upload.bits,
+            COMPRESSION_SPARSE_RATE_KEY: upload.sparse_rate, COMPRESSION_WARMUP_KEY: upload.warmup_rounds})
     return strategy
 
 

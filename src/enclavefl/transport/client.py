@@ -20,7 +20,7 @@ from enclavefl.job_digest import differing_settings
 from enclavefl.proto import PROTOCOL_VERSION
 from enclavefl.proto import federation_pb2 as pb
 from enclavefl.proto import federation_pb2_grpc as pb_grpc
-from enclavefl.tensors import CodecLimits, ParamSet, StreamDecoder, StreamHeader, iter_chunks
+from enclavefl.tensors import CodecLimits, EncodedUpdate, ParamSet, StreamDecoder, StreamHeader, iter_chunks
 from enclavefl.transport.framing import DataChunk, chunk_decoder, chunk_payload, encode_data, encode_message
 from enclavefl.transport.credentials import Credentials
 from enclavefl.messages import JoinInfo, PushResult, TaskInfo, UpdateKind, UpdateMeta, WorkerClient
@@ -183,6 +183,10 @@ class FederationClient:
     def pull_model(self, worker_id: str, model_version: int, timeout_s: float = 600.0) -> tuple[int, ParamSet, int]:
         """Streams the global parameters in.
 
+        Args:
+            model_version: the version this worker holds in full from this PS instance, -1 for none; the
+                download may hold rows changed since it (:func:`enclavefl.download_codec.resolve_download`).
+
         Returns:
             (model version, parameters, bytes received).
 
@@ -216,7 +220,7 @@ class FederationClient:
         worker_id: str,
         round_: int,
         model_version: int,
-        update: ParamSet,
+        update: ParamSet | EncodedUpdate,
         num_samples: int,
         metrics: Mapping[str, float],
         *,

@@ -88,7 +88,8 @@ SETTINGS_MISMATCH = "job settings differ"
 """Words of the PS's refusal of a join whose job settings differ (FAILED_PRECONDITION): the worker's
 :func:`error_from_rpc` recognises them and raises :class:`ConfigError`, a mistake in the job file."""
 
-_ENCODINGS = {pb.DENSE: "dense", pb.SPARSE_ROWS: "sparse_rows"}
+_ENCODINGS = {pb.DENSE: "dense", pb.SPARSE_ROWS: "sparse_rows", pb.Q8: "q8", pb.Q4: "q4", pb.TOPK: "topk",
+              pb.TOPK_Q8: "topk_q8", pb.TOPK_Q4: "topk_q4"}
 _ENCODING_IDS = {v: k for k, v in _ENCODINGS.items()}
 
 # Every gRPC status maps to the most specific error we have.
@@ -191,6 +192,7 @@ def header_to_proto(header: StreamHeader) -> pb.TensorHeader:
                 shape=list(t.shape),
                 encoding=_ENCODING_IDS[t.encoding],
                 nnz_rows=t.nnz_rows,
+                coded_bytes=t.coded_bytes,
             )
             for t in header.tensors
         ]
@@ -206,7 +208,8 @@ def header_from_proto(msg: pb.TensorHeader) -> StreamHeader:
             raise ProtocolError(f"tensor {t.name!r}: unknown encoding {t.encoding}")
         specs.append(
             TensorSpec(name=t.name, dtype=t.dtype, shape=tuple(int(d) for d in t.shape),
-                       encoding=encoding, nnz_rows=int(t.nnz_rows))  # type: ignore[arg-type]
+                       encoding=encoding, nnz_rows=int(t.nnz_rows),  # type: ignore[arg-type]
+                       coded_bytes=int(t.coded_bytes))
         )
     return StreamHeader(tuple(specs))
 

@@ -1,6 +1,7 @@
 """The worker runtime: local training, the update pipeline, and its clients to the PS."""
 
 from enclavefl.worker.clipping import ClipUpdate
+from enclavefl.worker.compression import UploadCompressor
 from enclavefl.worker.control import ScaffoldClient
 from enclavefl.worker.heartbeat import Heartbeat
 from enclavefl.worker.inmemory import InMemoryClient
@@ -29,6 +30,7 @@ __all__ = [
     "SparsifyRows",
     "UpdateContext",
     "UpdateTransform",
+    "UploadCompressor",
     "Worker",
     "WorkerSettings",
     "compute_delta",

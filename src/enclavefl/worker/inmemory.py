@@ -31,7 +31,7 @@ from enclavefl.messages import (
     UpdateKind,
     UpdateMeta,
 )
-from enclavefl.tensors import ParamSet, StreamHeader, iter_chunks
+from enclavefl.tensors import EncodedUpdate, ParamSet, StreamHeader, iter_chunks
 
 __all__ = ["InMemoryClient"]
 
@@ -92,7 +92,7 @@ class InMemoryClient:
         worker_id: str,
         round_: int,
         model_version: int,
-        update: ParamSet,
+        update: ParamSet | EncodedUpdate,
         num_samples: int,
         metrics: Mapping[str, float],
         *,

@@ -9,9 +9,12 @@ step's output to the next. The default list is :class:`Delta` (send
 embedding rows it touched, :class:`ControlDelta` (SCAFFOLD's control-variate
 change, a no-op for other algorithms) and
 :class:`~enclavefl.worker.clipping.ClipUpdate` (differential privacy's L2 bound,
-a no-op unless the task carries one). Later stages (compression, masking) plug in by being added to the list; each declares the
+a no-op unless the task carries one). Later stages (masking) plug in by being added to the list; each declares the
 :class:`~enclavefl.messages.UpdateKind` of what it produces, and the last one
-decides what the update header announces.
+decides what the update header announces. Upload compression is not a
+transform: it changes the wire encoding rather than the values, so the worker
+runs it after the whole list (:class:`~enclavefl.worker.compression.UploadCompressor`),
+and every transform, clipping and a fault-injection attack included, sees plain arrays.
 """
 
 from __future__ import annotations

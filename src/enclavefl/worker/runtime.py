@@ -14,7 +14,9 @@ keeps its own variate across rounds and re-joins, and sends its change as
 ``scaffold.dc/`` tensors; when the PS does not accept the update the variate
 goes back to where it was, as the server did not count the change). The
 trained model then goes through the update pipeline
-(:mod:`enclavefl.worker.pipeline`) and is pushed.
+(:mod:`enclavefl.worker.pipeline`), is encoded as the task's upload compression
+says (:mod:`enclavefl.worker.compression`, which keeps top-k's residual across
+rounds and re-joins), and is pushed.
 
 It keeps the PS told that it is alive: each long-poll lasts at most the
 ``heartbeat_s`` the PS gave at join, and while it pulls, trains and pushes a
@@ -65,9 +67,11 @@ from enclavefl.messages import (
 )
 from enclavefl.tensors import ParamSet, Tensor
 from enclavefl.training import FitConfig, Trainer
+from enclavefl.worker.compression import UploadCompressor
 from enclavefl.worker.control import ScaffoldClient
 from enclavefl.worker.faults import Slowdown
 from enclavefl.worker.heartbeat import Heartbeat
+from enclavefl.worker.model_cache import ModelCache
 from enclavefl.worker.pipeline import (
     UpdateContext,
     UpdateTransform,
@@ -105,6 +109,10 @@ class WorkerSettings:
             join for the PS to compare (:func:`enclavefl.job_digest.job_digests`); empty: none sent.
         join_attempts: how many times a join the PS refuses for its nonce is tried
             before the worker gives up (raising the refusal).
+        cache_downloads: keep the last downloaded model between rounds, so that a PS with
+            ``transport.sparse_downloads`` sends only the rows changed since
+            (:class:`~enclavefl.worker.model_cache.ModelCache`); False: every pull is a full
+            download and no model is held between rounds.
     """
 
     name: str
@@ -116,6 +124,7 @@ class WorkerSettings:
     slowdown: float = 1.0
     job_settings: Mapping[str, str] = field(default_factory=dict)
     join_attempts: int = 4
+    cache_downloads: bool = True
 
 
 _RETRIED_REFUSAL = "join.nonce"
@@ -146,6 +155,7 @@ class Worker:
         *,
         stop: threading.Event | None = None,
         transforms: Sequence[UpdateTransform] | None = None,
+        compressor: UploadCompressor | None = None,
     ) -> None:
         """Prepares the worker; nothing is sent until :meth:`run`.
 
@@ -159,6 +169,9 @@ class Worker:
                 :func:`~enclavefl.worker.pipeline.default_transforms` of ``trainer``.
                 For SCAFFOLD it must append the control delta
                 (:class:`~enclavefl.worker.pipeline.ControlDelta`).
+            compressor: encodes the pipeline's output as the task's
+                ``privacy.compression.upload`` says; it keeps top-k's residual for the
+                worker's lifetime. Default: a fresh one.
         """
         self._client_factory = client_factory
         self._trainer = trainer
@@ -167,8 +180,10 @@ class Worker:
         self._transforms: tuple[UpdateTransform, ...] = tuple(
             default_transforms(trainer) if transforms is None else transforms
         )
+        self._compressor = compressor if compressor is not None else UploadCompressor()
         self._client: WorkerClient | None = None
         self._scaffold: ScaffoldClient | None = None  # c_i, kept across rounds and re-joins
+        self._models = ModelCache(settings.cache_downloads)  # the last download, for changed-rows pulls
         self._slowdown = Slowdown(settings.slowdown, self._stop) if settings.slowdown != 1.0 else None
         self.rounds_done = 0
 
@@ -303,7 +318,10 @@ class Worker:
                 f"round {round_}: the PS asks for client algorithm {c.algorithm!r}; this worker runs {list(_ALGORITHMS)}"
             )
         t0 = time.monotonic()
-        got_version, download, nbytes = client.pull_model(join.worker_id, task.model_version)
+        # The version announced is the one this worker holds (-1: none): a PS may send only what changed since.
+        held = self._models.held_version(join.ps_instance)
+        got_version, download, nbytes = client.pull_model(join.worker_id, held)
+        download = self._models.resolve(join.ps_instance, held, got_version, download)
         t1 = time.monotonic()
         log.info("worker %s round %d: training on model version %d (%d B pulled in %.2fs)",
                  s.name, round_, got_version, nbytes, t1 - t0)
@@ -346,15 +364,17 @@ class Worker:
             update, kind = run_pipeline(self._transforms, context)
             if control_delta is not None:
                 self._check_control_delta(update, control_delta)
+            payload, kind = self._compressor.encode(update, kind, context)
             metrics = dict(result.metrics)
             metrics["seconds_fit"] = t2 - t1
-            reply = client.push_update(join.worker_id, round_, got_version, update, result.num_samples, metrics,
+            reply = client.push_update(join.worker_id, round_, got_version, payload, result.num_samples, metrics,
                                        kind=kind)
             accepted = reply.accepted
             if accepted:
                 self.rounds_done += 1
             self._log_push(round_, reply, kind, t2 - t1, metrics, time.monotonic() - t2)
         finally:
+            self._compressor.settle(accepted)
             if not accepted and scaffold_client is not None and control_before is not None:
                 # The PS did not count this delta c_i, so c_i must not move either (eq. 5 keeps c = mean c_i).
                 scaffold_client.load_state(control_before)

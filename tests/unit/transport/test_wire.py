@@ -485,3 +485,9 @@ def test_extensions_over_their_total_are_refused() -> None:
 
     with pytest.raises(ProtocolError, match=f"UpdateHeader.extensions: over {MAX_EXTENSIONS_TOTAL_BYTES} bytes in total"):
         update_meta_from_proto(update_meta_to_proto(sample_meta(extensions=extensions)))
+
+
+def test_compressed_tensor_header_round_trips_with_its_coded_bytes() -> None:
+    header = StreamHeader((TensorSpec("w", "float32", (50, 100), "topk_q8", 50, 40),
+                           TensorSpec("b", "float32", (100,), "q4")))
+    assert header_from_proto(header_to_proto(header)) == header
