@@ -73,12 +73,13 @@ def run_scheduler(args: argparse.Namespace) -> int:
                                   identity=identity_of(credentials.own_identity()))
             stopper.on_stop(scheduler.stop)
             if config.management.enabled:
+                from enclavefl.cluster import routes
                 from enclavefl.management import dashboard, prometheus
                 from enclavefl.management.serve import ManagementServer
 
                 api = ManagementServer.start(ClusterHandle(scheduler), config.management, out, job_name=config.job.name,
                                              tls_dir=args.tls_dir, server_address=address, audit_path=audit_path,
-                                             mounts=(dashboard.mount, prometheus.mount))
+                                             mounts=(dashboard.mount, prometheus.mount, routes.mount))
                 log.info("scheduler: management API %s (token in %s)", api.url, api.token_file)
             if args.port_file:
                 _write_port_file(args.port_file, service.port)

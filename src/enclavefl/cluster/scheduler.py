@@ -213,6 +213,10 @@ class ClusterHandle:
             failure=s.failure,
         )
 
+    def servers(self) -> list[Member]:
+        """The live servers, by id (none when the store cannot be reached)."""
+        return self._live_servers()
+
     def _live_servers(self) -> list[Member]:
         try:
             return self._scheduler.store.members("server")
