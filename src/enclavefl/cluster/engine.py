@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -78,6 +79,40 @@ class _Local:
     attempt: int
     round: Round
     aggregator: StoreAggregator
+
+
+class _Keepalive:
+    """Renews the leader lease and the membership every ``heartbeat_s`` while a long step (a close) runs.
+
+    The thread is owned by the ``with`` block: it ends (and is joined) when the block does.
+    """
+
+    def __init__(self, store: Store, lease: Lease, member_id: str, cluster: ClusterConfig) -> None:
+        self._store, self._lease, self._member_id, self._cluster = store, lease, member_id, cluster
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"keepalive-{member_id}", daemon=True)
+
+    def __enter__(self) -> _Keepalive:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(self._cluster.heartbeat_s + self._store_timeout_s())
+
+    def _store_timeout_s(self) -> float:
+        return self._cluster.redis.timeout_s
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._cluster.heartbeat_s):
+            try:
+                self._store.renew_lease(self._lease, self._cluster.lease_ttl_s)
+                self._store.heartbeat(self._member_id, self._cluster.member_ttl_s)
+            except LeaseLost as exc:
+                log.warning("server %s: lost the leader lease during a close: %s", self._member_id, exc)
+                return  # the close's own writes are refused from now on (fenced)
+            except StoreError as exc:
+                log.warning("server %s: could not renew the leader lease: %s", self._member_id, exc)
 
 
 class ClusterEngine(SyncEngine):
@@ -370,6 +405,11 @@ class ClusterEngine(SyncEngine):
             # publish the same bytes again, never a second optimizer step.
             self._publish_close(lease, state, pending[2], pending[3], count=-1, servers=-1)
             return
+        with _Keepalive(self.store, lease, self.server_id, self.cluster):  # a close may outlast the TTLs
+            self._close_and_publish(lease, state)
+
+    def _close_and_publish(self, lease: Lease, state: RoundState) -> None:
+        number, attempt = state.number, state.attempt
         self._follow(state)  # the local round closes: no upload is folded from here on
         partials, accepted = self.store.partials(number, attempt), self.store.accepted(number, attempt)
         check_partials(number, attempt, partials, accepted)

@@ -62,10 +62,13 @@ class StoreAggregator(Aggregator):
         template: the header every update must match.
         store: the cluster's store.
         number, attempt: the round attempt.
-        server: this server's member id (its partial's key).
+        server: this server's member id (its partial's key). If the store holds a partial of this
+            server for the attempt (the server restarted), the aggregator starts from it.
 
     Raises:
-        UpdateRejected: the factory's aggregator cannot be split across servers.
+        UpdateRejected: the factory's aggregator cannot be split across servers, or the stored
+            partial does not fit it.
+        StoreError: the stored partial cannot be read.
     """
 
     def __init__(self, make: AggregatorFactory, template: StreamHeader, store: Store, *, number: int,
@@ -82,6 +85,11 @@ class StoreAggregator(Aggregator):
         self._blob: bytes | None = None
         self._lock = threading.Lock()
         self._pending: tuple[UpdateRef, dict[str, int]] | None = None
+        # A server restarted with the same id mid-round resumes from the partial it had accepted.
+        stored = store.partial(number, attempt, server)
+        if stored is not None:
+            self._generation, self._blob = stored.generation, stored.blob
+            self._reload(stored.blob)
 
     @property
     def count(self) -> int:

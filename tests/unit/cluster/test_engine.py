@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -200,3 +201,35 @@ def test_a_close_the_store_missed_is_published_again_without_a_second_step(tmp_p
     assert model is not None and model.version == 1
     np.testing.assert_array_equal(decode_model(model.blob)["b"], f32([1.125, 4.0]))
     assert ps.version == 1 and ps.params.equal(decode_model(model.blob))
+
+
+def test_a_close_longer_than_the_lease_ttl_keeps_the_lease(tmp_path: Path) -> None:
+    # Prepare: the lease lapses 0.3 s after its last renewal; evaluating the new model takes 0.8 s.
+    store = MemoryStore()
+    config = cluster_job(rounds=1, workers=2, cluster={"poll_s": 0.02, "heartbeat_s": 0.1, "member_ttl_s": 0.5,
+                                                       "lease_ttl_s": 0.3})
+
+    def slow_evaluation(params: ParamSet) -> dict[str, float]:
+        time.sleep(0.8)
+        return {"loss": 0.5}
+
+    ps = ParameterServer(config, INITIAL, out_dir=tmp_path, evaluator=slow_evaluation,
+                         engine=cluster_engine(store, "server-0", config.cluster))
+    engine = ps.engine
+    assert isinstance(engine, ClusterEngine)
+    store.register(Member("server-0", "server", "127.0.0.1:7000"), 30)
+    for i in range(2):
+        store.bind_session(Session(f"w-{i}", f"fp{i}", "server-0", f"worker-{i}"))
+    engine.tick()
+    agg = StoreAggregator(WeightedMean, StreamHeader.of(INITIAL), store, number=1, attempt=0, server="server-1")
+    with agg.name(UpdateRef("w-0", "1/worker-0"), {"num_samples": 10}):
+        agg.add(ParamSet({"w": np.ones((2, 2), np.float32), "b": np.ones(2, np.float32)}), 10.0)
+    store.begin_close(1, 0)
+
+    # Execute: without renewals the lease would lapse mid-close and finish_round be refused (LeaseLost).
+    engine.tick()
+
+    # Assert
+    model = store.model()
+    assert model is not None and model.version == 1
+    assert ps.metrics.history[-1]["eval_loss"] == 0.5

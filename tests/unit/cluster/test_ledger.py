@@ -102,3 +102,18 @@ def test_a_buffering_aggregator_cannot_serve_a_cluster(tmp_path: object) -> None
 def test_metrics_are_counted_in_millionths() -> None:
     # 0.25 loss -> 250000 millionths; accuracy missing -> not counted; other keys ignored.
     assert metric_counts({"loss": 0.25, "other": 3.0}) == {"m:loss": 250_000, "n:loss": 1}
+
+
+def test_a_server_restarted_mid_round_resumes_from_its_stored_partial() -> None:
+    # Prepare: s1 accepted a's update, then its process died.
+    store = open_store()
+    add(server(store, "s1"), "a", "1/a", update(1, 1), 1.0)
+
+    # Execute: s1 starts again with the same id and accepts b's update.
+    again = server(store, "s1")
+    add(again, "b", "1/b", update(3, 5), 1.0)
+
+    # Assert: its partial holds both (generation 2), and the aggregate is their mean: (1+3)/2, (1+5)/2.
+    partial = store.partial(1, 0, "s1")
+    assert partial is not None and partial.generation == 2 and partial.update_ids == {"1/a", "1/b"}
+    np.testing.assert_array_equal(again.result()["w"], [2, 3])
