@@ -123,3 +123,52 @@ def test_a_server_killed_mid_round_loses_no_accepted_update_and_counts_none_twic
     assert rows[2]["participants"] == 4
     assert {a.server for a in store.accepted(3, rows[2]["attempt"]).values()} == {"server-0", "server-1"}
     store.close()
+
+
+def test_a_redis_crash_pauses_the_rounds_and_the_job_finishes(tmp_path: Path, redis: RedisProcess) -> None:
+    # Prepare: a scheduler, 3 servers, 6 workers.
+    (tmp_path / "logs").mkdir()
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(merge(JOB, {"round": {"min_workers": 6, "update_window_s": 60},
+                                              "client": {"epochs": 20}})))
+    create_job_certs(tmp_path / "certs", JOB["job"]["name"], workers=WORKERS)
+    tls = ["--tls-dir", str(tmp_path / "certs")]
+    procs = Procs(tmp_path)
+    try:
+        scheduler = procs.spawn("scheduler", ["scheduler", "--config", str(job), "--store", redis.url, "--out",
+                                              str(tmp_path / "scheduler"), "--port-file", str(tmp_path / "s.port"),
+                                              *tls])
+        at = _port(tmp_path / "s.port", scheduler, "the scheduler to listen")
+        ports = []
+        for i in range(SERVERS):
+            server = procs.spawn(f"server-{i}", ["server", "--config", str(job), "--store", redis.url, "--scheduler",
+                                                 f"127.0.0.1:{at}", "--id", f"server-{i}", "--out",
+                                                 str(tmp_path / f"server-{i}"), "--port-file",
+                                                 str(tmp_path / f"{i}.port"), *tls])
+            ports.append(_port(tmp_path / f"{i}.port", server, f"server-{i} to listen"))
+        for i in range(WORKERS):
+            procs.spawn(f"worker-{i}", ["worker", "--config", str(job), "--connect",
+                                        f"127.0.0.1:{ports[i % SERVERS]}", "--index", str(i), *tls])
+
+        # Execute: Redis crashes while round 2 trains, and comes back 2 s later with its append-only file.
+        wait_for(lambda: "round 2: training" in procs.log("worker-0"), 240, "worker-0 to train in round 2")
+        redis.kill()
+        time.sleep(2.0)
+        redis.start()
+        assert scheduler.wait(300) == 0, procs.log("scheduler")[-3000:]
+    finally:
+        procs.close()
+
+    # Assert: three rounds, each closed in the store with the ledger its row reports, and the servers said
+    # what happened in their logs.
+    rows = [json.loads(line) for line in (tmp_path / "scheduler" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    store = RedisStore(redis_settings_from_url(redis.url), job=JOB["job"]["name"])
+    for row in rows:
+        state = store.round_state(row["round"])
+        assert state is not None and state.phase is RoundPhase.CLOSED
+        assert len(store.accepted(row["round"], state.attempt)) == row["participants"]
+    store.close()
+    logs = "".join((tmp_path / f"server-{i}" / "logs" / "server.log").read_text() for i in range(SERVERS))
+    assert "unreachable" in logs, "no server logged the outage"
+    assert "answers again" in logs or "reachable again" in logs, "no server logged Redis's return"

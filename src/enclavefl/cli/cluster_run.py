@@ -95,7 +95,7 @@ def run_cluster(args: argparse.Namespace, overrides: list[str]) -> int:
     rows: list[dict[str, Any]] = []
     try:
         redis.start()
-        console.print(f"redis-server on 127.0.0.1:{redis.port} (AOF in {redis.directory}); what it holds is sealed "
+        console.print(f"redis-server on 127.0.0.1:{redis.port} (append-only file in {redis.directory}); what it holds is sealed "
                       "under a cluster key only the scheduler and attested servers hold")
         scheduler_port = run_dir / "scheduler.port"
         scheduler = children.spawn("scheduler", python + [

@@ -1,9 +1,12 @@
 """A redis-server child process on 127.0.0.1, for ``enclavefl run --servers N``.
 
 It listens on a free loopback port only, keeps its files in the run
-directory, and writes an append-only file (``appendfsync everysec``), so a
-crash loses at most a second. A deployment runs Redis on its own (with TLS
-and an ACL user, docs/cluster.md); this is the one-host development path.
+directory, and writes an append-only file synced on every write
+(``appendfsync always``): a worker hears "accepted" only once Redis has the
+update on disk, so even a crash of Redis loses no acknowledged update (at the
+cost of one fsync per accept; ``everysec`` would lose up to a second). A
+deployment runs Redis on its own (with TLS and an ACL user, docs/cluster.md);
+this is the one-host development path.
 """
 
 from __future__ import annotations
@@ -47,15 +50,16 @@ class RedisProcess:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
+        """Starts it (again, after :meth:`stop` or a crash: on the same port, with the same data)."""
         binary = shutil.which("redis-server")
         if binary is None:
             raise ConfigError("redis-server is not on PATH: cluster mode needs it (Debian/Ubuntu: "
                               "apt-get install redis-server; other systems: see redis.io)")
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.port = _free_port()
+        self.port = self.port or _free_port()
         log_path = self.directory / "redis.log"
         argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--protected-mode", "yes",
-                "--dir", str(self.directory), "--save", "", "--appendonly", "yes", "--appendfsync", "everysec",
+                "--dir", str(self.directory), "--save", "", "--appendonly", "yes", "--appendfsync", "always",
                 "--logfile", str(log_path)]
         self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.DEVNULL, start_new_session=True)
@@ -78,6 +82,13 @@ class RedisProcess:
                 return s.recv(64).startswith(b"+PONG")
         except OSError:
             return False
+
+    def kill(self) -> None:
+        """SIGKILL: a crash (what the append-only file holds survives)."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
 
     def stop(self, grace_s: float = 10.0) -> None:
         """Stops it (SIGTERM, then SIGKILL after ``grace_s``). Idempotent."""
