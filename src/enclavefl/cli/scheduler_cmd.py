@@ -37,6 +37,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--audit-file", type=Path, help="append attestation decisions here (default OUT/audit.jsonl)")
     p.add_argument("--log-file", help="write logs here (default OUT/logs/scheduler.log)")
     p.add_argument("--port-file", type=Path, help="write the key service's port here once listening")
+    p.add_argument("--cluster-key-file", type=Path,
+                   help="keep the cluster key here (made if missing, mode 0600), so a restarted scheduler can read "
+                        "the job's store; in a TEE, a path on an encrypted (sealed) mount. Default: memory only")
     p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=run_scheduler)
 
@@ -46,7 +49,13 @@ def run_scheduler(args: argparse.Namespace) -> int:
     from enclavefl.cluster import RedisStore, SealedStore, Sealer
     from enclavefl.cluster.keyservice import KEY_BYTES, KeyService
     from enclavefl.cluster.scheduler import ClusterHandle, Scheduler
-    from enclavefl.cluster.settings import check_cluster_job, redis_settings, redis_settings_from_url
+    from enclavefl.cluster.settings import (
+        check_cluster_job,
+        read_cluster_key,
+        redis_settings,
+        redis_settings_from_url,
+        write_cluster_key,
+    )
     from enclavefl.server.handle import identity_of
     from enclavefl.transport.provisioning import make_credentials
 
@@ -62,7 +71,13 @@ def run_scheduler(args: argparse.Namespace) -> int:
             settings = redis_settings_from_url(args.store, base=settings)
         audit_path = args.audit_file or out / "audit.jsonl"
         credentials = make_credentials(config, args.tls_dir, "ps", job_dir=args.config.parent, audit_path=audit_path)
-        key = os.urandom(KEY_BYTES)  # in memory only: a restarted scheduler cannot read the job's store (yet)
+        if args.cluster_key_file is None:
+            key = os.urandom(KEY_BYTES)  # in memory only: a restarted scheduler cannot read the job's store
+        elif args.cluster_key_file.exists():
+            key = read_cluster_key(args.cluster_key_file)
+            log.info("scheduler: cluster key read from %s (a restart)", args.cluster_key_file)
+        else:
+            key = write_cluster_key(args.cluster_key_file)
         store = SealedStore(RedisStore(settings, job=config.job.name), Sealer(key, job=config.job.name))
         host = config.transport.listen.rpartition(":")[0]
         service = KeyService(credentials, key, listen=config.transport.listen)

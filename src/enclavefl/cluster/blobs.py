@@ -1,14 +1,15 @@
-"""What a cluster stores as bytes: the model, and the close's state (the strategy's parts and the metrics row).
+"""What a cluster stores as bytes: the model, and the close's state (the strategy's parts and the metrics rows).
 
 How this works: the model is a tensor file (:func:`enclavefl.tensors.write_params`);
 the close's state is the JSON-plus-arrays format of
 :mod:`enclavefl.server.partials` under its own magic: the JSON holds the round
-it closed, its metrics row and each stateful part's JSON state, the arrays
+it closed, the job's metrics rows so far and each stateful part's JSON state, the arrays
 hold each part's tensors, named ``<part>/<tensor>`` as a checkpoint names them.
 Neither is pickled; both are sealed by a :class:`~enclavefl.cluster.sealing.SealedStore`
 before they reach Redis. A server that picks up a new model version loads the
 parts from it, so any server can be the next leader with the same optimizer
-moments, control variates and history.
+moments, control variates and history; a server that joined late, or a
+restarted scheduler, gets the rows it missed (a few hundred bytes per round).
 """
 
 from __future__ import annotations
@@ -50,9 +51,13 @@ class CloseState:
 
     round: int
     """The round whose close made this state (0: the job's first model)."""
-    row: Mapping[str, Any]
-    """That round's metrics row ({} for the first model)."""
+    history: tuple[Mapping[str, Any], ...]
+    """The job's metrics rows up to that round, oldest first (none for the first model)."""
     parts: Mapping[str, PartState]
+
+    def rows_after(self, round_: int) -> list[dict[str, Any]]:
+        """The rows of rounds after ``round_`` (what a node that has seen up to ``round_`` lacks)."""
+        return [dict(r) for r in self.history if isinstance(r.get("round"), int) and r["round"] > round_]
 
 
 def encode_close_state(state: CloseState) -> bytes:
@@ -68,7 +73,7 @@ def encode_close_state(state: CloseState) -> bytes:
             raise ValueError(f"part name {name!r} must be non-empty and without '/'")
         metas[name] = {"meta": dict(part.meta), "tensors": list(part.tensors)}
         arrays.extend((f"{name}/{tensor}", value) for tensor, value in part.tensors.items())
-    meta = {"round": state.round, "row": dict(state.row), "parts": metas}
+    meta = {"round": state.round, "history": [dict(r) for r in state.history], "parts": metas}
     return encode_partial(meta, ParamSet(arrays), magic=STATE_MAGIC)
 
 
@@ -82,9 +87,11 @@ def decode_close_state(blob: bytes, limits: CodecLimits = CodecLimits()) -> Clos
         meta, arrays = decode_partial(blob, limits, magic=STATE_MAGIC)
     except UpdateRejected as exc:
         raise ProtocolError(f"cluster strategy state: {exc}") from exc
-    round_, row, metas = meta.get("round"), meta.get("row"), meta.get("parts")
-    if not isinstance(round_, int) or round_ < 0 or not isinstance(row, dict) or not isinstance(metas, dict):
-        raise ProtocolError("cluster strategy state: expected round (int >= 0), row and parts (objects)")
+    round_, history, metas = meta.get("round"), meta.get("history"), meta.get("parts")
+    if (not isinstance(round_, int) or round_ < 0 or not isinstance(history, list)
+            or not all(isinstance(r, dict) for r in history) or not isinstance(metas, dict)):
+        raise ProtocolError("cluster strategy state: expected round (int >= 0), history (a list of objects) "
+                            "and parts (an object)")
     parts: dict[str, PartState] = {}
     used: set[str] = set()
     for name, entry in metas.items():
@@ -100,4 +107,4 @@ def decode_close_state(blob: bytes, limits: CodecLimits = CodecLimits()) -> Clos
     extra = sorted(set(arrays) - used)
     if extra:
         raise ProtocolError(f"cluster strategy state: tensor {extra[0]!r} belongs to no part")
-    return CloseState(round_, row, parts)
+    return CloseState(round_, tuple(history), parts)

@@ -278,7 +278,16 @@ class ClusterEngine(SyncEngine):
                     parts[name].load_state(part_state)
             if core.phase is Phase.TRAINING:
                 core.set_phase(Phase.AGGREGATING)
-        core.install(params, version, state.round + 1, state.row)  # takes the lock itself
+        with core.cond:
+            seen = max((r["round"] for r in core.metrics.history if isinstance(r.get("round"), int)), default=0)
+        missed = state.rows_after(seen)
+        if not missed:
+            raise RoundError(f"server {self.server_id}: model version {version} from the store carries no metrics "
+                             f"row after round {seen}")
+        with core.cond:
+            for row in missed[:-1]:  # rounds led elsewhere while this server was not there (it joined late)
+                core.metrics.append(row)
+        core.install(params, version, state.round + 1, missed[-1])  # takes the lock itself
         with core.cond:
             if core.phase is Phase.AGGREGATING:
                 core.set_phase(Phase.WAITING)
@@ -356,7 +365,7 @@ class ClusterEngine(SyncEngine):
         with core.cond:
             params, parts = core.params, core.part_states()
         self.store.publish_model(0, encode_model(params), lease=lease,
-                                 strategy_state=encode_close_state(CloseState(0, {}, parts)))
+                                 strategy_state=encode_close_state(CloseState(0, (), parts)))
         self._synced = 0
         log.info("server %s: published the first model (version 0, digest %s)", self.server_id,
                  params_digest(params)[:16])
@@ -430,10 +439,10 @@ class ClusterEngine(SyncEngine):
             return
         core = self.core
         with core.cond:
-            params, row, parts = core.params, dict(core.metrics.history[-1]), core.part_states()
+            params, history, parts = core.params, tuple(core.metrics.history), core.part_states()
             if core.phase is Phase.AGGREGATING:
                 core.set_phase(Phase.WAITING)
-        model, close_state = encode_model(params), encode_close_state(CloseState(number, row, parts))
+        model, close_state = encode_model(params), encode_close_state(CloseState(number, history, parts))
         self._unpublished = (number, attempt, model, close_state)
         self._publish_close(lease, state, model, close_state, count=aggregator.count, servers=len(partials))
 

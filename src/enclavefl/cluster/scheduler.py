@@ -17,6 +17,7 @@ server as SERVER, every worker as WORKER) for the cloud ``/state``.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -43,6 +44,23 @@ log = logging.getLogger(__name__)
 
 
 
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    """The whole rows of an earlier run's ``metrics.jsonl`` (a torn last line is dropped)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return []
+    rows: list[dict[str, Any]] = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            break
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
 class Scheduler:
     """Owns job ``config`` in ``store`` (see the module docstring).
 
@@ -59,7 +77,9 @@ class Scheduler:
         self.address = address
         self.identity = identity or Identity()
         self.events = EventBus()
-        self.metrics = MetricsLog(out_dir / config.summary.metrics_file)
+        # A restarted scheduler keeps the rows it recorded; the next close's state brings those it missed.
+        path = out_dir / config.summary.metrics_file
+        self.metrics = MetricsLog(path, _read_rows(path))
         self.metrics.subscribe(self._publish_row)
         self.started_at = time.time()
         self.started_monotonic = time.monotonic()
@@ -71,6 +91,9 @@ class Scheduler:
         self._pause: Lease | None = None
         self._paused = False
         self.round: RoundState | None = None
+
+    def _seen_round(self) -> int:
+        return max((r["round"] for r in self.metrics.history if isinstance(r.get("round"), int)), default=0)
 
     def _publish_row(self, row: dict[str, Any]) -> None:
         self.events.publish("round", **row)
@@ -126,8 +149,8 @@ class Scheduler:
             blob = self.store.strategy_state()
             if blob is not None and blob.version == current:
                 close = decode_close_state(blob.blob)
-                if close.row:
-                    self.metrics.append(dict(close.row))
+                for row in close.rows_after(self._seen_round()):
+                    self.metrics.append(row)
                 self._seen_version = current
         if state.phase is RoundPhase.FAILED and state.attempt >= self.config.round.max_retries:
             self.state, self.failure = "failed", f"round {state.number} failed: {state.reason}"

@@ -17,9 +17,9 @@ def test_a_model_round_trips_bit_for_bit() -> None:
     assert decode_model(encode_model(params)).equal(params)
 
 
-def test_the_close_state_round_trips_parts_and_row() -> None:
+def test_the_close_state_round_trips_parts_and_history() -> None:
     # Prepare
-    state = CloseState(4, {"round": 4, "eval_loss": 0.5},
+    state = CloseState(4, ({"round": 3, "eval_loss": 0.7}, {"round": 4, "eval_loss": 0.5}),
                        {"optimizer": PartState({"step": 4}, ParamSet({"m": np.ones(2, np.float32)})),
                         "engine": PartState()})
 
@@ -27,7 +27,8 @@ def test_the_close_state_round_trips_parts_and_row() -> None:
     back = decode_close_state(encode_close_state(state))
 
     # Assert
-    assert (back.round, back.row) == (4, {"round": 4, "eval_loss": 0.5})
+    assert back.round == 4 and back.rows_after(3) == [{"round": 4, "eval_loss": 0.5}]
+    assert len(back.rows_after(0)) == 2
     assert back.parts["optimizer"].meta == {"step": 4}
     assert back.parts["optimizer"].tensors.equal(state.parts["optimizer"].tensors)
     assert len(back.parts["engine"].tensors) == 0

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import threading
+import time
 from pathlib import Path
 
 from enclavefl.cluster import Member, MemoryStore, Session
@@ -68,3 +70,31 @@ def test_a_pause_is_the_pause_lease_held_by_the_scheduler(tmp_path: Path) -> Non
     assert held is not None and held.holder == "scheduler"
     assert handle.resume(by="test") is True
     assert store.lease(PAUSE_LEASE) is None
+
+
+def test_a_restarted_scheduler_recovers_every_round_from_its_file_and_the_store(tmp_path: Path) -> None:
+    # Prepare: a scheduler that stops once it recorded a round, while the cluster goes on.
+    config = cluster_job(rounds=3, workers=2)
+    store = MemoryStore()
+    first = Scheduler(config, store, out_dir=tmp_path / "scheduler")
+    runner = threading.Thread(target=first.run, daemon=True)
+    runner.start()
+    cluster = threading.Thread(target=lambda: run_cluster(config, INITIAL, trainers(2), lambda i: store,
+                                                          tmp_path / "cluster", servers=2), daemon=True)
+    cluster.start()
+    deadline = time.monotonic() + 30
+    while not first.metrics.history and time.monotonic() < deadline:
+        time.sleep(0.01)
+    first.stop()
+    runner.join(10)
+    cluster.join(60)
+
+    # Execute: a new scheduler on the same directory and store, after the job ended.
+    second = Scheduler(config, store, out_dir=tmp_path / "scheduler")
+    state = second.run()
+
+    # Assert: every round once, in order: from its file, then from the last close's state.
+    assert state == "finished"
+    assert [r["round"] for r in second.metrics.history] == [1, 2, 3]
+    lines = (tmp_path / "scheduler" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["round"] for line in lines] == [1, 2, 3]
