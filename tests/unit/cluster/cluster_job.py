@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from enclavefl.cluster import Store
+from enclavefl.cluster import RoundPhase, Store
 from enclavefl.cluster.engine import ClusterEngine, cluster_engine
 from enclavefl.config import JobConfig, parse_job
 from enclavefl.server.ps import ParameterServer
@@ -60,10 +60,23 @@ def _guarded(errors: dict[str, BaseException], name: str, target: Callable[[], N
     return thread
 
 
+def _published(store: Store) -> int:
+    """The store's current model version (0 before the first round closes)."""
+    state = store.round_state()
+    if state is None:
+        return 0
+    return state.model_version + (1 if state.phase is RoundPhase.CLOSED else 0)
+
+
 def run_cluster(config: JobConfig, initial: ParamSet, trainers: Sequence[tuple[str, AddTrainer]],
                 store_for: Callable[[int], Store], out_dir: Path, *, servers: int,
-                timeout_s: float = 60.0) -> ClusterRun:
-    """Runs the job on ``servers`` servers (worker i joins server i mod servers) until every thread ends."""
+                timeout_s: float = 60.0, late: Mapping[int, int] | None = None) -> ClusterRun:
+    """Runs the job on ``servers`` servers (worker i joins server i mod servers) until every thread ends.
+
+    Args:
+        late: server index -> model version: that server (and its workers) starts only once the
+            store has published that version (a server added while the job runs).
+    """
     run = ClusterRun()
     for i in range(servers):
         server_id = f"server-{i}"
@@ -71,12 +84,26 @@ def run_cluster(config: JobConfig, initial: ParamSet, trainers: Sequence[tuple[s
                                            engine=cluster_engine(store_for(i), server_id, config.cluster,
                                                                  address=f"127.0.0.1:{7000 + i}")))
     stop = threading.Event()
-    threads = [_guarded(run.errors, f"server-{i}", ps.run) for i, ps in enumerate(run.servers)]
+    late = dict(late or {})
+
+    def after(index: int, target: Callable[[], None]) -> Callable[[], None]:
+        if index not in late:
+            return target
+
+        def waiting() -> None:
+            deadline = time.monotonic() + timeout_s
+            while _published(store_for(index)) < late[index] and time.monotonic() < deadline:
+                time.sleep(0.005)
+            target()
+
+        return waiting
+
+    threads = [_guarded(run.errors, f"server-{i}", after(i, ps.run)) for i, ps in enumerate(run.servers)]
     for i, (name, trainer) in enumerate(trainers):
         ps, who = run.servers[i % servers], peer(name)
         worker = Worker(lambda ps=ps, who=who: InMemoryClient(ps, who, chunk_bytes=64), trainer,
                         WorkerSettings(name=name, seed=7, poll_s=0.2), stop=stop)
-        threads.append(_guarded(run.errors, name, worker.run))
+        threads.append(_guarded(run.errors, name, after(i % servers, worker.run)))
     deadline = time.monotonic() + timeout_s
     for thread in threads:
         thread.join(max(0.0, deadline - time.monotonic()))

@@ -233,3 +233,26 @@ def test_a_close_longer_than_the_lease_ttl_keeps_the_lease(tmp_path: Path) -> No
     model = store.model()
     assert model is not None and model.version == 1
     assert ps.metrics.history[-1]["eval_loss"] == 0.5
+
+
+def test_a_server_added_while_the_job_runs_serves_from_the_next_round(tmp_path: Path) -> None:
+    # Prepare: 4 workers on 2 servers start the job; a third server and its 2 workers start once
+    # round 1 has closed.
+    config = cluster_job(rounds=4, workers=6, round={"min_workers": 4, "start_window_s": 20, "update_window_s": 20,
+                                                     "max_retries": 0})
+    store = MemoryStore()
+
+    # Execute
+    run = run_cluster(config, INITIAL, trainers(6), lambda i: store, tmp_path, servers=3, late={2: 1})
+
+    # Assert: every server ends with the same model and every round's row (the late one got round 1's
+    # from the close's history); its workers are counted by the last round (they may miss round 2,
+    # which can open before they joined).
+    assert not run.errors, run.errors
+    assert all(ps.version == 4 and ps.params.equal(run.servers[0].params) for ps in run.servers)
+    assert [r["round"] for r in run.servers[2].metrics.history] == [1, 2, 3, 4]
+    assert run.servers[2].metrics.history == run.servers[0].metrics.history
+    first = store.accepted(1, 0)
+    assert {a.server for a in first.values()} == {"server-0", "server-1"}
+    last = store.round_state(4)
+    assert last is not None and "server-2" in {a.server for a in store.accepted(4, last.attempt).values()}
