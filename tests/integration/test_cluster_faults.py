@@ -172,3 +172,66 @@ def test_a_redis_crash_pauses_the_rounds_and_the_job_finishes(tmp_path: Path, re
     logs = "".join((tmp_path / f"server-{i}" / "logs" / "server.log").read_text() for i in range(SERVERS))
     assert "unreachable" in logs, "no server logged the outage"
     assert "answers again" in logs or "reachable again" in logs, "no server logged Redis's return"
+
+
+def test_the_leader_killed_during_a_close_is_replaced_and_no_version_is_skipped_or_doubled(
+        tmp_path: Path, redis: RedisProcess) -> None:
+    # Prepare: a model large enough (about 4M parameters) that a close takes a while to merge, step,
+    # evaluate and seal; 6 workers on 3 servers, 4 enough to go on.
+    (tmp_path / "logs").mkdir()
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(merge(JOB, {"task": {"name": "digits-mlp", "params": {"hidden": [2048, 1024]}},
+                                              "client": {"epochs": 1},
+                                              "round": {"min_workers": 4, "update_window_s": 30}})))
+    create_job_certs(tmp_path / "certs", JOB["job"]["name"], workers=WORKERS)
+    tls = ["--tls-dir", str(tmp_path / "certs")]
+    procs = Procs(tmp_path)
+    server_logs = [tmp_path / f"server-{i}" / "logs" / "server.log" for i in range(SERVERS)]
+
+    def text(path: Path) -> str:
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    try:
+        scheduler = procs.spawn("scheduler", ["scheduler", "--config", str(job), "--store", redis.url, "--out",
+                                              str(tmp_path / "scheduler"), "--port-file", str(tmp_path / "s.port"),
+                                              *tls])
+        at = _port(tmp_path / "s.port", scheduler, "the scheduler to listen")
+        ports = []
+        for i in range(SERVERS):
+            server = procs.spawn(f"server-{i}", ["server", "--config", str(job), "--store", redis.url, "--scheduler",
+                                                 f"127.0.0.1:{at}", "--id", f"server-{i}", "--out",
+                                                 str(tmp_path / f"server-{i}"), "--port-file",
+                                                 str(tmp_path / f"{i}.port"), *tls])
+            ports.append(_port(tmp_path / f"{i}.port", server, f"server-{i} to listen"))
+        for i in range(WORKERS):
+            procs.spawn(f"worker-{i}", ["worker", "--config", str(job), "--connect",
+                                        f"127.0.0.1:{ports[i % SERVERS]}", "--index", str(i), "--connect-timeout",
+                                        "20", *tls])
+
+        # Execute: SIGKILL whichever server starts closing round 2, as soon as it logs it.
+        def closing() -> int | None:
+            for i, path in enumerate(server_logs):
+                if "round 2: closing attempt" in text(path):
+                    return i
+            return None
+
+        wait_for(lambda: closing() is not None, 240, "a leader to start closing round 2", poll_s=0.005)
+        leader = closing()
+        assert leader is not None
+        procs.procs[f"server-{leader}"].send_signal(signal.SIGKILL)
+        procs.procs[f"server-{leader}"].wait(10)
+        assert scheduler.wait(300) == 0, procs.log("scheduler")[-3000:]
+    finally:
+        procs.close()
+
+    # Assert: the killed leader did not publish round 2; another server finished it; versions 1, 2, 3 once each.
+    assert "round 2: closed" not in text(server_logs[leader])
+    finishers = [i for i, path in enumerate(server_logs) if "round 2: closed" in text(path)]
+    assert len(finishers) == 1 and finishers[0] != leader
+    rows = [json.loads(line) for line in (tmp_path / "scheduler" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["round"], r["model_version"]) for r in rows] == [(1, 1), (2, 2), (3, 3)]
+    store = RedisStore(redis_settings_from_url(redis.url), job=JOB["job"]["name"])
+    for number in (1, 2, 3):
+        state = store.round_state(number)
+        assert state is not None and state.phase is RoundPhase.CLOSED and state.model_version == number - 1
+    store.close()

@@ -422,6 +422,8 @@ class ClusterEngine(SyncEngine):
         self._follow(state)  # the local round closes: no upload is folded from here on
         partials, accepted = self.store.partials(number, attempt), self.store.accepted(number, attempt)
         check_partials(number, attempt, partials, accepted)
+        log.info("server %s round %d: closing attempt %d: merging %d updates from %d servers", self.server_id, number,
+                 attempt, len(accepted), len(partials), extra={"event": "round_closing"})
         aggregator = self.strategy.aggregator(self.upload_template)
         if partials:
             aggregator.merge({server: p.blob for server, p in partials.items()})
