@@ -417,6 +417,15 @@ def _rpc_seeds(method: str) -> Callable[[], list[bytes]]:
             "PullModel": [pb.PullRequest(protocol_version=v, worker_id="w-1", model_version=0)],
             "Leave": [pb.LeaveRequest(protocol_version=v, worker_id="w-1", reason="done")],
             "Heartbeat": [pb.HeartbeatRequest(protocol_version=v, worker_id="w-1")],
+            "SecAggExchange": [
+                pb.SecAggRequest(protocol_version=v, worker_id="w-1", round=1, nonce=bytes(16), stage="advertise",
+                                 advert=pb.SecAggAdvert(sender="w-1", enc_public=bytes(32), mask_public=bytes(32),
+                                                        signature=b"s", certificate=world().worker_cert_pem)),
+                pb.SecAggRequest(protocol_version=v, worker_id="w-1", round=1, nonce=bytes(16), stage="share",
+                                 shares=[pb.SecAggShare(sender="w-1", recipient="w-2", sealed=bytes(94))]),
+                pb.SecAggRequest(protocol_version=v, worker_id="w-1", round=1, nonce=bytes(16), stage="unmask",
+                                 seed_shares={"w-2": bytes(33)}, key_shares={"w-3": bytes(33)}),
+            ],
         }
         if method == "PushUpdate":
             return [frame(_update_messages())]
@@ -425,7 +434,7 @@ def _rpc_seeds(method: str) -> Callable[[], list[bytes]]:
     return seeds
 
 
-_METHODS = ("Challenge", "Join", "WaitTask", "PullModel", "PushUpdate", "Leave", "Heartbeat")
+_METHODS = ("Challenge", "Join", "WaitTask", "PullModel", "PushUpdate", "Leave", "Heartbeat", "SecAggExchange")
 
 TARGETS: dict[str, Target] = {
     t.name: t

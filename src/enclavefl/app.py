@@ -4,10 +4,13 @@ The command line is argument parsing over these functions: ``enclavefl ps``
 is :func:`build_server` then :func:`serve`, ``enclavefl worker`` is
 :func:`run_worker` over :func:`~enclavefl.worker.runtime.grpc_client_factory`,
 and ``enclavefl simulate`` is :func:`simulate`. :func:`simulate`
-runs the very same server (engine, strategy, staging, close pipeline) and
-worker runtime as a real deployment, with workers on threads that talk to the
-server through :class:`~enclavefl.worker.inmemory.InMemoryClient` instead of
-gRPC and TLS: no processes, no certificates, for research and notebooks.
+runs the very same server (engine, strategy, staging, close pipeline) as a
+real deployment, with its workers either on threads (the worker runtime
+itself, talking to the server through
+:class:`~enclavefl.worker.inmemory.InMemoryClient` instead of gRPC and TLS)
+or played by a :class:`~enclavefl.simulation.Driver` whose sampled clients
+train on a pool of processes or Ray actors (:mod:`enclavefl.simulation`):
+no certificates, for research, notebooks and simulations of many clients.
 
 Example::
 
@@ -42,12 +45,13 @@ from enclavefl.tensors import ParamSet, StreamHeader
 from enclavefl.training import Task, Trainer
 from enclavefl.worker.faults import faults_for
 from enclavefl.worker.inmemory import InMemoryClient
-from enclavefl.worker.pipeline import default_transforms
+from enclavefl.worker.pipeline import UpdateTransform, default_transforms
 from enclavefl.worker.runtime import Worker, WorkerSettings
 
 if TYPE_CHECKING:
     from enclavefl.management.api import Mount
     from enclavefl.management.serve import ManagementServer
+    from enclavefl.simulation import ClientPool
     from enclavefl.transport.credentials import Credentials
 
 __all__ = ["ManagementSetup", "RoundCallback", "SimulationResult", "build_server", "run_worker", "serve", "simulate",
@@ -128,13 +132,12 @@ class ManagementSetup:
     on_start: Callable[[ManagementServer], None] | None = None
 
 
-def _start_management(ps: ParameterServer, setup: ManagementSetup, port: int) -> ManagementServer:
+def _start_management(ps: ParameterServer, setup: ManagementSetup, server_address: str) -> ManagementServer:
     from enclavefl.management.serve import ManagementServer
 
     config = ps.config
-    host = config.transport.listen.rpartition(":")[0]
     api = ManagementServer.start(ps.handle(), config.management, setup.run_dir, job_name=config.job.name,
-                                 tls_dir=setup.tls_dir, server_address=f"{host}:{port}",
+                                 tls_dir=setup.tls_dir, server_address=server_address,
                                  audit_path=setup.audit_path, mounts=setup.mounts)
     if setup.on_start is not None:
         setup.on_start(api)
@@ -175,7 +178,8 @@ def serve(ps: ParameterServer, credentials: Credentials, *,
         log.info("ps %s: listening on port %d, job %s, %d rounds, model %d tensors / %d bytes",
                  ps.instance, server.port, config.job.name, config.job.rounds, len(ps.params), ps.params.nbytes)
         if management is not None and config.management.enabled:
-            api = _start_management(ps, management, server.port)
+            host = config.transport.listen.rpartition(":")[0]
+            api = _start_management(ps, management, f"{host}:{server.port}")
         if on_listening is not None:
             on_listening(server.port)
         ps.run()
@@ -237,32 +241,105 @@ class SimulationResult:
 def simulate(task: Task, config: JobConfig, *, workers: int | None = None, out_dir: Path,
              strategy: Strategy | None = None, chunk_bytes: int = 1 << 20,
              make_trainer: Callable[[int, int], Trainer] | None = None,
-             on_round: RoundCallback | None = None) -> SimulationResult:
-    """Runs the job in this process: the real server and ``workers`` worker runtimes on threads.
+             on_round: RoundCallback | None = None, pool: ClientPool | None = None, resume: bool = False,
+             management: ManagementSetup | None = None) -> SimulationResult:
+    """Runs the job in this process: the real server, and its workers on threads or on a client pool.
 
-    Worker ``i`` trains ``task.worker_trainer(i, workers)`` (or ``make_trainer(i, workers)``) and is
-    named ``worker-<i>``, exactly as ``enclavefl run`` names its processes, so sampling matches. The
-    final model is bit-identical to ``enclavefl run``'s for the same job when the ML framework uses
-    one thread here, as the worker processes do (``torch.set_num_threads(1)``); with more threads
-    its reductions run in another order and the models differ by about a float32 ulp.
-    ``out_dir`` receives ``metrics.jsonl`` and the checkpoints, as a deployed PS writes them.
+    Without ``pool``, ``workers`` worker runtimes run on threads: worker ``i`` trains
+    ``task.worker_trainer(i, workers)`` (or ``make_trainer(i, workers)``). With a
+    :class:`~enclavefl.simulation.ClientPool`, a :class:`~enclavefl.simulation.Driver`
+    plays the ``workers`` clients instead, and only the clients sampled for a round train,
+    as jobs on the pool (local processes, Ray actors), so a thousand clients cost what
+    the sampled ones cost; the pool builds the trainers (``make_trainer`` is not used), and each
+    client's declared examples come from ``task.partition_summary(workers)`` when the task has
+    one (the built-in tasks do), else from the pool.
+    Either way client ``i`` is named ``worker-<i>``, exactly as ``enclavefl run`` names its
+    processes, so sampling matches, and the final model is bit-identical to ``enclavefl run``'s
+    for the same job when the ML framework uses one thread per client, as the worker processes
+    do (``torch.set_num_threads(1)``, the pools' default); with more threads its reductions run
+    in another order and the models differ by about a float32 ulp.
+    ``out_dir`` receives ``metrics.jsonl`` and the checkpoints, as a deployed PS writes them,
+    and with a pool ``clients/``, the clients' SCAFFOLD variates between rounds.
 
     Args:
         on_round: called with each completed round's metrics row as it is recorded, on this
             thread (which runs the rounds) while the server holds its lock: keep it short
             (print, collect) and do not call into the server. If it raises, the error is
             logged and the job goes on.
+        pool: where clients train (the caller closes it); None: one thread per worker.
+        resume: continue from the newest checkpoint in ``out_dir`` (see :func:`build_server`).
+        management: with ``management.enabled``, the job's management API and dashboard
+            run while it does, as in ``enclavefl run`` (the handle is the simulated PS's).
 
     Raises:
         RoundError: the job failed (too few updates after retries), or a worker raised.
         ConfigError: the job's ``faults`` section asks for more attackers or stragglers than workers.
+        CheckpointError: ``resume`` found a corrupt checkpoint.
+        TransportError: the management API's address cannot be bound.
     """
     n = workers or config.job.workers
-    faults = [faults_for(config, i, n) for i in range(n)]  # experiments only; none by default
+    faults = [faults_for(config, i, n) for i in range(n)] if pool is None else []  # experiments only
     out_dir.mkdir(parents=True, exist_ok=True)
-    ps = build_server(config, task, out_dir=out_dir, strategy=strategy)
+    ps = build_server(config, task, out_dir=out_dir, strategy=strategy, resume=resume)
     if on_round is not None:
         ps.metrics.subscribe(on_round)
+    api = _start_management(ps, management, "in-process simulation") \
+        if management is not None and config.management.enabled else None
+    try:
+        if pool is None:
+            _run_threads(ps, task, config, n, faults, chunk_bytes, make_trainer)
+        else:
+            _run_pool(ps, pool, task, n, out_dir, chunk_bytes)
+    finally:
+        if api is not None:
+            api.close()
+    return SimulationResult(ps.params, list(ps.metrics.history), out_dir)
+
+
+def _partition_sizes(task: Task, n: int) -> list[int] | None:
+    """Every worker's training examples from the task's partition summary, if it has one (built-in tasks do).
+
+    One partition of the data instead of ``n`` trainers built to count their examples.
+    """
+    summarize = getattr(task, "partition_summary", None)
+    if not callable(summarize):
+        return None
+    return [int(row.size) for row in summarize(n)]
+
+
+def _run_pool(ps: ParameterServer, pool: ClientPool, task: Task, n: int, out_dir: Path, chunk_bytes: int) -> None:
+    """Runs ``ps`` with ``n`` clients played by a driver on ``pool``."""
+    from enclavefl.simulation import ClientStateStore, Driver
+
+    driver = Driver(ps, pool, num_clients=n, store=ClientStateStore(out_dir / "clients"), chunk_bytes=chunk_bytes)
+    driver.join(_partition_sizes(task, n))
+    errors: list[BaseException] = []
+
+    def drive() -> None:
+        try:
+            driver.run()
+        except BaseException as exc:  # reported below; the server must not wait for clients that are gone
+            errors.append(exc)
+            log.error("simulation driver failed: %s", exc)
+            ps.stop("abort")
+
+    thread = threading.Thread(target=drive, name="sim-driver", daemon=True)
+    thread.start()
+    try:
+        ps.run()
+    finally:
+        driver.stop()
+        thread.join(30.0)
+    if errors:
+        if isinstance(errors[0], RoundError):
+            raise errors[0]
+        raise RoundError(f"the simulation driver failed: {errors[0]}") from errors[0]
+
+
+def _run_threads(ps: ParameterServer, task: Task, config: JobConfig, n: int,
+                 faults: list[tuple[list[UpdateTransform], float]], chunk_bytes: int,
+                 make_trainer: Callable[[int, int], Trainer] | None) -> None:
+    """Runs ``ps`` with ``n`` worker runtimes on threads, connected in memory."""
     stop = threading.Event()
     errors: list[BaseException] = []
 
@@ -291,4 +368,3 @@ def simulate(task: Task, config: JobConfig, *, workers: int | None = None, out_d
             t.join(max(5.0, 30.0 - (time.monotonic() - started)))
     if errors:
         raise RoundError(f"{len(errors)} simulated worker(s) failed; first: {errors[0]}") from errors[0]
-    return SimulationResult(ps.params, list(ps.metrics.history), out_dir)

@@ -43,8 +43,11 @@ from enclavefl.task_params import BUILTIN_TASK_PARAMS
 
 __all__ = [
     "BUFFERING_AGGREGATORS",
+    "CLOUD_ENCRYPT_PARAMS",
+    "CLOUD_ENCRYPT_TYPES",
     "CLOUD_KEY_ALIASES",
     "CLOUD_SECTION_ALIASES",
+    "AdaptiveClippingConfig",
     "AggregatorConfig",
     "AttestationConfig",
     "ClientConfig",
@@ -57,11 +60,13 @@ __all__ = [
     "FileCollateralConfig",
     "JobConfig",
     "JobSection",
+    "LocalDpConfig",
     "OptimizerConfig",
     "PccsCollateralConfig",
     "PrivacyConfig",
     "RedisConfig",
     "RoundConfig",
+    "SecureAggregationConfig",
     "ServerConfig",
     "SparseDownloadsConfig",
     "StalenessConfig",
@@ -91,7 +96,7 @@ class _Section(BaseModel):
         # Lax mode would read YAML's `yes`/`true` as 1: `rounds: yes` must be an error.
         field_name = info.field_name
         if isinstance(value, bool) and field_name is not None:
-            if cls.model_fields[field_name].annotation in (int, float, int | None):
+            if cls.model_fields[field_name].annotation in (int, float, int | None, float | None):
                 raise ValueError("expected a number, got a boolean")
         return value
 
@@ -538,22 +543,79 @@ class FaultsConfig(_Section):
     slowdown: float = Field(default=5.0, ge=1, le=1000, description="a straggler's rounds take this many times as long")
 
 
+class AdaptiveClippingConfig(_Section):
+    """Adaptive clipping of DP-FedAvg (Andrew et al. 2021): the bound follows a quantile of the update norms.
+
+    Each worker also reports one bit, whether its update's norm was within the
+    round's bound; the PS adds Gaussian noise of standard deviation
+    ``clipped_count_stddev`` to their sum and moves the bound geometrically
+    towards ``target_quantile``: ``C <- C * exp(-learning_rate * (b - target_quantile))``.
+    The bit's noise takes a share of the budget: the update's noise multiplier
+    becomes ``(z^-2 - (2 * clipped_count_stddev)^-2)^(-1/2)``, so the round still
+    costs what noise multiplier ``z`` costs (docs/privacy.md).
+    """
+
+    enabled: bool = False
+    target_quantile: float = Field(default=0.5, gt=0, lt=1, description="fraction of updates left unclipped")
+    learning_rate: float = Field(default=0.2, gt=0, le=10, description="eta_C of the geometric update")
+    clipped_count_stddev: float | None = Field(
+        default=None, gt=0, le=1e6,
+        description="sigma_b, the noise on the count of unclipped updates (the paper suggests sampled / 20); "
+                    "required when noise_multiplier > 0",
+    )
+
+
 class DpConfig(_Section):
     """Client-level differential privacy, DP-FedAvg (McMahan et al. 2018; see docs/privacy.md).
 
     Each worker clips its whole update to L2 norm ``clip_norm``; the PS averages
     with equal weights over the round's sampled workers and adds Gaussian noise of
-    standard deviation ``noise_multiplier * clip_norm / sampled`` per coordinate. An
-    accountant composes the rounds into (epsilon, ``delta``); with ``target_epsilon``
-    the job ends before the round that would exceed it.
+    standard deviation ``noise_multiplier * clip_norm / sampled`` per coordinate
+    (``mode: central``), or each worker adds its share of that noise before it
+    uploads (``mode: distributed``). An accountant composes the rounds into
+    (epsilon, ``delta``); with ``target_epsilon`` the job ends before the round
+    that would exceed it. ``adaptive_clipping`` lets the bound follow a quantile
+    of the update norms, starting at ``clip_norm``.
     """
 
     enabled: bool = False
-    clip_norm: float = Field(default=1.0, gt=0, description="L2 bound on one worker's whole update")
+    mode: Literal["central", "distributed"] = Field(
+        default="central", description="who adds the noise: the PS (central) or each sampled worker (distributed)")
+    clip_norm: float = Field(default=1.0, gt=0, description="L2 bound on one worker's whole update (the initial one "
+                                                            "with adaptive clipping)")
     noise_multiplier: float = Field(default=1.0, ge=0, le=1000, description="z: noise std over clip_norm, on the sum")
     target_epsilon: float | None = Field(default=None, gt=0, description="the job stops before exceeding it")
     delta: float = Field(default=1e-5, gt=0, lt=1)
     accountant: Literal["rdp", "pld"] = "rdp"
+    adaptive_clipping: AdaptiveClippingConfig = Field(default_factory=AdaptiveClippingConfig)
+
+
+class LocalDpConfig(_Section):
+    """Local differential privacy: each worker privatises its own upload, so no aggregator needs trust.
+
+    ``gaussian`` (the cloud cluster's ``DP_ENCRYPT``): the worker clips its update
+    to ``clip_norm`` and adds Gaussian noise calibrated, with the analytic Gaussian
+    mechanism of Balle and Wang 2018, to make each upload (``epsilon``, ``delta``)-DP
+    against any change of the worker's data (sensitivity ``2 * clip_norm``).
+    ``signds`` (the cloud cluster's ``SIGNDS``; Jiang et al. 2022): the worker
+    uploads only ``dims_out`` dimension indices and one random sign, the indices
+    chosen by an ``epsilon``-DP exponential mechanism that favours the
+    ``sparse_rate`` fraction of coordinates largest in that sign's direction;
+    the PS rebuilds ``global_lr * sign`` on them. See docs/privacy.md.
+    """
+
+    enabled: bool = False
+    mechanism: Literal["gaussian", "signds"] = "gaussian"
+    epsilon: float = Field(default=1.0, gt=0, le=1000, description="per upload")
+    delta: float = Field(default=1e-5, gt=0, lt=1, description="per upload (gaussian); the composed epsilon's delta")
+    clip_norm: float = Field(default=1.0, gt=0, description="gaussian: L2 bound on the update before the noise")
+    sparse_rate: float = Field(default=0.01, gt=0, le=0.25, description="signds: the top-k fraction (sign_k)")
+    threshold_ratio: float = Field(default=0.6, ge=0.5, le=1,
+                                   description="signds: share of top-k indices the mechanism rewards (sign_thr_ratio)")
+    global_lr: float = Field(default=1.0, gt=0, le=1e4, description="signds: the step of one selected index "
+                                                                    "(sign_global_lr), summed over workers")
+    dims_out: int = Field(default=0, ge=0, le=50, description="signds: indices per upload; 0 chooses them from the "
+                                                              "other settings (sign_dim_out)")
 
 
 class UploadCompressionConfig(_Section):
@@ -595,11 +657,54 @@ class CompressionConfig(_Section):
     download: DownloadCompressionConfig = Field(default_factory=DownloadCompressionConfig)
 
 
+class SecureAggregationConfig(_Section):
+    """Secure aggregation, SecAgg+ (Bonawitz et al. 2017; Bell et al. 2020; see docs/privacy.md).
+
+    Each worker quantizes its update onto a fixed-point grid (``clip_range``,
+    ``quantization_bits``), scales it by its capped integer weight and masks it with
+    pseudorandom vectors that cancel in the sum; the PS learns only the survivors'
+    weighted sum and total weight. Masks of workers that drop after sharing their
+    keys are removed from Shamir shares held by ``neighbours`` other workers, any
+    ``threshold`` of which suffice; below the threshold the round is retried and
+    nothing is unmasked.
+    """
+
+    enabled: bool = False
+    threshold: int | float = Field(
+        default=0.67,
+        description="shares that rebuild a worker's secrets: a fraction of its holders (0.5 < t <= 1, "
+                    "with a decimal point) or a count (>= 2); must exceed half the holders")
+    neighbours: int | None = Field(default=None, ge=2, le=1024,
+                                   description="share holders per worker (SecAgg+); none: 3 log2 n, complete when small")
+    quantization_bits: int = Field(default=16, ge=2, le=31, description="fixed-point bits per value, sign included")
+    clip_range: float = Field(default=8.0, gt=0, le=1e6, description="values are clipped to [-clip_range, clip_range]")
+    rounding: Literal["stochastic", "deterministic"] = Field(
+        default="stochastic", description="stochastic: unbiased, error < step; deterministic: error <= step / 2")
+    weight_cap: int = Field(default=256, ge=1, description="a worker's integer weight is min(num_samples, weight_cap)")
+    min_share_ratio: float = Field(default=0.0, ge=0, le=1,
+                                   description="fewer of the round's workers sharing keys: the attempt fails")
+    stage_timeout_s: float = Field(default=30.0, gt=0, le=86_400,
+                                   description="each key stage (advertise, share, unmask) waits at most this long")
+    dense_fallback: bool = Field(default=False,
+                                 description="send row-sparse updates densely (masks destroy sparsity)")
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold(cls, value: int | float) -> int | float:
+        if isinstance(value, int) and value < 2:
+            raise ValueError("a count of share holders must be at least 2 (a fraction is written like 0.67)")
+        if isinstance(value, float) and not 0.5 < value <= 1.0:
+            raise ValueError("a fraction of share holders must be in (0.5, 1.0]")
+        return value
+
+
 class PrivacyConfig(_Section):
     """Privacy mechanisms beyond attestation (docs/privacy.md)."""
 
     dp: DpConfig = Field(default_factory=DpConfig)
+    local_dp: LocalDpConfig = Field(default_factory=LocalDpConfig)
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
+    secure_aggregation: SecureAggregationConfig = Field(default_factory=SecureAggregationConfig)
 
 
 class JobConfig(_Section):
@@ -643,6 +748,10 @@ class JobConfig(_Section):
         _check_downloads(self)
         if self.privacy.compression.upload.type != "none":
             _check_upload_compression(self)
+        if self.privacy.secure_aggregation.enabled:
+            _check_secure_aggregation(self)
+        if self.privacy.local_dp.enabled:
+            _check_local_dp(self)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -667,6 +776,68 @@ def _check_dp(config: JobConfig) -> None:
         raise ValueError(
             "privacy.dp.enabled does not support server.strategy scaffold: the control-variate change would be "
             "clipped with the model delta, which breaks SCAFFOLD's correction"
+        )
+    dp = config.privacy.dp
+    adaptive = dp.adaptive_clipping
+    if dp.mode == "distributed":
+        if config.round.min_updates < 2:
+            raise ValueError(
+                "privacy.dp.mode distributed needs round.min_updates of at least 2, got "
+                f"{config.round.min_updates}: each worker adds the noise share z*C/sqrt(round.min_updates), so that "
+                "the fewest updates a round accepts still carry the whole noise; with 1 every worker adds all of it"
+            )
+        if adaptive.enabled:
+            raise ValueError(
+                "privacy.dp.adaptive_clipping.enabled needs privacy.dp.mode central, got distributed: the PS adds "
+                "the noise on the count of unclipped updates, and no worker could add its share of it"
+            )
+    if adaptive.enabled and dp.noise_multiplier > 0:
+        stddev = adaptive.clipped_count_stddev
+        if stddev is None:
+            raise ValueError(
+                "privacy.dp.adaptive_clipping.enabled needs privacy.dp.adaptive_clipping.clipped_count_stddev when "
+                f"privacy.dp.noise_multiplier = {dp.noise_multiplier:g} > 0 (Andrew et al. 2021 suggest the "
+                "number of workers sampled per round / 20)"
+            )
+        if 2 * stddev <= dp.noise_multiplier:
+            raise ValueError(
+                f"privacy.dp.adaptive_clipping.clipped_count_stddev = {stddev:g} must exceed half of "
+                f"privacy.dp.noise_multiplier = {dp.noise_multiplier:g}: the update's noise multiplier "
+                "(z^-2 - (2 sigma_b)^-2)^(-1/2) exists only for 2 sigma_b > z"
+            )
+
+
+def _check_local_dp(config: JobConfig) -> None:
+    """Refuses what local DP (Gaussian or SignDS) does not compose with; each message names both keys."""
+    local = config.privacy.local_dp
+    if config.privacy.dp.enabled:
+        raise ValueError(
+            "privacy.local_dp.enabled and privacy.dp.enabled are exclusive: local DP privatises each upload for an "
+            "untrusted aggregator, DP-FedAvg clips to another bound and accounts for the released models; "
+            "choose one"
+        )
+    if config.server.strategy.name == "scaffold":
+        raise ValueError(
+            "privacy.local_dp.enabled does not support server.strategy scaffold: the control-variate change "
+            "would have to be privatised with the model delta, which breaks SCAFFOLD's correction"
+        )
+    if config.round.mode == "async":
+        raise ValueError(
+            "privacy.local_dp.enabled is not supported with round.mode async: the composed epsilon counts one "
+            "upload per round, and an async worker may upload several times per server step"
+        )
+    upload = config.privacy.compression.upload.type
+    if local.mechanism == "signds" and upload != "none":
+        raise ValueError(
+            f"privacy.local_dp.mechanism signds with privacy.compression.upload.type {upload}: SignDS is itself "
+            "the upload's encoding (a few selected indices and one sign), so there is nothing left to compress; "
+            "set the upload type to none"
+        )
+    aggregator = config.server.aggregator.name
+    if local.mechanism == "signds" and aggregator != "mean":
+        raise ValueError(
+            f"privacy.local_dp.mechanism signds needs server.aggregator mean, got {aggregator}: the PS rebuilds "
+            "the update as the sum of the workers' signed selections, which is itself the aggregation"
         )
 
 
@@ -695,6 +866,90 @@ def _check_upload_compression(config: JobConfig) -> None:
             "sends parts of a model delta rounds later, while the control variates are updated with the whole "
             "delta at once, so SCAFFOLD's drift correction no longer matches the model (quantize is unbiased "
             "and allowed)"
+        )
+
+
+def _check_secure_aggregation(config: JobConfig) -> None:
+    """Refuses settings secure aggregation cannot serve; each message names both keys and why.
+
+    Allowed on purpose: ``privacy.dp`` (central noise is added after unmasking, inside
+    the attested PS) and every server optimizer (they act on the unmasked mean).
+    """
+    key = "privacy.secure_aggregation.enabled"
+    secagg = config.privacy.secure_aggregation
+    aggregator, strategy = config.server.aggregator.name, config.server.strategy.name
+    if aggregator != "mean":
+        raise ValueError(
+            f"{key} needs server.aggregator mean, got {aggregator}: the PS sees only the masked sum, so it cannot "
+            "select, buffer, reweigh or clip individual updates"
+        )
+    if config.round.mode == "async":
+        raise ValueError(
+            f"{key} is not supported with round.mode async: masks cancel only within one round's set of workers, "
+            "and an async step folds updates from different model versions as they arrive"
+        )
+    if strategy == "scaffold":
+        raise ValueError(
+            f"{key} does not support server.strategy scaffold yet: its control variates travel beside the masked "
+            "update and would be revealed"
+        )
+    if config.round.min_workers < 3:
+        raise ValueError(
+            f"{key} needs round.min_workers >= 3, got {config.round.min_workers}: with two workers the sum minus "
+            "one's own update is the other's update"
+        )
+    if config.task.name == "criteo-dlrm" and config.task.params.get("sparse_gradients", True) \
+            and not secagg.dense_fallback:
+        raise ValueError(
+            f"{key} with task.params.sparse_gradients (criteo-dlrm uploads row-sparse embedding updates) needs "
+            "privacy.secure_aggregation.dense_fallback true: masks destroy sparsity, so rows must travel densely "
+            "(or set task.params.sparse_gradients false)"
+        )
+    local = config.privacy.local_dp
+    if local.enabled and local.mechanism == "signds":
+        raise ValueError(
+            f"{key} with privacy.local_dp.mechanism signds: a SignDS upload is a list of selected indices and a "
+            "sign, which the PS must see to rebuild the update; masks only cancel in a sum of dense fixed-point "
+            "vectors (Gaussian local DP composes: its noise is added before masking)"
+        )
+    if config.privacy.dp.enabled and config.privacy.dp.adaptive_clipping.enabled:
+        raise ValueError(
+            f"{key} does not support privacy.dp.adaptive_clipping.enabled yet: the clipped-or-not bits would be "
+            "masked with the update and summed with its weights, and the noisy count adaptive clipping needs is "
+            "not built into the masked sum; use a fixed privacy.dp.clip_norm"
+        )
+    upload = config.privacy.compression.upload.type
+    if upload == "quantize":
+        raise ValueError(
+            f"{key} with privacy.compression.upload.type quantize: secure aggregation already sends every value "
+            "as fixed point of privacy.secure_aggregation.quantization_bits, and per-block quantization scales "
+            "differ between workers, so masked codes could not be summed; set the upload type to none and choose "
+            "quantization_bits"
+        )
+    if upload in ("topk", "topk_quantize") and not secagg.dense_fallback:
+        raise ValueError(
+            f"{key} with privacy.compression.upload.type {upload}: masks destroy sparsity (every masked value is "
+            "uniformly random, so the upload is dense whatever top-k keeps); set privacy.secure_aggregation."
+            "dense_fallback true to send dense masked updates with top-k off, or turn one of them off"
+        )
+    levels = 2 ** (secagg.quantization_bits - 1) - 1
+    capacity = (2**31 - 1) // levels
+    if config.job.workers * secagg.weight_cap > capacity:
+        raise ValueError(
+            f"{key}: job.workers = {config.job.workers} times privacy.secure_aggregation.weight_cap = "
+            f"{secagg.weight_cap} exceeds {capacity}, the total weight privacy.secure_aggregation.quantization_bits "
+            f"= {secagg.quantization_bits} can sum without overflowing 32 bits; lower one of them"
+        )
+    if isinstance(secagg.threshold, int) and secagg.threshold > config.round.min_workers:
+        raise ValueError(
+            f"privacy.secure_aggregation.threshold = {secagg.threshold} exceeds round.min_workers = "
+            f"{config.round.min_workers}: a round of that many workers could never be unmasked"
+        )
+    holders = None if secagg.neighbours is None else secagg.neighbours + secagg.neighbours % 2 + 1
+    if isinstance(secagg.threshold, int) and holders is not None and secagg.threshold > holders:
+        raise ValueError(
+            f"privacy.secure_aggregation.threshold = {secagg.threshold} exceeds the {holders} holders of each "
+            f"worker's shares (privacy.secure_aggregation.neighbours = {secagg.neighbours}, made even, plus itself)"
         )
 
 
@@ -739,7 +994,11 @@ CLOUD_KEY_ALIASES: Mapping[str, tuple[str, float | None]] = {
     "client_epoch_num": ("client.epochs", None),
     "client_batch_size": ("client.batch_size", None),
     "client_learning_rate": ("client.lr", None),
+    "share_secrets_ratio": ("privacy.secure_aggregation.min_share_ratio", None),
+    "reconstruct_secrets_threshold": ("privacy.secure_aggregation.threshold", None),
+    "cipher_time_window": ("privacy.secure_aggregation.stage_timeout_s", 0.001),
 }
+
 
 # Keys the cloud FL cluster nests in its own sections ("compression.upload_compress_type") -> (our
 # dotted key, the cloud's value -> ours, or None to keep the value).
@@ -751,6 +1010,101 @@ CLOUD_SECTION_ALIASES: Mapping[str, tuple[str, Mapping[str, Any] | None]] = {
         "privacy.compression.download.type", {"NO_COMPRESS": "none", "QUANT": "quantize"}),
 }
 _CLOUD_SECTIONS = frozenset(key.split(".", 1)[0] for key in CLOUD_SECTION_ALIASES)
+
+
+CLOUD_ENCRYPT_TYPES: Mapping[str, tuple[Mapping[str, Any], str]] = {
+    # encrypt type -> (the settings it means here, the sub-section of its parameters)
+    "PW_ENCRYPT": ({"privacy.secure_aggregation.enabled": True}, "pw_encrypt"),
+    # The cloud cluster's variant for clients that never drop; our dropout-tolerant protocol covers it.
+    "STABLE_PW_ENCRYPT": ({"privacy.secure_aggregation.enabled": True}, "pw_encrypt"),
+    "DP_ENCRYPT": ({"privacy.local_dp.enabled": True, "privacy.local_dp.mechanism": "gaussian"}, "dp_encrypt"),
+    "SIGNDS": ({"privacy.local_dp.enabled": True, "privacy.local_dp.mechanism": "signds"}, "signds"),
+}
+"""The cloud FL cluster's ``encrypt`` section: each ``encrypt_type`` (or ``encrypt_train_type``) it
+accepts, the settings that type means here and where its parameters live (CLOUD_ENCRYPT_PARAMS)."""
+
+CLOUD_ENCRYPT_PARAMS: Mapping[str, Mapping[str, tuple[str, float | None]]] = {
+    # sub-section -> its cloud key -> (our dotted key, factor applied to the value); the keys may
+    # also stand flat in ``encrypt``.
+    "pw_encrypt": {
+        "share_secrets_ratio": ("privacy.secure_aggregation.min_share_ratio", None),
+        "reconstruct_secrets_threshold": ("privacy.secure_aggregation.threshold", None),
+        "cipher_time_window": ("privacy.secure_aggregation.stage_timeout_s", 0.001),  # ms there, s here
+    },
+    "dp_encrypt": {
+        "dp_eps": ("privacy.local_dp.epsilon", None),
+        "dp_delta": ("privacy.local_dp.delta", None),
+        "dp_norm_clip": ("privacy.local_dp.clip_norm", None),
+    },
+    "signds": {
+        "sign_k": ("privacy.local_dp.sparse_rate", None),
+        "sign_eps": ("privacy.local_dp.epsilon", None),
+        "sign_thr_ratio": ("privacy.local_dp.threshold_ratio", None),
+        "sign_global_lr": ("privacy.local_dp.global_lr", None),
+        "sign_dim_out": ("privacy.local_dp.dims_out", None),
+    },
+}
+
+_ENCRYPT_TYPE_KEYS = ("encrypt_type", "encrypt_train_type")
+
+
+def _scaled(value: Any, factor: float | None, where: str) -> Any:
+    if factor is None:
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{where} = {value!r}: expected a number of milliseconds")
+    return value * factor
+
+
+def _resolve_encrypt(doc: dict[str, Any], source: str) -> dict[str, Any]:
+    """Translates the cloud cluster's ``encrypt`` section into ``privacy`` keys (CLOUD_ENCRYPT_TYPES).
+
+    Raises:
+        ConfigError: an unknown encrypt type, a parameter of another type than the one
+            chosen, or a key the section does not have; the message names it.
+    """
+    section = doc.get("encrypt")
+    if section is None:
+        return doc
+    where = f"{source}: encrypt"
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where}: expected a mapping (the cloud FL cluster's encrypt section), "
+                          f"got {type(section).__name__}")
+    section = dict(section)
+    given = [key for key in _ENCRYPT_TYPE_KEYS if key in section]
+    kind = section.pop(given[0], "NOT_ENCRYPT") if given else "NOT_ENCRYPT"
+    for key in given[1:]:
+        if section.pop(key) != kind:
+            raise ConfigError(f"{where}: encrypt_type and encrypt_train_type differ; give one")
+    known = ("NOT_ENCRYPT", *CLOUD_ENCRYPT_TYPES)
+    if kind not in known:
+        raise ConfigError(f"{where}.{given[0] if given else 'encrypt_type'} = {kind!r}: not supported here "
+                          f"(accepted: {', '.join(known)})")
+    chosen = CLOUD_ENCRYPT_TYPES[kind][1] if kind != "NOT_ENCRYPT" else None
+    params: dict[str, Any] = {}
+    for sub, mapping in CLOUD_ENCRYPT_PARAMS.items():
+        nested = section.pop(sub, None)
+        if nested is not None and not isinstance(nested, dict):
+            raise ConfigError(f"{where}.{sub}: expected a mapping, got {type(nested).__name__}")
+        entries = {**(nested or {}), **{k: section.pop(k) for k in list(section) if k in mapping}}
+        unknown = sorted(set(entries) - set(mapping))
+        if unknown:
+            raise ConfigError(f"{where}.{sub}.{unknown[0]}: unknown key (known: {', '.join(mapping)})")
+        if entries and sub != chosen:
+            owners = " or ".join(name for name, (_, s) in CLOUD_ENCRYPT_TYPES.items() if s == sub)
+            raise ConfigError(f"{where}: {', '.join(sorted(entries))} apply to encrypt_type {owners}, "
+                              f"but the encrypt_type is {kind}")
+        for key, value in entries.items():
+            dotted, factor = mapping[key]
+            params[dotted] = _scaled(value, factor, f"{where}.{sub}.{key}")
+    if section:
+        raise ConfigError(f"{where}.{sorted(section)[0]}: unknown key (known: {', '.join(_ENCRYPT_TYPE_KEYS)}, "
+                          f"{', '.join(CLOUD_ENCRYPT_PARAMS)} and their parameters)")
+    out = {k: v for k, v in doc.items() if k != "encrypt"}
+    if kind != "NOT_ENCRYPT":
+        for dotted, value in {**CLOUD_ENCRYPT_TYPES[kind][0], **params}.items():
+            _set_dotted(out, dotted, value, source)
+    return out
 
 
 def _set_dotted(doc: dict[str, Any], dotted: str, value: Any, source: str) -> None:
@@ -786,6 +1140,7 @@ def _resolve_section_aliases(doc: dict[str, Any], out: dict[str, Any], source: s
 
 
 def _resolve_aliases(doc: dict[str, Any], source: str) -> dict[str, Any]:
+    doc = _resolve_encrypt(doc, source)
     out = {k: v for k, v in doc.items() if k not in CLOUD_KEY_ALIASES and k not in _CLOUD_SECTIONS}
     _resolve_section_aliases(doc, out, source)
     for alias, (dotted, factor) in CLOUD_KEY_ALIASES.items():

@@ -23,7 +23,19 @@ __all__ = [
     "COMPRESSION_TYPE_KEY",
     "COMPRESSION_WARMUP_KEY",
     "CONTROL_PREFIX",
+    "DP_ADAPTIVE_KEY",
     "DP_CLIP_NORM_KEY",
+    "DP_NOISE_STD_KEY",
+    "DP_UNCLIPPED_TENSOR",
+    "LOCAL_DP_CLIP_NORM_KEY",
+    "LOCAL_DP_DELTA_KEY",
+    "LOCAL_DP_DIMS_OUT_KEY",
+    "LOCAL_DP_EPSILON_KEY",
+    "LOCAL_DP_MECHANISM_KEY",
+    "LOCAL_DP_THRESHOLD_RATIO_KEY",
+    "LOCAL_DP_TOP_K_KEY",
+    "SIGNDS_INDICES_TENSOR",
+    "SIGNDS_SIGN_TENSOR",
     "ClientSettings",
     "ConfigValue",
     "FederationHandler",
@@ -58,6 +70,33 @@ COMPRESSION_SPARSE_RATE_KEY = "privacy.compression.upload.sparse_rate"
 
 COMPRESSION_WARMUP_KEY = "privacy.compression.upload.warmup_rounds"
 """Upload compression: rounds over which top-k's kept fraction falls from 1 to the sparse rate (0: none)."""
+
+DP_ADAPTIVE_KEY = "privacy.dp.adaptive_clipping"
+"""Adaptive clipping (True): the worker also uploads whether its update was within the bound, as
+the float32 scalar tensor :data:`DP_UNCLIPPED_TENSOR` (1.0 within, 0.0 clipped) after the model's."""
+
+DP_UNCLIPPED_TENSOR = "dp/unclipped"
+"""Adaptive clipping: the name of the uploaded bit ``[||delta|| <= clip_norm]``, measured before clipping."""
+
+DP_NOISE_STD_KEY = "privacy.dp.noise_std"
+"""Distributed DP: the standard deviation of the Gaussian noise each worker adds per coordinate after clipping."""
+
+LOCAL_DP_MECHANISM_KEY = "privacy.local_dp.mechanism"
+"""Local DP: ``gaussian`` or ``signds``; the task's other ``privacy.local_dp.*`` keys are its parameters."""
+
+LOCAL_DP_EPSILON_KEY = "privacy.local_dp.epsilon"
+LOCAL_DP_DELTA_KEY = "privacy.local_dp.delta"
+LOCAL_DP_CLIP_NORM_KEY = "privacy.local_dp.clip_norm"
+LOCAL_DP_TOP_K_KEY = "privacy.local_dp.top_k"
+"""SignDS: k, the size of the top-k set, as the PS computed it from the model and ``sparse_rate``."""
+LOCAL_DP_DIMS_OUT_KEY = "privacy.local_dp.dims_out"
+"""SignDS: h, the number of indices per upload, as the PS resolved it."""
+LOCAL_DP_THRESHOLD_RATIO_KEY = "privacy.local_dp.threshold_ratio"
+
+SIGNDS_INDICES_TENSOR = "signds/indices"
+"""SignDS upload: the selected coordinates (int64, shape (h,), sorted, distinct) of the flattened update."""
+SIGNDS_SIGN_TENSOR = "signds/sign"
+"""SignDS upload: the sign (int64, shape (1,), -1 or +1) the worker drew."""
 
 ConfigValue: TypeAlias = bool | int | float | str
 """A value of a task's per-round configuration map (what later stages add travels here)."""

@@ -20,7 +20,9 @@ them leaves them empty and the other side skips what they check.
 Additions that keep version 2 (an older peer ignores or never calls them):
 JoinReply.heartbeat_s and the Heartbeat call; the compressed Encoding values
 and TensorSpec.coded_bytes (only in QUANTIZED updates, which a PS accepts only
-from a job configured for them).
+from a job configured for them); the SecAggExchange call, made only when a
+train task's config asks for secure aggregation (a PS without it answers
+UNIMPLEMENTED, and never asks).
 """
 
 from collections import abc as _abc
@@ -854,3 +856,220 @@ class HeartbeatReply(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HeartbeatReply: _TypeAlias = HeartbeatReply  # noqa: Y015
+
+@_typing.final
+class SecAggAdvert(_message.Message):
+    """A worker's two X25519 public keys for one round attempt, signed (DER ECDSA-P256-SHA256)
+    with the key of the certificate the PS bound at its join, over
+    "advertise|" || round tag || len(sender) || sender || enc_public || mask_public.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SENDER_FIELD_NUMBER: _builtins.int
+    ENC_PUBLIC_FIELD_NUMBER: _builtins.int
+    MASK_PUBLIC_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_FIELD_NUMBER: _builtins.int
+    sender: _builtins.str
+    enc_public: _builtins.bytes
+    mask_public: _builtins.bytes
+    signature: _builtins.bytes
+    certificate: _builtins.bytes
+    """The signer's certificate (PEM): the PS checks it is the one bound at join;
+    workers check it against their trust (job CA, or attestation policy).
+    """
+    def __init__(
+        self,
+        *,
+        sender: _builtins.str = ...,
+        enc_public: _builtins.bytes = ...,
+        mask_public: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+        certificate: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate", "enc_public", b"enc_public", "mask_public", b"mask_public", "sender", b"sender", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggAdvert: _TypeAlias = SecAggAdvert  # noqa: Y015
+
+@_typing.final
+class SecAggShare(_message.Message):
+    """Shamir shares of one worker's secrets for one holder, AES-256-GCM sealed end
+    to end under their pairwise key: the PS relays what it cannot read.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SENDER_FIELD_NUMBER: _builtins.int
+    RECIPIENT_FIELD_NUMBER: _builtins.int
+    SEALED_FIELD_NUMBER: _builtins.int
+    sender: _builtins.str
+    recipient: _builtins.str
+    sealed: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        sender: _builtins.str = ...,
+        recipient: _builtins.str = ...,
+        sealed: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["recipient", b"recipient", "sealed", b"sealed", "sender", b"sender"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggShare: _TypeAlias = SecAggShare  # noqa: Y015
+
+@_typing.final
+class SecAggRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class SeedSharesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.bytes
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.bytes = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class KeySharesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.bytes
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.bytes = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    NONCE_FIELD_NUMBER: _builtins.int
+    STAGE_FIELD_NUMBER: _builtins.int
+    POLL_FIELD_NUMBER: _builtins.int
+    MAX_WAIT_S_FIELD_NUMBER: _builtins.int
+    ADVERT_FIELD_NUMBER: _builtins.int
+    SHARES_FIELD_NUMBER: _builtins.int
+    SEED_SHARES_FIELD_NUMBER: _builtins.int
+    KEY_SHARES_FIELD_NUMBER: _builtins.int
+    protocol_version: _builtins.int
+    worker_id: _builtins.str
+    round: _builtins.int
+    nonce: _builtins.bytes
+    """The attempt's nonce from the train task's config (16 bytes)."""
+    stage: _builtins.str
+    """"advertise", "share", "ready" (after the masked upload) or "unmask"."""
+    poll: _builtins.bool
+    """Post nothing: only ask for this stage's answer again."""
+    max_wait_s: _builtins.float
+    @_builtins.property
+    def advert(self) -> Global___SecAggAdvert:
+        """stage advertise"""
+
+    @_builtins.property
+    def shares(self) -> _containers.RepeatedCompositeFieldContainer[Global___SecAggShare]:
+        """stage share: one per holder"""
+
+    @_builtins.property
+    def seed_shares(self) -> _containers.ScalarMap[_builtins.str, _builtins.bytes]:
+        """stage unmask: of surviving workers' self-mask seeds"""
+
+    @_builtins.property
+    def key_shares(self) -> _containers.ScalarMap[_builtins.str, _builtins.bytes]:
+        """stage unmask: of dropped workers' mask keys"""
+
+    def __init__(
+        self,
+        *,
+        protocol_version: _builtins.int = ...,
+        worker_id: _builtins.str = ...,
+        round: _builtins.int = ...,
+        nonce: _builtins.bytes = ...,
+        stage: _builtins.str = ...,
+        poll: _builtins.bool = ...,
+        max_wait_s: _builtins.float = ...,
+        advert: Global___SecAggAdvert | None = ...,
+        shares: _abc.Iterable[Global___SecAggShare] | None = ...,
+        seed_shares: _abc.Mapping[_builtins.str, _builtins.bytes] | None = ...,
+        key_shares: _abc.Mapping[_builtins.str, _builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["advert", b"advert"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["advert", b"advert", "key_shares", b"key_shares", "max_wait_s", b"max_wait_s", "nonce", b"nonce", "poll", b"poll", "protocol_version", b"protocol_version", "round", b"round", "seed_shares", b"seed_shares", "shares", b"shares", "stage", b"stage", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggRequest: _TypeAlias = SecAggRequest  # noqa: Y015
+
+@_typing.final
+class SecAggReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
+    READY_FIELD_NUMBER: _builtins.int
+    ROSTER_FIELD_NUMBER: _builtins.int
+    INBOX_FIELD_NUMBER: _builtins.int
+    SURVIVORS_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
+    protocol_version: _builtins.int
+    ready: _builtins.bool
+    """false: the stage has not closed yet; poll again."""
+    @_builtins.property
+    def roster(self) -> _containers.RepeatedCompositeFieldContainer[Global___SecAggAdvert]:
+        """after advertise"""
+
+    @_builtins.property
+    def inbox(self) -> _containers.RepeatedCompositeFieldContainer[Global___SecAggShare]:
+        """after share"""
+
+    @_builtins.property
+    def survivors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """after ready: the unmask request"""
+
+    @_builtins.property
+    def dropped(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        protocol_version: _builtins.int = ...,
+        ready: _builtins.bool = ...,
+        roster: _abc.Iterable[Global___SecAggAdvert] | None = ...,
+        inbox: _abc.Iterable[Global___SecAggShare] | None = ...,
+        survivors: _abc.Iterable[_builtins.str] | None = ...,
+        dropped: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped", b"dropped", "inbox", b"inbox", "protocol_version", b"protocol_version", "ready", b"ready", "roster", b"roster", "survivors", b"survivors"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggReply: _TypeAlias = SecAggReply  # noqa: Y015

@@ -69,6 +69,11 @@ class FederationStub:
                 request_serializer=enclavefl_dot_proto_dot_federation__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=enclavefl_dot_proto_dot_federation__pb2.HeartbeatReply.FromString,
                 _registered_method=True)
+        self.SecAggExchange = channel.unary_unary(
+                '/enclavefl.v1.Federation/SecAggExchange',
+                request_serializer=enclavefl_dot_proto_dot_federation__pb2.SecAggRequest.SerializeToString,
+                response_deserializer=enclavefl_dot_proto_dot_federation__pb2.SecAggReply.FromString,
+                _registered_method=True)
 
 
 class FederationServicer:
@@ -125,6 +130,16 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SecAggExchange(self, request, context):
+        """Secure aggregation (privacy.secure_aggregation): one call per stage of a round
+        attempt. The worker posts its message for a stage (or polls, posting nothing)
+        and the PS answers with the worker's input for the next stage once the stage
+        closed, or ready = false when it did not within max_wait_s (call again, polling).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -162,6 +177,11 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=enclavefl_dot_proto_dot_federation__pb2.HeartbeatRequest.FromString,
                     response_serializer=enclavefl_dot_proto_dot_federation__pb2.HeartbeatReply.SerializeToString,
+            ),
+            'SecAggExchange': grpc.unary_unary_rpc_method_handler(
+                    servicer.SecAggExchange,
+                    request_deserializer=enclavefl_dot_proto_dot_federation__pb2.SecAggRequest.FromString,
+                    response_serializer=enclavefl_dot_proto_dot_federation__pb2.SecAggReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -353,6 +373,33 @@ class Federation:
             '/enclavefl.v1.Federation/Heartbeat',
             enclavefl_dot_proto_dot_federation__pb2.HeartbeatRequest.SerializeToString,
             enclavefl_dot_proto_dot_federation__pb2.HeartbeatReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SecAggExchange(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/enclavefl.v1.Federation/SecAggExchange',
+            enclavefl_dot_proto_dot_federation__pb2.SecAggRequest.SerializeToString,
+            enclavefl_dot_proto_dot_federation__pb2.SecAggReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -18,7 +18,7 @@ import numpy as np
 
 from enclavefl.config import JobConfig
 from enclavefl.errors import RoundError, UpdateRejected
-from enclavefl.messages import TaskInfo, TaskKind, UpdateMeta
+from enclavefl.messages import ConfigValue, TaskInfo, TaskKind, UpdateMeta
 from enclavefl.server.checkpoint import params_digest
 from enclavefl.server.closing import ClosePipeline
 from enclavefl.server.core import JobOutcome, ServerCore
@@ -219,6 +219,8 @@ class SyncEngine(Engine):
         self.round: Round | None = None
         self._round_config = self.config
         """The settings the open round was opened with (an operator's change applies from the next)."""
+        self._round_task_config: dict[str, ConfigValue] = {}
+        """What the strategy's stages add to the open round's train tasks."""
 
     def loop(self) -> None:
         core = self.core
@@ -248,8 +250,11 @@ class SyncEngine(Engine):
                 core.finish()
                 break
             record = self._await_round(rnd)
+            stages = self.strategy.stages
             if core.stopping:
                 rnd.aggregator.close()
+                if stages is not None:
+                    stages.abandon()
                 log.warning("ps %s round %d: stopped; the open round is abandoned", core.instance, rnd.number)
                 break
             if core.finishing:
@@ -259,10 +264,14 @@ class SyncEngine(Engine):
             if len(record.pushed) < cfg.round.min_updates:
                 failure = f"round {rnd.number} got {len(record.pushed)} updates, min_updates={cfg.round.min_updates}"
                 rnd.aggregator.close()
+                if stages is not None:
+                    stages.abandon()
             else:
                 try:
-                    self.pipeline.close(record, rnd.aggregator, seconds_wait=seconds_wait)
-                except UpdateRejected as exc:
+                    aggregator = rnd.aggregator if stages is None else stages.finish(record.pushed, rnd.aggregator)
+                    self.pipeline.close(record, aggregator, seconds_wait=seconds_wait)
+                except (UpdateRejected, RoundError) as exc:  # the round is retried; nothing became the model
+                    rnd.aggregator.close()
                     failure = str(exc)
             with core.cond:
                 self.round = None
@@ -298,6 +307,8 @@ class SyncEngine(Engine):
             rnd = Round(core.next_round, core.version, attempt, frozenset(ids), required,
                         self.strategy.aggregator(self.upload_template), self.upload_template,
                         cfg.round.update_window_s, notify=core.notify)
+            stages = self.strategy.stages
+            self._round_task_config = {} if stages is None else dict(stages.open(rnd.number, attempt, rnd.sampled))
             self.round = rnd
             self._opened()
             core.set_phase(Phase.TRAINING)
@@ -335,12 +346,18 @@ class SyncEngine(Engine):
             return None
         return TaskInfo(TaskKind.TRAIN, self.core.instance, round=rnd.number, model_version=rnd.model_version,
                         client=self.strategy.algorithm.client_settings(self._round_config.client, rnd.number),
-                        config=dict(self.strategy.task_config))
+                        config={**self.strategy.task_config, **self._round_task_config})
 
     def target_for(self, meta: UpdateMeta) -> tuple[UpdateTarget, int, float]:
         rnd = self.round
         if self.core.phase is not Phase.TRAINING or rnd is None:
             raise UpdateRejected(f"no round is open (phase {self.core.phase.value})")
+        if self.strategy.stages is not None:
+            try:
+                self.strategy.stages.admit(meta.worker_id)
+            except UpdateRejected:
+                rnd.note_rejection(meta.worker_id)
+                raise
         rnd.admit(meta)
         return rnd, 0, rnd.deadline
 
@@ -351,6 +368,8 @@ class SyncEngine(Engine):
     def on_drop(self, worker_id: str) -> None:
         if self.round is not None:
             self.round.mark_dropped(worker_id)
+            if self.strategy.stages is not None:
+                self.strategy.stages.on_drop(worker_id)
 
     def on_download(self, worker_id: str, nbytes: int) -> None:
         if self.round is not None and worker_id in self.round.sampled:

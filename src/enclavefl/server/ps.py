@@ -45,6 +45,7 @@ from enclavefl.tensors import CodecLimits, ParamSet, StreamDecoder, StreamHeader
 
 if TYPE_CHECKING:
     from enclavefl.management.schema import Identity
+    from enclavefl.privacy.secagg.stages import SecAggAnswer, SecAggCall
     from enclavefl.server.handle import AttestationMode, PsHandle
 
 __all__ = ["EngineFactory", "Evaluator", "ParameterServer"]
@@ -85,9 +86,6 @@ class ParameterServer:
         self._limits = limits or CodecLimits(
             max_total_bytes=config.server.max_update_bytes, max_chunk_bytes=config.transport.chunk_bytes
         )
-        # What every upload must announce: compressed jobs push QUANTIZED encodings of their delta.
-        compressed = config.privacy.compression.upload.type != "none"
-        self._update_kind = UpdateKind.QUANTIZED if compressed else UpdateKind.DELTA
         template = StreamHeader.of(initial)
         self.strategy = strategy or build_strategy(config, template, spill_dir=out_dir / "spill")
         self._slots = threading.Semaphore(config.server.max_concurrent_uploads)
@@ -107,10 +105,16 @@ class ParameterServer:
         self.metrics.subscribe(self._publish_row)
         self._template = template
         upload_template = self.strategy.algorithm.upload_template(template)
+        dense_upload = upload_template
+        # What every upload must announce: compressed jobs push QUANTIZED encodings of their delta.
+        compressed = config.privacy.compression.upload.type != "none"
+        self._upload_kind = UpdateKind.QUANTIZED if compressed else UpdateKind.DELTA
+        if self.strategy.stages is not None:  # secure aggregation: workers upload masked words
+            upload_template, self._upload_kind = self.strategy.stages.upload(upload_template)
         pipeline = ClosePipeline(
             self.core, self.strategy, evaluator, checkpoint_dir=out_dir / config.server.checkpoint_dir,
             checkpoint_every=config.server.checkpoint_every,
-            dense_update_bytes=upload_template.total_bytes,
+            dense_update_bytes=dense_upload.total_bytes,
         )
         self._handle: PsHandle | None = None
         self._handle_lock = threading.Lock()
@@ -283,8 +287,8 @@ class ParameterServer:
         with core.cond:
             worker = core.registry.get(peer, meta.worker_id)
             reason = None
-            if meta.kind is not self._update_kind:
-                reason = (f"update kind {meta.kind.value} is not what this job aggregates ({self._update_kind.value}, "
+            if meta.kind is not self._upload_kind:
+                reason = (f"update kind {meta.kind.value} is not what this job aggregates ({self._upload_kind.value}, "
                           f"privacy.compression.upload.type {self.config.privacy.compression.upload.type})")
             elif meta.num_samples <= 0:
                 reason = f"num_samples must be positive, got {meta.num_samples}"
@@ -374,6 +378,22 @@ class ParameterServer:
         """
         with self.core.cond:
             self.core.registry.get(peer, worker_id)
+
+    def secagg_exchange(self, peer: PeerIdentity, call: SecAggCall) -> SecAggAnswer:
+        """A worker's secure-aggregation stage call (see :class:`~enclavefl.privacy.secagg.stages.SecAggHandler`).
+
+        Raises:
+            ProtocolError: this job runs no secure aggregation, or the message is refused.
+            RoundError: no open attempt has the call's round and nonce.
+            StaleSession: the worker is not (or no longer) joined.
+        """
+        exchange = getattr(self.strategy.stages, "exchange", None)
+        if exchange is None:
+            raise ProtocolError("SecAggExchange: this job runs no secure aggregation")
+        with self.core.cond:
+            self.core.registry.get(peer, call.worker_id)  # the caller owns the id; stamps it alive
+        answer: SecAggAnswer = exchange(peer, call)
+        return answer
 
     def _drop_silent(self, worker_id: str, why: str) -> None:
         """The liveness monitor's verdict (caller holds the lock)."""

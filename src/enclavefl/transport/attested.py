@@ -391,6 +391,20 @@ class AttestedCredentials(Credentials):
         signature = self._identity.key.sign(join_message(nonce, server_cert_sha256, worker_name), ec.ECDSA(hashes.SHA256()))
         return JoinProof(self._identity.cert_pem, bytes(nonce), bytes(server_cert_sha256), signature)
 
+    def sign_secagg(self, payload: bytes) -> tuple[bytes, bytes]:
+        """Signs with the RA-TLS key, the one the attested join bound (secure aggregation's keys)."""
+        return self._identity.cert_pem, self._identity.key.sign(payload, ec.ECDSA(hashes.SHA256()))
+
+    def check_secagg_certificate(self, cert_pem: bytes) -> bool:
+        """Whether a fellow worker's RA-TLS evidence satisfies this node's policy (a refusal is audited)."""
+        if len(cert_pem) > _MAX_CERT_BYTES:
+            return False
+        try:
+            self._verify(cert_pem, f"secagg peer cert {cert_fingerprint(cert_pem)[:16]}")
+        except (VerificationError, ValueError):
+            return False
+        return True
+
     # ---------------------------------------------------------------- PS side
     def issue_challenge(self, connection: str = "") -> bytes:
         return self._nonces.issue(connection)

@@ -25,6 +25,9 @@ from enclavefl.transport.framing import DataChunk, chunk_decoder, chunk_payload,
 from enclavefl.transport.credentials import Credentials
 from enclavefl.messages import JoinInfo, PushResult, TaskInfo, UpdateKind, UpdateMeta, WorkerClient
 from enclavefl.transport.ratelimit import RATE_LIMITED
+from enclavefl.privacy.secagg.stages import SecAggAnswer, SecAggCall
+from enclavefl.transport.audit import AuditRecord
+from enclavefl.transport.secagg_wire import answer_from_proto, call_to_proto
 from enclavefl.transport.service import SESSION_METADATA_KEY, message_limit
 from enclavefl.transport.wire import (
     SETTINGS_MISMATCH,
@@ -87,6 +90,7 @@ class FederationClient:
         )
         self._chunk_bytes = chunk_bytes
         self._limits = limits
+        self._trusted: dict[bytes, bool] = {}
         self._closed = False
         self.target = target
 
@@ -274,6 +278,50 @@ class FederationClient:
             )
         except grpc.RpcError as exc:
             raise self._error(exc, "Leave") from exc
+
+    def secagg_exchange(self, call: SecAggCall) -> SecAggAnswer:
+        """One secure-aggregation stage call (waits at most ``call.max_wait_s`` on the PS, plus a margin).
+
+        Raises:
+            ProtocolError: the PS refused the message or answered out of limits.
+            Unavailable, DeadlineExceeded: the PS could not be reached in time.
+        """
+        self._check_open()
+        try:
+            reply = self._stub.SecAggExchange(call_to_proto(call), timeout=call.max_wait_s + 30.0,
+                                              metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise self._error(exc, "SecAggExchange") from exc
+        check_version(reply.protocol_version, "SecAggExchange", sender="PS")
+        return answer_from_proto(reply, call)
+
+    def sign_for_secagg(self, payload: bytes) -> tuple[bytes, bytes]:
+        """(certificate, signature) by the key this worker's join bound (see :meth:`Credentials.sign_secagg`)."""
+        return self._credentials.sign_secagg(payload)
+
+    def verify_for_secagg(self, certificate: bytes, payload: bytes, signature: bytes) -> bool:
+        """Whether a peer's certificate is trusted here and its key signed ``payload``.
+
+        A certificate's verdict is kept for this channel's life (it names the key; the
+        signature is checked every time).
+        """
+        from enclavefl.privacy.secagg.identity import verify_with_certificate
+
+        trusted = self._trusted.get(certificate)
+        if trusted is None:
+            trusted = self._credentials.check_secagg_certificate(certificate)
+            if len(self._trusted) < 4096:
+                self._trusted[certificate] = trusted
+        return trusted and verify_with_certificate(certificate, payload, signature)
+
+    def record_secagg_refusal(self, stage: str, reason: str) -> None:
+        """Audits a secure-aggregation message this worker refused (attested credentials keep an audit log)."""
+        audit = self._credentials.audit_log
+        if audit is None:
+            return
+        audit.record(AuditRecord(node=self._credentials.own_identity().label, role="worker", peer=f"ps {self.target}",
+                                 decision="refused", reason=f"secure aggregation stage {stage}: {reason}"[:400],
+                                 field=f"secagg.{stage}"))
 
     def heartbeat(self, worker_id: str, timeout_s: float = 5.0) -> None:
         """Tells the PS this worker is alive (thread-safe: the worker calls it while it trains).

@@ -13,6 +13,7 @@ their defaults.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -21,7 +22,9 @@ from typing import Any
 
 import grpc
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from enclavefl.errors import ConfigError, ProtocolError, VerificationError
 from enclavefl.messages import PeerIdentity
@@ -145,6 +148,24 @@ class Credentials(ABC):
         The default does nothing; credentials that watch failed handshakes count it.
         """
 
+    def sign_secagg(self, payload: bytes) -> tuple[bytes, bytes]:
+        """(certificate PEM, ECDSA signature of ``payload``) with this node's certificate key (worker side).
+
+        Secure aggregation binds a worker's advertised keys to the certificate the PS
+        bound at its join.
+
+        Raises:
+            ConfigError: these credentials hold no key to sign with.
+        """
+        raise ConfigError("secure aggregation: these credentials hold no certificate key to sign with")
+
+    def check_secagg_certificate(self, cert_pem: bytes) -> bool:
+        """Whether a fellow worker's certificate is one this node trusts (worker side).
+
+        The default trusts none, so secure aggregation refuses every roster.
+        """
+        return False
+
     @abstractmethod
     def own_identity(self) -> PeerIdentity:
         """This node as its peers see it: its certificate's fingerprint and what its evidence claims.
@@ -221,6 +242,22 @@ class CaCredentials(Credentials):
             root_certificates=self._ca, private_key=self._key, certificate_chain=self._cert
         )
         return ChannelSetup(creds, (("grpc.ssl_target_name_override", self._server_name),))
+
+    def sign_secagg(self, payload: bytes) -> tuple[bytes, bytes]:
+        key = serialization.load_pem_private_key(self._key, password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ConfigError("secure aggregation signs with an EC key; this node's TLS key is not one")
+        return self._cert, key.sign(payload, ec.ECDSA(hashes.SHA256()))
+
+    def check_secagg_certificate(self, cert_pem: bytes) -> bool:
+        """Trusted if the job CA issued it and it is valid now (what the TLS handshake would check)."""
+        try:
+            cert = x509.load_pem_x509_certificate(cert_pem)
+            cert.verify_directly_issued_by(x509.load_pem_x509_certificate(self._ca))
+        except (ValueError, TypeError, InvalidSignature):
+            return False
+        now = dt.datetime.now(dt.timezone.utc)
+        return cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
 
     def identify_peer(self, cert_pem: bytes | None, session: str = "", connection: str = "") -> PeerIdentity:
         # The certificate itself belongs to the connection: the TLS handshake checked it.

@@ -54,7 +54,9 @@ from enclavefl.tensors import StreamHeader, iter_chunks
 from enclavefl.transport.credentials import Credentials, JoinProof
 from enclavefl.transport.framing import DataChunk, chunk_decoder, chunk_payload, encode_data, encode_message
 from enclavefl.messages import FederationHandler, PeerIdentity
+from enclavefl.transport.audit import AuditRecord
 from enclavefl.transport.ratelimit import RATE_LIMITED, ConnectionLimiter, RefusalLog
+from enclavefl.transport.secagg_wire import answer_to_proto, call_from_proto
 from enclavefl.transport.wire import (
     MAX_EXTENSIONS_TOTAL_BYTES,
     SETTINGS_MISMATCH,
@@ -383,6 +385,37 @@ class _Servicer(pb_grpc.FederationServicer):
             _abort(context, exc)
         return pb.LeaveReply(protocol_version=PROTOCOL_VERSION)
 
+    def SecAggExchange(self, request: pb.SecAggRequest, context: grpc.ServicerContext) -> pb.SecAggReply:
+        """A secure-aggregation stage call; a refused message is audited as a trust decision."""
+        peer = self._peer(context)
+        exchange = getattr(self._handler, "secagg_exchange", None)
+        try:
+            check_version(request.protocol_version, "SecAggExchange", sender="worker")
+            call = call_from_proto(request)
+            if exchange is None:
+                raise ProtocolError("SecAggExchange: this PS runs no secure aggregation")
+            answer = exchange(peer, call)
+        except ProtocolError as exc:
+            self._audit_secagg(peer, request, exc)
+            _abort(context, exc)
+        except EnclaveFLError as exc:
+            _abort(context, exc)
+        return answer_to_proto(answer)
+
+    def _audit_secagg(self, peer: PeerIdentity, request: pb.SecAggRequest, exc: ProtocolError) -> None:
+        """Records a refused secure-aggregation message (forged, replayed, out of stage) in the audit log."""
+        audit = self._credentials.audit_log
+        if audit is None:  # plain mTLS keeps no audit log; the refusal log still says it
+            return
+        stage = request.stage[:16] if request.stage else "?"
+        audit.record(AuditRecord(
+            node=self._credentials.own_identity().label, role="ps",
+            peer=f"worker {request.worker_id[:64]!r} cert {peer.fingerprint[:16]}", decision="refused",
+            reason=f"secure aggregation round {request.round} stage {stage}: {_details(exc)}",
+            field=f"secagg.{stage}", evidence=peer.evidence if peer.evidence != "none" else "unknown",
+            simulated=peer.evidence == "simulated", mr_enclave=peer.measurement,
+        ))
+
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
         try:
             check_version(request.protocol_version, "Heartbeat", sender="worker")
@@ -424,6 +457,7 @@ def method_handlers(
         "WaitTask": (pb.WaitTaskRequest, pb.Task),
         "Leave": (pb.LeaveRequest, pb.LeaveReply),
         "Heartbeat": (pb.HeartbeatRequest, pb.HeartbeatReply),
+        "SecAggExchange": (pb.SecAggRequest, pb.SecAggReply),
     }
     handlers: dict[str, grpc.RpcMethodHandler] = {
         name: grpc.unary_unary_rpc_method_handler(

@@ -5,6 +5,7 @@ from enclavefl.worker.compression import UploadCompressor
 from enclavefl.worker.control import ScaffoldClient
 from enclavefl.worker.heartbeat import Heartbeat
 from enclavefl.worker.inmemory import InMemoryClient
+from enclavefl.worker.noise import DistributedNoise, LocalDp
 from enclavefl.worker.pipeline import (
     ControlDelta,
     Delta,
@@ -23,8 +24,10 @@ __all__ = [
     "ClipUpdate",
     "ControlDelta",
     "Delta",
+    "DistributedNoise",
     "Heartbeat",
     "InMemoryClient",
+    "LocalDp",
     "ScaffoldClient",
     "SparseTrainer",
     "SparsifyRows",

@@ -7,14 +7,22 @@ from the PS with every train task (``privacy.dp.clip_norm`` in the task's
 config map), so a worker never clips with a stale value of its own; a task
 without it passes the update unchanged. Put this step last, after every
 transform that changes the values (it must bound what is uploaded).
+
+With adaptive clipping (Andrew et al. 2021, "Differentially Private Learning
+with Adaptive Clipping") the task also carries ``privacy.dp.adaptive_clipping``
+and the step appends the bit ``[||delta|| <= clip_norm]``, measured before
+clipping, as the float32 scalar tensor ``dp/unclipped``; the PS counts the bits
+privately and moves the bound.
 """
 
 from __future__ import annotations
 
 from typing import final
 
-from enclavefl.messages import DP_CLIP_NORM_KEY, UpdateKind
-from enclavefl.norms import clip_update
+import numpy as np
+
+from enclavefl.messages import DP_ADAPTIVE_KEY, DP_CLIP_NORM_KEY, DP_UNCLIPPED_TENSOR, UpdateKind
+from enclavefl.norms import clip_update, update_norm
 from enclavefl.tensors import ParamSet
 from enclavefl.worker.pipeline import UpdateContext
 
@@ -35,4 +43,10 @@ class ClipUpdate:
             return update
         if isinstance(bound, bool) or not isinstance(bound, int | float):
             raise ValueError(f"task config {DP_CLIP_NORM_KEY} = {bound!r}: expected a positive number")
-        return clip_update(update, float(bound))
+        clipped = clip_update(update, float(bound))
+        if context.task_config.get(DP_ADAPTIVE_KEY) is not True:
+            return clipped
+        if DP_UNCLIPPED_TENSOR in update:
+            raise ValueError(f"the update already holds a tensor named {DP_UNCLIPPED_TENSOR}")
+        unclipped = update_norm(update) <= float(bound)
+        return ParamSet([*clipped.items(), (DP_UNCLIPPED_TENSOR, np.array(float(unclipped), dtype=np.float32))])

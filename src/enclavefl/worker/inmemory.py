@@ -18,10 +18,10 @@ translates its status codes into.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import final
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, final
 
-from enclavefl.errors import ClosedError, ProtocolError, UpdateRejected
+from enclavefl.errors import ClosedError, ConfigError, ProtocolError, UpdateRejected
 from enclavefl.messages import (
     FederationHandler,
     JoinInfo,
@@ -33,7 +33,13 @@ from enclavefl.messages import (
 )
 from enclavefl.tensors import EncodedUpdate, ParamSet, StreamHeader, iter_chunks
 
-__all__ = ["InMemoryClient"]
+if TYPE_CHECKING:
+    from enclavefl.privacy.secagg.stages import SecAggAnswer, SecAggCall
+
+__all__ = ["InMemoryClient", "SecAggSigner"]
+
+SecAggSigner = Callable[[bytes], tuple[bytes, bytes]]
+"""Signs a payload with a worker's certificate key: (certificate PEM, signature)."""
 
 
 @final
@@ -44,7 +50,8 @@ class InMemoryClient:
     which the worker's heartbeat thread may call meanwhile.
     """
 
-    def __init__(self, handler: FederationHandler, peer: PeerIdentity, *, chunk_bytes: int = 2**20) -> None:
+    def __init__(self, handler: FederationHandler, peer: PeerIdentity, *, chunk_bytes: int = 2**20,
+                 secagg_signer: SecAggSigner | None = None) -> None:
         """Binds the client to a handler; nothing is called until :meth:`join`.
 
         Args:
@@ -53,6 +60,9 @@ class InMemoryClient:
                 certificate gives over gRPC.
             chunk_bytes: the size of the chunks an update is fed in; the PS
                 refuses chunks over its ``transport.chunk_bytes``.
+            secagg_signer: for secure aggregation, signs a payload with the key of
+                the certificate whose fingerprint is ``peer``'s, returning (certificate
+                PEM, signature); None: this worker cannot take part in it.
 
         Raises:
             ValueError: ``chunk_bytes`` is not an int >= 1.
@@ -62,6 +72,7 @@ class InMemoryClient:
         self._handler = handler
         self._peer = peer
         self._chunk_bytes = chunk_bytes
+        self._secagg_signer = secagg_signer
         self._closed = False
 
     @property
@@ -135,6 +146,40 @@ class InMemoryClient:
             sink.abort("stream ended abnormally")
             raise
         return PushResult(True, "", header.total_bytes)
+
+    def secagg_exchange(self, call: SecAggCall) -> SecAggAnswer:
+        """A secure-aggregation stage call, handed to the PS as the gRPC service would.
+
+        Raises:
+            ProtocolError: the PS refused the message, or it runs no secure aggregation.
+            RoundError: the PS has no open attempt with the call's round and nonce.
+        """
+        self._check_open()
+        exchange = getattr(self._handler, "secagg_exchange", None)
+        if exchange is None:
+            raise ProtocolError("SecAggExchange: the handler runs no secure aggregation")
+        answer: SecAggAnswer = exchange(self._peer, call)
+        return answer
+
+    def sign_for_secagg(self, payload: bytes) -> tuple[bytes, bytes]:
+        """(certificate PEM, signature) from the signer given at construction.
+
+        Raises:
+            ConfigError: this client was made without one (the worker cannot take part at all).
+        """
+        if self._secagg_signer is None:
+            raise ConfigError(f"{self._peer.label}: this in-memory worker has no key to sign secure-aggregation keys "
+                              "(give InMemoryClient a secagg_signer)")
+        return self._secagg_signer(payload)
+
+    def verify_for_secagg(self, certificate: bytes, payload: bytes, signature: bytes) -> bool:
+        """Whether the certificate's key signed ``payload`` (in process there is no CA to check it against)."""
+        from enclavefl.privacy.secagg.identity import verify_with_certificate
+
+        return verify_with_certificate(certificate, payload, signature)
+
+    def record_secagg_refusal(self, stage: str, reason: str) -> None:
+        """In process there is no audit log: the worker's warning line is the record."""
 
     def leave(self, worker_id: str, reason: str) -> None:
         self._check_open()

@@ -7,9 +7,10 @@ ordered list of :class:`UpdateTransform` steps; :func:`run_pipeline` feeds each
 step's output to the next. The default list is :class:`Delta` (send
 ``local - global``), :class:`SparsifyRows` when the trainer reports the
 embedding rows it touched, :class:`ControlDelta` (SCAFFOLD's control-variate
-change, a no-op for other algorithms) and
+change, a no-op for other algorithms),
 :class:`~enclavefl.worker.clipping.ClipUpdate` (differential privacy's L2 bound,
-a no-op unless the task carries one). Later stages (masking) plug in by being added to the list; each declares the
+a no-op unless the task carries one) and the noise steps of
+:mod:`enclavefl.worker.noise` (distributed and local DP, no-ops unless asked). Later stages (masking) plug in by being added to the list; each declares the
 :class:`~enclavefl.messages.UpdateKind` of what it produces, and the last one
 decides what the update header announces. Upload compression is not a
 transform: it changes the wire encoding rather than the values, so the worker
@@ -210,17 +211,21 @@ class ControlDelta:
 
 
 def default_transforms(trainer: Trainer) -> list[UpdateTransform]:
-    """The worker's default pipeline: Delta, SparsifyRows for a SparseTrainer, ControlDelta, ClipUpdate.
+    """The worker's default pipeline: Delta, SparsifyRows for a SparseTrainer, ControlDelta, ClipUpdate,
+    DistributedNoise, LocalDp (the last three do nothing unless the task asks for them).
 
     To add a stage, extend this list where it belongs and hand it to the worker.
     """
-    from enclavefl.worker.clipping import ClipUpdate  # it imports this module
+    from enclavefl.worker.clipping import ClipUpdate  # they import this module
+    from enclavefl.worker.noise import DistributedNoise, LocalDp
 
     transforms: list[UpdateTransform] = [Delta()]
     if isinstance(trainer, SparseTrainer):
         transforms.append(SparsifyRows(trainer))
     transforms.append(ControlDelta())
     transforms.append(ClipUpdate())
+    transforms.append(DistributedNoise())
+    transforms.append(LocalDp())
     return transforms
 
 

@@ -49,6 +49,7 @@ from enclavefl.errors import (
     ConfigError,
     DeadlineExceeded,
     ProtocolError,
+    RoundError,
     StaleSession,
     TransportError,
     Unavailable,
@@ -65,7 +66,7 @@ from enclavefl.messages import (
     UpdateKind,
     WorkerClient,
 )
-from enclavefl.tensors import ParamSet, Tensor
+from enclavefl.tensors import ParamSet, StreamHeader, Tensor
 from enclavefl.training import FitConfig, Trainer
 from enclavefl.worker.compression import UploadCompressor
 from enclavefl.worker.control import ScaffoldClient
@@ -83,6 +84,7 @@ from enclavefl.worker.pipeline import (
 
 if TYPE_CHECKING:
     from enclavefl.transport.credentials import Credentials
+    from enclavefl.worker.secagg import SecAggRound
 
 # compute_delta and sparsify_rows live in the pipeline; importable from here as before.
 __all__ = ["Worker", "WorkerSettings", "compute_delta", "grpc_client_factory", "sparsify_rows"]
@@ -243,7 +245,8 @@ class Worker:
             VerificationError: the PS (or we, for the PS) failed verification.
             ProtocolError: the PS sent a task or model this worker cannot follow
                 (an unknown client algorithm, a malformed SCAFFOLD variate).
-            ConfigError: the update transforms do not produce what the task needs, the
+            ConfigError: the PS runs secure aggregation and this worker's connection holds no
+                key to sign its keys with, the update transforms do not produce what the task needs, the
                 TLS handshake refused the PS certificate, or the PS refused this worker's
                 job settings (they differ from its own).
         """
@@ -335,6 +338,13 @@ class Worker:
             raise ProtocolError(
                 f"round {round_}: the model holds {CONTROL_PREFIX} tensors but the task runs {c.algorithm}"
             )
+        secagg = self._secure_aggregation(client, join, task)
+        if secagg is not None:
+            try:
+                secagg.keys()  # before training: a worker that drops later is unmasked from its shares
+            except (ProtocolError, RoundError) as exc:  # refused, or the PS ended the attempt
+                log.warning("worker %s round %d: secure aggregation: round abandoned here: %s", s.name, round_, exc)
+                return
         scaffold_client: ScaffoldClient | None = None
         correction = None
         if scaffold:
@@ -367,17 +377,39 @@ class Worker:
             payload, kind = self._compressor.encode(update, kind, context)
             metrics = dict(result.metrics)
             metrics["seconds_fit"] = t2 - t1
-            reply = client.push_update(join.worker_id, round_, got_version, payload, result.num_samples, metrics,
+            num_samples = result.num_samples
+            if secagg is not None:  # the weight travels masked; the header claims 1
+                payload, kind = secagg.mask(update, StreamHeader.of(global_params), result.num_samples)
+                num_samples = 1
+            reply = client.push_update(join.worker_id, round_, got_version, payload, num_samples, metrics,
                                        kind=kind)
             accepted = reply.accepted
             if accepted:
                 self.rounds_done += 1
             self._log_push(round_, reply, kind, t2 - t1, metrics, time.monotonic() - t2)
+            if accepted and secagg is not None:
+                try:
+                    secagg.unmask()
+                except (ProtocolError, RoundError) as exc:
+                    log.warning("worker %s round %d: secure aggregation: unmask not answered: %s", s.name, round_, exc)
         finally:
             self._compressor.settle(accepted)
             if not accepted and scaffold_client is not None and control_before is not None:
                 # The PS did not count this delta c_i, so c_i must not move either (eq. 5 keeps c = mean c_i).
                 scaffold_client.load_state(control_before)
+
+    def _secure_aggregation(self, client: WorkerClient, join: JoinInfo, task: TaskInfo) -> SecAggRound | None:
+        """This round's secure-aggregation part if the task asks for it (its stages import cryptography)."""
+        from enclavefl.privacy.secagg.stages import NONCE_KEY, SecAggChannel
+
+        if NONCE_KEY not in task.config:
+            return None
+        if not isinstance(client, SecAggChannel):
+            raise ProtocolError(f"round {task.round}: the PS runs secure aggregation, which this worker's "
+                                f"connection ({type(client).__name__}) cannot do")
+        from enclavefl.worker.secagg import SecAggRound
+
+        return SecAggRound(client, join.worker_id, task, name=self._settings.name, stop=self._stop)
 
     def _check_control_delta(self, update: ParamSet, control_delta: ParamSet) -> None:
         expected = [f"{CONTROL_DELTA_PREFIX}{name}" for name in control_delta]

@@ -14,6 +14,8 @@ from enclavefl.worker import (
     ClipUpdate,
     ControlDelta,
     Delta,
+    DistributedNoise,
+    LocalDp,
     SparseTrainer,
     SparsifyRows,
     UpdateContext,
@@ -104,12 +106,12 @@ def test_sparse_trainer_is_recognised_by_its_touched_rows_method() -> None:
     assert not isinstance(AddTrainer(1.0, 4), SparseTrainer)
 
 
-def test_default_transforms_sparsify_only_for_a_sparse_trainer_and_clip_last() -> None:
+def test_default_transforms_sparsify_only_for_a_sparse_trainer_and_clip_then_noise_last() -> None:
     dense = [type(t) for t in default_transforms(AddTrainer(1.0, 4))]
     sparse = [type(t) for t in default_transforms(SparseAddTrainer(1.0, 4, "emb", [0]))]
 
-    assert dense == [Delta, ControlDelta, ClipUpdate]
-    assert sparse == [Delta, SparsifyRows, ControlDelta, ClipUpdate]
+    assert dense == [Delta, ControlDelta, ClipUpdate, DistributedNoise, LocalDp]
+    assert sparse == [Delta, SparsifyRows, ControlDelta, ClipUpdate, DistributedNoise, LocalDp]
 
 
 # -------------------------------------------------------------- ControlDelta

@@ -1,0 +1,1 @@
+"""Privacy mechanisms that need no transport: secure aggregation (:mod:`enclavefl.privacy.secagg`)."""

@@ -1,0 +1,121 @@
+"""Fixed-point encoding of updates into Z_{2^32}, where masks cancel exactly.
+
+How this works: a value x is clipped to [-c, c] (c = ``clip_range``) and
+mapped to the integer q = round(x / step), step = c / L, L = 2**(bits-1) - 1,
+so |q| <= L. A worker multiplies q by its integer (capped) weight w and the
+result is stored modulo 2**32 (two's complement). Masks are uniform words
+added modulo 2**32, so they cancel exactly in the sum; the unmasked sum, read
+back as a signed 32-bit integer, is exact as long as the true sum
+sum_i w_i q_i stays inside [-2**31, 2**31): ``capacity`` is the largest total
+weight that guarantees it. A last word carries w itself, so the PS learns
+only the total weight and the weighted sum, never one worker's weight.
+
+Error bound, per coordinate of the weighted mean sum_i w_i q_i step / sum_i w_i
+against the mean of the clipped inputs: at most step/2 with deterministic
+(nearest) rounding; strictly below step with stochastic rounding, which is
+unbiased (E[q step] = x), so its error averages out over workers and rounds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from enclavefl.errors import ProtocolError
+
+__all__ = ["FixedPoint"]
+
+_WORD = 2**32
+_HALF_WORD = 2**31
+
+
+@dataclass(frozen=True, slots=True)
+class FixedPoint:
+    """The quantization grid every worker of a round shares.
+
+    Attributes:
+        clip_range: c; inputs are clipped to [-c, c] first.
+        bits: quantization bits (sign included), 2..31.
+        rounding: ``stochastic`` (unbiased) or ``deterministic`` (nearest).
+    """
+
+    clip_range: float
+    bits: int
+    rounding: Literal["stochastic", "deterministic"] = "stochastic"
+
+    def __post_init__(self) -> None:
+        if not self.clip_range > 0:
+            raise ValueError(f"clip_range must be > 0, got {self.clip_range}")
+        if not 2 <= self.bits <= 31:
+            raise ValueError(f"quantization bits must be in 2..31, got {self.bits}")
+
+    @property
+    def levels(self) -> int:
+        """L, the largest |q|."""
+        return int(2 ** (self.bits - 1)) - 1
+
+    @property
+    def step(self) -> float:
+        """The value of one quantization unit: c / L."""
+        return self.clip_range / self.levels
+
+    @property
+    def capacity(self) -> int:
+        """The largest total weight whose weighted sum cannot overflow a signed 32-bit word."""
+        return (_HALF_WORD - 1) // self.levels
+
+    def max_error(self) -> float:
+        """The bound on one coordinate's error of the weighted mean (see the module docstring)."""
+        return self.step / 2 if self.rounding == "deterministic" else self.step
+
+    def encode(self, values: np.ndarray, weight: int, rng: np.random.Generator) -> np.ndarray:
+        """w * round(clip(values) / step) modulo 2**32, with w appended as a last word.
+
+        Args:
+            values: any float array; flattened (shape (n,) -> result shape (n + 1,), uint32).
+            weight: the worker's capped integer weight, 1 <= weight <= capacity.
+            rng: the source of the stochastic rounding's coin flips.
+
+        Raises:
+            ValueError: a weight out of range or a non-finite value (caller misuse: clip first).
+        """
+        if not 1 <= weight <= self.capacity:
+            raise ValueError(f"weight must be in 1..{self.capacity}, got {weight}")
+        given = np.asarray(values).reshape(-1)
+        if not np.isfinite(given).all():
+            raise ValueError("cannot encode a non-finite value")
+        scaled = np.clip(given, -self.clip_range, self.clip_range, dtype=np.float64)  # a float64 copy
+        scaled *= 1.0 / self.step  # in [-L, L]
+        if self.rounding == "stochastic":
+            scaled += rng.random(scaled.shape[0])  # floor(x + U) rounds up with P = frac(x): unbiased
+            np.floor(scaled, out=scaled)
+        else:
+            np.rint(scaled, out=scaled)
+        out = np.empty(scaled.shape[0] + 1, dtype=np.uint32)
+        q = out[:-1].view(np.int32)
+        q[...] = scaled  # |q| <= L < 2**31: exact
+        # int32 products wrap modulo 2**32, which is the arithmetic we want (two's complement residues).
+        with np.errstate(over="ignore"):
+            q *= np.int32(weight)
+        out[-1] = weight
+        return out
+
+    def decode_sum(self, total: np.ndarray) -> tuple[np.ndarray, int]:
+        """The weighted sum (float64, in input units) and the total weight from an unmasked sum.
+
+        Raises:
+            ProtocolError: the total weight is zero or beyond ``capacity`` (the sum may have wrapped).
+        """
+        weight = int(total[-1])
+        if not 1 <= weight <= self.capacity:
+            raise ProtocolError(f"unmasked total weight {weight} is outside 1..{self.capacity}: the sum may have wrapped")
+        signed = total[:-1].view(np.int32).astype(np.float64)
+        return signed * self.step, weight
+
+    def decode_mean(self, total: np.ndarray) -> np.ndarray:
+        """The weighted mean of the (clipped) inputs from an unmasked sum."""
+        weighted, weight = self.decode_sum(total)
+        return weighted / weight
+
