@@ -42,7 +42,7 @@ from enclavefl.cluster.errors import LeaseLost, StoreConflict, StoreError, Store
 from enclavefl.cluster.ledger import METRIC_SCALE, LedgerTarget, StoreAggregator
 from enclavefl.cluster.store import Lease, Member, RoundPhase, RoundState, Session, Store, UpdateRef, check_partials
 from enclavefl.config import ClusterConfig
-from enclavefl.errors import RoundError, UpdateRejected
+from enclavefl.errors import ConfigError, RoundError, UpdateRejected
 from enclavefl.messages import UpdateMeta
 from enclavefl.server.checkpoint import params_digest
 from enclavefl.server.closing import ClosePipeline
@@ -481,9 +481,15 @@ class ClusterEngine(SyncEngine):
 
 
 def cluster_engine(store: Store, server_id: str, cluster: ClusterConfig, *, address: str = "") -> EngineFactory:
-    """The engine factory a cluster server's :class:`~enclavefl.server.ps.ParameterServer` is built with."""
+    """The engine factory a cluster server's :class:`~enclavefl.server.ps.ParameterServer` is built with.
+
+    The engine it makes raises ConfigError for a strategy with round stages or gates, which it does not run.
+    """
 
     def make(core: ServerCore, strategy: Strategy, pipeline: ClosePipeline, template: StreamHeader) -> Engine:
+        if strategy.stages is not None or strategy.gates:
+            raise ConfigError("cluster mode runs no round stages or gates yet (secure aggregation, central DP): "
+                              "the leader would skip them")
         return ClusterEngine(core, strategy, pipeline, template, store=store, server_id=server_id, cluster=cluster,
                              address=address)
 

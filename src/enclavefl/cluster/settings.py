@@ -23,8 +23,8 @@ def check_cluster_job(config: JobConfig) -> None:
 
     Raises:
         ConfigError: naming the key: the aggregator must be mergeable (``mean``: each server folds
-            a partial sum), rounds synchronous, and differential privacy off (its clipped mean
-            has no partials yet).
+            a partial sum), rounds synchronous, and central DP, secure aggregation and SignDS off
+            (their aggregators have no partials yet).
     """
     aggregator = config.server.aggregator.name
     if aggregator != "mean":
@@ -35,6 +35,12 @@ def check_cluster_job(config: JobConfig) -> None:
     if config.privacy.dp.enabled:
         raise ConfigError("privacy.dp.enabled = true: cluster mode does not support differential privacy yet "
                           "(its clipped mean has no partials)")
+    if config.privacy.secure_aggregation.enabled:
+        raise ConfigError("privacy.secure_aggregation.enabled = true: cluster mode does not support secure "
+                          "aggregation yet (its stages and modular sum run on one server)")
+    if config.privacy.local_dp.enabled and config.privacy.local_dp.mechanism != "gaussian":
+        raise ConfigError(f"privacy.local_dp.mechanism = {config.privacy.local_dp.mechanism}: cluster mode supports "
+                          "only gaussian (SignDS's sum has no partials yet)")
 
 
 def _read_password(path: Path) -> str:
