@@ -39,7 +39,7 @@ from enclavefl.job_digest import job_digests
 from enclavefl.messages import PeerIdentity, WorkerClient
 from enclavefl.server.checkpoint import latest_checkpoint
 from enclavefl.server.closing import Evaluator
-from enclavefl.server.ps import ParameterServer
+from enclavefl.server.ps import EngineFactory, ParameterServer
 from enclavefl.server.strategy import Strategy
 from enclavefl.tensors import ParamSet, StreamHeader
 from enclavefl.training import Task, Trainer
@@ -82,12 +82,13 @@ def trainer_evaluator(trainer: Trainer) -> Evaluator:
 
 
 def build_server(config: JobConfig, task: Task, *, out_dir: Path, resume: bool = False,
-                 strategy: Strategy | None = None) -> ParameterServer:
+                 strategy: Strategy | None = None, engine: EngineFactory | None = None) -> ParameterServer:
     """A parameter server for ``task`` as ``config`` describes it (not yet running: call ``run()``).
 
     Args:
         resume: continue from the newest checkpoint in ``out_dir`` (a warning and round 1 if there is none).
         strategy: replaces the job file's strategy (custom optimizers, aggregators, samplers).
+        engine: makes the engine that runs the rounds (a cluster server's); default: the job's round.mode.
 
     Raises:
         CheckpointError: the newest checkpoint is corrupt or does not fit.
@@ -103,7 +104,7 @@ def build_server(config: JobConfig, task: Task, *, out_dir: Path, resume: bool =
     evaluator_trainer = task.server_evaluator()
     evaluator = trainer_evaluator(evaluator_trainer) if evaluator_trainer is not None else None
     ps = ParameterServer(config, initial, out_dir=out_dir, evaluator=evaluator, resume_from=checkpoint,
-                         strategy=strategy)
+                         strategy=strategy, engine=engine)
     if config.summary.tensorboard:
         from enclavefl.server.tensorboard import TensorBoardLog
 

@@ -51,6 +51,7 @@ __all__ = [
     "AggregatorConfig",
     "AttestationConfig",
     "ClientConfig",
+    "ClusterConfig",
     "CollateralConfig",
     "CompressionConfig",
     "DownloadCompressionConfig",
@@ -63,6 +64,7 @@ __all__ = [
     "OptimizerConfig",
     "PccsCollateralConfig",
     "PrivacyConfig",
+    "RedisConfig",
     "RoundConfig",
     "SecureAggregationConfig",
     "ServerConfig",
@@ -473,6 +475,43 @@ class ManagementConfig(_Section):
     public_read: bool = Field(default=False, description="read routes without the token (control routes never)")
 
 
+class RedisConfig(_Section):
+    """How cluster members reach Redis (docs/cluster.md). Paths are relative to the job file."""
+
+    host: str = Field(default="127.0.0.1", min_length=1)
+    port: int = Field(default=6379, ge=1, le=65535)
+    db: int = Field(default=0, ge=0, le=15)
+    tls: bool = Field(default=False, description="reach Redis over TLS (rediss://)")
+    ca_cert: str | None = Field(default=None, description="PEM of the CA that signed Redis's certificate")
+    cert: str | None = Field(default=None, description="client certificate, when Redis asks for one")
+    key: str | None = None
+    username: str | None = Field(default=None, description="the ACL user (none: Redis's default user)")
+    password_file: str | None = Field(
+        default=None, description="a file holding the ACL password (never the job file: its digest is shown)")
+    timeout_s: float = Field(default=30.0, gt=0, le=3600, description="for one command")
+    retries: int = Field(default=5, ge=0, le=1000, description="retries while Redis is unreachable")
+
+
+class ClusterConfig(_Section):
+    """Several servers sharing one job through Redis (``enclavefl server``/``scheduler``); the single PS ignores it."""
+
+    redis: RedisConfig = Field(default_factory=RedisConfig)
+    servers: int = Field(default=2, ge=1, le=256, description="servers started by `enclavefl run --servers`")
+    heartbeat_s: float = Field(default=1.0, gt=0, le=3600, description="how often a member renews its membership")
+    member_ttl_s: float = Field(default=5.0, gt=0, le=86_400, description="a member silent this long is gone")
+    lease_ttl_s: float = Field(default=5.0, gt=0, le=86_400,
+                               description="the leader lease lapses this long after its last renewal")
+    poll_s: float = Field(default=0.1, gt=0, le=60, description="how often a server looks for a round change")
+
+    @model_validator(mode="after")
+    def _ttls(self) -> ClusterConfig:
+        for key, ttl in (("member_ttl_s", self.member_ttl_s), ("lease_ttl_s", self.lease_ttl_s)):
+            if ttl < 2 * self.heartbeat_s:
+                # A live member renews every heartbeat_s plus a round trip to Redis.
+                raise ValueError(f"cluster.{key}={ttl:g} must be at least twice cluster.heartbeat_s={self.heartbeat_s:g}")
+        return self
+
+
 class FaultsConfig(_Section):
     """FOR EXPERIMENTS ONLY: makes some workers misbehave on purpose. Off by default.
 
@@ -682,6 +721,7 @@ class JobConfig(_Section):
     management: ManagementConfig = Field(default_factory=ManagementConfig)
     faults: FaultsConfig = Field(default_factory=FaultsConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     @model_validator(mode="after")
     def _compatible(self) -> JobConfig:

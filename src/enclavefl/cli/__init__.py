@@ -52,7 +52,7 @@ def missing_extra(exc: ImportError) -> str | None:
 
 def _parser() -> argparse.ArgumentParser:
     from enclavefl.cli import (attest_cmd, baseline_cmd, certs_cmd, export_cmd, manage_cmd, predict_cmd, report_cmd,
-                               roles, run_cmd, simulate_cmd)
+                               roles, run_cmd, scheduler_cmd, server_cmd, simulate_cmd)
 
     parser = argparse.ArgumentParser(prog="enclavefl", description="Federated learning with attested TLS.")
     parser.add_argument("--version", action="version", version=f"enclavefl {__version__}")
@@ -62,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     simulate_cmd.add_parser(sub)
     roles.add_ps_parser(sub)
     roles.add_worker_parser(sub)
+    scheduler_cmd.add_parser(sub)
+    server_cmd.add_parser(sub)
     certs_cmd.add_parser(sub)
     attest_cmd.add_parser(sub)
     baseline_cmd.add_parser(sub)

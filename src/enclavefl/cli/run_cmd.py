@@ -84,6 +84,8 @@ def add_parser(sub: Any) -> None:
                    help="start a crashed worker again, with backoff (default: on)")
     p.add_argument("--max-restarts", type=int, default=MAX_RESTARTS, metavar="N",
                    help=f"restarts per worker (default {MAX_RESTARTS})")
+    p.add_argument("--servers", type=int, metavar="N",
+                   help="run a cluster instead of one PS: redis-server and N aggregation servers (docs/cluster.md)")
     p.set_defaults(func=run)
 
 
@@ -251,6 +253,10 @@ def _run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.workers is not None:
         overrides.append(f"job.workers={args.workers}")
+    if args.servers is not None:
+        from enclavefl.cli.cluster_run import run_cluster
+
+        return run_cluster(args, overrides)
     plan = _plan(console, args, overrides)
     if plan is None:
         config = load_job(args.job, overrides)

@@ -20,6 +20,7 @@ did land is answered as done.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ if TYPE_CHECKING:
     import redis
 
 __all__ = ["RedisSettings", "RedisStore"]
+
+log = logging.getLogger(__name__)
 
 _JOB: Final = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _T = TypeVar("_T")
@@ -90,6 +93,37 @@ def _bytes(value: Any) -> bytes:
     return value.encode() if isinstance(value, str) else bytes(value)
 
 
+def _logged_retry(base: Any, settings: RedisSettings) -> Any:
+    """The client's retry policy, logging when Redis stops answering and when it answers again.
+
+    A restart of Redis shorter than the retry budget is otherwise invisible: the
+    operator reads here that the cluster waited for it, and for how many retries.
+    """
+
+    class LoggedRetry(base):  # type: ignore[misc]
+        def call_with_retry(self, do: Callable[[], Any], fail: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+            failures = 0
+
+            def noted_fail(error: Exception, *count: Any) -> Any:
+                nonlocal failures
+                failures += 1
+                if failures == 1:
+                    log.warning("redis %s: unreachable (%s); retrying with backoff, up to %d times", settings.address,
+                                error, settings.retries, extra={"event": "store_retry"})
+                return fail(error, *count)
+
+            def noted_do() -> Any:
+                result = do()
+                if failures:
+                    log.warning("redis %s: answers again after %d retries", settings.address, failures,
+                                extra={"event": "store_back"})
+                return result
+
+            return super().call_with_retry(noted_do, noted_fail, *args, **kwargs)
+
+    return LoggedRetry
+
+
 @final
 class RedisStore(Store):
     """A :class:`Store` in Redis, shared by every server of job ``job``.
@@ -120,8 +154,9 @@ class RedisStore(Store):
             password=settings.password, ssl=settings.tls, ssl_ca_certs=settings.ca_file,
             ssl_certfile=settings.cert_file, ssl_keyfile=settings.key_file,
             socket_connect_timeout=settings.connect_timeout_s, socket_timeout=settings.timeout_s,
-            retry=Retry(ExponentialBackoff(cap=settings.backoff_cap_s, base=settings.backoff_base_s), settings.retries,
-                        (redis.ConnectionError, redis.TimeoutError)),
+            retry=_logged_retry(Retry, settings)(ExponentialBackoff(cap=settings.backoff_cap_s,
+                                                                     base=settings.backoff_base_s),
+                                                  settings.retries, (redis.ConnectionError, redis.TimeoutError)),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         )
         self._scripts = {name: self._client.register_script(getattr(lua, name)) for name in lua.__all__}

@@ -184,6 +184,10 @@ class CloudRoutes:
         self._server_address = server_address
 
     def _nodes(self, instance: str) -> list[dict[str, str]]:
+        listed = getattr(self._handle, "nodes", None)
+        if callable(listed):  # a cluster's handle lists its servers (SERVER) and workers (WORKER) itself
+            cluster_nodes: list[dict[str, str]] = listed()
+            return cluster_nodes
         nodes = [{"node_id": instance, "tcp_address": self._server_address, "role": "SERVER"}]
         nodes += [{"node_id": w.worker_id, "tcp_address": "", "role": "WORKER"}
                   for w in self._handle.workers() if w.state not in ("dropped", "left")]

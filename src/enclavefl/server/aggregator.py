@@ -36,12 +36,26 @@ mean is taken over the workers that touched it, weighted by their sample
 counts, so rows a worker did not touch are not pulled toward zero.
 
 Either way the result is deterministic for a given order of updates.
+
+Partials (cluster mode): several servers each fold their own workers'
+updates, ``partial()`` turns one aggregator's running state into bytes
+(:mod:`enclavefl.server.partials`), and ``merge()`` folds such partials into
+another aggregator, in the order of their keys (server ids), so every merge of
+the same partials gives the same bits. With ``"float64"`` a merge adds each
+server's float64 sum; float addition is not associative, so the merged sum
+equals the sum of the same updates folded into one aggregator exactly when no
+addition rounds (values with few significant bits), and otherwise within a few
+float64 roundings, far below the result's float32 rounding (the float32 result
+differs only when the exact mean lies that close to a float32 rounding
+boundary). Merging one partial into an empty aggregator restores it bit for
+bit, in either setting: that is how a server reloads its last partial.
 """
 
 from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final, Literal, get_args
 
@@ -49,6 +63,7 @@ import numpy as np
 import numpy.typing as npt
 
 from enclavefl.errors import ClosedError, UpdateRejected
+from enclavefl.server.partials import decode_partial, encode_partial
 from enclavefl.tensors import DTYPES, ParamSet, SparseRows, StreamHeader, Tensor
 
 __all__ = ["Accumulate", "Aggregator", "WeightedMean"]
@@ -100,6 +115,32 @@ class Aggregator(ABC):
 
         Idempotent. The default holds nothing and does nothing.
         """
+
+    mergeable: ClassVar[bool] = False
+    """True for an aggregator with :meth:`partial` and :meth:`merge` (several servers may fold one round)."""
+
+    def partial(self) -> bytes:
+        """Everything folded so far as bytes (no pickle) that :meth:`merge` of another instance folds in.
+
+        Raises:
+            NotImplementedError: this aggregator cannot be split across servers (``mergeable`` is False).
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot be split across servers (no partial())")
+
+    def merge(self, partials: Mapping[str, bytes]) -> None:
+        """Folds other aggregators' partials into this one, in the sorted order of their keys.
+
+        Either every partial is folded or, on error, the aggregate is left as it was.
+
+        Args:
+            partials: blobs made by :meth:`partial` of aggregators of the same kind, settings and
+                template, keyed by who made them (server ids); the key order fixes the fold order.
+
+        Raises:
+            UpdateRejected: a blob is malformed or made by another kind, setting or template.
+            NotImplementedError: this aggregator cannot be split across servers.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot be split across servers (no merge())")
 
 
 @dataclass(slots=True)
@@ -292,3 +333,135 @@ class WeightedMean(Aggregator):
             self._slots = {}
             self._block_a = np.empty(0, dtype=np.float64)
             self._block_b = np.empty(0, dtype=np.float64)
+
+    # -- partials (cluster mode) ------------------------------------------------------------------
+
+    mergeable: ClassVar[bool] = True
+
+    def _acc_dtype(self, dtype: np.dtype[Any]) -> np.dtype[Any]:
+        narrow = self._accumulate == "float32" and dtype.kind == "f" and dtype.itemsize <= 4
+        return _F32 if narrow else _F64
+
+    def _template_entries(self) -> list[list[Any]]:
+        return [[spec.name, spec.dtype, list(spec.shape)] for spec in self._template.tensors]
+
+    def partial(self) -> bytes:
+        """The running state as a blob: per tensor its accumulator (the float64 sum, or the float32
+        mean) and, for tensors that got sparse rows, the float64 weight of every row; plus the
+        count and total weight. About 8 (float64) or 4 (float32) bytes per value."""
+        with self._lock:
+            if self._closed:
+                raise ClosedError("WeightedMean.partial() called after close()")
+            slots: dict[str, Any] = {}
+            arrays: list[tuple[str, Tensor]] = []
+            for spec in self._template.tensors:
+                slot = self._slots.get(spec.name)
+                if slot is None:
+                    continue
+                slots[spec.name] = {"dense_weight": slot.dense_weight, "rows": slot.row_weight is not None}
+                arrays.append((f"acc/{spec.name}", slot.acc.reshape(spec.shape)))
+                if slot.row_weight is not None:
+                    arrays.append((f"rows/{spec.name}", slot.row_weight))
+            meta = {"kind": "weighted_mean", "format": 1, "accumulate": self._accumulate,
+                    "template": self._template_entries(), "count": self._count, "weight": self._weight,
+                    "slots": slots}
+            # Encoded under the lock: the arrays are views of the live accumulators.
+            return encode_partial(meta, ParamSet(arrays))
+
+    def _check_partial(self, source: str, blob: bytes) -> tuple[int, float, dict[str, tuple[float, Any, Any]]]:
+        """A partial's count, weight and per-tensor (dense weight, accumulator, row weights), all checked."""
+        meta, arrays = decode_partial(blob)
+        where = f"partial of {source}"
+        expected = {"kind": "weighted_mean", "format": 1, "accumulate": self._accumulate,
+                    "template": self._template_entries()}
+        for key, want in expected.items():
+            if meta.get(key) != want:
+                found = meta.get(key)
+                raise UpdateRejected(f"{where}: {key} is {str(found)[:200]!r}, this aggregator's is {str(want)[:200]!r}")
+        count, weight, slots = meta.get("count"), meta.get("weight"), meta.get("slots")
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise UpdateRejected(f"{where}: count must be an int >= 0, got {count!r}")
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not (weight >= 0 and np.isfinite(weight)):
+            raise UpdateRejected(f"{where}: weight must be a finite number >= 0, got {weight!r}")
+        if not isinstance(slots, dict):
+            raise UpdateRejected(f"{where}: slots must be an object, got {type(slots).__name__}")
+        names = [spec.name for spec in self._template.tensors]
+        if sorted(slots) != (sorted(names) if count else []):
+            raise UpdateRejected(f"{where}: holds tensors {sorted(slots)[:5]} for {count} updates, expected "
+                                 f"{sorted(names)[:5] if count else []}")
+        out: dict[str, tuple[float, Any, Any]] = {}
+        wanted: set[str] = set()
+        for spec in self._template.tensors:
+            if spec.name not in slots:
+                continue
+            entry = slots[spec.name]
+            dense_weight = entry.get("dense_weight") if isinstance(entry, dict) else None
+            has_rows = entry.get("rows") if isinstance(entry, dict) else None
+            if (not isinstance(dense_weight, (int, float)) or isinstance(dense_weight, bool)
+                    or not (dense_weight >= 0 and np.isfinite(dense_weight)) or not isinstance(has_rows, bool)):
+                raise UpdateRejected(f"{where}: tensor {spec.name!r}: expected a finite dense_weight >= 0 and a "
+                                     f"boolean rows, got {str(entry)[:200]}")
+            acc_dtype = self._acc_dtype(DTYPES[spec.dtype])
+            acc = arrays.get(f"acc/{spec.name}")
+            if not isinstance(acc, np.ndarray) or acc.dtype != acc_dtype or acc.shape != spec.shape:
+                found = "none" if acc is None else f"{getattr(acc, 'dtype', 'sparse')} {getattr(acc, 'shape', '')}"
+                raise UpdateRejected(f"{where}: tensor {spec.name!r}: accumulator must be {acc_dtype} {spec.shape}, "
+                                     f"found {found}")
+            wanted.add(f"acc/{spec.name}")
+            rows: Any = None
+            if has_rows:
+                n_rows = _as_rows(acc).shape[0]
+                rows = arrays.get(f"rows/{spec.name}")
+                if (not isinstance(rows, np.ndarray) or rows.dtype != _F64 or rows.shape != (n_rows,)
+                        or not (np.isfinite(rows).all() and (rows >= 0).all())):
+                    raise UpdateRejected(f"{where}: tensor {spec.name!r}: row weights must be {n_rows} finite float64 "
+                                         f"values >= 0")
+                wanted.add(f"rows/{spec.name}")
+            out[spec.name] = (float(dense_weight), _as_rows(acc), rows)
+        extra = sorted(set(arrays) - wanted)
+        if extra:
+            raise UpdateRejected(f"{where}: arrays {extra[:5]} belong to no tensor")
+        return count, float(weight), out
+
+    def merge(self, partials: Mapping[str, bytes]) -> None:
+        # Everything is decoded and checked before the first fold, so a bad partial changes nothing.
+        checked = [(source, self._check_partial(source, partials[source])) for source in sorted(partials)]
+        with self._lock:
+            if self._closed:
+                raise ClosedError("WeightedMean.merge() called after close()")
+            for _source, (count, weight, tensors) in checked:
+                for spec in self._template.tensors:
+                    if spec.name in tensors:
+                        self._merge_slot(self._slot(spec.name, spec.shape, DTYPES[spec.dtype]), *tensors[spec.name])
+                self._count += count
+                self._weight += weight
+
+    def _merge_slot(self, slot: _Slot, dense_weight: float, acc: npt.NDArray[Any],
+                    rows: npt.NDArray[np.float64] | None) -> None:
+        """Folds one partial's tensor (acc: (rows, row_len) view) into ``slot``; arithmetic only."""
+        n_rows, row_len = slot.acc.shape
+        if rows is not None and slot.row_weight is None:
+            slot.row_weight = np.full(n_rows, slot.dense_weight, dtype=np.float64)
+        if slot.row_weight is not None and rows is None:
+            rows = np.full(n_rows, dense_weight, dtype=np.float64)
+        if slot.is_mean:
+            # m += (W_p / (W + W_p)) * (m_p - m) per row, in float64 blocks, one rounding to float32.
+            step = max(1, BLOCK_VALUES // max(row_len, 1))
+            for start in range(0, n_rows, step):
+                where = slice(start, min(start + step, n_rows))
+                prior: Any = slot.dense_weight if slot.row_weight is None else slot.row_weight[where].reshape(-1, 1)
+                added: Any = dense_weight if rows is None else rows[where].reshape(-1, 1)
+                total = prior + added
+                frac = np.divide(added, total, out=np.zeros_like(np.asarray(total, dtype=np.float64)),
+                                 where=np.asarray(total) > 0)
+                m = slot.acc[where].astype(np.float64)
+                x = acc[where].astype(np.float64)
+                x -= m
+                x *= frac
+                m += x
+                slot.acc[where] = m
+        else:
+            slot.acc += acc  # float64 sums: in place, no temporary
+        slot.dense_weight += dense_weight
+        if slot.row_weight is not None and rows is not None:
+            slot.row_weight += rows

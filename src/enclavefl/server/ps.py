@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
@@ -48,9 +49,12 @@ if TYPE_CHECKING:
     from enclavefl.privacy.secagg.stages import SecAggAnswer, SecAggCall
     from enclavefl.server.handle import AttestationMode, PsHandle
 
-__all__ = ["Evaluator", "ParameterServer"]
+__all__ = ["EngineFactory", "Evaluator", "ParameterServer"]
 
 log = logging.getLogger(__name__)
+
+EngineFactory = Callable[[ServerCore, Strategy, ClosePipeline, StreamHeader], Engine]
+"""Makes the engine that runs the rounds, given the core, strategy, close pipeline and upload template."""
 
 
 class ParameterServer:
@@ -66,11 +70,14 @@ class ParameterServer:
         resume_from: Checkpoint | None = None,
         limits: CodecLimits | None = None,
         strategy: Strategy | None = None,
+        engine: EngineFactory | None = None,
     ) -> None:
         """Builds the server's parts; nothing runs until :meth:`run`.
 
         Args:
             strategy: the parts that decide what a round does; default: the job file's.
+            engine: makes the engine that runs the rounds (a cluster server's opens and closes them
+                through the shared store); default: the job's ``round.mode`` (sync or async).
 
         Raises:
             RoundError: ``resume_from`` does not fit this task's model.
@@ -117,7 +124,9 @@ class ParameterServer:
         self._handle: PsHandle | None = None
         self._handle_lock = threading.Lock()
         self.engine: Engine
-        if config.round.mode == "async":
+        if engine is not None:
+            self.engine = engine(self.core, self.strategy, pipeline, upload_template)
+        elif config.round.mode == "async":
             from enclavefl.server.async_engine import AsyncEngine
 
             self.engine = AsyncEngine(self.core, self.strategy, pipeline, upload_template)

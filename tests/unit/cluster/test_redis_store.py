@@ -191,3 +191,31 @@ def test_plain_connection_to_a_tls_redis_is_unavailable(tmp_path: Path) -> None:
     finally:
         store.close()
         server.stop()
+
+
+@needs_redis
+def test_a_redis_restart_within_the_retry_budget_is_logged(fresh_redis: RedisServer,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    # Prepare: retries with up to 1 s between them; Redis is down for about 0.5 s.
+    import threading
+    import time
+
+    store = RedisStore(RedisSettings(port=fresh_redis.port, retries=10, backoff_base_s=0.1, backoff_cap_s=1.0),
+                       job="logged")
+    store.put_config(b"cfg")
+    fresh_redis.stop()
+    restart = threading.Timer(0.5, fresh_redis.start)
+    restart.start()
+
+    # Execute: the call waits for Redis instead of failing.
+    with caplog.at_level("WARNING", logger="enclavefl.cluster.redis_store"):
+        started = time.monotonic()
+        assert store.config() == b"cfg"
+    restart.join()
+    store.close()
+
+    # Assert: the outage and the return are both in the log.
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("unreachable" in m and "retrying" in m for m in messages), messages
+    assert any("answers again after" in m for m in messages), messages
+    assert time.monotonic() - started >= 0.3

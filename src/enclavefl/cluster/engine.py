@@ -1,0 +1,496 @@
+"""The round engine of a cluster server: rounds live in the shared store; one leader opens and closes them.
+
+How this works: each server runs a normal :class:`~enclavefl.server.ps.ParameterServer`
+(joins, long-polls, staging, the close pipeline) whose engine is a
+:class:`ClusterEngine`. Every ``cluster.poll_s`` the engine thread makes one
+*tick*:
+
+1. membership: it heartbeats its member entry, and binds the sessions of the
+   workers joined to it (``bind_session``) so the leader can sample them;
+2. follow: it reads the store's current round. A new model version (closed by
+   whichever server led) is loaded with the strategy's state and metrics row
+   and installed; an OPEN round attempt becomes a local
+   :class:`~enclavefl.server.round.Round` whose aggregator is a
+   :class:`~enclavefl.cluster.ledger.StoreAggregator`, so every update this
+   server accepts is in the store's ledger and in its partial; a round that
+   left OPEN is closed locally (no more uploads);
+3. lead: it tries to take (or renew) the ``leader`` lease. The holder
+   publishes the first model, opens rounds (sampling over the sessions of all
+   live servers), and closes them when ``required`` updates were accepted or
+   the update window passed: ``begin_close``, read the partials and the ledger,
+   ``check_partials``, merge them in server-id order, run the existing
+   :class:`~enclavefl.server.closing.ClosePipeline` (optimizer, evaluation,
+   metrics, checkpoint), and ``finish_round`` with the model and the state. A
+   round found CLOSING (its leader died during the close) is finished by the
+   next leader from what the store holds.
+
+Every leader write carries the lease: a leader that lost it cannot publish.
+A round that failed ``round.max_retries + 1`` times ends the job on every server.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from enclavefl.cluster.blobs import CloseState, decode_close_state, decode_model, encode_close_state, encode_model
+from enclavefl.cluster.errors import LeaseLost, StoreConflict, StoreError, StoreUnavailable
+from enclavefl.cluster.ledger import METRIC_SCALE, LedgerTarget, StoreAggregator
+from enclavefl.cluster.store import Lease, Member, RoundPhase, RoundState, Session, Store, UpdateRef, check_partials
+from enclavefl.config import ClusterConfig
+from enclavefl.errors import ConfigError, RoundError, UpdateRejected
+from enclavefl.messages import UpdateMeta
+from enclavefl.server.checkpoint import params_digest
+from enclavefl.server.closing import ClosePipeline
+from enclavefl.server.core import ServerCore
+from enclavefl.server.engine import Engine, SyncEngine
+from enclavefl.server.phases import Phase
+from enclavefl.server.ps import EngineFactory
+from enclavefl.server.round import Round, RoundRecord
+from enclavefl.server.sampling import Candidate
+from enclavefl.server.staging import UpdateTarget
+from enclavefl.server.state import Stateful
+from enclavefl.server.strategy import Strategy
+from enclavefl.tensors import StreamHeader
+
+__all__ = ["LEADER_LEASE", "PAUSE_LEASE", "UPDATE_ID_KEY", "ClusterEngine", "cluster_engine"]
+
+log = logging.getLogger(__name__)
+
+LEADER_LEASE = "leader"
+"""The lease whose holder opens and closes rounds."""
+
+PAUSE_LEASE = "pause"
+"""Held by the scheduler while an operator has paused the job: the leader opens no round."""
+
+UPDATE_ID_KEY = "update_id"
+"""An update's ``extensions`` key for the id it carries on every (re-)send; else ``<round>/<worker name>``."""
+
+
+@dataclass(slots=True)
+class _Local:
+    """The store's round attempt as this server mirrors it."""
+
+    number: int
+    attempt: int
+    round: Round
+    aggregator: StoreAggregator
+
+
+class _Keepalive:
+    """Renews the leader lease and the membership every ``heartbeat_s`` while a long step (a close) runs.
+
+    The thread is owned by the ``with`` block: it ends (and is joined) when the block does.
+    """
+
+    def __init__(self, store: Store, lease: Lease, member_id: str, cluster: ClusterConfig) -> None:
+        self._store, self._lease, self._member_id, self._cluster = store, lease, member_id, cluster
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"keepalive-{member_id}", daemon=True)
+
+    def __enter__(self) -> _Keepalive:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(self._cluster.heartbeat_s + self._store_timeout_s())
+
+    def _store_timeout_s(self) -> float:
+        return self._cluster.redis.timeout_s
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._cluster.heartbeat_s):
+            try:
+                self._store.renew_lease(self._lease, self._cluster.lease_ttl_s)
+                self._store.heartbeat(self._member_id, self._cluster.member_ttl_s)
+            except LeaseLost as exc:
+                log.warning("server %s: lost the leader lease during a close: %s", self._member_id, exc)
+                return  # the close's own writes are refused from now on (fenced)
+            except StoreError as exc:
+                log.warning("server %s: could not renew the leader lease: %s", self._member_id, exc)
+
+
+class ClusterEngine(SyncEngine):
+    """Synchronous rounds shared through a :class:`Store` by several servers (see the module docstring).
+
+    Args (after the engine factory's four):
+        store: the cluster's store (sealed, for anything outside an enclave).
+        server_id: this server's member id: its partial's key and its lease holder name.
+        cluster: the job's ``cluster`` section (TTLs, poll interval).
+        address: where workers and peers reach this server (``host:port``), for the membership entry.
+    """
+
+    def __init__(self, *args: Any, store: Store, server_id: str, cluster: ClusterConfig, address: str = "",
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.store = store
+        self.server_id = server_id
+        self.cluster = cluster
+        self.address = address
+        self.lease: Lease | None = None
+        self._local: _Local | None = None
+        self._synced: int | None = None
+        """The model version this server installed from (or published to) the store."""
+        self._bound: dict[str, str] = {}
+        self._next_heartbeat = 0.0
+        self._first_seen: dict[tuple[int, int], float] = {}
+        self._waiting_since: float | None = None
+        self._first_checked = False
+        self._unpublished: tuple[int, int, bytes, bytes] | None = None
+        """A close this leader made but could not publish yet: (round, attempt, model, state)."""
+        self._unreachable_since: float | None = None
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def loop(self) -> None:
+        core = self.core
+        self.store.register(self._member(), self.cluster.member_ttl_s)
+        self._next_heartbeat = time.monotonic() + self.cluster.heartbeat_s
+        log.info("server %s: registered (%s), ps %s", self.server_id, self.address or "no address", core.instance)
+        try:
+            while self._going():
+                try:
+                    self.tick()
+                    if self._unreachable_since is not None:
+                        log.warning("server %s: the store is reachable again after %.1fs", self.server_id,
+                                    time.monotonic() - self._unreachable_since, extra={"event": "store_back"})
+                        self._unreachable_since = None
+                except StoreUnavailable as exc:
+                    # Rounds pause: nothing opens or closes until the store answers again.
+                    if self._unreachable_since is None:
+                        self._unreachable_since = time.monotonic()
+                        log.warning("server %s: the store is unreachable, rounds pause: %s", self.server_id, exc,
+                                    extra={"event": "store_down"})
+                with core.cond:
+                    if self._going():
+                        core.cond.wait(self.cluster.poll_s)
+        finally:
+            self._leave()
+
+    def _going(self) -> bool:
+        return self.core.phase is not Phase.FINISHED and not self.core.ending
+
+    def tick(self) -> None:
+        """One look at the store: membership, then follow, then lead (see the module docstring).
+
+        Raises:
+            RoundError: the job failed (a round failed more than ``round.max_retries`` times).
+        """
+        self._membership()
+        state = self.store.round_state()
+        self._follow(state)
+        lease = self.store.acquire_lease(LEADER_LEASE, self.server_id, self.cluster.lease_ttl_s)
+        if lease is not None:
+            if self.lease is None or lease.token != self.lease.token:
+                log.info("server %s: took the leader lease (token %d)", self.server_id, lease.token,
+                         extra={"event": "leader"})
+            self.lease = lease
+            self._lead(lease, state)
+        elif self.lease is not None:
+            log.warning("server %s: lost the leader lease", self.server_id)
+            self.lease = None
+
+    def _member(self) -> Member:
+        return Member(self.server_id, "server", self.address, {"instance": self.core.instance})
+
+    def _leave(self) -> None:
+        """Best effort: releases the lease and the membership (another server or the TTL takes over)."""
+        try:
+            if self.lease is not None:
+                self.store.release_lease(self.lease)
+            for worker_id in list(self._bound):
+                self.store.drop_session(worker_id)
+            self.store.deregister(self.server_id)
+        except StoreError as exc:
+            log.warning("server %s: could not leave the store cleanly: %s", self.server_id, exc)
+
+    def _membership(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_heartbeat:
+            if not self.store.heartbeat(self.server_id, self.cluster.member_ttl_s):
+                log.warning("server %s: membership had expired; registered again", self.server_id)
+                self.store.register(self._member(), self.cluster.member_ttl_s)
+            self._next_heartbeat = now + self.cluster.heartbeat_s
+        with self.core.cond:
+            joined = {w.worker_id: (w.fingerprint, w.name) for w in self.core.registry.records()}
+        for worker_id, (fingerprint, name) in joined.items():
+            if self._bound.get(worker_id) != fingerprint:
+                self.store.bind_session(Session(worker_id, fingerprint, self.server_id, name))
+                self._bound[worker_id] = fingerprint
+        for worker_id in [w for w in self._bound if w not in joined]:
+            self.store.drop_session(worker_id)
+            del self._bound[worker_id]
+
+    # -- follow ------------------------------------------------------------------------------------
+
+    def _parts(self) -> dict[str, Stateful]:
+        parts: dict[str, Stateful] = {"optimizer": self.strategy.optimizer, "algorithm": self.strategy.algorithm,
+                                      "engine": self}
+        parts.update(self.strategy.parts)
+        return parts
+
+    def _follow(self, state: RoundState | None) -> None:
+        if state is None:
+            return
+        if state.phase is RoundPhase.FAILED and state.attempt >= self.config.round.max_retries:
+            raise RoundError(f"round {state.number} failed {state.attempt + 1} times, the last because: "
+                             f"{state.reason}; the job fails")
+        current = state.model_version + (1 if state.phase is RoundPhase.CLOSED else 0)
+        if self._synced != current:
+            self._pick_up(current)
+        local = self._local
+        if local is not None and (state.phase is not RoundPhase.OPEN
+                                  or (local.number, local.attempt) != (state.number, state.attempt)):
+            self._close_local()
+        if state.phase is RoundPhase.OPEN and self._local is None and self.core.version == state.model_version:
+            self._open_local(state)
+        if state.phase is RoundPhase.CLOSED and state.number >= self.config.job.rounds:
+            self.core.finish()
+
+    def _pick_up(self, version: int) -> None:
+        """Installs model ``version`` from the store, with the strategy's state and metrics row of its close."""
+        core = self.core
+        if core.version == version and version == 0:
+            # Every server built the first model from the same task and seed; the store's must be it.
+            published = self.store.model(0)
+            if published is not None and params_digest(decode_model(published.blob)) != params_digest(core.params):
+                raise RoundError(f"server {self.server_id}: the cluster's first model differs from this server's "
+                                 "(another task, seed or model): refusing to serve it")
+            self._synced = 0 if published is not None else None
+            return
+        if core.version == version:
+            self._synced = version
+            return
+        model, blob = self.store.model(version), self.store.strategy_state()
+        if model is None or blob is None or blob.version != version:
+            return  # published but not yet readable as a pair: the next tick tries again
+        params = decode_model(model.blob)
+        state = decode_close_state(blob.blob)
+        parts = self._parts()
+        with core.cond:
+            for name, part_state in state.parts.items():
+                if name in parts:
+                    parts[name].load_state(part_state)
+            if core.phase is Phase.TRAINING:
+                core.set_phase(Phase.AGGREGATING)
+        with core.cond:
+            seen = max((r["round"] for r in core.metrics.history if isinstance(r.get("round"), int)), default=0)
+        missed = state.rows_after(seen)
+        if not missed:
+            raise RoundError(f"server {self.server_id}: model version {version} from the store carries no metrics "
+                             f"row after round {seen}")
+        with core.cond:
+            for row in missed[:-1]:  # rounds led elsewhere while this server was not there (it joined late)
+                core.metrics.append(row)
+        core.install(params, version, state.round + 1, missed[-1])  # takes the lock itself
+        with core.cond:
+            if core.phase is Phase.AGGREGATING:
+                core.set_phase(Phase.WAITING)
+        self._synced = version
+        log.info("server %s round %d: model version %d picked up from the store, digest %s", self.server_id,
+                 state.round, version, params_digest(params)[:16])
+
+    def _open_local(self, state: RoundState) -> None:
+        core = self.core
+        aggregator = StoreAggregator(self.strategy.aggregator, self.upload_template, self.store,
+                                     number=state.number, attempt=state.attempt, server=self.server_id)
+        with core.cond:
+            self._round_config = self.config
+            rnd = Round(state.number, state.model_version, state.attempt, state.sampled, state.required, aggregator,
+                        self.upload_template, self.config.round.update_window_s, notify=core.notify)
+            self._local = _Local(state.number, state.attempt, rnd, aggregator)
+            self.round = rnd
+            core.registry.settle()
+            self._opened()
+            if core.phase is not Phase.TRAINING:
+                core.set_phase(Phase.TRAINING)
+            mine = sum(1 for w in state.sampled if w in core.registry)
+        log.info("server %s round %d: open (attempt %d) on model version %d, %d of %d sampled workers here",
+                 self.server_id, state.number, state.attempt, state.model_version, mine, len(state.sampled))
+
+    def _close_local(self) -> None:
+        local, core = self._local, self.core
+        if local is None:
+            return
+        local.round.close()  # waits for an accept in progress; later uploads are refused
+        local.aggregator.close()
+        with core.cond:
+            self._local = None
+            self.round = None
+            if core.phase is Phase.TRAINING:
+                core.set_phase(Phase.AGGREGATING)
+
+    # -- handler seams -------------------------------------------------------------------------------
+
+    def target_for(self, meta: UpdateMeta) -> tuple[UpdateTarget, int, float]:
+        local = self._local
+        if self.core.phase is not Phase.TRAINING or local is None:
+            raise UpdateRejected(f"no round is open on server {self.server_id} (phase {self.core.phase.value})")
+        local.round.admit(meta)
+        worker = self.core.registry.find(meta.worker_id)
+        raw = meta.extensions.get(UPDATE_ID_KEY)
+        update_id = (raw.decode("utf-8", "replace")[:128] if raw else
+                     f"{local.number}/{worker.name if worker is not None else meta.worker_id}")
+        return LedgerTarget(local.round, local.aggregator, UpdateRef(meta.worker_id, update_id)), 0, local.round.deadline
+
+    # -- lead --------------------------------------------------------------------------------------
+
+    def _lead(self, lease: Lease, state: RoundState | None) -> None:
+        try:
+            if state is None:
+                if not self._first_checked and self.store.model() is None:
+                    self._publish_first(lease)
+                self._first_checked = True
+                self._open_next(lease, 1, 0)
+            elif state.phase is RoundPhase.CLOSED:
+                if state.number < self.config.job.rounds and self.core.version == state.model_version + 1:
+                    self._open_next(lease, state.number + 1, 0)
+            elif state.phase is RoundPhase.FAILED:
+                if state.attempt < self.config.round.max_retries and self.core.version == state.model_version:
+                    self._open_next(lease, state.number, state.attempt + 1)
+            elif state.phase is RoundPhase.OPEN:
+                self._maybe_close(lease, state)
+            else:  # CLOSING: this leader began it, or its predecessor died during the close
+                self._close(lease, state)
+        except (LeaseLost, StoreConflict) as exc:
+            log.warning("server %s: a leader step was refused (%s); following the store", self.server_id, exc)
+
+    def _publish_first(self, lease: Lease) -> None:
+        core = self.core
+        with core.cond:
+            params, parts = core.params, core.part_states()
+        self.store.publish_model(0, encode_model(params), lease=lease,
+                                 strategy_state=encode_close_state(CloseState(0, (), parts)))
+        self._synced = 0
+        log.info("server %s: published the first model (version 0, digest %s)", self.server_id,
+                 params_digest(params)[:16])
+
+    def _open_next(self, lease: Lease, number: int, attempt: int) -> None:
+        cfg = self.config.round
+        if self.store.lease(PAUSE_LEASE) is not None:
+            return  # paused by the operator: the open round (if any) ran on, no new one opens
+        live = {m.member_id for m in self.store.members("server")}
+        candidates = [Candidate(s.worker_id, s.name, 0) for s in self.store.sessions() if s.server in live]
+        if len(candidates) < cfg.min_workers:
+            now = time.monotonic()
+            if self._waiting_since is None:
+                self._waiting_since = now
+                log.info("server %s round %d: waiting for min_workers=%d (%d joined across %d servers)",
+                         self.server_id, number, cfg.min_workers, len(candidates), len(live))
+            elif now - self._waiting_since > cfg.start_window_s * (cfg.max_retries + 1):
+                raise RoundError(f"round {number}: fewer than min_workers={cfg.min_workers} joined the cluster "
+                                 f"({len(candidates)}) within {cfg.max_retries + 1} start windows")
+            return
+        self._waiting_since = None
+        sampled = self.sampler().sample(candidates, number, attempt)
+        required = max(1, math.ceil(cfg.update_ratio * len(sampled) - 1e-9))
+        self.store.open_round(number, attempt, model_version=self.core.version, sampled=sampled, required=required,
+                              lease=lease)
+        self._first_seen[(number, attempt)] = time.monotonic()
+        log.info("server %s round %d: opened (attempt %d) on model version %d, sampled %d of %d, need %d",
+                 self.server_id, number, attempt, self.core.version, len(sampled), len(candidates), required)
+
+    def _maybe_close(self, lease: Lease, state: RoundState) -> None:
+        seen = self._first_seen.setdefault((state.number, state.attempt), time.monotonic())
+        accepted = state.counters.get("accepted", 0)
+        expired = time.monotonic() - seen >= self.config.round.update_window_s
+        if accepted >= state.required or expired:
+            if expired and accepted < state.required:
+                log.warning("server %s round %d: closed by its window with %d of %d updates", self.server_id,
+                            state.number, accepted, len(state.sampled))
+            self._close(lease, self.store.begin_close(state.number, state.attempt, lease=lease))
+
+    def _close(self, lease: Lease, state: RoundState) -> None:
+        """Merges the partials of a CLOSING round and publishes the next model (or fails the attempt)."""
+        number, attempt = state.number, state.attempt
+        pending = self._unpublished
+        if pending is not None and pending[:2] == (number, attempt):
+            # This leader ran the close already and could not publish it (the store was unreachable):
+            # publish the same bytes again, never a second optimizer step.
+            self._publish_close(lease, state, pending[2], pending[3], count=-1, servers=-1)
+            return
+        with _Keepalive(self.store, lease, self.server_id, self.cluster):  # a close may outlast the TTLs
+            self._close_and_publish(lease, state)
+
+    def _close_and_publish(self, lease: Lease, state: RoundState) -> None:
+        number, attempt = state.number, state.attempt
+        self._follow(state)  # the local round closes: no upload is folded from here on
+        partials, accepted = self.store.partials(number, attempt), self.store.accepted(number, attempt)
+        check_partials(number, attempt, partials, accepted)
+        log.info("server %s round %d: closing attempt %d: merging %d updates from %d servers", self.server_id, number,
+                 attempt, len(accepted), len(partials), extra={"event": "round_closing"})
+        aggregator = self.strategy.aggregator(self.upload_template)
+        if partials:
+            aggregator.merge({server: p.blob for server, p in partials.items()})
+        if aggregator.count < self.config.round.min_updates:
+            aggregator.close()
+            self.store.fail_round(number, attempt, f"round {number} got {aggregator.count} updates, min_updates="
+                                  f"{self.config.round.min_updates}", lease=lease)
+            return
+        record = self._record(state, {a.worker for a in accepted.values()}, aggregator.count,
+                              float(getattr(aggregator, "total_weight", 0.0)))
+        try:
+            self.pipeline.close(record, aggregator, seconds_wait=0.0)
+        except UpdateRejected as exc:
+            self.store.fail_round(number, attempt, str(exc), lease=lease)
+            return
+        core = self.core
+        with core.cond:
+            params, history, parts = core.params, tuple(core.metrics.history), core.part_states()
+            if core.phase is Phase.AGGREGATING:
+                core.set_phase(Phase.WAITING)
+        model, close_state = encode_model(params), encode_close_state(CloseState(number, history, parts))
+        self._unpublished = (number, attempt, model, close_state)
+        self._publish_close(lease, state, model, close_state, count=aggregator.count, servers=len(partials))
+
+    def _publish_close(self, lease: Lease, state: RoundState, model: bytes, close_state: bytes, *, count: int,
+                       servers: int) -> None:
+        """``finish_round`` with what the close made (StoreUnavailable: kept, and retried by the next tick)."""
+        try:
+            self.store.finish_round(state.number, state.attempt, model=model, strategy_state=close_state, lease=lease)
+        except (LeaseLost, StoreConflict) as exc:
+            # This server's model is ahead of the store's: it cannot serve the cluster's rounds any more.
+            raise RoundError(f"server {self.server_id} round {state.number}: the close could not be published "
+                             f"({exc}); another leader finishes it") from exc
+        self._unpublished = None
+        self._synced = state.model_version + 1
+        log.info("server %s round %d: closed, %s updates from %s servers, model version %d published", self.server_id,
+                 state.number, count if count >= 0 else "the", servers if servers >= 0 else "its", self._synced,
+                 extra={"event": "round_closed"})
+
+    def _record(self, state: RoundState, pushed: set[str], count: int, weight: float) -> RoundRecord:
+        """The round as the whole cluster saw it (from the store's counters), for the metrics row."""
+        counters = state.counters
+        means: dict[str, float] = {}
+        for name in ("loss", "accuracy"):
+            n = counters.get(f"n:{name}", 0)
+            if n:
+                means[name] = counters.get(f"m:{name}", 0) / METRIC_SCALE / n
+        opened = self._first_seen.get((state.number, state.attempt), time.monotonic())
+        return RoundRecord(
+            number=state.number, model_version=state.model_version, attempt=state.attempt, sampled=state.sampled,
+            pushed=frozenset(pushed), dropped=frozenset(state.sampled - pushed), rejected=0,
+            num_samples=counters.get("num_samples", 0), weight=weight, bytes_in=counters.get("bytes_in", 0),
+            bytes_out=0, opened_at=opened, worker_metrics=(means,) if means else (),
+        )
+
+
+def cluster_engine(store: Store, server_id: str, cluster: ClusterConfig, *, address: str = "") -> EngineFactory:
+    """The engine factory a cluster server's :class:`~enclavefl.server.ps.ParameterServer` is built with.
+
+    The engine it makes raises ConfigError for a strategy with round stages or gates, which it does not run.
+    """
+
+    def make(core: ServerCore, strategy: Strategy, pipeline: ClosePipeline, template: StreamHeader) -> Engine:
+        if strategy.stages is not None or strategy.gates:
+            raise ConfigError("cluster mode runs no round stages or gates yet (secure aggregation, central DP): "
+                              "the leader would skip them")
+        return ClusterEngine(core, strategy, pipeline, template, store=store, server_id=server_id, cluster=cluster,
+                             address=address)
+
+    return make

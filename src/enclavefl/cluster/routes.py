@@ -1,0 +1,46 @@
+"""The cluster's own read routes on the scheduler's management API (a :data:`~enclavefl.management.api.Mount`).
+
+- ``GET /api/v1/cluster/servers``: the live servers (id, address);
+- ``GET /api/v1/cluster/assignment/{worker}``: the server a worker (by name) should use, and its
+  alternatives in failover order (:func:`~enclavefl.cluster.assignment.assign`).
+
+Both are read routes: they need the job's bearer token unless ``management.public_read``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Depends, FastAPI, HTTPException
+
+from enclavefl.cluster.assignment import assign
+from enclavefl.cluster.scheduler import ClusterHandle
+from enclavefl.management.api import API_PREFIX, require_read
+from enclavefl.management.schema import JobHandle
+
+__all__ = ["mount"]
+
+_MAX_NAME_CHARS = 64
+
+
+def mount(app: FastAPI, handle: JobHandle) -> None:
+    """Adds the cluster routes for ``handle`` (a :class:`ClusterHandle`; other handles get none)."""
+    if not isinstance(handle, ClusterHandle):
+        return
+    cluster = handle
+
+    def servers() -> dict[str, Any]:
+        return {"servers": [{"id": m.member_id, "address": m.address} for m in cluster.servers()]}
+
+    def assignment(worker: str) -> dict[str, Any]:
+        if not 0 < len(worker) <= _MAX_NAME_CHARS:
+            raise HTTPException(422, f"worker name must be 1..{_MAX_NAME_CHARS} characters")
+        ordered = assign(worker, cluster.servers())
+        if not ordered:
+            raise HTTPException(503, "no server is live")
+        entries = [{"id": m.member_id, "address": m.address} for m in ordered]
+        return {"worker": worker, "server": entries[0], "alternatives": entries[1:]}
+
+    app.add_api_route(f"{API_PREFIX}/cluster/servers", servers, methods=["GET"], dependencies=[Depends(require_read)])
+    app.add_api_route(f"{API_PREFIX}/cluster/assignment/{{worker}}", assignment, methods=["GET"],
+                      dependencies=[Depends(require_read)])

@@ -1,0 +1,288 @@
+"""The scheduler: owns a cluster's job in the store and shows the whole cluster to the management plane.
+
+How this works: :meth:`Scheduler.run` writes the job's config into the store,
+registers itself as the ``scheduler`` member, and then looks at the store
+every ``cluster.poll_s``: each model version a leader publishes carries the
+round's metrics row (:class:`~enclavefl.cluster.blobs.CloseState`), which the
+scheduler appends to its own ``metrics.jsonl`` and publishes as a ``round``
+event; the job ends when its last round is CLOSED (or a round failed
+``round.max_retries + 1`` times). A pause is the ``pause`` lease, held and
+renewed by the scheduler: the leader opens no round while anyone holds it.
+
+:class:`ClusterHandle` is the :class:`~enclavefl.management.schema.JobHandle`
+of the cluster, built from the store: status and rounds as one PS reports
+them, every worker session of a live server, and the cluster's nodes (every
+server as SERVER, every worker as WORKER) for the cloud ``/state``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from enclavefl.cluster.blobs import decode_close_state
+from enclavefl.cluster.engine import PAUSE_LEASE
+from enclavefl.cluster.errors import StoreError, StoreUnavailable
+from enclavefl.cluster.store import Lease, Member, RoundPhase, RoundState, Store
+from enclavefl.config import JobConfig
+from enclavefl.errors import ConfigError
+from enclavefl.management.schema import Identity, JobState, RoundsPage, Status, StopMode, WorkerInfo
+from enclavefl.server.events import EventBus
+from enclavefl.server.handle import MAX_ROUNDS_PAGE
+from enclavefl.server.metrics import MetricsLog
+
+__all__ = ["PAUSE_LEASE", "ClusterHandle", "Scheduler"]
+
+log = logging.getLogger(__name__)
+
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    """The whole rows of an earlier run's ``metrics.jsonl`` (a torn last line is dropped)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return []
+    rows: list[dict[str, Any]] = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            break
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+class Scheduler:
+    """Owns job ``config`` in ``store`` (see the module docstring).
+
+    Args:
+        out_dir: receives ``metrics.jsonl`` (the rows of every round, as the servers record them).
+        identity: what the scheduler's own attestation proves, for the status.
+    """
+
+    def __init__(self, config: JobConfig, store: Store, *, out_dir: Path, scheduler_id: str = "scheduler",
+                 address: str = "", identity: Identity | None = None) -> None:
+        self.config = config
+        self.store = store
+        self.scheduler_id = scheduler_id
+        self.address = address
+        self.identity = identity or Identity()
+        self.events = EventBus()
+        # A restarted scheduler keeps the rows it recorded; the next close's state brings those it missed.
+        path = out_dir / config.summary.metrics_file
+        self.metrics = MetricsLog(path, _read_rows(path))
+        self.metrics.subscribe(self._publish_row)
+        self.started_at = time.time()
+        self.started_monotonic = time.monotonic()
+        self.state: JobState = "starting"
+        self.failure: str | None = None
+        self._seen_version = 0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._pause: Lease | None = None
+        self._paused = False
+        self.round: RoundState | None = None
+
+    def _seen_round(self) -> int:
+        return max((r["round"] for r in self.metrics.history if isinstance(r.get("round"), int)), default=0)
+
+    def _publish_row(self, row: dict[str, Any]) -> None:
+        self.events.publish("round", **row)
+
+    # -- the loop ------------------------------------------------------------------------------------
+
+    def run(self) -> JobState:
+        """Runs until the job ends or :meth:`stop`; returns how it ended.
+
+        Raises:
+            StoreError: the store refused the job's config (another job's scheduler, a wrong key).
+        """
+        cluster = self.config.cluster
+        self.store.put_config(yaml.safe_dump(self.config.to_dict()).encode())
+        member = Member(self.scheduler_id, "scheduler", self.address)
+        self.store.register(member, cluster.member_ttl_s)
+        log.info("scheduler %s: job %s in the store, %d rounds", self.scheduler_id, self.config.job.name,
+                 self.config.job.rounds)
+        next_heartbeat = 0.0
+        while not self._stop.is_set():
+            try:
+                if time.monotonic() >= next_heartbeat:
+                    if not self.store.heartbeat(self.scheduler_id, cluster.member_ttl_s):
+                        self.store.register(member, cluster.member_ttl_s)
+                    self._hold_pause()
+                    next_heartbeat = time.monotonic() + cluster.heartbeat_s
+                if self.tick():
+                    break
+            except StoreUnavailable as exc:
+                log.warning("scheduler %s: the store is unreachable: %s", self.scheduler_id, exc)
+            self._stop.wait(cluster.poll_s)
+        try:
+            self.store.deregister(self.scheduler_id)
+        except StoreError as exc:
+            log.warning("scheduler %s: could not deregister: %s", self.scheduler_id, exc)
+        return self.state
+
+    def stop(self) -> None:
+        """Ends :meth:`run` (the servers go on: stopping them is the operator's, for now)."""
+        self._stop.set()
+
+    def tick(self) -> bool:
+        """One look at the store; True once the job has ended."""
+        state = self.store.round_state()
+        with self._lock:
+            self.round = state
+        if state is None:
+            return False
+        if self.state == "starting":
+            self.state = "running"
+        current = state.model_version + (1 if state.phase is RoundPhase.CLOSED else 0)
+        if current > self._seen_version:
+            blob = self.store.strategy_state()
+            if blob is not None and blob.version == current:
+                close = decode_close_state(blob.blob)
+                for row in close.rows_after(self._seen_round()):
+                    self.metrics.append(row)
+                self._seen_version = current
+        if state.phase is RoundPhase.FAILED and state.attempt >= self.config.round.max_retries:
+            self.state, self.failure = "failed", f"round {state.number} failed: {state.reason}"
+            self.events.publish("job", state="failed", reason=self.failure)
+            return True
+        if state.phase is RoundPhase.CLOSED and state.number >= self.config.job.rounds \
+                and self._seen_version >= state.model_version + 1:
+            self.state = "finished"
+            self.events.publish("job", state="finished", reason=f"{state.number} rounds done")
+            return True
+        return False
+
+    # -- pause ---------------------------------------------------------------------------------------
+
+    def _hold_pause(self) -> None:
+        with self._lock:
+            paused, held = self._paused, self._pause
+        ttl = self.config.cluster.member_ttl_s
+        if paused:
+            lease = self.store.acquire_lease(PAUSE_LEASE, self.scheduler_id, ttl)
+            with self._lock:
+                self._pause = lease
+        elif held is not None:
+            self.store.release_lease(held)
+            with self._lock:
+                self._pause = None
+
+    def set_paused(self, paused: bool) -> bool:
+        """Pauses (no new round opens) or resumes; False if it already was so."""
+        with self._lock:
+            if self._paused == paused:
+                return False
+            self._paused = paused
+        self._hold_pause()
+        self.events.publish("control", action="pause" if paused else "resume")
+        return True
+
+    def round_state(self) -> RoundState | None:
+        """The store's current round as of the last tick (None before the first round)."""
+        with self._lock:
+            return self.round
+
+    @property
+    def paused(self) -> bool:
+        with self._lock:
+            return self._paused
+
+
+class ClusterHandle:
+    """The management plane's view of a cluster (a :class:`~enclavefl.management.schema.JobHandle`)."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self._scheduler = scheduler
+
+    @property
+    def events(self) -> EventBus:
+        return self._scheduler.events
+
+    def status(self) -> Status:
+        s = self._scheduler
+        state = s.round_state()
+        if state is None:
+            number, done, version, participants, updates, phase = 1, 0, 0, 0, 0, "waiting"
+        else:
+            closed = state.phase is RoundPhase.CLOSED
+            number = state.number + 1 if closed else state.number
+            done = state.number if closed else state.number - 1
+            version = state.model_version + (1 if closed else 0)
+            is_open = state.phase is RoundPhase.OPEN
+            participants = len(state.sampled) if is_open else 0
+            updates = state.counters.get("accepted", 0) if is_open else 0
+            phase = {RoundPhase.OPEN: "training", RoundPhase.CLOSING: "aggregating"}.get(state.phase, "waiting")
+        job_state: JobState = "paused" if s.paused and s.state == "running" else s.state
+        if job_state in ("finished", "failed", "stopped"):
+            phase = "finished"
+        rounds = s.config.job.rounds
+        return Status(
+            job=s.config.job.name, instance=s.scheduler_id, state=job_state, phase=phase, round=number,
+            rounds=rounds, rounds_done=done, rounds_left=max(rounds - done, 0), model_version=version,
+            participants=participants, updates=updates, workers_joined=len(self.workers()),
+            started_at=s.started_at, uptime_s=time.monotonic() - s.started_monotonic,
+            attestation_mode=s.config.attestation.mode, identity=s.identity,
+            failure=s.failure,
+        )
+
+    def servers(self) -> list[Member]:
+        """The live servers, by id (none when the store cannot be reached)."""
+        return self._live_servers()
+
+    def _live_servers(self) -> list[Member]:
+        try:
+            return self._scheduler.store.members("server")
+        except StoreError:
+            return []
+
+    def workers(self) -> list[WorkerInfo]:
+        store = self._scheduler.store
+        live = {m.member_id for m in self._live_servers()}
+        try:
+            sessions = store.sessions()
+        except StoreError:
+            return []
+        return [WorkerInfo(worker_id=s.worker_id, name=s.name, state="joined", last_seen_s=0.0, rounds_contributed=0,
+                           bytes_in=0, bytes_out=0, identity=Identity(fingerprint=s.fingerprint))
+                for s in sessions if s.server in live]
+
+    def rounds(self, offset: int, limit: int) -> RoundsPage:
+        rows = self._scheduler.metrics.history
+        limit = max(0, min(limit, MAX_ROUNDS_PAGE))
+        return RoundsPage(total=len(rows), offset=offset, rows=[dict(r) for r in rows[offset:offset + limit]])
+
+    def nodes(self) -> list[dict[str, str]]:
+        """The cloud ``/state`` nodes: every live server as SERVER, every worker of a live server as WORKER."""
+        servers = self._live_servers()
+        nodes = [{"node_id": m.member_id, "tcp_address": m.address, "role": "SERVER"} for m in servers]
+        nodes += [{"node_id": w.worker_id, "tcp_address": "", "role": "WORKER"} for w in self.workers()]
+        return nodes
+
+    def stop(self, mode: StopMode, *, by: str) -> None:
+        log.warning("scheduler: %s asked to stop the job (%s): not supported in cluster mode yet; stop the servers",
+                    by, mode)
+
+    def pause(self, *, by: str) -> bool:
+        return self._scheduler.set_paused(True)
+
+    def resume(self, *, by: str) -> bool:
+        return self._scheduler.set_paused(False)
+
+    def settings(self) -> dict[str, Any]:
+        config = self._scheduler.config
+        return {"job.rounds": config.job.rounds, "round.min_workers": config.round.min_workers}
+
+    def patch_settings(self, changes: Mapping[str, Any], *, by: str) -> dict[str, Any]:
+        raise ConfigError(f"{', '.join(sorted(changes))}: settings cannot change while a cluster runs yet "
+                          "(every server reads them from the store at start)")

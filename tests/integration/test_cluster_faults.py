@@ -1,0 +1,237 @@
+"""Cluster faults with real processes: a server SIGKILLed mid-round."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from enclavefl.cli.redis_process import RedisProcess
+from enclavefl.cluster import RedisStore, RoundPhase
+from enclavefl.cluster.settings import redis_settings_from_url
+from enclavefl.transport.certs import create_job_certs
+from tests.integration.cluster import BASE_JOB, merge, wait_for
+
+pytestmark = [pytest.mark.slow]
+
+WORKERS, SERVERS = 6, 3
+JOB = merge(BASE_JOB, {"job": {"name": "cluster-faults", "rounds": 3, "workers": WORKERS, "seed": 5},
+                       "round": {"min_workers": 4, "start_window_s": 120, "update_window_s": 12},
+                       "client": {"epochs": 40},
+                       "cluster": {"poll_s": 0.05}})
+
+
+class Procs:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        log = (self.root / "logs" / f"{name}.log").open("ab")
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        proc = subprocess.Popen([sys.executable, "-m", "enclavefl", *args], stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env)
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def log(self, name: str) -> str:
+        path = self.root / "logs" / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    server = RedisProcess(tmp_path / "redis")
+    try:
+        server.start()
+    except Exception as exc:  # ConfigError when redis-server is missing
+        pytest.skip(str(exc))
+    yield server
+    server.stop()
+
+
+def _port(path: Path, proc: subprocess.Popen[bytes], what: str) -> int:
+    wait_for(lambda: path.exists() or proc.poll() is not None, 90, what)
+    assert proc.poll() is None, f"{what}: exited with {proc.returncode}"
+    return int(path.read_text())
+
+
+def test_a_server_killed_mid_round_loses_no_accepted_update_and_counts_none_twice(
+        tmp_path: Path, redis: RedisProcess) -> None:
+    # Prepare: a scheduler, 3 servers, 6 workers (worker i on server i mod 3).
+    (tmp_path / "logs").mkdir()
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(JOB))
+    create_job_certs(tmp_path / "certs", JOB["job"]["name"], workers=WORKERS)
+    tls = ["--tls-dir", str(tmp_path / "certs")]
+    procs = Procs(tmp_path)
+    try:
+        scheduler = procs.spawn("scheduler", ["scheduler", "--config", str(job), "--store", redis.url, "--out",
+                                              str(tmp_path / "scheduler"), "--port-file", str(tmp_path / "s.port"),
+                                              *tls])
+        at = _port(tmp_path / "s.port", scheduler, "the scheduler to listen")
+        ports = []
+        for i in range(SERVERS):
+            server = procs.spawn(f"server-{i}", ["server", "--config", str(job), "--store", redis.url, "--scheduler",
+                                                 f"127.0.0.1:{at}", "--id", f"server-{i}", "--out",
+                                                 str(tmp_path / f"server-{i}"), "--port-file",
+                                                 str(tmp_path / f"{i}.port"), *tls])
+            ports.append(_port(tmp_path / f"{i}.port", server, f"server-{i} to listen"))
+        for i in range(WORKERS):
+            procs.spawn(f"worker-{i}", ["worker", "--config", str(job), "--connect",
+                                        f"127.0.0.1:{ports[i % SERVERS]}", "--index", str(i), "--connect-timeout",
+                                        "20", *tls])
+
+        # Execute: SIGKILL server-2 once one of its workers trains in round 2.
+        wait_for(lambda: re.search(r"worker-[25] round 2: training", procs.log("worker-2") + procs.log("worker-5"))
+                 is not None, 240, "a worker of server-2 to train in round 2")
+        procs.procs["server-2"].send_signal(signal.SIGKILL)
+        procs.procs["server-2"].wait(10)
+        assert scheduler.wait(300) == 0, procs.log("scheduler")[-3000:]
+    finally:
+        procs.close()
+
+    # Assert, from the store (ledgers and counters are not sealed) and the scheduler's metrics:
+    store = RedisStore(redis_settings_from_url(redis.url), job=JOB["job"]["name"])
+    rows = [json.loads(line) for line in (tmp_path / "scheduler" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    for row in rows:
+        state = store.round_state(row["round"])
+        assert state is not None and state.phase is RoundPhase.CLOSED and state.attempt == row["attempt"]
+        ledger = store.accepted(row["round"], state.attempt)
+        # Every accepted update is counted once: one per update id and per worker, as many as the row's.
+        assert len(ledger) == state.counters["accepted"] == row["participants"]
+        assert len({a.worker for a in ledger.values()}) == len(ledger)
+    # Round 2 kept what server-2 had accepted before it died (its partial is in the store), and round 3
+    # ran on the two live servers' workers only.
+    assert rows[2]["participants"] == 4
+    assert {a.server for a in store.accepted(3, rows[2]["attempt"]).values()} == {"server-0", "server-1"}
+    store.close()
+
+
+def test_a_redis_crash_pauses_the_rounds_and_the_job_finishes(tmp_path: Path, redis: RedisProcess) -> None:
+    # Prepare: a scheduler, 3 servers, 6 workers.
+    (tmp_path / "logs").mkdir()
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(merge(JOB, {"round": {"min_workers": 6, "update_window_s": 60},
+                                              "client": {"epochs": 20}})))
+    create_job_certs(tmp_path / "certs", JOB["job"]["name"], workers=WORKERS)
+    tls = ["--tls-dir", str(tmp_path / "certs")]
+    procs = Procs(tmp_path)
+    try:
+        scheduler = procs.spawn("scheduler", ["scheduler", "--config", str(job), "--store", redis.url, "--out",
+                                              str(tmp_path / "scheduler"), "--port-file", str(tmp_path / "s.port"),
+                                              *tls])
+        at = _port(tmp_path / "s.port", scheduler, "the scheduler to listen")
+        ports = []
+        for i in range(SERVERS):
+            server = procs.spawn(f"server-{i}", ["server", "--config", str(job), "--store", redis.url, "--scheduler",
+                                                 f"127.0.0.1:{at}", "--id", f"server-{i}", "--out",
+                                                 str(tmp_path / f"server-{i}"), "--port-file",
+                                                 str(tmp_path / f"{i}.port"), *tls])
+            ports.append(_port(tmp_path / f"{i}.port", server, f"server-{i} to listen"))
+        for i in range(WORKERS):
+            procs.spawn(f"worker-{i}", ["worker", "--config", str(job), "--connect",
+                                        f"127.0.0.1:{ports[i % SERVERS]}", "--index", str(i), *tls])
+
+        # Execute: Redis crashes while round 2 trains, and comes back 2 s later with its append-only file.
+        wait_for(lambda: "round 2: training" in procs.log("worker-0"), 240, "worker-0 to train in round 2")
+        redis.kill()
+        time.sleep(2.0)
+        redis.start()
+        assert scheduler.wait(300) == 0, procs.log("scheduler")[-3000:]
+    finally:
+        procs.close()
+
+    # Assert: three rounds, each closed in the store with the ledger its row reports, and the servers said
+    # what happened in their logs.
+    rows = [json.loads(line) for line in (tmp_path / "scheduler" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    store = RedisStore(redis_settings_from_url(redis.url), job=JOB["job"]["name"])
+    for row in rows:
+        state = store.round_state(row["round"])
+        assert state is not None and state.phase is RoundPhase.CLOSED
+        assert len(store.accepted(row["round"], state.attempt)) == row["participants"]
+    store.close()
+    logs = "".join((tmp_path / f"server-{i}" / "logs" / "server.log").read_text() for i in range(SERVERS))
+    assert "unreachable" in logs, "no server logged the outage"
+    assert "answers again" in logs or "reachable again" in logs, "no server logged Redis's return"
+
+
+def test_the_leader_killed_during_a_close_is_replaced_and_no_version_is_skipped_or_doubled(
+        tmp_path: Path, redis: RedisProcess) -> None:
+    # Prepare: a model large enough (about 4M parameters) that a close takes a while to merge, step,
+    # evaluate and seal; 6 workers on 3 servers, 4 enough to go on.
+    (tmp_path / "logs").mkdir()
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(merge(JOB, {"task": {"name": "digits-mlp", "params": {"hidden": [2048, 1024]}},
+                                              "client": {"epochs": 1},
+                                              "round": {"min_workers": 4, "update_window_s": 30}})))
+    create_job_certs(tmp_path / "certs", JOB["job"]["name"], workers=WORKERS)
+    tls = ["--tls-dir", str(tmp_path / "certs")]
+    procs = Procs(tmp_path)
+    server_logs = [tmp_path / f"server-{i}" / "logs" / "server.log" for i in range(SERVERS)]
+
+    def text(path: Path) -> str:
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    try:
+        scheduler = procs.spawn("scheduler", ["scheduler", "--config", str(job), "--store", redis.url, "--out",
+                                              str(tmp_path / "scheduler"), "--port-file", str(tmp_path / "s.port"),
+                                              *tls])
+        at = _port(tmp_path / "s.port", scheduler, "the scheduler to listen")
+        ports = []
+        for i in range(SERVERS):
+            server = procs.spawn(f"server-{i}", ["server", "--config", str(job), "--store", redis.url, "--scheduler",
+                                                 f"127.0.0.1:{at}", "--id", f"server-{i}", "--out",
+                                                 str(tmp_path / f"server-{i}"), "--port-file",
+                                                 str(tmp_path / f"{i}.port"), *tls])
+            ports.append(_port(tmp_path / f"{i}.port", server, f"server-{i} to listen"))
+        for i in range(WORKERS):
+            procs.spawn(f"worker-{i}", ["worker", "--config", str(job), "--connect",
+                                        f"127.0.0.1:{ports[i % SERVERS]}", "--index", str(i), "--connect-timeout",
+                                        "20", *tls])
+
+        # Execute: SIGKILL whichever server starts closing round 2, as soon as it logs it.
+        def closing() -> int | None:
+            for i, path in enumerate(server_logs):
+                if "round 2: closing attempt" in text(path):
+                    return i
+            return None
+
+        wait_for(lambda: closing() is not None, 240, "a leader to start closing round 2", poll_s=0.005)
+        leader = closing()
+        assert leader is not None
+        procs.procs[f"server-{leader}"].send_signal(signal.SIGKILL)
+        procs.procs[f"server-{leader}"].wait(10)
+        assert scheduler.wait(300) == 0, procs.log("scheduler")[-3000:]
+    finally:
+        procs.close()
+
+    # Assert: the killed leader did not publish round 2; another server finished it; versions 1, 2, 3 once each.
+    assert "round 2: closed" not in text(server_logs[leader])
+    finishers = [i for i, path in enumerate(server_logs) if "round 2: closed" in text(path)]
+    assert len(finishers) == 1 and finishers[0] != leader
+    rows = [json.loads(line) for line in (tmp_path / "scheduler" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["round"], r["model_version"]) for r in rows] == [(1, 1), (2, 2), (3, 3)]
+    store = RedisStore(redis_settings_from_url(redis.url), job=JOB["job"]["name"])
+    for number in (1, 2, 3):
+        state = store.round_state(number)
+        assert state is not None and state.phase is RoundPhase.CLOSED and state.model_version == number - 1
+    store.close()

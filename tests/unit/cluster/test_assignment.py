@@ -1,0 +1,57 @@
+"""Tests for enclavefl.cluster.assignment and the scheduler's cluster routes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from enclavefl.cluster import Member, MemoryStore
+from enclavefl.cluster.assignment import assign
+from enclavefl.cluster.routes import mount
+from enclavefl.cluster.scheduler import ClusterHandle, Scheduler
+from tests.unit.cluster.cluster_job import cluster_job
+from tests.unit.management.live import TOKEN, app_for, serving
+
+
+def servers(n: int) -> list[Member]:
+    return [Member(f"server-{i}", "server", f"127.0.0.1:{7000 + i}") for i in range(n)]
+
+
+def test_every_worker_gets_every_server_once_in_a_fixed_order() -> None:
+    first = assign("worker-3", servers(3))
+
+    assert sorted(m.member_id for m in first) == ["server-0", "server-1", "server-2"]
+    assert assign("worker-3", list(reversed(servers(3)))) == first
+
+
+def test_a_server_leaving_moves_only_its_own_workers() -> None:
+    # Prepare
+    names = [f"worker-{i}" for i in range(40)]
+    before = {w: assign(w, servers(4))[0].member_id for w in names}
+
+    # Execute: server-2 leaves.
+    after = {w: assign(w, [m for m in servers(4) if m.member_id != "server-2"])[0].member_id for w in names}
+
+    # Assert: a worker moves only if server-2 was its server, and then to its first alternative.
+    moved = {w for w in names if before[w] != after[w]}
+    assert moved == {w for w in names if before[w] == "server-2"}
+    assert all(after[w] == assign(w, servers(4))[1].member_id for w in moved)
+
+
+def test_the_assignment_route_names_a_server_and_its_alternatives(tmp_path: Path) -> None:
+    # Prepare
+    store = MemoryStore()
+    for m in servers(3):
+        store.register(m, 30)
+    handle = ClusterHandle(Scheduler(cluster_job(rounds=1, workers=2), store, out_dir=tmp_path))
+
+    # Execute
+    with serving(app_for(handle, [mount])) as api:
+        status, _, body = api.get("/api/v1/cluster/assignment/worker-7", {"authorization": f"Bearer {TOKEN}"})
+        refused, _, _ = api.get("/api/v1/cluster/servers")
+
+    # Assert
+    assert status == 200 and refused == 401
+    answer = json.loads(body)
+    expected = [m.member_id for m in assign("worker-7", servers(3))]
+    assert [answer["server"]["id"], *(a["id"] for a in answer["alternatives"])] == expected

@@ -1,0 +1,258 @@
+"""Tests for enclavefl.cluster.engine: several servers run one job through a shared store."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from enclavefl.cluster import Member, MemoryStore, RoundPhase, Session, Store, UpdateRef
+from enclavefl.cluster import StoreUnavailable
+from enclavefl.cluster.blobs import decode_model
+from enclavefl.cluster.engine import PAUSE_LEASE, ClusterEngine, cluster_engine
+from enclavefl.cluster.ledger import StoreAggregator
+from enclavefl.server.aggregator import WeightedMean
+from enclavefl.server.ps import ParameterServer
+from enclavefl.tensors import ParamSet, StreamHeader
+from tests.unit.cluster.cluster_job import cluster_job, run_cluster
+from tests.unit.worker.federation import AddTrainer, f32, run_federation
+
+INITIAL = ParamSet({"w": f32([[0.5, -1.25], [2.0, 0.0]]), "b": f32([0.125, 3.0])})
+
+
+def trainers(n: int) -> list[tuple[str, AddTrainer]]:
+    # Worker i adds (i + 1) / 16 to every weight and weighs 10 + i samples: every float64 sum of
+    # weight x delta is exact, so the merge of per-server sums cannot differ from one PS's sum.
+    return [(f"worker-{i}", AddTrainer((i + 1) / 16, 10 + i)) for i in range(n)]
+
+
+def test_three_servers_end_with_the_single_ps_model_bit_for_bit(tmp_path: Path) -> None:
+    # Prepare
+    config = cluster_job(rounds=3, workers=12)
+    store = MemoryStore()
+
+    # Execute
+    run = run_cluster(config, INITIAL, trainers(12), lambda i: store, tmp_path / "cluster", servers=3)
+    single = run_federation(config, INITIAL, trainers(12), tmp_path / "single")
+
+    # Assert: every server serves the same final model, the one a single PS makes.
+    assert not run.errors, run.errors
+    for ps in run.servers:
+        assert ps.version == 3
+        assert ps.params.equal(single.ps.params)
+    # Hand check of round 1: the weighted mean delta is sum((10+i)(i+1)/16) / sum(10+i) over i < 12.
+    delta = sum((10 + i) * (i + 1) / 16 for i in range(12)) / sum(10 + i for i in range(12))
+    assert not np.array_equal(single.ps.params["b"], INITIAL["b"])
+    np.testing.assert_allclose(single.ps.params["b"], f32([0.125, 3.0]) + 3 * delta, rtol=1e-6)
+
+
+def test_the_store_counts_each_update_once_in_exactly_one_partial(tmp_path: Path) -> None:
+    # Prepare
+    config = cluster_job(rounds=2, workers=6)
+    store = MemoryStore()
+
+    # Execute
+    run = run_cluster(config, INITIAL, trainers(6), lambda i: store, tmp_path, servers=3)
+
+    # Assert
+    assert not run.errors, run.errors
+    for number in (1, 2):
+        state = store.round_state(number)
+        assert state is not None and state.phase is RoundPhase.CLOSED
+        ledger = store.accepted(number, state.attempt)
+        assert len(ledger) == 6 == state.counters["accepted"]
+        assert sorted(a.update_id for a in ledger.values()) == sorted(f"{number}/worker-{i}" for i in range(6))
+        assert {a.server for a in ledger.values()} == {"server-0", "server-1", "server-2"}
+    model = store.model()
+    assert model is not None and model.version == 2
+
+
+def test_every_server_records_the_leaders_metrics_rows(tmp_path: Path) -> None:
+    # Prepare
+    config = cluster_job(rounds=2, workers=4)
+    store = MemoryStore()
+
+    # Execute
+    run = run_cluster(config, INITIAL, trainers(4), lambda i: store, tmp_path, servers=2)
+
+    # Assert: one row per round on each server, the same rows, with the whole cluster's counts.
+    assert not run.errors, run.errors
+    rows = [list(ps.metrics.history) for ps in run.servers]
+    assert [r["round"] for r in rows[0]] == [1, 2]
+    assert rows[0] == rows[1]
+    assert rows[0][0]["participants"] == 4
+    assert rows[0][0]["num_samples"] == 10 + 11 + 12 + 13
+    assert rows[0][0]["train_loss"] == 0.0
+
+
+def test_servers_over_sealed_redis_end_with_the_single_ps_model(tmp_path: Path, store: Store) -> None:
+    # Prepare
+    config = cluster_job(rounds=2, workers=6)
+
+    # Execute
+    run = run_cluster(config, INITIAL, trainers(6), lambda i: store, tmp_path / "cluster", servers=3)
+    single = run_federation(config, INITIAL, trainers(6), tmp_path / "single")
+
+    # Assert
+    assert not run.errors, run.errors
+    for ps in run.servers:
+        assert ps.params.equal(single.ps.params)
+
+
+
+
+def _ticking_server(tmp_path: Path, store: MemoryStore) -> ClusterEngine:
+    """A server that has not started its loop: each test calls tick() itself."""
+    config = cluster_job(rounds=1, workers=2)
+    ps = ParameterServer(config, INITIAL, out_dir=tmp_path, engine=cluster_engine(store, "server-0", config.cluster))
+    engine = ps.engine
+    assert isinstance(engine, ClusterEngine)
+    store.register(Member("server-0", "server", "127.0.0.1:7000"), 30)
+    for i in range(2):  # two workers joined to it, as its session sync would bind them
+        store.bind_session(Session(f"w-{i}", f"fp{i}", "server-0", f"worker-{i}"))
+    return engine
+
+
+def test_the_leader_opens_no_round_while_the_pause_lease_is_held(tmp_path: Path) -> None:
+    # Prepare
+    store = MemoryStore()
+    engine = _ticking_server(tmp_path, store)
+    store.acquire_lease(PAUSE_LEASE, "scheduler", 30)
+
+    # Execute
+    engine.tick()
+
+    # Assert: the first model is published, no round opened; once the pause ends, it opens.
+    assert store.model() is not None and store.round_state() is None
+    held = store.lease(PAUSE_LEASE)
+    assert held is not None
+    store.release_lease(held)
+    engine.tick()
+    state = store.round_state()
+    assert state is not None and state.phase is RoundPhase.OPEN and state.sampled == {"w-0", "w-1"}
+
+
+def test_the_leader_finishes_a_closing_round_from_the_partials_the_store_holds(tmp_path: Path) -> None:
+    # Prepare: round 1 open on version 0, one update in the partial of a server that died, and the
+    # round already CLOSING (a leader that began the close and died, say).
+    store = MemoryStore()
+    engine = _ticking_server(tmp_path, store)
+    engine.tick()  # publishes version 0 and opens round 1
+    dead = StoreAggregator(WeightedMean, StreamHeader.of(INITIAL), store, number=1, attempt=0, server="server-dead")
+    with dead.name(UpdateRef("w-0", "1/worker-0"), {"num_samples": 10}):
+        dead.add(ParamSet({"w": np.ones((2, 2), np.float32), "b": np.ones(2, np.float32)}), 10.0)
+    store.begin_close(1, 0)
+
+    # Execute
+    engine.tick()
+
+    # Assert: the close is finished from the store's partial: version 1 = initial + the one delta.
+    state = store.round_state(1)
+    assert state is not None and state.phase is RoundPhase.CLOSED
+    model = store.model()
+    assert model is not None and model.version == 1
+    np.testing.assert_array_equal(decode_model(model.blob)["b"], f32([1.125, 4.0]))
+
+
+def _unreachable_once(inner: MemoryStore, method: str) -> Store:
+    """``inner``, except that the first call of ``method`` applies nothing and raises StoreUnavailable."""
+    failed: list[bool] = []
+
+    def delegate(name: str) -> Any:
+        def call(self: Store, *args: Any, **kwargs: Any) -> Any:
+            if name == method and not failed:
+                failed.append(True)
+                raise StoreUnavailable(f"{name}: Redis is restarting (test)")
+            return getattr(inner, name)(*args, **kwargs)
+        return call
+
+    cls = type("UnreachableOnce", (Store,), {name: delegate(name) for name in Store.__abstractmethods__})
+    made: Store = cls()
+    return made
+
+
+def test_a_close_the_store_missed_is_published_again_without_a_second_step(tmp_path: Path) -> None:
+    # Prepare: round 1 open with one accepted update; the first finish_round finds the store unreachable.
+    inner = MemoryStore()
+    store = _unreachable_once(inner, "finish_round")
+    config = cluster_job(rounds=1, workers=2)
+    ps = ParameterServer(config, INITIAL, out_dir=tmp_path, engine=cluster_engine(store, "server-0", config.cluster))
+    engine = ps.engine
+    assert isinstance(engine, ClusterEngine)
+    inner.register(Member("server-0", "server", "127.0.0.1:7000"), 30)
+    for i in range(2):
+        inner.bind_session(Session(f"w-{i}", f"fp{i}", "server-0", f"worker-{i}"))
+    engine.tick()
+    agg = StoreAggregator(WeightedMean, StreamHeader.of(INITIAL), inner, number=1, attempt=0, server="server-1")
+    with agg.name(UpdateRef("w-0", "1/worker-0"), {"num_samples": 10}):
+        agg.add(ParamSet({"w": np.ones((2, 2), np.float32), "b": np.ones(2, np.float32)}), 10.0)
+    inner.begin_close(1, 0)
+
+    # Execute: the first tick closes locally and fails to publish; the second publishes the same close.
+    with pytest.raises(StoreUnavailable):
+        engine.tick()
+    engine.tick()
+
+    # Assert: version 1 is initial + one delta (not two), and the server's own model is that one.
+    model = inner.model()
+    assert model is not None and model.version == 1
+    np.testing.assert_array_equal(decode_model(model.blob)["b"], f32([1.125, 4.0]))
+    assert ps.version == 1 and ps.params.equal(decode_model(model.blob))
+
+
+def test_a_close_longer_than_the_lease_ttl_keeps_the_lease(tmp_path: Path) -> None:
+    # Prepare: the lease lapses 0.3 s after its last renewal; evaluating the new model takes 0.8 s.
+    store = MemoryStore()
+    config = cluster_job(rounds=1, workers=2, cluster={"poll_s": 0.02, "heartbeat_s": 0.1, "member_ttl_s": 0.5,
+                                                       "lease_ttl_s": 0.3})
+
+    def slow_evaluation(params: ParamSet) -> dict[str, float]:
+        time.sleep(0.8)
+        return {"loss": 0.5}
+
+    ps = ParameterServer(config, INITIAL, out_dir=tmp_path, evaluator=slow_evaluation,
+                         engine=cluster_engine(store, "server-0", config.cluster))
+    engine = ps.engine
+    assert isinstance(engine, ClusterEngine)
+    store.register(Member("server-0", "server", "127.0.0.1:7000"), 30)
+    for i in range(2):
+        store.bind_session(Session(f"w-{i}", f"fp{i}", "server-0", f"worker-{i}"))
+    engine.tick()
+    agg = StoreAggregator(WeightedMean, StreamHeader.of(INITIAL), store, number=1, attempt=0, server="server-1")
+    with agg.name(UpdateRef("w-0", "1/worker-0"), {"num_samples": 10}):
+        agg.add(ParamSet({"w": np.ones((2, 2), np.float32), "b": np.ones(2, np.float32)}), 10.0)
+    store.begin_close(1, 0)
+
+    # Execute: without renewals the lease would lapse mid-close and finish_round be refused (LeaseLost).
+    engine.tick()
+
+    # Assert
+    model = store.model()
+    assert model is not None and model.version == 1
+    assert ps.metrics.history[-1]["eval_loss"] == 0.5
+
+
+def test_a_server_added_while_the_job_runs_serves_from_the_next_round(tmp_path: Path) -> None:
+    # Prepare: 4 workers on 2 servers start the job; a third server and its 2 workers start once
+    # round 1 has closed.
+    config = cluster_job(rounds=4, workers=6, round={"min_workers": 4, "start_window_s": 20, "update_window_s": 20,
+                                                     "max_retries": 0})
+    store = MemoryStore()
+
+    # Execute
+    run = run_cluster(config, INITIAL, trainers(6), lambda i: store, tmp_path, servers=3, late={2: 1})
+
+    # Assert: every server ends with the same model and every round's row (the late one got round 1's
+    # from the close's history); its workers are counted by the last round (they may miss round 2,
+    # which can open before they joined).
+    assert not run.errors, run.errors
+    assert all(ps.version == 4 and ps.params.equal(run.servers[0].params) for ps in run.servers)
+    assert [r["round"] for r in run.servers[2].metrics.history] == [1, 2, 3, 4]
+    assert run.servers[2].metrics.history == run.servers[0].metrics.history
+    first = store.accepted(1, 0)
+    assert {a.server for a in first.values()} == {"server-0", "server-1"}
+    last = store.round_state(4)
+    assert last is not None and "server-2" in {a.server for a in store.accepted(4, last.attempt).values()}
