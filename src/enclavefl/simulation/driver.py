@@ -9,7 +9,9 @@ workers. Then one thread does, in a loop, what N worker runtimes would do:
    no wait), whenever the phase, round or model version changed and at least
    every ``poll_s``: only the clients the sampler picked get a TRAIN task;
 2. for each of those it pulls the model (``model_for``, so the PS accounts the
-   download) and queues a :class:`~enclavefl.simulation.client.ClientJob`;
+   download; a full one, as a client holds no model between rounds, decoded
+   once per version under download quantization) and queues a
+   :class:`~enclavefl.simulation.client.ClientJob`;
 3. it keeps at most the pool's capacity of jobs in flight, loading a client's
    state (SCAFFOLD's variate, top-k's error-feedback residual) from the
    :class:`~enclavefl.simulation.state.ClientStateStore` only when its job starts;
@@ -34,6 +36,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, final
 
+from enclavefl.download_codec import NO_MODEL, resolve_download
 from enclavefl.errors import EnclaveFLError, StaleSession
 from enclavefl.messages import COMPRESSION_TYPE_KEY, ConfigValue, PeerIdentity, TaskInfo, TaskKind
 from enclavefl.server.phases import Phase
@@ -108,6 +111,7 @@ class Driver:
                          for i in range(num_clients)]
         self._pending: deque[_Pending] = deque()
         self._running: dict[int, _Client] = {}
+        self._model: tuple[int, ParamSet] | None = None  # the newest version pulled, decoded
         self._stop = threading.Event()
         self.updates_accepted = 0
         self.updates_refused = 0
@@ -185,9 +189,20 @@ class Driver:
             if task.kind is TaskKind.FINISH:
                 client.status = "finished"
             elif task.kind is TaskKind.TRAIN:
-                version, download = self._ps.model_for(client.connection.peer, client.worker_id, task.model_version)
+                version, download = self._pull(client)
                 client.status = "busy"
                 self._pending.append(_Pending(client, task, version, download))
+
+    def _pull(self, client: _Client) -> tuple[int, ParamSet]:
+        """The model for ``client``'s job, dense: a client holds no model between rounds, so it asks for a full one.
+
+        The PS accounts the download as it sends it (quantized under download compression); the
+        dense model each client trains from is decoded once per version.
+        """
+        version, download = self._ps.model_for(client.connection.peer, client.worker_id, NO_MODEL)
+        if self._model is None or self._model[0] != version:
+            self._model = (version, resolve_download(download, None, NO_MODEL))
+        return self._model
 
     def _start_jobs(self) -> None:
         while self._pending and len(self._running) < self._pool.capacity:

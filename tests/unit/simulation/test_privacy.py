@@ -18,9 +18,11 @@ from tests.unit.worker.federation import f32
 
 
 def job(*, workers: int = 1, rounds: int = 3, **sections: Any) -> JobConfig:
+    round_ = {"min_workers": workers, "start_window_s": 20, "update_window_s": 20, "max_retries": 0,
+              **sections.pop("round", {})}
     return parse_job({
         "job": {"rounds": rounds, "workers": workers, "seed": 5},
-        "round": {"min_workers": workers, "start_window_s": 20, "update_window_s": 20, "max_retries": 0},
+        "round": round_,
         "client": {"epochs": 1, "batch_size": 4, "lr": 0.5},
         "management": {"enabled": False},
         "attestation": {"mode": "none"},
@@ -98,3 +100,39 @@ def test_topk_in_pool_processes_ends_with_the_model_of_the_thread_mode(tmp_path:
         pool.close()
 
     assert pooled.params.equal(threads.params)
+
+
+OPTIONS = {
+    # option: (job sections, whether both modes must end with the same bits: no randomness in the option)
+    "central_dp": ({"privacy": {"dp": {"enabled": True, "clip_norm": 1.0, "noise_multiplier": 0.5}}}, False),
+    "distributed_dp": ({"privacy": {"dp": {"enabled": True, "mode": "distributed", "clip_norm": 1.0,
+                                           "noise_multiplier": 0.5}},
+                        "round": {"min_updates": 2}}, False),
+    "adaptive_clipping": ({"privacy": {"dp": {"enabled": True, "clip_norm": 1.0, "noise_multiplier": 0.5,
+                                              "adaptive_clipping": {"enabled": True, "clipped_count_stddev": 0.5}}}},
+                          False),
+    "local_dp": ({"privacy": {"local_dp": {"enabled": True, "epsilon": 10.0, "clip_norm": 1.0}}}, False),
+    "signds": ({"privacy": {"local_dp": {"enabled": True, "mechanism": "signds", "sparse_rate": 0.25}}}, False),
+    "upload_quantization": ({"privacy": {"compression": {"upload": {"type": "quantize", "bits": 8}}}}, False),
+    "topk_quantize": ({"privacy": {"compression": {"upload": {"type": "topk_quantize", "sparse_rate": 0.5}}}},
+                      False),
+    "download_quantization": ({"privacy": {"compression": {"download": {"type": "quantize"}}}}, True),
+    "sparse_downloads": ({"transport": {"sparse_downloads": {"enabled": True, "max_diff_fraction": 1.0}}}, True),
+}
+
+
+@pytest.mark.parametrize("option", sorted(OPTIONS))
+def test_every_privacy_option_runs_in_both_simulation_modes(option: str, tmp_path: Path) -> None:
+    sections, exact = OPTIONS[option]
+    config = job(workers=2, rounds=2, **sections)
+    # 1024 values in "emb": the least a download quantizes; it is a rank-2 table sparse downloads track.
+    task = Task(ParamSet({"emb": np.zeros((512, 2), np.float32), "b": f32([0])}), AddTrainers())
+
+    threads = simulate(task, config, out_dir=tmp_path / "threads")
+    pooled = simulate(task, config, out_dir=tmp_path / "pool", pool=InlinePool(config, AddTrainers()))
+
+    for result in (threads, pooled):
+        assert [r["participants"] for r in result.history] == [2, 2]
+        assert all(np.isfinite(np.asarray(v)).all() for v in result.params.values())
+    if exact:
+        assert pooled.params.equal(threads.params)
