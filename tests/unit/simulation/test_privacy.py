@@ -10,6 +10,7 @@ import pytest
 
 from enclavefl.app import simulate
 from enclavefl.config import JobConfig, parse_job
+from enclavefl.errors import ConfigError
 from enclavefl.simulation import ClientStateStore, InlinePool, ProcessPool
 from enclavefl.tensors import ParamSet
 from enclavefl.training import Trainer
@@ -136,3 +137,32 @@ def test_every_privacy_option_runs_in_both_simulation_modes(option: str, tmp_pat
         assert all(np.isfinite(np.asarray(v)).all() for v in result.params.values())
     if exact:
         assert pooled.params.equal(threads.params)
+
+
+SECAGG = {"privacy": {"secure_aggregation": {"enabled": True, "rounding": "deterministic", "clip_range": 8.0,
+                                             "stage_timeout_s": 5}},
+          "round": {"heartbeat_s": 0.5}}
+
+
+def test_secure_aggregation_runs_in_the_thread_mode(tmp_path: Path) -> None:
+    plain = job(workers=3, rounds=2)
+    masked = job(workers=3, rounds=2, **SECAGG)
+    task = Task(ParamSet({"w": f32([1, 2])}), AddTrainers())
+
+    expected = simulate(task, plain, out_dir=tmp_path / "plain")
+    result = simulate(task, masked, out_dir=tmp_path / "secagg")
+
+    # Clients add 1, 2, 3 with 1, 2, 3 samples: the weighted mean delta is (1 + 4 + 9) / 6 = 7/3 per round,
+    # w = [1 + 14/3, 2 + 14/3]; the masked sum is exact up to the fixed-point step 2 * 8 / 2^16 per value.
+    assert [r["participants"] for r in result.history] == [3, 3]
+    for name, value in result.params.items():
+        np.testing.assert_allclose(np.asarray(value), np.asarray(expected.params[name]), atol=2 * 8.0 / 2**16)
+
+
+def test_secure_aggregation_is_refused_at_the_start_of_the_pool_mode(tmp_path: Path) -> None:
+    config = job(workers=3, **SECAGG)
+    task = Task(ParamSet({"w": f32([1, 2])}), AddTrainers())
+
+    with pytest.raises(ConfigError, match=r"privacy\.secure_aggregation\.enabled.*--backend threads"):
+        simulate(task, config, out_dir=tmp_path, pool=InlinePool(config, AddTrainers()))
+    assert not (tmp_path / "metrics.jsonl").exists()
