@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, final
 
 from enclavefl.download_codec import NO_MODEL, resolve_download
-from enclavefl.errors import EnclaveFLError, StaleSession
+from enclavefl.errors import ConfigError, EnclaveFLError, StaleSession
 from enclavefl.messages import COMPRESSION_TYPE_KEY, ConfigValue, PeerIdentity, TaskInfo, TaskKind
 from enclavefl.server.phases import Phase
 from enclavefl.simulation.client import ClientJob, ClientOutcome
@@ -100,7 +100,14 @@ class Driver:
             poll_s: the longest between two task polls of the idle clients (a poll also tells the PS
                 they are alive; at most ``round.heartbeat_s``). A change of phase, round or model
                 version makes the driver poll at once.
+
+        Raises:
+            ConfigError: the job runs secure aggregation, whose stages a pool's clients cannot answer
+                (they live only while they train).
         """
+        if ps.config.privacy.secure_aggregation.enabled:
+            raise ConfigError("privacy.secure_aggregation.enabled: a simulation driver's clients live only while "
+                              "they train and cannot answer its key stages; run the job's workers on threads")
         self._ps = ps
         self._pool = pool
         self._n = num_clients

@@ -8,10 +8,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from enclavefl.app import simulate
+from enclavefl.app import build_server, simulate
 from enclavefl.config import JobConfig, parse_job
 from enclavefl.errors import ConfigError
-from enclavefl.simulation import ClientStateStore, InlinePool, ProcessPool
+from enclavefl.simulation import ClientStateStore, Driver, InlinePool, ProcessPool
 from enclavefl.tensors import ParamSet
 from enclavefl.training import Trainer
 from tests.unit.simulation.clients import AddTrainers, SteadyTrainers
@@ -166,3 +166,11 @@ def test_secure_aggregation_is_refused_at_the_start_of_the_pool_mode(tmp_path: P
     with pytest.raises(ConfigError, match=r"privacy\.secure_aggregation\.enabled.*--backend threads"):
         simulate(task, config, out_dir=tmp_path, pool=InlinePool(config, AddTrainers()))
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_driver_refuses_a_secure_aggregation_job(tmp_path: Path) -> None:
+    config = job(workers=3, **SECAGG)
+    ps = build_server(config, Task(ParamSet({"w": f32([1, 2])}), AddTrainers()), out_dir=tmp_path)
+
+    with pytest.raises(ConfigError, match=r"privacy\.secure_aggregation\.enabled"):
+        Driver(ps, InlinePool(config, AddTrainers()), num_clients=3)
