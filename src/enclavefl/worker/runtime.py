@@ -16,7 +16,8 @@ goes back to where it was, as the server did not count the change). The
 trained model then goes through the update pipeline
 (:mod:`enclavefl.worker.pipeline`), is encoded as the task's upload compression
 says (:mod:`enclavefl.worker.compression`, which keeps top-k's residual across
-rounds and re-joins), and is pushed.
+rounds and re-joins), and is pushed. The steps between the pull and the push
+are :mod:`enclavefl.worker.local_round`'s, which a simulated client runs too.
 
 It keeps the PS told that it is alive: each long-poll lasts at most the
 ``heartbeat_s`` the PS gave at join, and while it pulls, trains and pushes a
@@ -80,6 +81,7 @@ if TYPE_CHECKING:
 __all__ = ["Worker", "WorkerSettings", "compute_delta", "grpc_client_factory", "sparsify_rows"]
 
 log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True, slots=True)
 class WorkerSettings:
