@@ -44,7 +44,7 @@ from enclavefl.server.strategy import Strategy
 from enclavefl.tensors import ParamSet, StreamHeader
 from enclavefl.training import Task, Trainer
 from enclavefl.worker.faults import faults_for
-from enclavefl.worker.inmemory import InMemoryClient
+from enclavefl.worker.inmemory import InMemoryClient, SecAggSigner
 from enclavefl.worker.pipeline import UpdateTransform, default_transforms
 from enclavefl.worker.runtime import Worker, WorkerSettings
 
@@ -259,7 +259,9 @@ def simulate(task: Task, config: JobConfig, *, workers: int | None = None, out_d
     do (``torch.set_num_threads(1)``, the pools' default); with more threads its reductions run
     in another order and the models differ by about a float32 ulp.
     ``out_dir`` receives ``metrics.jsonl`` and the checkpoints, as a deployed PS writes them,
-    and with a pool ``clients/``, the clients' SCAFFOLD variates between rounds.
+    and with a pool ``clients/``, the clients' state between rounds (SCAFFOLD variates, top-k
+    residuals). Secure aggregation runs on threads only: each worker then signs its keys with a
+    certificate key of its own (:class:`~enclavefl.simulation.identity.SimulatedIdentity`).
 
     Args:
         on_round: called with each completed round's metrics row as it is recorded, on this
@@ -273,11 +275,20 @@ def simulate(task: Task, config: JobConfig, *, workers: int | None = None, out_d
 
     Raises:
         RoundError: the job failed (too few updates after retries), or a worker raised.
-        ConfigError: the job's ``faults`` section asks for more attackers or stragglers than workers.
+        ConfigError: the job's ``faults`` section asks for more attackers or stragglers than workers,
+            or it runs secure aggregation on a ``pool`` (its stages need every client alive
+            through the round: use threads).
         CheckpointError: ``resume`` found a corrupt checkpoint.
         TransportError: the management API's address cannot be bound.
     """
     n = workers or config.job.workers
+    if pool is not None and config.privacy.secure_aggregation.enabled:
+        raise ConfigError(
+            "privacy.secure_aggregation.enabled is true, but secure aggregation needs each client alive across its "
+            "round's stages (advertise keys, share keys, upload, unmask), and a client pool (--clients with "
+            "--backend processes, or --ray) runs a client only for its training; simulate it with "
+            "--backend threads, or switch secure aggregation off"
+        )
     faults = [faults_for(config, i, n) for i in range(n)] if pool is None else []  # experiments only
     out_dir.mkdir(parents=True, exist_ok=True)
     ps = build_server(config, task, out_dir=out_dir, strategy=strategy, resume=resume)
@@ -342,16 +353,23 @@ def _run_threads(ps: ParameterServer, task: Task, config: JobConfig, n: int,
     """Runs ``ps`` with ``n`` worker runtimes on threads, connected in memory."""
     stop = threading.Event()
     errors: list[BaseException] = []
+    secagg = config.privacy.secure_aggregation.enabled
 
     def run_worker(index: int) -> None:
         try:
             trainer = make_trainer(index, n) if make_trainer else task.worker_trainer(index, n)
             peer = PeerIdentity(fingerprint=f"simulated-{index:08d}", label=f"worker-{index} (simulated)")
+            signer: SecAggSigner | None = None
+            if secagg:  # the worker signs its keys with a certificate key whose fingerprint the PS knows it by
+                from enclavefl.simulation.identity import SimulatedIdentity
+
+                identity = SimulatedIdentity(index)
+                peer, signer = identity.peer, identity.sign
             attacks, slowdown = faults[index]
             settings = WorkerSettings(name=f"worker-{index}", seed=config.job.seed, poll_s=SIM_POLL_S,
                                       slowdown=slowdown)
-            Worker(lambda: InMemoryClient(ps, peer, chunk_bytes=chunk_bytes), trainer, settings, stop=stop,
-                   transforms=[*default_transforms(trainer), *attacks]).run()
+            Worker(lambda: InMemoryClient(ps, peer, chunk_bytes=chunk_bytes, secagg_signer=signer), trainer, settings,
+                   stop=stop, transforms=[*default_transforms(trainer), *attacks]).run()
         except BaseException as exc:  # reported below; a worker thread must not die silently
             errors.append(exc)
             log.error("simulated worker %d failed: %s", index, exc)

@@ -9,13 +9,15 @@ client, and a :class:`ClientHost` in some process (a local pool's, a Ray
 actor) does the part in the middle for whichever client it is handed. A
 :class:`ClientJob` carries what the worker would know at that point (the
 round, the PS's client settings, the task's per-round config, and the
-client's own SCAFFOLD variate, which the driver stores between rounds); the
-host answers with a :class:`ClientOutcome` (the update to push and the
-variate to keep if the PS accepts it).
+client's own state, which the driver stores between rounds: SCAFFOLD's
+variate and top-k's error-feedback residual); the host answers with a
+:class:`ClientOutcome` (the update to push and the state to keep if the PS
+accepts it).
 
-:func:`fit_client` does what ``Worker._train_round`` does between the pull and
-the push, step for step (same seed, same fit settings, same pipeline), so a
-client trains to the same bits whichever process runs it. A trainer holds
+:func:`fit_client` runs the worker's own local round
+(:mod:`enclavefl.worker.local_round`: same settings check, seed, fit settings,
+pipeline and upload compression), so a client trains to the same bits and
+uploads the same encoding whichever process runs it. A trainer holds
 nothing across rounds but its parameters (each ``fit`` makes a fresh
 optimizer, and the shuffle depends on the job seed and the round only), which
 is why a host may build a client's trainer anew in any round.
@@ -24,32 +26,40 @@ is why a host may build a client's trainer anew in any round.
 from __future__ import annotations
 
 import logging
-import time
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final, final
+from typing import TYPE_CHECKING, Any, Final, TypeAlias, final
 
-from enclavefl.errors import ProtocolError
-from enclavefl.messages import CONTROL_PREFIX, ClientSettings, ConfigValue, UpdateKind
-from enclavefl.tensors import ParamSet, Tensor
-from enclavefl.training import FitConfig, Trainer
+import numpy as np
+import numpy.typing as npt
+
+from enclavefl.messages import ClientSettings, ConfigValue, UpdateKind
+from enclavefl.tensors import EncodedUpdate, ParamSet, Tensor
+from enclavefl.training import Trainer
+from enclavefl.worker.compression import UploadCompressor
 from enclavefl.worker.control import ScaffoldClient
-from enclavefl.worker.pipeline import UpdateContext, UpdateTransform, default_transforms, run_pipeline
+from enclavefl.worker.faults import Slowdown
+from enclavefl.worker.local_round import check_settings, split_download, train_local_round
+from enclavefl.worker.pipeline import UpdateTransform, default_transforms
 
 if TYPE_CHECKING:
     from enclavefl.config import JobConfig
     from enclavefl.training import Task
 
-__all__ = ["ClientHost", "ClientJob", "ClientOutcome", "TaskTrainers", "TrainerFactory", "fit_client"]
+__all__ = ["RESIDUAL_PREFIX", "ClientHost", "ClientJob", "ClientOutcome", "TaskTrainers", "TrainerFactory", "fit_client",
+           "pack_state", "unpack_state"]
 
 log = logging.getLogger(__name__)
+
+Array: TypeAlias = npt.NDArray[Any]
 
 TrainerFactory = Callable[[int, int], Trainer]
 """``(client index, number of clients) -> Trainer``: client ``index``'s model and data partition."""
 
-ALGORITHMS: Final = ("fedavg", "fedprox", "scaffold")
-"""The client algorithms a simulated client runs (those of the worker runtime)."""
+RESIDUAL_PREFIX: Final = "topk.residual/"
+"""Where a client's top-k error-feedback residual sits in its stored state (its SCAFFOLD variate has no prefix)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +73,8 @@ class ClientJob:
         model_version: the version of the model the client trains on.
         settings: the PS's client settings for this round.
         task_config: the train task's per-round settings (``privacy.dp.clip_norm``, ...).
-        state: the client's SCAFFOLD variate ``c_i`` as last accepted; None: zero (first round).
+        state: the client's state as last accepted (:func:`pack_state`: SCAFFOLD's variate ``c_i``,
+            top-k's residual); None: none yet (first round: zero variate, no residual).
     """
 
     index: int
@@ -77,18 +88,20 @@ class ClientJob:
 
 @dataclass(frozen=True, slots=True)
 class ClientOutcome:
-    """What a client's round produced: the update to push, and the variate to keep if it is accepted.
+    """What a client's round produced: the update to push, and the state to keep if it is accepted.
 
     Attributes:
-        state: SCAFFOLD's ``c_i`` after this round (None for other algorithms); the driver stores
-            it only when the PS accepts the update, as a worker rolls its variate back otherwise.
+        update: what to push: a delta, or its encoding under upload compression (kind QUANTIZED).
+        state: the client's state after this round (:func:`pack_state`; None if it keeps none); the
+            driver stores it only when the PS accepts the update, as a worker rolls its variate and
+            its residual back otherwise.
         fit_s: local training time, in seconds.
     """
 
     index: int
     round: int
     model_version: int
-    update: ParamSet
+    update: ParamSet | EncodedUpdate
     kind: UpdateKind
     num_samples: int
     metrics: Mapping[str, float]
@@ -96,26 +109,40 @@ class ClientOutcome:
     fit_s: float
 
 
-def split_control(download: ParamSet) -> tuple[ParamSet, ParamSet]:
-    """The downloaded model, and SCAFFOLD's server variate keyed by parameter name."""
-    model: list[tuple[str, Tensor]] = []
-    control: list[tuple[str, Tensor]] = []
-    for name, value in download.items():
-        if name.startswith(CONTROL_PREFIX):
-            control.append((name[len(CONTROL_PREFIX) :], value))
+def pack_state(variate: ParamSet | None, residual: Mapping[str, Array]) -> ParamSet | None:
+    """One client's state as one tensor set: ``c_i`` under its parameter names, the residual under
+    :data:`RESIDUAL_PREFIX`; None if there is neither."""
+    items: list[tuple[str, Tensor]] = list(variate.items()) if variate is not None else []
+    items += [(f"{RESIDUAL_PREFIX}{name}", value) for name, value in residual.items()]
+    return ParamSet(items) if items else None
+
+
+def unpack_state(state: ParamSet | None) -> tuple[ParamSet | None, dict[str, Array]]:
+    """The SCAFFOLD variate (None if the state holds none) and the top-k residual of a packed state."""
+    if state is None:
+        return None, {}
+    variate: list[tuple[str, Tensor]] = []
+    residual: dict[str, Array] = {}
+    for name, value in state.items():
+        if name.startswith(RESIDUAL_PREFIX) and isinstance(value, np.ndarray):
+            residual[name[len(RESIDUAL_PREFIX) :]] = value
         else:
-            model.append((name, value))
-    return ParamSet(model), ParamSet(control)
+            variate.append((name, value))
+    return (ParamSet(variate) if variate else None), residual
 
 
 def fit_client(trainer: Trainer, transforms: list[UpdateTransform], download: ParamSet, job: ClientJob, *,
                seed: int, slowdown: float = 1.0) -> ClientOutcome:
-    """Trains one client on ``download`` and runs its update pipeline, as a worker does in a round.
+    """Trains one client on ``download``, runs its update pipeline and compresses the upload, as a worker does.
+
+    The steps are the worker's own (:mod:`enclavefl.worker.local_round`); what a worker
+    keeps in memory between rounds (SCAFFOLD's ``c_i``, top-k's residual) comes from
+    ``job.state`` and goes back, advanced, in the outcome's ``state``.
 
     Args:
         trainer: the client's model and data.
         transforms: its update pipeline (``default_transforms(trainer)``, then any fault's attack).
-        download: the model as the PS broadcasts it (with ``scaffold.c/`` tensors under SCAFFOLD).
+        download: the model as the PS broadcasts it, dense (with ``scaffold.c/`` tensors under SCAFFOLD).
         seed: the job seed; with the round it fixes the local shuffle.
         slowdown: FOR EXPERIMENTS (``faults``): above 1 the client waits ``(slowdown - 1) x``
             its fit time before returning, a straggler.
@@ -123,46 +150,34 @@ def fit_client(trainer: Trainer, transforms: list[UpdateTransform], download: Pa
     Raises:
         ProtocolError: the settings name an unknown client algorithm, or the model's SCAFFOLD
             tensors do not fit the algorithm.
-        ValueError: a transform refused the update, or the SCAFFOLD variate is not finite.
+        ConfigError: SCAFFOLD, and ``transforms`` leave out the control delta.
+        ValueError: a transform or the compression refused the update, or the SCAFFOLD variate is not finite.
         CheckpointError: ``job.state`` does not fit the model.
     """
     c, round_ = job.settings, job.round
-    if c.algorithm not in ALGORITHMS:
-        raise ProtocolError(f"round {round_}: the PS asks for client algorithm {c.algorithm!r}; "
-                            f"a simulated client runs {list(ALGORITHMS)}")
-    global_params, server_control = split_control(download)
-    scaffold = c.algorithm == "scaffold"
-    if scaffold != bool(len(server_control)):
-        raise ProtocolError(f"round {round_}: the task runs {c.algorithm} but the model holds "
-                            f"{len(server_control)} {CONTROL_PREFIX} tensors")
+    check_settings(c, round_)
+    global_params, server_control = split_download(download, c, round_)
+    stored_variate, residual = unpack_state(job.state)
     variate: ScaffoldClient | None = None
-    correction = None
-    if scaffold:
+    if c.algorithm == "scaffold":
         variate = ScaffoldClient(global_params)
-        if job.state is not None:
-            variate.load_state(job.state)
-        correction = variate.correction(server_control)
-    started = time.monotonic()
-    trainer.set_parameters(global_params)
-    result = trainer.fit(FitConfig(
-        epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, round=round_, seed=seed,
-        proximal_mu=c.proximal_mu if c.algorithm == "fedprox" else 0.0, correction=correction,
-        optimizer=c.optimizer, momentum=c.momentum, weight_decay=c.weight_decay,
-    ))
-    local_params = trainer.get_parameters()
-    fit_s = time.monotonic() - started
-    if slowdown > 1.0:
-        time.sleep((slowdown - 1.0) * fit_s)
-    control_delta = None
-    if variate is not None:
-        control_delta = variate.update(global_params, local_params, server_control, result.steps, c.lr)
-    context = UpdateContext(global_params, local_params, result, c, round_, control_delta,
-                            task_config=job.task_config)
-    update, kind = run_pipeline(transforms, context)
-    metrics = {k: float(v) for k, v in result.metrics.items()}
-    metrics["seconds_fit"] = fit_s
-    return ClientOutcome(job.index, round_, job.model_version, update, kind, result.num_samples, metrics,
-                         variate.state() if variate is not None else None, fit_s)
+        if stored_variate is not None:
+            variate.load_state(stored_variate)
+    compressor = UploadCompressor(residual=residual)
+    after_fit = Slowdown(slowdown, threading.Event()).after_fit if slowdown != 1.0 else None
+    local = train_local_round(trainer, transforms, compressor, c, round_, global_params, server_control, seed=seed,
+                              variate=variate, task_config=job.task_config, name=f"worker-{job.index}",
+                              after_fit=after_fit)
+    if local is None:  # pragma: no cover - nothing sets the event
+        raise RuntimeError("a simulated client's round was abandoned")
+    # This compressor lives for one round: settling it now gives the residual to keep *if* the PS
+    # accepts; the driver stores the state only then, as a worker's settle(accepted) would.
+    compressor.settle(True)
+    metrics = {k: float(v) for k, v in local.result.metrics.items()}
+    metrics["seconds_fit"] = local.fit_s
+    state = pack_state(variate.state() if variate is not None else None, compressor.residual)
+    return ClientOutcome(job.index, round_, job.model_version, local.payload, local.kind, local.result.num_samples,
+                         metrics, state, local.fit_s)
 
 
 @final

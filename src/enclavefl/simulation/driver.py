@@ -9,15 +9,17 @@ workers. Then one thread does, in a loop, what N worker runtimes would do:
    no wait), whenever the phase, round or model version changed and at least
    every ``poll_s``: only the clients the sampler picked get a TRAIN task;
 2. for each of those it pulls the model (``model_for``, so the PS accounts the
-   download) and queues a :class:`~enclavefl.simulation.client.ClientJob`;
+   download; a full one, as a client holds no model between rounds, decoded
+   once per version under download quantization) and queues a
+   :class:`~enclavefl.simulation.client.ClientJob`;
 3. it keeps at most the pool's capacity of jobs in flight, loading a client's
-   SCAFFOLD variate from the :class:`~enclavefl.simulation.state.ClientStateStore`
-   only when its job starts;
+   state (SCAFFOLD's variate, top-k's error-feedback residual) from the
+   :class:`~enclavefl.simulation.state.ClientStateStore` only when its job starts;
 4. it pushes each outcome as it arrives, in chunks, through the same
    ``open_update``/``feed``/``commit`` path as a gRPC upload
    (:class:`~enclavefl.worker.inmemory.InMemoryClient`), so the server folds
    it into its streaming aggregate at once and its memory does not grow with
-   the number of clients; the variate is stored only if the PS accepted;
+   the number of clients; the state is stored only if the PS accepted;
 5. it heartbeats the clients whose jobs are queued or running, so the PS's
    liveness check sees them as training workers.
 
@@ -30,12 +32,13 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, final
 
-from enclavefl.errors import EnclaveFLError, StaleSession
-from enclavefl.messages import PeerIdentity, TaskInfo, TaskKind
+from enclavefl.download_codec import NO_MODEL, resolve_download
+from enclavefl.errors import ConfigError, EnclaveFLError, StaleSession
+from enclavefl.messages import COMPRESSION_TYPE_KEY, ConfigValue, PeerIdentity, TaskInfo, TaskKind
 from enclavefl.server.phases import Phase
 from enclavefl.simulation.client import ClientJob, ClientOutcome
 from enclavefl.worker.inmemory import InMemoryClient
@@ -57,6 +60,12 @@ BEAT_EVERY_S = 1.0
 def simulated_peer(index: int) -> PeerIdentity:
     """Client ``index``'s identity at the PS: what its certificate would be in a deployment."""
     return PeerIdentity(fingerprint=f"simulated-{index:08d}", label=f"worker-{index} (simulated)")
+
+
+def _keeps_state(algorithm: str, task_config: Mapping[str, ConfigValue]) -> bool:
+    """Whether a client of this task keeps state between rounds (SCAFFOLD's variate, top-k's residual)."""
+    compression = task_config.get(COMPRESSION_TYPE_KEY, "none")
+    return algorithm == "scaffold" or compression in ("topk", "topk_quantize")
 
 
 @dataclass(slots=True)
@@ -85,12 +94,20 @@ class Driver:
         """Binds the driver; nothing is sent to the PS until :meth:`join`.
 
         Args:
-            store: where SCAFFOLD variates are kept between rounds; required for a SCAFFOLD job.
+            store: where the clients' state is kept between rounds (SCAFFOLD variates, top-k
+                residuals); required for a SCAFFOLD job and for top-k upload compression.
             chunk_bytes: the size of the chunks an update is fed in.
             poll_s: the longest between two task polls of the idle clients (a poll also tells the PS
                 they are alive; at most ``round.heartbeat_s``). A change of phase, round or model
                 version makes the driver poll at once.
+
+        Raises:
+            ConfigError: the job runs secure aggregation, whose stages a pool's clients cannot answer
+                (they live only while they train).
         """
+        if ps.config.privacy.secure_aggregation.enabled:
+            raise ConfigError("privacy.secure_aggregation.enabled: a simulation driver's clients live only while "
+                              "they train and cannot answer its key stages; run the job's workers on threads")
         self._ps = ps
         self._pool = pool
         self._n = num_clients
@@ -101,6 +118,7 @@ class Driver:
                          for i in range(num_clients)]
         self._pending: deque[_Pending] = deque()
         self._running: dict[int, _Client] = {}
+        self._model: tuple[int, ParamSet] | None = None  # the newest version pulled, decoded
         self._stop = threading.Event()
         self.updates_accepted = 0
         self.updates_refused = 0
@@ -178,9 +196,20 @@ class Driver:
             if task.kind is TaskKind.FINISH:
                 client.status = "finished"
             elif task.kind is TaskKind.TRAIN:
-                version, download = self._ps.model_for(client.connection.peer, client.worker_id, task.model_version)
+                version, download = self._pull(client)
                 client.status = "busy"
                 self._pending.append(_Pending(client, task, version, download))
+
+    def _pull(self, client: _Client) -> tuple[int, ParamSet]:
+        """The model for ``client``'s job, dense: a client holds no model between rounds, so it asks for a full one.
+
+        The PS accounts the download as it sends it (quantized under download compression); the
+        dense model each client trains from is decoded once per version.
+        """
+        version, download = self._ps.model_for(client.connection.peer, client.worker_id, NO_MODEL)
+        if self._model is None or self._model[0] != version:
+            self._model = (version, resolve_download(download, None, NO_MODEL))
+        return self._model
 
     def _start_jobs(self) -> None:
         while self._pending and len(self._running) < self._pool.capacity:
@@ -190,11 +219,10 @@ class Driver:
             settings = p.task.client
             if settings is None:
                 raise EnclaveFLError(f"round {p.task.round}: the PS sent a train task without client settings")
-            state = None
-            if settings.algorithm == "scaffold":
-                if self._store is None:
-                    raise EnclaveFLError("a SCAFFOLD job needs a client state store for the clients' variates")
-                state = self._store.load(p.client.index)
+            if self._store is None and _keeps_state(settings.algorithm, p.task.config):
+                raise EnclaveFLError("a SCAFFOLD job, or one with top-k upload compression, needs a client state "
+                                     "store for what its clients keep between rounds")
+            state = self._store.load(p.client.index) if self._store is not None else None
             job = ClientJob(p.client.index, self._n, p.task.round, p.version, settings, dict(p.task.config), state)
             self._pool.submit(job, p.download)
             self._running[p.client.index] = p.client

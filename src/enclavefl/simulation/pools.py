@@ -45,7 +45,7 @@ import numpy as np
 
 from enclavefl.errors import ConfigError, RoundError
 from enclavefl.simulation.client import ClientHost, ClientJob, ClientOutcome, TrainerFactory
-from enclavefl.tensors import CodecLimits, ParamSet, read_params, write_params
+from enclavefl.tensors import CodecLimits, EncodedUpdate, ParamSet, read_params, write_params
 
 if TYPE_CHECKING:
     from enclavefl.config import JobConfig
@@ -205,14 +205,16 @@ class _Server:
 
 _Layout = list[tuple[str, str, tuple[int, ...], int]]
 """(name, dtype, shape, byte offset) of each tensor in a shipped file."""
-_Shipped = tuple[str, _Layout] | ParamSet | None
-"""Tensors on their way back: a file and its layout, or (with sparse tensors) the tensors themselves."""
+_Shipped = tuple[str, _Layout] | ParamSet | EncodedUpdate | None
+"""Tensors on their way back: a file and its layout, or (with sparse or compressed tensors) the tensors themselves."""
 
 _ALIGN = 64
 
 
-def _ship(params: ParamSet, path: Path) -> _Shipped:
-    """Writes dense ``params`` raw to ``path`` for the driver to map; sparse ones travel through the pipe."""
+def _ship(params: ParamSet | EncodedUpdate, path: Path) -> _Shipped:
+    """Writes dense ``params`` raw to ``path`` for the driver to map; sparse or compressed ones travel through the pipe."""
+    if isinstance(params, EncodedUpdate):
+        return params
     dense = [(name, value) for name, value in params.items() if isinstance(value, np.ndarray)]
     if len(dense) != len(params):
         return params
@@ -232,9 +234,9 @@ def _ship(params: ParamSet, path: Path) -> _Shipped:
     return str(path), layout
 
 
-def _unship(shipped: _Shipped) -> ParamSet | None:
+def _unship(shipped: _Shipped) -> ParamSet | EncodedUpdate | None:
     """The tensors :func:`_ship` sent, mapped read-only from their file (no copy); the file is removed."""
-    if shipped is None or isinstance(shipped, ParamSet):
+    if shipped is None or isinstance(shipped, ParamSet | EncodedUpdate):
         return shipped
     name, layout = shipped
     path = Path(name)
@@ -286,7 +288,9 @@ def _collect(result: tuple[ClientOutcome, _Shipped, _Shipped]) -> ClientOutcome:
     """The outcome with its update (and state) as a pool process shipped them."""
     outcome, update, state = result
     try:
-        return dataclasses.replace(outcome, update=_unship(update) or ParamSet(), state=_unship(state))
+        kept = _unship(state)  # a state is dense tensors: shipped as a file or as they are, never encoded
+        return dataclasses.replace(outcome, update=_unship(update) or ParamSet(),
+                                   state=kept if isinstance(kept, ParamSet) else None)
     finally:
         for shipped in (update, state):  # a failed read leaves no file behind
             if isinstance(shipped, tuple):

@@ -5,6 +5,7 @@ from enclavefl.worker.compression import UploadCompressor
 from enclavefl.worker.control import ScaffoldClient
 from enclavefl.worker.heartbeat import Heartbeat
 from enclavefl.worker.inmemory import InMemoryClient
+from enclavefl.worker.local_round import LocalUpdate, train_local_round
 from enclavefl.worker.noise import DistributedNoise, LocalDp
 from enclavefl.worker.pipeline import (
     ControlDelta,
@@ -28,6 +29,7 @@ __all__ = [
     "Heartbeat",
     "InMemoryClient",
     "LocalDp",
+    "LocalUpdate",
     "ScaffoldClient",
     "SparseTrainer",
     "SparsifyRows",
@@ -41,4 +43,5 @@ __all__ = [
     "grpc_client_factory",
     "run_pipeline",
     "sparsify_rows",
+    "train_local_round",
 ]

@@ -81,10 +81,16 @@ class UploadCompressor:
 
     name: str = "compress"
 
-    def __init__(self, rng: np.random.Generator | None = None) -> None:
-        """Args: rng: randomness of the stochastic rounding (default: a fresh OS-seeded generator)."""
+    def __init__(self, rng: np.random.Generator | None = None, *, residual: Mapping[str, Array] | None = None) -> None:
+        """A compressor with no pending encoding.
+
+        Args:
+            rng: randomness of the stochastic rounding (default: a fresh OS-seeded generator).
+            residual: top-k's committed residual to start from (a simulated client's, kept by the
+                driver between rounds); default none.
+        """
         self._rng = rng if rng is not None else np.random.default_rng()
-        self._residual: dict[str, Array] = {}
+        self._residual: dict[str, Array] = dict(residual) if residual is not None else {}
         self._pending: dict[str, Array] | None = None
 
     @property

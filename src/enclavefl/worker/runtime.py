@@ -16,7 +16,8 @@ goes back to where it was, as the server did not count the change). The
 trained model then goes through the update pipeline
 (:mod:`enclavefl.worker.pipeline`), is encoded as the task's upload compression
 says (:mod:`enclavefl.worker.compression`, which keeps top-k's residual across
-rounds and re-joins), and is pushed.
+rounds and re-joins), and is pushed. The steps between the pull and the push
+are :mod:`enclavefl.worker.local_round`'s, which a simulated client runs too.
 
 It keeps the PS told that it is alive: each long-poll lasts at most the
 ``heartbeat_s`` the PS gave at join, and while it pulls, trains and pushes a
@@ -46,7 +47,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, final
 
 from enclavefl.errors import (
-    ConfigError,
     DeadlineExceeded,
     ProtocolError,
     RoundError,
@@ -56,9 +56,6 @@ from enclavefl.errors import (
     VerificationError,
 )
 from enclavefl.messages import (
-    CONTROL_DELTA_PREFIX,
-    CONTROL_PREFIX,
-    ClientSettings,
     JoinInfo,
     PushResult,
     TaskInfo,
@@ -66,21 +63,15 @@ from enclavefl.messages import (
     UpdateKind,
     WorkerClient,
 )
-from enclavefl.tensors import ParamSet, StreamHeader, Tensor
-from enclavefl.training import FitConfig, Trainer
+from enclavefl.tensors import StreamHeader
+from enclavefl.training import Trainer
 from enclavefl.worker.compression import UploadCompressor
 from enclavefl.worker.control import ScaffoldClient
 from enclavefl.worker.faults import Slowdown
 from enclavefl.worker.heartbeat import Heartbeat
+from enclavefl.worker.local_round import LocalUpdate, check_settings, split_download, train_local_round
 from enclavefl.worker.model_cache import ModelCache
-from enclavefl.worker.pipeline import (
-    UpdateContext,
-    UpdateTransform,
-    compute_delta,
-    default_transforms,
-    run_pipeline,
-    sparsify_rows,
-)
+from enclavefl.worker.pipeline import UpdateTransform, compute_delta, default_transforms, sparsify_rows
 
 if TYPE_CHECKING:
     from enclavefl.transport.credentials import Credentials
@@ -90,8 +81,6 @@ if TYPE_CHECKING:
 __all__ = ["Worker", "WorkerSettings", "compute_delta", "grpc_client_factory", "sparsify_rows"]
 
 log = logging.getLogger(__name__)
-
-_ALGORITHMS = ("fedavg", "fedprox", "scaffold")
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,18 +120,6 @@ class WorkerSettings:
 
 _RETRIED_REFUSAL = "join.nonce"
 """The field named in a PS refusal that a new challenge may mend (the nonce was late, used or from another connection)."""
-
-
-def _split_control(download: ParamSet) -> tuple[ParamSet, ParamSet]:
-    """The downloaded model, and SCAFFOLD's server variate keyed by parameter name."""
-    model: list[tuple[str, Tensor]] = []
-    control: list[tuple[str, Tensor]] = []
-    for name, value in download.items():
-        if name.startswith(CONTROL_PREFIX):
-            control.append((name[len(CONTROL_PREFIX) :], value))
-        else:
-            model.append((name, value))
-    return ParamSet(model), ParamSet(control)
 
 
 @final
@@ -295,31 +272,13 @@ class Worker:
         finally:
             self.close()
 
-    def _fit_config(self, c: ClientSettings, round_: int, correction: ParamSet | None) -> FitConfig:
-        """Local training as the PS's settings say; only the shuffle seed is this worker's own."""
-        return FitConfig(
-            epochs=c.epochs,
-            batch_size=c.batch_size,
-            lr=c.lr,
-            round=round_,
-            seed=self._settings.seed,
-            proximal_mu=c.proximal_mu if c.algorithm == "fedprox" else 0.0,
-            correction=correction,
-            optimizer=c.optimizer,
-            momentum=c.momentum,
-            weight_decay=c.weight_decay,
-        )
-
     def _train_round(self, client: WorkerClient, join: JoinInfo, task: TaskInfo) -> None:
         s = self._settings
         round_ = task.round
         c = task.client
         if c is None:
             raise TransportError(f"round {round_}: the PS sent a train task without client settings")
-        if c.algorithm not in _ALGORITHMS:
-            raise ProtocolError(
-                f"round {round_}: the PS asks for client algorithm {c.algorithm!r}; this worker runs {list(_ALGORITHMS)}"
-            )
+        check_settings(c, round_)
         t0 = time.monotonic()
         # The version announced is the one this worker holds (-1: none): a PS may send only what changed since.
         held = self._models.held_version(join.ps_instance)
@@ -328,16 +287,7 @@ class Worker:
         t1 = time.monotonic()
         log.info("worker %s round %d: training on model version %d (%d B pulled in %.2fs)",
                  s.name, round_, got_version, nbytes, t1 - t0)
-        global_params, server_control = _split_control(download)
-        scaffold = c.algorithm == "scaffold"
-        if scaffold and not len(server_control):
-            raise ProtocolError(
-                f"round {round_}: the task runs SCAFFOLD but the model holds no {CONTROL_PREFIX} tensors"
-            )
-        if not scaffold and len(server_control):
-            raise ProtocolError(
-                f"round {round_}: the model holds {CONTROL_PREFIX} tensors but the task runs {c.algorithm}"
-            )
+        global_params, server_control = split_download(download, c, round_)
         secagg = self._secure_aggregation(client, join, task)
         if secagg is not None:
             try:
@@ -346,47 +296,37 @@ class Worker:
                 log.warning("worker %s round %d: secure aggregation: round abandoned here: %s", s.name, round_, exc)
                 return
         scaffold_client: ScaffoldClient | None = None
-        correction = None
-        if scaffold:
+        if c.algorithm == "scaffold":
             if self._scaffold is None:
                 self._scaffold = ScaffoldClient(global_params)
                 if c.optimizer != "sgd" or c.momentum:
                     log.warning("worker %s: SCAFFOLD's option II assumes plain SGD, but the PS asks for %s with "
                                 "momentum %g: the control variate will be off", s.name, c.optimizer, c.momentum)
             scaffold_client = self._scaffold
-            correction = scaffold_client.correction(server_control)  # checks c against the model
-        self._trainer.set_parameters(global_params)
-        result = self._trainer.fit(self._fit_config(c, round_, correction))
-        local_params = self._trainer.get_parameters()
-        t2 = time.monotonic()
-        if self._slowdown is not None and self._slowdown.after_fit(t2 - t1):
-            log.info("worker %s round %d: stopped while slowed down; round abandoned", s.name, round_)
-            return
-        control_before: ParamSet | None = None
-        control_delta: ParamSet | None = None
-        if scaffold_client is not None:
-            control_before = scaffold_client.state()
-            control_delta = scaffold_client.update(global_params, local_params, server_control, result.steps, c.lr)
+        after_fit = self._slowdown.after_fit if self._slowdown is not None else None
         accepted = False
+        local: LocalUpdate | None = None
         try:
-            context = UpdateContext(global_params, local_params, result, c, round_, control_delta,
-                                    task_config=task.config)
-            update, kind = run_pipeline(self._transforms, context)
-            if control_delta is not None:
-                self._check_control_delta(update, control_delta)
-            payload, kind = self._compressor.encode(update, kind, context)
-            metrics = dict(result.metrics)
-            metrics["seconds_fit"] = t2 - t1
-            num_samples = result.num_samples
+            local = train_local_round(self._trainer, self._transforms, self._compressor, c, round_, global_params,
+                                      server_control, seed=s.seed, variate=scaffold_client, task_config=task.config,
+                                      name=s.name, after_fit=after_fit)
+            if local is None:
+                log.info("worker %s round %d: stopped while slowed down; round abandoned", s.name, round_)
+                return
+            t2 = time.monotonic()
+            payload, kind = local.payload, local.kind
+            metrics = dict(local.result.metrics)
+            metrics["seconds_fit"] = local.fit_s
+            num_samples = local.result.num_samples
             if secagg is not None:  # the weight travels masked; the header claims 1
-                payload, kind = secagg.mask(update, StreamHeader.of(global_params), result.num_samples)
+                payload, kind = secagg.mask(local.update, StreamHeader.of(global_params), local.result.num_samples)
                 num_samples = 1
             reply = client.push_update(join.worker_id, round_, got_version, payload, num_samples, metrics,
                                        kind=kind)
             accepted = reply.accepted
             if accepted:
                 self.rounds_done += 1
-            self._log_push(round_, reply, kind, t2 - t1, metrics, time.monotonic() - t2)
+            self._log_push(round_, reply, kind, local.fit_s, metrics, time.monotonic() - t2)
             if accepted and secagg is not None:
                 try:
                     secagg.unmask()
@@ -394,9 +334,9 @@ class Worker:
                     log.warning("worker %s round %d: secure aggregation: unmask not answered: %s", s.name, round_, exc)
         finally:
             self._compressor.settle(accepted)
-            if not accepted and scaffold_client is not None and control_before is not None:
+            if not accepted and scaffold_client is not None and local is not None and local.control_before is not None:
                 # The PS did not count this delta c_i, so c_i must not move either (eq. 5 keeps c = mean c_i).
-                scaffold_client.load_state(control_before)
+                scaffold_client.load_state(local.control_before)
 
     def _secure_aggregation(self, client: WorkerClient, join: JoinInfo, task: TaskInfo) -> SecAggRound | None:
         """This round's secure-aggregation part if the task asks for it (its stages import cryptography)."""
@@ -410,16 +350,6 @@ class Worker:
         from enclavefl.worker.secagg import SecAggRound
 
         return SecAggRound(client, join.worker_id, task, name=self._settings.name, stop=self._stop)
-
-    def _check_control_delta(self, update: ParamSet, control_delta: ParamSet) -> None:
-        expected = [f"{CONTROL_DELTA_PREFIX}{name}" for name in control_delta]
-        missing = [name for name in expected if name not in update]
-        if missing:
-            names = [t.name for t in self._transforms]
-            raise ConfigError(
-                f"worker {self._settings.name}: the task runs SCAFFOLD but the update transforms {names} "
-                f"left out {missing[:3]}; add ControlDelta after Delta"
-            )
 
     def _log_push(self, round_: int, reply: PushResult, kind: UpdateKind, fit_s: float,
                   metrics: Mapping[str, float], push_s: float) -> None:

@@ -50,3 +50,14 @@ class CountingTrainers:
         self.built.append(index)
         self.trainers.append(AddTrainer(1.0, 1))
         return self.trainers[-1]
+
+
+class SteadyTrainers:
+    """Client ``i``: one SGD step (lr 0.5 from the job) on the constant gradient ``(i + 1) x [-2, -1.5]``, 1 sample.
+
+    Its delta is ``(i + 1) x [1, 0.75]`` every round, so a top-k of one value out of two sends
+    the first coordinate until the second one's error-feedback residual outgrows it.
+    """
+
+    def __call__(self, index: int, num_clients: int) -> Trainer:
+        return GradientTrainer(ParamSet({"w": f32([-2.0 * (index + 1), -1.5 * (index + 1)])}), 1, steps=1)

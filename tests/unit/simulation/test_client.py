@@ -8,8 +8,10 @@ import pytest
 from enclavefl.config import parse_job
 from enclavefl.errors import ProtocolError
 from enclavefl.messages import ClientSettings, UpdateKind
+from enclavefl.compression import decode_tensor
 from enclavefl.simulation import ClientHost, ClientJob, fit_client
-from enclavefl.tensors import ParamSet
+from enclavefl.simulation.client import pack_state, unpack_state
+from enclavefl.tensors import EncodedUpdate, ParamSet
 from enclavefl.worker.pipeline import default_transforms
 from tests.unit.simulation.clients import CountingTrainers
 from tests.unit.worker.federation import AddTrainer, GradientTrainer, f32
@@ -48,7 +50,7 @@ def test_fit_client_refuses_an_unknown_algorithm() -> None:
 def test_fit_client_refuses_scaffold_without_a_server_variate() -> None:
     trainer = AddTrainer(1.0, 1)
 
-    with pytest.raises(ProtocolError, match="0 scaffold.c/ tensors"):
+    with pytest.raises(ProtocolError, match="holds no scaffold.c/ tensors"):
         fit_client(trainer, default_transforms(trainer), ParamSet({"w": f32([1])}), job(SCAFFOLD), seed=0)
 
 
@@ -90,3 +92,21 @@ def test_a_client_trains_on_a_copy_of_nothing_it_may_not_change() -> None:
 
     value = download["w"]
     assert isinstance(value, np.ndarray) and value.tolist() == [1, 2]
+
+
+def test_fit_client_compresses_its_upload_with_the_residual_it_was_handed() -> None:
+    # One step of lr 0.5 on the gradient [-2, -1] from w = [0, 0]: delta [1, 0.5]. With the stored residual
+    # [0, 1] the total is [1, 1.5]; top-1 of 2 sends index 1 (1.5) and keeps [1, 0] as the new residual.
+    trainer = GradientTrainer(ParamSet({"w": f32([-2, -1])}), 1, steps=1)
+    stored = pack_state(None, {"w": f32([0, 1])})
+    config = {"privacy.compression.upload.type": "topk", "privacy.compression.upload.sparse_rate": 0.5}
+    client_job = ClientJob(index=0, num_clients=1, round=2, model_version=1, settings=FEDAVG, task_config=config,
+                           state=stored)
+
+    outcome = fit_client(trainer, default_transforms(trainer), ParamSet({"w": f32([0, 0])}), client_job, seed=0)
+
+    assert outcome.kind is UpdateKind.QUANTIZED
+    assert isinstance(outcome.update, EncodedUpdate)
+    assert decode_tensor(outcome.update["w"]).tolist() == [0.0, 1.5]  # type: ignore[arg-type]
+    variate, residual = unpack_state(outcome.state)
+    assert variate is None and residual["w"].tolist() == [1.0, 0.0]
