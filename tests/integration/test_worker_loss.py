@@ -135,8 +135,10 @@ def start_run(tmp_path: Path) -> Iterator[Callable[..., Run]]:
 
 
 def test_run_restarts_a_killed_worker_and_finishes_every_round(start_run: Callable[..., Run]) -> None:
-    # Prepare: 3 workers, all needed (min_workers 3), 4 rounds.
-    run = start_run([], job={"rounds": 4})
+    # Prepare: 3 workers, all needed (min_workers 3), 4 rounds. The restarted worker must join within
+    # one start window: a whole process start (torch, data) takes 15 s and more on a loaded machine, and
+    # the job goes on as soon as it joins, so a wider window costs the passing run nothing.
+    run = start_run([], job={"rounds": 4}, round={"start_window_s": 60.0})
 
     # Execute
     killed_at = run.kill_worker_in_round_2(2)
