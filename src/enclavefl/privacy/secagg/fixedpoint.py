@@ -25,7 +25,10 @@ import numpy as np
 
 from enclavefl.errors import ProtocolError
 
-__all__ = ["FixedPoint"]
+__all__ = ["ENCODE_BLOCK", "FixedPoint"]
+
+ENCODE_BLOCK = 64 * 1024
+"""Values :meth:`FixedPoint.encode` converts at a time (512 KiB of float64 scratch)."""
 
 _WORD = 2**32
 _HALF_WORD = 2**31
@@ -84,21 +87,32 @@ class FixedPoint:
         if not 1 <= weight <= self.capacity:
             raise ValueError(f"weight must be in 1..{self.capacity}, got {weight}")
         given = np.asarray(values).reshape(-1)
-        if not np.isfinite(given).all():
-            raise ValueError("cannot encode a non-finite value")
-        scaled = np.clip(given, -self.clip_range, self.clip_range, dtype=np.float64)  # a float64 copy
-        scaled *= 1.0 / self.step  # in [-L, L]
-        if self.rounding == "stochastic":
-            scaled += rng.random(scaled.shape[0])  # floor(x + U) rounds up with P = frac(x): unbiased
-            np.floor(scaled, out=scaled)
-        else:
-            np.rint(scaled, out=scaled)
-        out = np.empty(scaled.shape[0] + 1, dtype=np.uint32)
+        n = given.shape[0]
+        out = np.empty(n + 1, dtype=np.uint32)
         q = out[:-1].view(np.int32)
-        q[...] = scaled  # |q| <= L < 2**31: exact
-        # int32 products wrap modulo 2**32, which is the arithmetic we want (two's complement residues).
-        with np.errstate(over="ignore"):
-            q *= np.int32(weight)
+        # Block by block, so the float64 scratch stays in cache instead of three model-sized temporaries;
+        # the coin flips are drawn in the same order as one rng.random(n) would draw them.
+        scaled = np.empty(min(n, ENCODE_BLOCK), dtype=np.float64)
+        coins = np.empty_like(scaled) if self.rounding == "stochastic" else scaled
+        inverse_step = 1.0 / self.step
+        for start in range(0, n, ENCODE_BLOCK):
+            stop = min(start + ENCODE_BLOCK, n)
+            part, block, flips = given[start:stop], scaled[:stop - start], coins[:stop - start]
+            if not np.isfinite(part).all():
+                raise ValueError("cannot encode a non-finite value")
+            np.clip(part, -self.clip_range, self.clip_range, out=block)
+            block *= inverse_step  # in [-L, L]
+            if self.rounding == "stochastic":
+                rng.random(out=flips)
+                block += flips  # floor(x + U) rounds up with P = frac(x): unbiased
+                np.floor(block, out=block)
+            else:
+                np.rint(block, out=block)
+            words = q[start:stop]
+            words[...] = block  # |q| <= L < 2**31: exact
+            # int32 products wrap modulo 2**32, which is the arithmetic we want (two's complement residues).
+            with np.errstate(over="ignore"):
+                words *= np.int32(weight)
         out[-1] = weight
         return out
 
