@@ -13,7 +13,7 @@ only the total weight and the weighted sum, never one worker's weight.
 Error bound, per coordinate of the weighted mean sum_i w_i q_i step / sum_i w_i
 against the mean of the clipped inputs: at most step/2 with deterministic
 (nearest) rounding; strictly below step with stochastic rounding, which is
-unbiased (E[q step] = x), so its error averages out over workers and rounds.
+unbiased (E[q step] = x, to 2**-32 of a step), so its error averages out over workers and rounds.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Literal
 import numpy as np
 
 from enclavefl.errors import ProtocolError
+from enclavefl.privacy.secagg.prg import Keystream
 
 __all__ = ["ENCODE_BLOCK", "FixedPoint"]
 
@@ -79,7 +80,7 @@ class FixedPoint:
         Args:
             values: any float array; flattened (shape (n,) -> result shape (n + 1,), uint32).
             weight: the worker's capped integer weight, 1 <= weight <= capacity.
-            rng: the source of the stochastic rounding's coin flips.
+            rng: keys the stochastic rounding's coin flips (32 bytes are drawn from it).
 
         Raises:
             ValueError: a weight out of range or a non-finite value (caller misuse: clip first).
@@ -90,21 +91,24 @@ class FixedPoint:
         n = given.shape[0]
         out = np.empty(n + 1, dtype=np.uint32)
         q = out[:-1].view(np.int32)
-        # Block by block, so the float64 scratch stays in cache instead of three model-sized temporaries;
-        # the coin flips are drawn in the same order as one rng.random(n) would draw them.
+        # Block by block, so the float64 scratch stays in cache instead of three model-sized temporaries.
         scaled = np.empty(min(n, ENCODE_BLOCK), dtype=np.float64)
-        coins = np.empty_like(scaled) if self.rounding == "stochastic" else scaled
+        coins = np.empty_like(scaled)
+        # The coin flips: 32-bit words of an AES-CTR keystream keyed from ``rng`` (a tenth of the
+        # cost of drawing floats from it); k / 2**32 is exact in float64.
+        flips_of = Keystream(rng.bytes(32), ENCODE_BLOCK) if self.rounding == "stochastic" else None
         inverse_step = 1.0 / self.step
         for start in range(0, n, ENCODE_BLOCK):
             stop = min(start + ENCODE_BLOCK, n)
-            part, block, flips = given[start:stop], scaled[:stop - start], coins[:stop - start]
+            part, block = given[start:stop], scaled[:stop - start]
             if not np.isfinite(part).all():
                 raise ValueError("cannot encode a non-finite value")
             np.clip(part, -self.clip_range, self.clip_range, out=block)
             block *= inverse_step  # in [-L, L]
-            if self.rounding == "stochastic":
-                rng.random(out=flips)
-                block += flips  # floor(x + U) rounds up with P = frac(x): unbiased
+            if flips_of is not None:
+                flips = coins[:stop - start]
+                np.multiply(flips_of.next(stop - start), 2.0**-32, out=flips)  # U on a 2**-32 grid in [0, 1)
+                block += flips  # floor(x + U) rounds up with P = frac(x) (to 2**-32): unbiased
                 np.floor(block, out=block)
             else:
                 np.rint(block, out=block)
