@@ -7,10 +7,12 @@ fixed noise (no training: only the federation is measured). The same job runs
 twice, plain and with ``privacy.secure_aggregation`` (SecAgg+, 3 log2 n
 neighbours, every key signed and checked, masks expanded with AES-CTR). It prints::
 
-    mode=in-process-simulation workers=100 params=1000000 plain_s=... secagg_s=... ratio=...
+    mode=in-process-simulation workers=100 params=1000000 plain_s=... secagg_s=... ratio=... plain_cpu_s=... secagg_cpu_s=...
 
 ``*_s`` is the median time per round over rounds 2..R (the time between
-consecutive metrics rows: stages, uploads, unmasking, the step). In one process
+consecutive metrics rows: stages, uploads, unmasking, the step); ``*_cpu_s`` is
+the process's CPU seconds over the same intervals (all threads), the work a
+round costs whatever else runs on the machine. In one process
 every worker's work (masking included) runs on the same two cores, one after
 the other; in a deployment the workers mask in parallel on their own machines,
 so this ratio is an upper bound for the PS's round time.
@@ -52,6 +54,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -128,8 +131,34 @@ def job(workers: int, rounds: int, secagg: bool) -> JobConfig:
     })
 
 
-def simulate(workers: int, params: int, rounds: int, secagg: bool) -> float:
-    """Median seconds per round (rounds 2..R) of an in-process job."""
+class CpuClock:
+    """Samples (wall time, process CPU seconds) every 10 ms, to read the CPU a round used between two rows."""
+
+    def __init__(self) -> None:
+        self._samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            self._samples.append((time.time(), time.process_time()))
+
+    def __enter__(self) -> CpuClock:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def at(self, wall: float) -> float:
+        """Process CPU seconds at wall time ``wall`` (linear between the two nearest samples)."""
+        walls, cpus = zip(*self._samples, strict=True)
+        return float(np.interp(wall, walls, cpus))
+
+
+def simulate(workers: int, params: int, rounds: int, secagg: bool) -> tuple[float, float]:
+    """(median wall seconds, median process CPU seconds) per round (rounds 2..R) of an in-process job."""
     rng = np.random.default_rng(0)
     initial = ParamSet([("w", rng.standard_normal(params, dtype=np.float32) * np.float32(0.01))])
     with tempfile.TemporaryDirectory() as out:
@@ -143,12 +172,15 @@ def simulate(workers: int, params: int, rounds: int, secagg: bool) -> float:
             threads.append(threading.Thread(target=worker.run, daemon=True))
         for t in threads:
             t.start()
-        try:
-            ps.run()
-        finally:
-            stop.set()
+        with CpuClock() as clock:
+            try:
+                ps.run()
+            finally:
+                stop.set()
         times = [float(r["time"]) for r in ps.metrics.history]
-    return statistics.median(b - a for a, b in zip(times, times[1:]))
+    cpu = [clock.at(t) for t in times]
+    return (statistics.median(b - a for a, b in zip(times, times[1:])),
+            statistics.median(b - a for a, b in zip(cpu, cpu[1:])))
 
 
 def per_node(workers: int, params: int) -> tuple[float, float, float]:
@@ -157,8 +189,6 @@ def per_node(workers: int, params: int) -> tuple[float, float, float]:
     CPU seconds of this thread (``time.thread_time``), not wall time: every call runs here one after
     the other, so other jobs on a shared machine do not inflate the figures.
     """
-    import time
-
     from enclavefl.privacy.secagg import RoundTag, SecAggClient, SecAggParams, SecAggServer
     from enclavefl.privacy.secagg.identity import verify_with_certificate
     from enclavefl.server.aggregator import WeightedMean
@@ -238,10 +268,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--real", type=int, default=0, metavar="N", help="also N worker processes (enclavefl run)")
     args = parser.parse_args()
-    plain = simulate(args.workers, args.params, args.rounds, secagg=False)
-    secure = simulate(args.workers, args.params, args.rounds, secagg=True)
+    plain, plain_cpu = simulate(args.workers, args.params, args.rounds, secagg=False)
+    secure, secure_cpu = simulate(args.workers, args.params, args.rounds, secagg=True)
     print(f"mode=in-process-simulation workers={args.workers} params={args.params} plain_s={plain:.2f} "
-          f"secagg_s={secure:.2f} ratio={secure / plain:.2f}", flush=True)
+          f"secagg_s={secure:.2f} ratio={secure / plain:.2f} plain_cpu_s={plain_cpu:.2f} "
+          f"secagg_cpu_s={secure_cpu:.2f}", flush=True)
     worker_s, plain_fold_s, ps_s = per_node(args.workers, args.params)
     print(f"mode=per-node workers={args.workers} params={args.params} worker_secagg_s={worker_s:.3f} "
           f"ps_plain_fold_s={plain_fold_s:.3f} ps_secagg_s={ps_s:.3f}", flush=True)
