@@ -7,10 +7,12 @@ fixed noise (no training: only the federation is measured). The same job runs
 twice, plain and with ``privacy.secure_aggregation`` (SecAgg+, 3 log2 n
 neighbours, every key signed and checked, masks expanded with AES-CTR). It prints::
 
-    mode=in-process-simulation workers=100 params=1000000 plain_s=... secagg_s=... ratio=...
+    mode=in-process-simulation workers=100 params=1000000 plain_s=... secagg_s=... ratio=... plain_cpu_s=... secagg_cpu_s=...
 
 ``*_s`` is the median time per round over rounds 2..R (the time between
-consecutive metrics rows: stages, uploads, unmasking, the step). In one process
+consecutive metrics rows: stages, uploads, unmasking, the step); ``*_cpu_s`` is
+the process's CPU seconds over the same intervals (all threads), the work a
+round costs whatever else runs on the machine. In one process
 every worker's work (masking included) runs on the same two cores, one after
 the other; in a deployment the workers mask in parallel on their own machines,
 so this ratio is an upper bound for the PS's round time.
@@ -23,6 +25,7 @@ same number of float32 updates into its streaming weighted mean::
 
     mode=per-node workers=100 params=1000000 worker_secagg_s=... ps_plain_fold_s=... ps_secagg_s=...
 
+(CPU seconds of the one thread that makes every call, so a busy machine does not inflate them.)
 In a deployment the workers mask in parallel, so a round costs one worker's
 ``worker_secagg_s`` (plus the two key stages' round trips) more, and the PS spends
 ``ps_secagg_s`` where a plain round spends ``ps_plain_fold_s``.
@@ -51,6 +54,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -127,8 +131,34 @@ def job(workers: int, rounds: int, secagg: bool) -> JobConfig:
     })
 
 
-def simulate(workers: int, params: int, rounds: int, secagg: bool) -> float:
-    """Median seconds per round (rounds 2..R) of an in-process job."""
+class CpuClock:
+    """Samples (wall time, process CPU seconds) every 10 ms, to read the CPU a round used between two rows."""
+
+    def __init__(self) -> None:
+        self._samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            self._samples.append((time.time(), time.process_time()))
+
+    def __enter__(self) -> CpuClock:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def at(self, wall: float) -> float:
+        """Process CPU seconds at wall time ``wall`` (linear between the two nearest samples)."""
+        walls, cpus = zip(*self._samples, strict=True)
+        return float(np.interp(wall, walls, cpus))
+
+
+def simulate(workers: int, params: int, rounds: int, secagg: bool) -> tuple[float, float]:
+    """(median wall seconds, median process CPU seconds) per round (rounds 2..R) of an in-process job."""
     rng = np.random.default_rng(0)
     initial = ParamSet([("w", rng.standard_normal(params, dtype=np.float32) * np.float32(0.01))])
     with tempfile.TemporaryDirectory() as out:
@@ -142,18 +172,23 @@ def simulate(workers: int, params: int, rounds: int, secagg: bool) -> float:
             threads.append(threading.Thread(target=worker.run, daemon=True))
         for t in threads:
             t.start()
-        try:
-            ps.run()
-        finally:
-            stop.set()
+        with CpuClock() as clock:
+            try:
+                ps.run()
+            finally:
+                stop.set()
         times = [float(r["time"]) for r in ps.metrics.history]
-    return statistics.median(b - a for a, b in zip(times, times[1:]))
+    cpu = [clock.at(t) for t in times]
+    return (statistics.median(b - a for a, b in zip(times, times[1:])),
+            statistics.median(b - a for a, b in zip(cpu, cpu[1:])))
 
 
 def per_node(workers: int, params: int) -> tuple[float, float, float]:
-    """(median worker's secure-aggregation seconds, PS's plain fold seconds, PS's secure-aggregation seconds)."""
-    import time
+    """(median worker's secure-aggregation seconds, PS's plain fold seconds, PS's secure-aggregation seconds).
 
+    CPU seconds of this thread (``time.thread_time``), not wall time: every call runs here one after
+    the other, so other jobs on a shared machine do not inflate the figures.
+    """
     from enclavefl.privacy.secagg import RoundTag, SecAggClient, SecAggParams, SecAggServer
     from enclavefl.privacy.secagg.identity import verify_with_certificate
     from enclavefl.server.aggregator import WeightedMean
@@ -172,12 +207,12 @@ def per_node(workers: int, params: int) -> tuple[float, float, float]:
 
     def timed(owner: str | None, call: Any) -> Any:
         nonlocal ps_spent
-        start = time.perf_counter()
+        start = time.thread_time()
         result = call()
         if owner is None:
-            ps_spent += time.perf_counter() - start
+            ps_spent += time.thread_time() - start
         else:
-            spent[owner] += time.perf_counter() - start
+            spent[owner] += time.thread_time() - start
         return result
 
     clients = {u: SecAggClient(u, tag, setting, lambda p, u=u: who[u].sign(p)[1], verify) for u in ids}
@@ -200,11 +235,11 @@ def per_node(workers: int, params: int) -> tuple[float, float, float]:
         timed(None, lambda: server.receive_unmask(reply))
     timed(None, server.finish)
     plain = WeightedMean(StreamHeader.of(ParamSet([("w", update)])))
-    start = time.perf_counter()
+    start = time.thread_time()
     for _ in ids:
         plain.add(ParamSet([("w", update)]), 100.0)
     plain.result()
-    return statistics.median(spent.values()), time.perf_counter() - start, ps_spent
+    return statistics.median(spent.values()), time.thread_time() - start, ps_spent
 
 
 def real(workers: int, rounds: int, secagg: bool) -> float:
@@ -233,10 +268,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--real", type=int, default=0, metavar="N", help="also N worker processes (enclavefl run)")
     args = parser.parse_args()
-    plain = simulate(args.workers, args.params, args.rounds, secagg=False)
-    secure = simulate(args.workers, args.params, args.rounds, secagg=True)
+    plain, plain_cpu = simulate(args.workers, args.params, args.rounds, secagg=False)
+    secure, secure_cpu = simulate(args.workers, args.params, args.rounds, secagg=True)
     print(f"mode=in-process-simulation workers={args.workers} params={args.params} plain_s={plain:.2f} "
-          f"secagg_s={secure:.2f} ratio={secure / plain:.2f}", flush=True)
+          f"secagg_s={secure:.2f} ratio={secure / plain:.2f} plain_cpu_s={plain_cpu:.2f} "
+          f"secagg_cpu_s={secure_cpu:.2f}", flush=True)
     worker_s, plain_fold_s, ps_s = per_node(args.workers, args.params)
     print(f"mode=per-node workers={args.workers} params={args.params} worker_secagg_s={worker_s:.3f} "
           f"ps_plain_fold_s={plain_fold_s:.3f} ps_secagg_s={ps_s:.3f}", flush=True)

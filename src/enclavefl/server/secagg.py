@@ -346,7 +346,10 @@ class SecAggCoordinator:
                 raise ProtocolError(f"round {call.round}: unmask reply from {call.worker_id} in stage {current.stage}")
             server.receive_unmask(reply)
             current.replied.add(call.worker_id)
-        self._cond.notify_all()
+            if current.request is not None and current.replied >= set(current.request.survivors) - current.dropped:
+                self._cond.notify_all()  # finish() waits for exactly this
+        # No wake-up per post: stage callers wait for a stage change, which _advance announces.
+        # Waking every waiting worker on each of n posts made the key stages cost O(n^2) wake-ups.
 
     def _answer(self, current: _Attempt, call: SecAggCall) -> SecAggAnswer | None:
         """The worker's input for its next stage, or None while that stage is still open (lock held)."""

@@ -65,3 +65,25 @@ def test_weight_beyond_capacity_is_refused() -> None:
 def test_zero_total_weight_is_refused() -> None:
     with pytest.raises(ProtocolError, match="total weight 0"):
         FixedPoint(1.0, 8).decode_sum(np.zeros(3, dtype=np.uint32))
+
+
+def test_encoding_across_blocks_matches_the_elementwise_rule() -> None:
+    # Deterministic, bits 8: L = 127, c = 1, step = 1/127. Each value i/127 - 1 (i = 0..254,
+    # repeated past two blocks) is on the grid, so q = i - 127; weight 3 makes it 3(i - 127).
+    from enclavefl.privacy.secagg.fixedpoint import ENCODE_BLOCK
+
+    grid = FixedPoint(1.0, 8, "deterministic")
+    i = np.arange(2 * ENCODE_BLOCK + 5) % 255
+    out = grid.encode((i / 127 - 1).astype(np.float32), 3, RNG)
+    assert out[-1] == 3
+    np.testing.assert_array_equal(out[:-1].view(np.int32), 3 * (i - 127))
+
+
+def test_stochastic_rounding_keeps_grid_values_in_every_block() -> None:
+    # c = L = 127 makes step = 1, so x = q exactly; frac 0: floor(q + U) = q for every coin U in [0, 1).
+    from enclavefl.privacy.secagg.fixedpoint import ENCODE_BLOCK
+
+    grid = FixedPoint(127.0, 8, "stochastic")
+    q = (np.arange(2 * ENCODE_BLOCK + 5) % 255) - 127
+    out = grid.encode(q.astype(np.float64), 1, np.random.default_rng(4))
+    np.testing.assert_array_equal(out[:-1].view(np.int32), q)

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from enclavefl.privacy.secagg.graph import auto_degree, neighbour_graph, resolve_degree, resolve_threshold
+from enclavefl.privacy.secagg.graph import (
+    auto_degree,
+    neighbour_graph,
+    neighbours_of,
+    resolve_degree,
+    resolve_threshold,
+)
 
 
 def test_auto_degree_by_hand() -> None:
@@ -43,3 +49,15 @@ def test_threshold_not_above_half_is_refused() -> None:
     # t = 4 of k = 8: two disjoint groups of 4 could reveal both secrets of one worker.
     with pytest.raises(ValueError, match="k/2 < t"):
         resolve_threshold(8, 4)
+
+
+def test_neighbours_of_is_the_row_of_the_whole_graph() -> None:
+    # Harary graph (k = 4 of 12) and complete graph (k = 3 of 4): every id's row matches.
+    for ids, k in ([f"w{i}" for i in range(12)], 4), (["a", "b", "c", "d"], 3):
+        graph = neighbour_graph(ids, k, b"seed")
+        assert all(neighbours_of(ids, k, b"seed", u) == graph[u] for u in ids)
+
+
+def test_neighbours_of_refuses_an_id_outside_the_graph() -> None:
+    with pytest.raises(ValueError, match="'z' is not among"):
+        neighbours_of(["a", "b", "c"], 2, b"s", "z")

@@ -42,3 +42,22 @@ def test_add_masks_equals_adding_each_expanded_mask() -> None:
     expected += expand_mask(seeds[2], 70_000)
     add_masks(vector, [(seeds[0], 1), (seeds[1], -1), (seeds[2], 1)])
     np.testing.assert_array_equal(vector, expected)
+
+
+def test_keystream_blocks_continue_the_expanded_mask() -> None:
+    # Blocks of 3, 0 and 4 words are words 0..2 and 3..6 of the seed's mask.
+    from enclavefl.privacy.secagg.prg import Keystream
+
+    seed = bytes(range(32))
+    stream = Keystream(seed, block_words=4)
+    got = [stream.next(3).copy(), stream.next(0).copy(), stream.next(4).copy()]
+    np.testing.assert_array_equal(np.concatenate(got), expand_mask(seed, 7))
+
+
+def test_keystream_refuses_more_words_than_its_block() -> None:
+    import pytest
+
+    from enclavefl.privacy.secagg.prg import Keystream
+
+    with pytest.raises(ValueError, match="0..4 words"):
+        Keystream(bytes(32), block_words=4).next(5)

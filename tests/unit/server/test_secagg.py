@@ -209,6 +209,16 @@ def test_flatten_and_unflatten_keep_the_template_order() -> None:
     assert flatten_update(update, StreamHeader.of(update)).tolist() == [1.0, 2.0, 3.0]
 
 
+def test_flatten_keeps_one_float32_tensor_as_a_view_and_widens_mixed_dtypes() -> None:
+    # Every float32 is exact in float64, so keeping float32 changes no encoded value; an int64
+    # tensor next to it makes the flat vector float64.
+    one = ParamSet({"a": np.asarray([[0.5, -1.0]], np.float32)})
+    flat = flatten_update(one, StreamHeader.of(one))
+    assert flat.dtype == np.float32 and np.shares_memory(flat, one["a"])
+    mixed = ParamSet({"a": np.asarray([0.5], np.float32), "n": np.asarray([3], np.int64)})
+    assert flatten_update(mixed, StreamHeader.of(mixed)).dtype == np.float64
+
+
 def _opened_round(tmp_path: Path, n: int = 3) -> tuple[ParameterServer, list[Identity], TaskInfo, list[str]]:
     """A PS with a round open for ``n`` joined workers, and the train task they got."""
     ps = ParameterServer(secagg_job(workers=n), INITIAL, out_dir=tmp_path)

@@ -21,7 +21,13 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from enclavefl.privacy.secagg.client import SecAggClient
     from enclavefl.privacy.secagg.fixedpoint import FixedPoint
-    from enclavefl.privacy.secagg.graph import auto_degree, neighbour_graph, resolve_degree, resolve_threshold
+    from enclavefl.privacy.secagg.graph import (
+        auto_degree,
+        neighbour_graph,
+        neighbours_of,
+        resolve_degree,
+        resolve_threshold,
+    )
     from enclavefl.privacy.secagg.keys import KeyPair, agree, open_sealed, seal
     from enclavefl.privacy.secagg.messages import (
         KeyAdvert,
@@ -42,6 +48,7 @@ _HOMES = {
     "FixedPoint": "fixedpoint",
     "auto_degree": "graph",
     "neighbour_graph": "graph",
+    "neighbours_of": "graph",
     "resolve_degree": "graph",
     "resolve_threshold": "graph",
     "KeyPair": "keys",
@@ -94,6 +101,7 @@ __all__ = [
     "expand_mask",
     "graph_seed",
     "neighbour_graph",
+    "neighbours_of",
     "open_sealed",
     "resolve_degree",
     "resolve_threshold",

@@ -27,7 +27,7 @@ from typing import final
 import numpy as np
 
 from enclavefl.errors import ProtocolError
-from enclavefl.privacy.secagg.graph import neighbour_graph
+from enclavefl.privacy.secagg.graph import neighbours_of
 from enclavefl.privacy.secagg.keys import KeyPair, agree, open_sealed, seal
 from enclavefl.privacy.secagg.messages import (
     KeyAdvert,
@@ -135,7 +135,7 @@ class SecAggClient:
             self._threshold = self._params.threshold_count(k + 1)  # the k neighbours and this worker hold shares
         except ValueError as exc:
             raise self._refuse(str(exc)) from exc
-        neighbours = neighbour_graph(ids, k, graph_seed(self._tag, roster.adverts))[self._id]
+        neighbours = neighbours_of(ids, k, graph_seed(self._tag, roster.adverts), self._id)
         # Only the neighbours' keys are ever used (Bell et al.: O(log n) checks, not n); a key of
         # anyone else changes only the graph seed, which every worker computes from the same roster.
         for v in neighbours:

@@ -13,7 +13,7 @@ only the total weight and the weighted sum, never one worker's weight.
 Error bound, per coordinate of the weighted mean sum_i w_i q_i step / sum_i w_i
 against the mean of the clipped inputs: at most step/2 with deterministic
 (nearest) rounding; strictly below step with stochastic rounding, which is
-unbiased (E[q step] = x), so its error averages out over workers and rounds.
+unbiased (E[q step] = x, to 2**-32 of a step), so its error averages out over workers and rounds.
 """
 
 from __future__ import annotations
@@ -24,8 +24,12 @@ from typing import Literal
 import numpy as np
 
 from enclavefl.errors import ProtocolError
+from enclavefl.privacy.secagg.prg import Keystream
 
-__all__ = ["FixedPoint"]
+__all__ = ["ENCODE_BLOCK", "FixedPoint"]
+
+ENCODE_BLOCK = 64 * 1024
+"""Values :meth:`FixedPoint.encode` converts at a time (512 KiB of float64 scratch)."""
 
 _WORD = 2**32
 _HALF_WORD = 2**31
@@ -76,7 +80,7 @@ class FixedPoint:
         Args:
             values: any float array; flattened (shape (n,) -> result shape (n + 1,), uint32).
             weight: the worker's capped integer weight, 1 <= weight <= capacity.
-            rng: the source of the stochastic rounding's coin flips.
+            rng: keys the stochastic rounding's coin flips (32 bytes are drawn from it).
 
         Raises:
             ValueError: a weight out of range or a non-finite value (caller misuse: clip first).
@@ -84,21 +88,35 @@ class FixedPoint:
         if not 1 <= weight <= self.capacity:
             raise ValueError(f"weight must be in 1..{self.capacity}, got {weight}")
         given = np.asarray(values).reshape(-1)
-        if not np.isfinite(given).all():
-            raise ValueError("cannot encode a non-finite value")
-        scaled = np.clip(given, -self.clip_range, self.clip_range, dtype=np.float64)  # a float64 copy
-        scaled *= 1.0 / self.step  # in [-L, L]
-        if self.rounding == "stochastic":
-            scaled += rng.random(scaled.shape[0])  # floor(x + U) rounds up with P = frac(x): unbiased
-            np.floor(scaled, out=scaled)
-        else:
-            np.rint(scaled, out=scaled)
-        out = np.empty(scaled.shape[0] + 1, dtype=np.uint32)
+        n = given.shape[0]
+        out = np.empty(n + 1, dtype=np.uint32)
         q = out[:-1].view(np.int32)
-        q[...] = scaled  # |q| <= L < 2**31: exact
-        # int32 products wrap modulo 2**32, which is the arithmetic we want (two's complement residues).
-        with np.errstate(over="ignore"):
-            q *= np.int32(weight)
+        # Block by block, so the float64 scratch stays in cache instead of three model-sized temporaries.
+        scaled = np.empty(min(n, ENCODE_BLOCK), dtype=np.float64)
+        coins = np.empty_like(scaled)
+        # The coin flips: 32-bit words of an AES-CTR keystream keyed from ``rng`` (a tenth of the
+        # cost of drawing floats from it); k / 2**32 is exact in float64.
+        flips_of = Keystream(rng.bytes(32), ENCODE_BLOCK) if self.rounding == "stochastic" else None
+        inverse_step = 1.0 / self.step
+        for start in range(0, n, ENCODE_BLOCK):
+            stop = min(start + ENCODE_BLOCK, n)
+            part, block = given[start:stop], scaled[:stop - start]
+            if not np.isfinite(part).all():
+                raise ValueError("cannot encode a non-finite value")
+            np.clip(part, -self.clip_range, self.clip_range, out=block)
+            block *= inverse_step  # in [-L, L]
+            if flips_of is not None:
+                flips = coins[:stop - start]
+                np.multiply(flips_of.next(stop - start), 2.0**-32, out=flips)  # U on a 2**-32 grid in [0, 1)
+                block += flips  # floor(x + U) rounds up with P = frac(x) (to 2**-32): unbiased
+                np.floor(block, out=block)
+            else:
+                np.rint(block, out=block)
+            words = q[start:stop]
+            words[...] = block  # |q| <= L < 2**31: exact
+            # int32 products wrap modulo 2**32, which is the arithmetic we want (two's complement residues).
+            with np.errstate(over="ignore"):
+                words *= np.int32(weight)
         out[-1] = weight
         return out
 

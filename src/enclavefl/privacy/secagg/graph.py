@@ -17,7 +17,7 @@ import hashlib
 import math
 from collections.abc import Mapping, Sequence
 
-__all__ = ["auto_degree", "neighbour_graph", "resolve_degree", "resolve_threshold"]
+__all__ = ["auto_degree", "neighbour_graph", "neighbours_of", "resolve_degree", "resolve_threshold"]
 
 
 def auto_degree(n: int) -> int:
@@ -58,18 +58,41 @@ def neighbour_graph(ids: Sequence[str], k: int, seed: bytes) -> Mapping[str, tup
     Raises:
         ValueError: repeated ids, or k not even and below n - 1, or k >= n.
     """
+    cycle = _cycle(ids, k, seed)
+    if cycle is None:
+        return {u: tuple(sorted(v for v in ids if v != u)) for u in ids}
+    return {u: _row(cycle, i, k) for i, u in enumerate(cycle)}
+
+
+def neighbours_of(ids: Sequence[str], k: int, seed: bytes, who: str) -> tuple[str, ...]:
+    """``who``'s row of :func:`neighbour_graph` alone: a worker needs only its own (O(n), not O(n k)).
+
+    Raises:
+        ValueError: as :func:`neighbour_graph`, or ``who`` is not one of ``ids``.
+    """
+    cycle = _cycle(ids, k, seed)
+    if who not in ids:
+        raise ValueError(f"{who!r} is not among the {len(ids)} ids of the graph")
+    if cycle is None:
+        return tuple(sorted(v for v in ids if v != who))
+    return _row(cycle, cycle.index(who), k)
+
+
+def _cycle(ids: Sequence[str], k: int, seed: bytes) -> list[str] | None:
+    """The random cyclic order of a Harary graph, or None when the graph is complete."""
     n = len(ids)
     if len(set(ids)) != n:
         raise ValueError("worker ids repeat")
     if not 0 <= k <= n - 1:
         raise ValueError(f"degree {k} is impossible for {n} workers")
     if k == n - 1:
-        return {u: tuple(sorted(v for v in ids if v != u)) for u in ids}
+        return None
     if k % 2:
         raise ValueError(f"a Harary graph of odd degree {k} below n - 1 is not built here")
-    cycle = sorted(ids, key=lambda u: hashlib.sha256(seed + u.encode()).digest())
-    half = k // 2
-    return {
-        u: tuple(sorted(cycle[(i + d) % n] for d in range(-half, half + 1) if d != 0))
-        for i, u in enumerate(cycle)
-    }
+    return sorted(ids, key=lambda u: hashlib.sha256(seed + u.encode()).digest())
+
+
+def _row(cycle: Sequence[str], i: int, k: int) -> tuple[str, ...]:
+    """The k/2 ids before and after position i on the cycle, sorted."""
+    n, half = len(cycle), k // 2
+    return tuple(sorted(cycle[(i + d) % n] for d in range(-half, half + 1) if d != 0))

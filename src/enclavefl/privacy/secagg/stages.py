@@ -209,7 +209,11 @@ def masked_template(template: StreamHeader) -> StreamHeader:
 
 
 def flatten_update(update: ParamSet, template: StreamHeader) -> np.ndarray:
-    """The update's values as one float64 vector, in ``template`` order (row-sparse tensors made dense).
+    """The update's values as one flat float vector, in ``template`` order (row-sparse tensors made dense).
+
+    Float32 tensors stay float32 (every float32 is exact in float64, so the encoding
+    that follows gets the same values) and one dense tensor comes back as a view:
+    no model-sized float64 copy.
 
     Raises:
         ValueError: the update's tensors are not the template's.
@@ -223,8 +227,11 @@ def flatten_update(update: ParamSet, template: StreamHeader) -> np.ndarray:
         dense = value.to_dense() if isinstance(value, SparseRows) else value
         if tuple(dense.shape) != tuple(spec.shape):
             raise ValueError(f"tensor {spec.name}: shape {dense.shape}, template {spec.shape}")
-        parts.append(np.asarray(dense, dtype=np.float64).reshape(-1))
-    return np.concatenate(parts) if parts else np.zeros(0)
+        kind = np.float32 if dense.dtype in (np.float32, np.float16) else np.float64
+        parts.append(np.asarray(dense, dtype=kind).reshape(-1))
+    if len(parts) == 1:
+        return parts[0]
+    return np.concatenate(parts, dtype=np.result_type(*parts)) if parts else np.zeros(0)
 
 
 def unflatten_mean(mean: np.ndarray, template: StreamHeader) -> ParamSet:
