@@ -30,6 +30,7 @@ A round that failed ``round.max_retries + 1`` times ends the job on every server
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -331,12 +332,34 @@ class ClusterEngine(SyncEngine):
         local = self._local
         if self.core.phase is not Phase.TRAINING or local is None:
             raise UpdateRejected(f"no round is open on server {self.server_id} (phase {self.core.phase.value})")
-        local.round.admit(meta)
         worker = self.core.registry.find(meta.worker_id)
+        sampled_as = meta.worker_id
+        if meta.worker_id not in local.round.sampled and worker is not None:
+            sampled_as = self._failed_over_from(local, worker.name, worker.fingerprint) or meta.worker_id
+        local.round.admit(meta if sampled_as == meta.worker_id else dataclasses.replace(meta, worker_id=sampled_as))
         raw = meta.extensions.get(UPDATE_ID_KEY)
         update_id = (raw.decode("utf-8", "replace")[:128] if raw else
                      f"{local.number}/{worker.name if worker is not None else meta.worker_id}")
-        return LedgerTarget(local.round, local.aggregator, UpdateRef(meta.worker_id, update_id)), 0, local.round.deadline
+        target = LedgerTarget(local.round, local.aggregator, UpdateRef(sampled_as, update_id), sampled_as=sampled_as)
+        return target, 0, local.round.deadline
+
+    def _failed_over_from(self, local: _Local, name: str, fingerprint: str) -> str | None:
+        """The id the round sampled this worker as on another server, if it failed over from there mid-round.
+
+        A worker whose server died joins an alternative (with a new worker id) and re-sends the update it
+        trained for the open round. It counts as the worker the round sampled when the store holds a session
+        of a sampled id, on another server, with the same name and certificate fingerprint; the store's
+        ledger still counts one update per (sampled) worker and per update id. Only uploads from unsampled
+        ids reach this look-up.
+        """
+        for session in self.store.sessions():
+            if (session.worker_id in local.round.sampled and session.server != self.server_id
+                    and session.name == name and session.fingerprint == fingerprint):
+                log.info("server %s round %d: worker %s failed over from server %s (sampled as %s)",
+                         self.server_id, local.number, name, session.server, session.worker_id,
+                         extra={"event": "failover"})
+                return session.worker_id
+        return None
 
     # -- lead --------------------------------------------------------------------------------------
 
