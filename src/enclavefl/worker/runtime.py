@@ -24,6 +24,11 @@ It keeps the PS told that it is alive: each long-poll lasts at most the
 :class:`~enclavefl.worker.heartbeat.Heartbeat` thread says so as often; the PS
 drops a worker it has not heard from for ``round.worker_timeout_s``.
 
+In a cluster it is given several servers (its own, then alternatives): a
+server that is unreachable, or no longer knows this worker (it drains), makes
+the next connection go to the next server, and an update whose push found the
+server gone is sent once more there (:meth:`Worker._push`).
+
 It survives a PS restart: an unreachable PS is retried with exponential
 backoff (bounded by ``give_up_s``), and a PS that no longer knows this worker
 (new instance, or it dropped us) is joined again. After the PS was unreachable
@@ -243,7 +248,9 @@ class Worker:
                     attempt = 0
                     started = time.monotonic()
                 except StaleSession as exc:
+                    # A new connection: with several servers, the next one (this one may be draining).
                     log.info("worker %s: %s; joining again", s.name, exc)
+                    self.close()
                     client, join = self._connect()
                     continue
                 except Unavailable as exc:
@@ -271,6 +278,7 @@ class Worker:
                             client, join = self._train_round(client, join, task)
                     except StaleSession as exc:
                         log.info("worker %s round %d: %s; joining again", s.name, task.round, exc)
+                        self.close()
                         client, join = self._connect()
                     except TransportError as exc:
                         log.warning("worker %s round %d: round lost: %s", s.name, task.round, exc)

@@ -302,3 +302,29 @@ def test_a_worker_with_another_certificate_is_not_taken_for_the_sampled_one(tmp_
     # Assert
     assert not reply.accepted and "not sampled" in reply.reason
     assert store.accepted(1, 0) == {}
+
+
+def test_a_drained_server_finishes_its_round_and_its_workers_move_to_the_others(tmp_path: Path) -> None:
+    # Prepare: 6 workers on 3 servers, every round needs all 6; server-2 drains once version 1 is out.
+    config = cluster_job(rounds=4, workers=6)
+    store = MemoryStore()
+
+    # Execute
+    run = run_cluster(config, INITIAL, trainers(6), lambda i: store, tmp_path / "cluster", servers=3, drain={2: 1})
+    single = run_federation(config, INITIAL, trainers(6), tmp_path / "single")
+
+    # Assert: server-2 left the membership; every round counted each worker once, the last on the two
+    # servers left; they end with the single PS's model (no update lost or doubled by the move).
+    assert not run.errors, run.errors
+    assert run.engine(2).drained
+    assert [m.member_id for m in store.members("server")] == []  # all left at the end
+    for number in range(1, 5):
+        state = store.round_state(number)
+        assert state is not None and state.phase is RoundPhase.CLOSED
+        ledger = store.accepted(number, state.attempt)
+        assert sorted(ledger) == sorted(f"{number}/worker-{i}" for i in range(6))
+    last = store.round_state(4)
+    assert last is not None
+    assert {a.server for a in store.accepted(4, last.attempt).values()} == {"server-0", "server-1"}
+    for ps in run.servers[:2]:
+        assert ps.version == 4 and ps.params.equal(single.ps.params)
