@@ -282,6 +282,8 @@ class Worker:
                         client, join = self._connect()
                     except TransportError as exc:
                         log.warning("worker %s round %d: round lost: %s", s.name, task.round, exc)
+                        if self._client is None:  # closed by a failover that found no server: try again
+                            client, join = self._connect()
         finally:
             self.close()
 
