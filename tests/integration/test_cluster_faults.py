@@ -1,4 +1,4 @@
-"""Cluster faults with real processes: a server SIGKILLed mid-round."""
+"""Cluster faults with real processes: a server SIGKILLed mid-round (its workers fail over), Redis, the leader."""
 
 from __future__ import annotations
 
@@ -72,9 +72,9 @@ def _port(path: Path, proc: subprocess.Popen[bytes], what: str) -> int:
     return int(path.read_text())
 
 
-def test_a_server_killed_mid_round_loses_no_accepted_update_and_counts_none_twice(
+def test_a_server_killed_mid_round_loses_no_update_its_workers_fail_over_and_none_counts_twice(
         tmp_path: Path, redis: RedisProcess) -> None:
-    # Prepare: a scheduler, 3 servers, 6 workers (worker i on server i mod 3).
+    # Prepare: a scheduler, 3 servers, 6 workers (worker i on server i mod 3, then the next servers).
     (tmp_path / "logs").mkdir()
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(JOB))
@@ -94,9 +94,9 @@ def test_a_server_killed_mid_round_loses_no_accepted_update_and_counts_none_twic
                                                  str(tmp_path / f"{i}.port"), *tls])
             ports.append(_port(tmp_path / f"{i}.port", server, f"server-{i} to listen"))
         for i in range(WORKERS):
-            procs.spawn(f"worker-{i}", ["worker", "--config", str(job), "--connect",
-                                        f"127.0.0.1:{ports[i % SERVERS]}", "--index", str(i), "--connect-timeout",
-                                        "20", *tls])
+            targets = ",".join(f"127.0.0.1:{ports[(i + k) % SERVERS]}" for k in range(SERVERS))
+            procs.spawn(f"worker-{i}", ["worker", "--config", str(job), "--connect", targets, "--index", str(i),
+                                        "--connect-timeout", "20", *tls])
 
         # Execute: SIGKILL server-2 once one of its workers trains in round 2.
         wait_for(lambda: re.search(r"worker-[25] round 2: training", procs.log("worker-2") + procs.log("worker-5"))
@@ -118,9 +118,13 @@ def test_a_server_killed_mid_round_loses_no_accepted_update_and_counts_none_twic
         # Every accepted update is counted once: one per update id and per worker, as many as the row's.
         assert len(ledger) == state.counters["accepted"] == row["participants"]
         assert len({a.worker for a in ledger.values()}) == len(ledger)
-    # Round 2 kept what server-2 had accepted before it died (its partial is in the store), and round 3
-    # ran on the two live servers' workers only.
-    assert rows[2]["participants"] == 4
+    # Round 2: the worker of server-2 that was training when it died re-sent its update to another server,
+    # where it counts as the worker the round sampled. Round 3 ran on the two live servers, with every
+    # worker (server-2's failed over).
+    resent = [a for uid, a in store.accepted(2, rows[1]["attempt"]).items()
+              if uid in ("2/worker-2", "2/worker-5") and a.server != "server-2"]
+    assert resent, procs.log("worker-2")[-2000:] + procs.log("worker-5")[-2000:]
+    assert rows[2]["participants"] == WORKERS
     assert {a.server for a in store.accepted(3, rows[2]["attempt"]).values()} == {"server-0", "server-1"}
     store.close()
 

@@ -6,8 +6,8 @@ naming the package when it is missing), then ``enclavefl scheduler``
 (``scheduler/``: the job's metrics, the management API), then ``enclavefl
 server`` N times (``server-<i>/`` each: log, metrics, checkpoints of the rounds
 it led), which get the cluster key from the scheduler once their attestation
-passes, and the workers, worker ``i`` connecting to server ``i mod N``. It
-follows the scheduler's metrics and stops everything when the job is done.
+passes, and the workers, worker ``i`` connecting to server ``i mod N`` and failing
+over to the others. It follows the scheduler's metrics and stops everything when the job is done.
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ from enclavefl.cli.run_cmd import (
     _tail,
 )
 from enclavefl.cli.runs import choose_run_dir, claim_run_dir, print_summary, write_config
+from enclavefl.cluster.assignment import assign
 from enclavefl.cluster.settings import check_cluster_job
+from enclavefl.cluster.store import Member
 from enclavefl.config import load_job
 from enclavefl.errors import ConfigError, RoundError
 from enclavefl.transport.certs import create_job_certs
@@ -56,6 +58,18 @@ def _wait_ports(servers: list[tuple[_Child, Path]]) -> list[int]:
             time.sleep(0.05)
         ports.append(int(port_file.read_text()))
     return ports
+
+
+def _targets(i: int, ports: list[int]) -> str:
+    """Worker ``i``'s ``--connect``: server ``i mod N`` (an even spread), then the others in its failover order.
+
+    The order of the alternatives is the scheduler's (rendezvous hashing on the worker's name,
+    :func:`~enclavefl.cluster.assignment.assign`), so when a server leaves its workers spread over the rest.
+    """
+    members = [Member(f"server-{k}", "server", f"127.0.0.1:{port}") for k, port in enumerate(ports)]
+    primary = members[i % len(members)]
+    rest = [m for m in assign(f"worker-{i}", members) if m is not primary]
+    return ",".join(m.address for m in [primary, *rest])
 
 
 def run_cluster(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -115,7 +129,7 @@ def run_cluster(args: argparse.Namespace, overrides: list[str]) -> int:
         ports = _wait_ports(servers)
         for i in range(config.job.workers):
             children.spawn(f"worker-{i}", python + ["worker", "--config", str(config_path), *tls_args, *audit_args,
-                                                    "--connect", f"127.0.0.1:{ports[i % n]}", "--index", str(i),
+                                                    "--connect", _targets(i, ports), "--index", str(i),
                                                     *watch_args])
         console.print(f"servers listening on {', '.join(f'127.0.0.1:{p}' for p in ports)}; logs in {run_dir / 'logs'}")
         rows = _follow(console, scheduler, run_dir / "scheduler" / config.summary.metrics_file, config,

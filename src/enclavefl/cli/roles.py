@@ -81,7 +81,9 @@ def add_ps_parser(sub: Any) -> None:
 def add_worker_parser(sub: Any) -> None:
     p = sub.add_parser("worker", help="run one worker")
     _common(p)
-    p.add_argument("--connect", required=True, metavar="HOST:PORT", help="address of the PS")
+    p.add_argument("--connect", required=True, metavar="HOST:PORT[,HOST:PORT...]",
+                   help="address of the PS; for a cluster, its servers in the order to try them (the worker's "
+                        "server, then the alternatives it fails over to)")
     p.add_argument("--index", type=int, required=True, help="this worker's index (its data partition)")
     p.add_argument("--of", type=int, help="number of workers the data is split across (default job.workers)")
     p.add_argument("--name", help="name shown in PS logs (default worker-<index>)")
@@ -209,7 +211,10 @@ def run_worker(args: argparse.Namespace) -> int:
                                        audit_path=args.audit_file)
         stop = threading.Event()
         stopper.on_stop(stop.set)
-        connect = grpc_client_factory(args.connect, credentials, chunk_bytes=config.transport.chunk_bytes)
+        targets = [t.strip() for t in args.connect.split(",")]
+        if not all(t.rpartition(":")[0] and t.rpartition(":")[2].isdigit() for t in targets):
+            raise ConfigError(f"--connect {args.connect!r}: expected HOST:PORT, or several separated by commas")
+        connect = grpc_client_factory(targets, credentials, chunk_bytes=config.transport.chunk_bytes)
         try:
             app.run_worker(config, load_task(config), args.index, count, connect, name=args.name, stop=stop,
                            connect_timeout_s=args.connect_timeout)

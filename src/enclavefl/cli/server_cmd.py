@@ -5,6 +5,8 @@ workers join it and push to it as to a PS; rounds, partial aggregates and
 model versions live in the store (``--store redis://HOST:PORT/DB``, or the
 job's ``cluster.redis``), sealed under the cluster key (``--cluster-key-file``).
 The server holding the leader lease opens and closes the rounds (docs/cluster.md).
+SIGINT, SIGTERM or SIGHUP drain it: it leaves the membership, serves its open
+round to the end, hands its workers over to the other servers and exits.
 
 ``--out`` receives this server's ``logs/server.log``, ``audit.jsonl``,
 ``metrics.jsonl`` (every round's row, whichever server led it) and the
@@ -83,8 +85,10 @@ def run_server(args: argparse.Namespace) -> int:
         try:
             ps = build_server(config, load_task(config), out_dir=out,
                               engine=cluster_engine(store, args.server_id, config.cluster))
-            stopper.on_stop(ps.stop)
             engine = ps.engine if isinstance(ps.engine, ClusterEngine) else None
+            # A stop signal drains: the open round ends here, the workers move to the other servers (the
+            # last server stops as a PS does). A second signal exits at once.
+            stopper.on_stop(engine.drain if engine is not None else ps.stop)
             host = config.transport.listen.rpartition(":")[0]
             started = time.monotonic()
 

@@ -26,10 +26,21 @@ How this works: each server runs a normal :class:`~enclavefl.server.ps.Parameter
 
 Every leader write carries the lease: a leader that lost it cannot publish.
 A round that failed ``round.max_retries + 1`` times ends the job on every server.
+
+Draining (:meth:`ClusterEngine.drain`, or the scheduler holding the
+``drain:<server id>`` lease): the server leaves the membership and drops its
+workers' sessions at once, so no new round samples them; it hands the leader
+lease over (after finishing a close it began), serves the round it has open
+to its end (its partial stays in the store for the leader), then answers each
+of its workers' next call with "unknown session": a worker with alternatives
+joins its next server. Once every worker has moved (or two heartbeats
+passed), the server ends without telling anyone FINISH. The last live server
+does not drain: it stops as a lone PS does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -42,13 +53,14 @@ from enclavefl.cluster.errors import LeaseLost, StoreConflict, StoreError, Store
 from enclavefl.cluster.ledger import METRIC_SCALE, LedgerTarget, StoreAggregator
 from enclavefl.cluster.store import Lease, Member, RoundPhase, RoundState, Session, Store, UpdateRef, check_partials
 from enclavefl.config import ClusterConfig
-from enclavefl.errors import ConfigError, RoundError, UpdateRejected
-from enclavefl.messages import UpdateMeta
+from enclavefl.errors import ConfigError, RoundError, StaleSession, UpdateRejected
+from enclavefl.messages import TaskInfo, UpdateMeta
 from enclavefl.server.checkpoint import params_digest
 from enclavefl.server.closing import ClosePipeline
 from enclavefl.server.core import ServerCore
 from enclavefl.server.engine import Engine, SyncEngine
 from enclavefl.server.phases import Phase
+from enclavefl.server.registry import WorkerRecord
 from enclavefl.server.ps import EngineFactory
 from enclavefl.server.round import Round, RoundRecord
 from enclavefl.server.sampling import Candidate
@@ -57,7 +69,7 @@ from enclavefl.server.state import Stateful
 from enclavefl.server.strategy import Strategy
 from enclavefl.tensors import StreamHeader
 
-__all__ = ["LEADER_LEASE", "PAUSE_LEASE", "UPDATE_ID_KEY", "ClusterEngine", "cluster_engine"]
+__all__ = ["DRAIN_LEASE_PREFIX", "LEADER_LEASE", "PAUSE_LEASE", "UPDATE_ID_KEY", "ClusterEngine", "cluster_engine"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +78,9 @@ LEADER_LEASE = "leader"
 
 PAUSE_LEASE = "pause"
 """Held by the scheduler while an operator has paused the job: the leader opens no round."""
+
+DRAIN_LEASE_PREFIX = "drain:"
+"""``drain:<server id>``, held by the scheduler: that server drains (see the module docstring)."""
 
 UPDATE_ID_KEY = "update_id"
 """An update's ``extensions`` key for the id it carries on every (re-)send; else ``<round>/<worker name>``."""
@@ -144,6 +159,12 @@ class ClusterEngine(SyncEngine):
         self._unpublished: tuple[int, int, bytes, bytes] | None = None
         """A close this leader made but could not publish yet: (round, attempt, model, state)."""
         self._unreachable_since: float | None = None
+        self._drain = threading.Event()
+        self._draining = False
+        self._handover_until: float | None = None
+        """Set (under the core's lock) once the drained server's round is over: its workers are sent on."""
+        self.drained = False
+        """True once this server drained and left the cluster (its loop has ended or is ending)."""
 
     # -- the loop ----------------------------------------------------------------------------------
 
@@ -173,7 +194,16 @@ class ClusterEngine(SyncEngine):
             self._leave()
 
     def _going(self) -> bool:
-        return self.core.phase is not Phase.FINISHED and not self.core.ending
+        return self.core.phase is not Phase.FINISHED and not self.core.ending and not self.drained
+
+    def drain(self) -> None:
+        """Asks this server to leave the cluster once its open round is over (see the module docstring).
+
+        Idempotent; may be called from any thread (a signal handler's callback, say).
+        """
+        self._drain.set()
+        with self.core.cond:
+            self.core.cond.notify_all()
 
     def tick(self) -> None:
         """One look at the store: membership, then follow, then lead (see the module docstring).
@@ -181,6 +211,9 @@ class ClusterEngine(SyncEngine):
         Raises:
             RoundError: the job failed (a round failed more than ``round.max_retries`` times).
         """
+        if self._drain.is_set():
+            self._drain_tick()
+            return
         self._membership()
         state = self.store.round_state()
         self._follow(state)
@@ -215,6 +248,9 @@ class ClusterEngine(SyncEngine):
             if not self.store.heartbeat(self.server_id, self.cluster.member_ttl_s):
                 log.warning("server %s: membership had expired; registered again", self.server_id)
                 self.store.register(self._member(), self.cluster.member_ttl_s)
+            if self.store.lease(DRAIN_LEASE_PREFIX + self.server_id) is not None:
+                log.info("server %s: the scheduler asks this server to drain", self.server_id)
+                self._drain.set()
             self._next_heartbeat = now + self.cluster.heartbeat_s
         with self.core.cond:
             joined = {w.worker_id: (w.fingerprint, w.name) for w in self.core.registry.records()}
@@ -225,6 +261,57 @@ class ClusterEngine(SyncEngine):
         for worker_id in [w for w in self._bound if w not in joined]:
             self.store.drop_session(worker_id)
             del self._bound[worker_id]
+
+    # -- drain -------------------------------------------------------------------------------------
+
+    def _drain_tick(self) -> None:
+        core = self.core
+        if not self._draining:
+            others = [m for m in self.store.members("server") if m.member_id != self.server_id]
+            if not others:
+                log.warning("server %s: asked to drain, but no other server is live: stopping instead",
+                            self.server_id)
+                core.request_stop()
+                return
+            self._draining = True
+            self.store.deregister(self.server_id)  # no new round samples this server's workers
+            for worker_id in list(self._bound):
+                self.store.drop_session(worker_id)
+            self._bound.clear()
+            log.info("server %s: draining: left the membership; %d servers remain", self.server_id, len(others),
+                     extra={"event": "draining"})
+        state = self.store.round_state()
+        if self.lease is not None:
+            if state is not None and state.phase is RoundPhase.CLOSING:
+                self._lead(self.lease, state)  # a close this leader began: finish it first
+                return
+            self.store.release_lease(self.lease)
+            self.lease = None
+            log.info("server %s: draining: released the leader lease", self.server_id)
+        self._follow(state)
+        if self._local is not None:
+            return  # the round open here runs to its end: its uploads still land in this server's partial
+        now = time.monotonic()
+        with core.cond:
+            if self._handover_until is None:
+                self._handover_until = now + 2 * self.config.round.heartbeat_s + self.cluster.poll_s
+                log.info("server %s: draining: handing %d workers over to the other servers", self.server_id,
+                         len(core.registry))
+                core.cond.notify_all()  # long-polls answer at once
+            left = len(core.registry)
+            if left and now < self._handover_until:
+                return
+            self.drained = True
+        core.request_stop()  # the job ends here: FINISH only to a worker that never called again
+        log.info("server %s: drained (%d workers did not call again); leaving", self.server_id, left,
+                 extra={"event": "drained"})
+
+    def task_for(self, worker: WorkerRecord) -> TaskInfo | None:
+        if self._handover_until is not None:
+            # An unknown session: the worker joins its next server.
+            self.core.registry.remove(worker.worker_id, state="left", reason="handed over: the server drains")
+            raise StaleSession(f"server {self.server_id} is leaving the cluster: join another server")
+        return super().task_for(worker)
 
     # -- follow ------------------------------------------------------------------------------------
 
@@ -247,7 +334,8 @@ class ClusterEngine(SyncEngine):
         if local is not None and (state.phase is not RoundPhase.OPEN
                                   or (local.number, local.attempt) != (state.number, state.attempt)):
             self._close_local()
-        if state.phase is RoundPhase.OPEN and self._local is None and self.core.version == state.model_version:
+        if (state.phase is RoundPhase.OPEN and self._local is None and self.core.version == state.model_version
+                and not self._draining):
             self._open_local(state)
         if state.phase is RoundPhase.CLOSED and state.number >= self.config.job.rounds:
             self.core.finish()
@@ -331,12 +419,34 @@ class ClusterEngine(SyncEngine):
         local = self._local
         if self.core.phase is not Phase.TRAINING or local is None:
             raise UpdateRejected(f"no round is open on server {self.server_id} (phase {self.core.phase.value})")
-        local.round.admit(meta)
         worker = self.core.registry.find(meta.worker_id)
+        sampled_as = meta.worker_id
+        if meta.worker_id not in local.round.sampled and worker is not None:
+            sampled_as = self._failed_over_from(local, worker.name, worker.fingerprint) or meta.worker_id
+        local.round.admit(meta if sampled_as == meta.worker_id else dataclasses.replace(meta, worker_id=sampled_as))
         raw = meta.extensions.get(UPDATE_ID_KEY)
         update_id = (raw.decode("utf-8", "replace")[:128] if raw else
                      f"{local.number}/{worker.name if worker is not None else meta.worker_id}")
-        return LedgerTarget(local.round, local.aggregator, UpdateRef(meta.worker_id, update_id)), 0, local.round.deadline
+        target = LedgerTarget(local.round, local.aggregator, UpdateRef(sampled_as, update_id), sampled_as=sampled_as)
+        return target, 0, local.round.deadline
+
+    def _failed_over_from(self, local: _Local, name: str, fingerprint: str) -> str | None:
+        """The id the round sampled this worker as on another server, if it failed over from there mid-round.
+
+        A worker whose server died joins an alternative (with a new worker id) and re-sends the update it
+        trained for the open round. It counts as the worker the round sampled when the store holds a session
+        of a sampled id, on another server, with the same name and certificate fingerprint; the store's
+        ledger still counts one update per (sampled) worker and per update id. Only uploads from unsampled
+        ids reach this look-up.
+        """
+        for session in self.store.sessions():
+            if (session.worker_id in local.round.sampled and session.server != self.server_id
+                    and session.name == name and session.fingerprint == fingerprint):
+                log.info("server %s round %d: worker %s failed over from server %s (sampled as %s)",
+                         self.server_id, local.number, name, session.server, session.worker_id,
+                         extra={"event": "failover"})
+                return session.worker_id
+        return None
 
     # -- lead --------------------------------------------------------------------------------------
 

@@ -179,20 +179,26 @@ class _Naming:
 class LedgerTarget:
     """One upload's target: the local round, with the update named for the store's ledger."""
 
-    def __init__(self, round_: Round, aggregator: StoreAggregator, ref: UpdateRef) -> None:
+    def __init__(self, round_: Round, aggregator: StoreAggregator, ref: UpdateRef, *, sampled_as: str = "") -> None:
+        """``sampled_as``: the id the round knows the uploader by (a worker that failed over from another
+        server uploads under a new id); empty: the uploader's own."""
         self._round = round_
         self._aggregator = aggregator
         self._ref = ref
+        self._sampled_as = sampled_as
         self.number = round_.number
+
+    def _id(self, worker_id: str) -> str:
+        return self._sampled_as or worker_id
 
     def accept(self, worker_id: str, update: ParamSet, weight: float, num_samples: int, nbytes: int,
                metrics: Mapping[str, float], staleness: int = 0) -> None:
         counts = {"num_samples": num_samples, "bytes_in": nbytes, **metric_counts(metrics)}
         with self._aggregator.name(self._ref, counts):
-            self._round.accept(worker_id, update, weight, num_samples, nbytes, metrics, staleness)
+            self._round.accept(self._id(worker_id), update, weight, num_samples, nbytes, metrics, staleness)
 
     def end_upload(self, worker_id: str) -> None:
-        self._round.end_upload(worker_id)
+        self._round.end_upload(self._id(worker_id))
 
     def note_rejection(self, worker_id: str) -> None:
-        self._round.note_rejection(worker_id)
+        self._round.note_rejection(self._id(worker_id))

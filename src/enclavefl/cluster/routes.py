@@ -4,7 +4,11 @@
 - ``GET /api/v1/cluster/assignment/{worker}``: the server a worker (by name) should use, and its
   alternatives in failover order (:func:`~enclavefl.cluster.assignment.assign`).
 
-Both are read routes: they need the job's bearer token unless ``management.public_read``.
+- ``POST /api/v1/scale`` ``{"servers": N}``: drains servers down to N, or starts more when the scheduler
+  can (:meth:`~enclavefl.cluster.scheduler.Scheduler.scale`); 422 names what it cannot do.
+
+The first two are read routes: they need the job's bearer token unless ``management.public_read``;
+scaling is a control route (always the token).
 """
 
 from __future__ import annotations
@@ -12,15 +16,26 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
 
 from enclavefl.cluster.assignment import assign
-from enclavefl.cluster.scheduler import ClusterHandle
-from enclavefl.management.api import API_PREFIX, require_read
+from enclavefl.cluster.scheduler import MAX_SERVERS, ClusterHandle
+from enclavefl.errors import ConfigError
+from enclavefl.management.api import API_PREFIX, ControlCaller, require_read
 from enclavefl.management.schema import JobHandle
 
 __all__ = ["mount"]
 
 _MAX_NAME_CHARS = 64
+
+
+class ScaleRequest(BaseModel):
+    """``POST /api/v1/scale``: how many servers the cluster should run."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    servers: int = Field(ge=1, le=MAX_SERVERS)
 
 
 def mount(app: FastAPI, handle: JobHandle) -> None:
@@ -41,6 +56,13 @@ def mount(app: FastAPI, handle: JobHandle) -> None:
         entries = [{"id": m.member_id, "address": m.address} for m in ordered]
         return {"worker": worker, "server": entries[0], "alternatives": entries[1:]}
 
+    def scale(body: ScaleRequest, by: ControlCaller) -> Any:
+        try:
+            return cluster.scale(body.servers, by=by)
+        except ConfigError as exc:
+            return JSONResponse({"detail": str(exc), "fields": ["servers"]}, status_code=422)
+
+    app.add_api_route(f"{API_PREFIX}/scale", scale, methods=["POST"])
     app.add_api_route(f"{API_PREFIX}/cluster/servers", servers, methods=["GET"], dependencies=[Depends(require_read)])
     app.add_api_route(f"{API_PREFIX}/cluster/assignment/{{worker}}", assignment, methods=["GET"],
                       dependencies=[Depends(require_read)])

@@ -9,6 +9,14 @@ event; the job ends when its last round is CLOSED (or a round failed
 ``round.max_retries + 1`` times). A pause is the ``pause`` lease, held and
 renewed by the scheduler: the leader opens no round while anyone holds it.
 
+Scaling (:meth:`Scheduler.scale`, ``POST /api/v1/scale``): fewer servers
+means draining the extra ones (the highest ids): the scheduler holds the
+``drain:<id>`` lease of each, renewed until that server has left the
+membership, and each drains as :mod:`enclavefl.cluster.engine` says (its
+round ends there, its workers move on). More servers need a way to start
+them: the ``spawn`` callback the scheduler was given (for servers it starts
+itself on its host); without one the operator starts ``enclavefl server``.
+
 :class:`ClusterHandle` is the :class:`~enclavefl.management.schema.JobHandle`
 of the cluster, built from the store: status and rounds as one PS reports
 them, every worker session of a live server, and the cluster's nodes (every
@@ -21,14 +29,14 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from enclavefl.cluster.blobs import decode_close_state
-from enclavefl.cluster.engine import PAUSE_LEASE
+from enclavefl.cluster.engine import DRAIN_LEASE_PREFIX, PAUSE_LEASE
 from enclavefl.cluster.errors import StoreError, StoreUnavailable
 from enclavefl.cluster.store import Lease, Member, RoundPhase, RoundState, Store
 from enclavefl.config import JobConfig
@@ -38,10 +46,17 @@ from enclavefl.server.events import EventBus
 from enclavefl.server.handle import MAX_ROUNDS_PAGE
 from enclavefl.server.metrics import MetricsLog
 
-__all__ = ["PAUSE_LEASE", "ClusterHandle", "Scheduler"]
+__all__ = ["MAX_SERVERS", "PAUSE_LEASE", "ClusterHandle", "Scheduler"]
 
 log = logging.getLogger(__name__)
 
+MAX_SERVERS = 64
+"""The most servers a scale request may ask for."""
+
+
+def _id_order(member_id: str) -> tuple[int, str]:
+    """``server-2`` before ``server-10``: shorter ids first, then by text."""
+    return len(member_id), member_id
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
@@ -67,10 +82,13 @@ class Scheduler:
     Args:
         out_dir: receives ``metrics.jsonl`` (the rows of every round, as the servers record them).
         identity: what the scheduler's own attestation proves, for the status.
+        spawn: starts a server with the given member id (a process on the scheduler's host), for
+            :meth:`scale` up; None: scaling up is the operator's.
     """
 
     def __init__(self, config: JobConfig, store: Store, *, out_dir: Path, scheduler_id: str = "scheduler",
-                 address: str = "", identity: Identity | None = None) -> None:
+                 address: str = "", identity: Identity | None = None,
+                 spawn: Callable[[str], None] | None = None) -> None:
         self.config = config
         self.store = store
         self.scheduler_id = scheduler_id
@@ -91,6 +109,9 @@ class Scheduler:
         self._pause: Lease | None = None
         self._paused = False
         self.round: RoundState | None = None
+        self._spawn = spawn
+        self._drains: dict[str, Lease] = {}
+        """Servers asked to drain, with the drain lease held for each until it has left."""
 
     def _seen_round(self) -> int:
         return max((r["round"] for r in self.metrics.history if isinstance(r.get("round"), int)), default=0)
@@ -119,6 +140,7 @@ class Scheduler:
                     if not self.store.heartbeat(self.scheduler_id, cluster.member_ttl_s):
                         self.store.register(member, cluster.member_ttl_s)
                     self._hold_pause()
+                    self._hold_drains()
                     next_heartbeat = time.monotonic() + cluster.heartbeat_s
                 if self.tick():
                     break
@@ -187,6 +209,69 @@ class Scheduler:
         self._hold_pause()
         self.events.publish("control", action="pause" if paused else "resume")
         return True
+
+    # -- scale ---------------------------------------------------------------------------------------
+
+    def scale(self, servers: int) -> dict[str, Any]:
+        """Asks for ``servers`` live servers: drains the extra ones (highest ids first), or starts more.
+
+        Returns what it did: ``live`` (the servers not draining), ``draining``, ``starting`` (ids).
+
+        Raises:
+            ConfigError: ``servers`` is outside 1..MAX_SERVERS, or more servers are asked for and this
+                scheduler was given no way to start them.
+            StoreError: the store could not be read or written.
+        """
+        if not 1 <= servers <= MAX_SERVERS:
+            raise ConfigError(f"servers={servers}: expected 1..{MAX_SERVERS}")
+        members = sorted((m.member_id for m in self.store.members("server")), key=_id_order)
+        with self._lock:
+            live = [m for m in members if m not in self._drains]
+        starting: list[str] = []
+        if servers < len(live):
+            for server_id in live[servers:]:
+                lease = self.store.acquire_lease(DRAIN_LEASE_PREFIX + server_id, self.scheduler_id,
+                                                 self.config.cluster.member_ttl_s)
+                if lease is not None:
+                    with self._lock:
+                        self._drains[server_id] = lease
+                    log.info("scheduler %s: server %s asked to drain (scale to %d)", self.scheduler_id, server_id,
+                             servers)
+            live = live[:servers]
+        elif servers > len(live):
+            if self._spawn is None:
+                raise ConfigError(f"servers={servers}: {len(live)} are live and this scheduler starts no servers; "
+                                  "start more with `enclavefl server --scheduler ...`")
+            taken = set(members)
+            number = 0
+            while len(live) + len(starting) < servers:
+                candidate = f"server-{number}"
+                if candidate not in taken:
+                    starting.append(candidate)
+                number += 1
+            for server_id in starting:
+                self._spawn(server_id)
+                log.info("scheduler %s: server %s started (scale to %d)", self.scheduler_id, server_id, servers)
+        self.events.publish("control", action="scale", servers=servers)
+        with self._lock:
+            draining = sorted(self._drains, key=_id_order)
+        return {"servers": servers, "live": live, "draining": draining, "starting": starting}
+
+    def _hold_drains(self) -> None:
+        """Renews the drain lease of each server still a member; releases those of servers that left."""
+        with self._lock:
+            drains = dict(self._drains)
+        if not drains:
+            return
+        members = {m.member_id for m in self.store.members("server")}
+        for server_id, lease in drains.items():
+            if server_id in members:
+                self.store.acquire_lease(lease.name, self.scheduler_id, self.config.cluster.member_ttl_s)
+                continue
+            self.store.release_lease(lease)
+            with self._lock:
+                self._drains.pop(server_id, None)
+            log.info("scheduler %s: server %s has left", self.scheduler_id, server_id)
 
     def round_state(self) -> RoundState | None:
         """The store's current round as of the last tick (None before the first round)."""
@@ -278,6 +363,11 @@ class ClusterHandle:
 
     def resume(self, *, by: str) -> bool:
         return self._scheduler.set_paused(False)
+
+    def scale(self, servers: int, *, by: str) -> dict[str, Any]:
+        """:meth:`Scheduler.scale`, asked for by ``by``."""
+        log.info("scheduler: %s asks for %d servers", by, servers)
+        return self._scheduler.scale(servers)
 
     def settings(self) -> dict[str, Any]:
         config = self._scheduler.config

@@ -24,6 +24,11 @@ It keeps the PS told that it is alive: each long-poll lasts at most the
 :class:`~enclavefl.worker.heartbeat.Heartbeat` thread says so as often; the PS
 drops a worker it has not heard from for ``round.worker_timeout_s``.
 
+In a cluster it is given several servers (its own, then alternatives): a
+server that is unreachable, or no longer knows this worker (it drains), makes
+the next connection go to the next server, and an update whose push found the
+server gone is sent once more there (:meth:`Worker._push`).
+
 It survives a PS restart: an unreachable PS is retried with exponential
 backoff (bounded by ``give_up_s``), and a PS that no longer knows this worker
 (new instance, or it dropped us) is joined again. After the PS was unreachable
@@ -38,6 +43,7 @@ not change, and ends the worker at once.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import random
 import threading
@@ -47,6 +53,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, final
 
 from enclavefl.errors import (
+    ConfigError,
     DeadlineExceeded,
     ProtocolError,
     RoundError,
@@ -63,7 +70,7 @@ from enclavefl.messages import (
     UpdateKind,
     WorkerClient,
 )
-from enclavefl.tensors import StreamHeader
+from enclavefl.tensors import EncodedUpdate, ParamSet, StreamHeader
 from enclavefl.training import Trainer
 from enclavefl.worker.compression import UploadCompressor
 from enclavefl.worker.control import ScaffoldClient
@@ -81,6 +88,9 @@ if TYPE_CHECKING:
 __all__ = ["Worker", "WorkerSettings", "compute_delta", "grpc_client_factory", "sparsify_rows"]
 
 log = logging.getLogger(__name__)
+
+_Payload = ParamSet | EncodedUpdate
+"""What a worker pushes: the update, encoded as the task's upload compression says."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,7 +248,9 @@ class Worker:
                     attempt = 0
                     started = time.monotonic()
                 except StaleSession as exc:
+                    # A new connection: with several servers, the next one (this one may be draining).
                     log.info("worker %s: %s; joining again", s.name, exc)
+                    self.close()
                     client, join = self._connect()
                     continue
                 except Unavailable as exc:
@@ -263,16 +275,20 @@ class Worker:
                     try:
                         beat = functools.partial(client.heartbeat, join.worker_id)
                         with Heartbeat(beat, join.heartbeat_s, name=s.name):
-                            self._train_round(client, join, task)
+                            client, join = self._train_round(client, join, task)
                     except StaleSession as exc:
                         log.info("worker %s round %d: %s; joining again", s.name, task.round, exc)
+                        self.close()
                         client, join = self._connect()
                     except TransportError as exc:
                         log.warning("worker %s round %d: round lost: %s", s.name, task.round, exc)
+                        if self._client is None:  # closed by a failover that found no server: try again
+                            client, join = self._connect()
         finally:
             self.close()
 
-    def _train_round(self, client: WorkerClient, join: JoinInfo, task: TaskInfo) -> None:
+    def _train_round(self, client: WorkerClient, join: JoinInfo, task: TaskInfo) -> tuple[WorkerClient, JoinInfo]:
+        """Pulls, trains and pushes one round; returns the connection in use after it (see :meth:`_push`)."""
         s = self._settings
         round_ = task.round
         c = task.client
@@ -294,7 +310,7 @@ class Worker:
                 secagg.keys()  # before training: a worker that drops later is unmasked from its shares
             except (ProtocolError, RoundError) as exc:  # refused, or the PS ended the attempt
                 log.warning("worker %s round %d: secure aggregation: round abandoned here: %s", s.name, round_, exc)
-                return
+                return client, join
         scaffold_client: ScaffoldClient | None = None
         if c.algorithm == "scaffold":
             if self._scaffold is None:
@@ -312,7 +328,7 @@ class Worker:
                                       name=s.name, after_fit=after_fit)
             if local is None:
                 log.info("worker %s round %d: stopped while slowed down; round abandoned", s.name, round_)
-                return
+                return client, join
             t2 = time.monotonic()
             payload, kind = local.payload, local.kind
             metrics = dict(local.result.metrics)
@@ -321,8 +337,12 @@ class Worker:
             if secagg is not None:  # the weight travels masked; the header claims 1
                 payload, kind = secagg.mask(local.update, StreamHeader.of(global_params), local.result.num_samples)
                 num_samples = 1
-            reply = client.push_update(join.worker_id, round_, got_version, payload, num_samples, metrics,
-                                       kind=kind)
+            if secagg is None:
+                client, join, reply = self._push(client, join, round_, got_version, payload, num_samples, metrics,
+                                                 kind)
+            else:  # the masks are agreed with this server's other workers: no other server can unmask it
+                reply = client.push_update(join.worker_id, round_, got_version, payload, num_samples, metrics,
+                                           kind=kind)
             accepted = reply.accepted
             if accepted:
                 self.rounds_done += 1
@@ -337,6 +357,31 @@ class Worker:
             if not accepted and scaffold_client is not None and local is not None and local.control_before is not None:
                 # The PS did not count this delta c_i, so c_i must not move either (eq. 5 keeps c = mean c_i).
                 scaffold_client.load_state(local.control_before)
+        return client, join
+
+    def _push(self, client: WorkerClient, join: JoinInfo, round_: int, version: int, payload: _Payload,
+              num_samples: int, metrics: Mapping[str, float],
+              kind: UpdateKind) -> tuple[WorkerClient, JoinInfo, PushResult]:
+        """Pushes the update; if the server is unreachable, joins the next server and sends the same update there.
+
+        In a cluster (several ``--connect`` targets) a worker whose server died re-sends what it trained to
+        an alternative, which serves the same round on the same model version. The cluster's ledger counts
+        an update once, whichever server it reached first: a re-send of an update that already landed is
+        refused as already counted, which is not an error here. One failover per push: a second unreachable
+        server loses the round (the next long-poll goes on failing over).
+        """
+        try:
+            return client, join, client.push_update(join.worker_id, round_, version, payload, num_samples, metrics,
+                                                    kind=kind)
+        except Unavailable as exc:
+            if self._stop.is_set():
+                raise
+            log.warning("worker %s round %d: server unreachable during the push (%s); re-sending to the next server",
+                        self._settings.name, round_, exc, extra={"event": "failover"})
+        self.close()
+        client, join = self._connect()
+        return client, join, client.push_update(join.worker_id, round_, version, payload, num_samples, metrics,
+                                                kind=kind)
 
     def _secure_aggregation(self, client: WorkerClient, join: JoinInfo, task: TaskInfo) -> SecAggRound | None:
         """This round's secure-aggregation part if the task asks for it (its stages import cryptography)."""
@@ -367,17 +412,36 @@ class Worker:
             client.close()
 
 
-def grpc_client_factory(target: str, credentials: Credentials, *, chunk_bytes: int) -> Callable[[], WorkerClient]:
+def grpc_client_factory(target: str | Sequence[str], credentials: Credentials, *,
+                        chunk_bytes: int) -> Callable[[], WorkerClient]:
     """The factory a deployed worker hands to :class:`Worker`: a fresh TLS channel per call.
 
     Each call opens a new channel, so the credentials verify the PS again
     (after a restart it may have a new key). gRPC is imported on the first
     call: the worker runtime itself loads without it.
+
+    ``target`` may list several servers of a cluster, in the order the worker
+    should try them (its server first, then the alternatives of
+    ``GET /api/v1/cluster/assignment/<worker>``). The worker calls the factory
+    again only after its connection failed (the server was unreachable), so
+    each call after the first moves on to the next target, round the list.
+
+    Raises:
+        ConfigError: ``target`` lists no address.
     """
+    targets = [target] if isinstance(target, str) else list(target)
+    if not targets or not all(targets):
+        raise ConfigError(f"expected at least one server address (HOST:PORT), got {targets!r}")
+    calls = itertools.count()
 
     def connect() -> WorkerClient:
         from enclavefl.transport.client import FederationClient
 
-        return FederationClient(target, credentials, chunk_bytes=chunk_bytes)
+        n = next(calls)
+        address = targets[n % len(targets)]
+        if n and len(targets) > 1:
+            log.info("connecting to server %s (target %d of %d)", address, n % len(targets) + 1, len(targets),
+                     extra={"event": "failover"})
+        return FederationClient(address, credentials, chunk_bytes=chunk_bytes)
 
     return connect

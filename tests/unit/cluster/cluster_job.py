@@ -8,6 +8,7 @@ partial and accepted by the store through the servers' own code.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -18,6 +19,7 @@ from typing import Any
 from enclavefl.cluster import RoundPhase, Store
 from enclavefl.cluster.engine import ClusterEngine, cluster_engine
 from enclavefl.config import JobConfig, parse_job
+from enclavefl.messages import PeerIdentity
 from enclavefl.server.ps import ParameterServer
 from enclavefl.tensors import ParamSet
 from enclavefl.worker import InMemoryClient, Worker, WorkerSettings
@@ -68,14 +70,24 @@ def _published(store: Store) -> int:
     return state.model_version + (1 if state.phase is RoundPhase.CLOSED else 0)
 
 
+def _rotating(order: Sequence[ParameterServer], who: PeerIdentity) -> Callable[[], InMemoryClient]:
+    """A client factory that moves to the next server on each call after the first (as a deployed worker's)."""
+    calls = itertools.count()
+    return lambda: InMemoryClient(order[next(calls) % len(order)], who, chunk_bytes=64)
+
+
 def run_cluster(config: JobConfig, initial: ParamSet, trainers: Sequence[tuple[str, AddTrainer]],
                 store_for: Callable[[int], Store], out_dir: Path, *, servers: int,
-                timeout_s: float = 60.0, late: Mapping[int, int] | None = None) -> ClusterRun:
+                timeout_s: float = 60.0, late: Mapping[int, int] | None = None,
+                drain: Mapping[int, int] | None = None) -> ClusterRun:
     """Runs the job on ``servers`` servers (worker i joins server i mod servers) until every thread ends.
 
     Args:
         late: server index -> model version: that server (and its workers) starts only once the
             store has published that version (a server added while the job runs).
+        drain: server index -> model version: that server is asked to drain once the store has
+            published that version. Every worker then gets its servers in failover order (server
+            i mod servers, then the next ones), as a deployed worker with several ``--connect`` targets.
     """
     run = ClusterRun()
     for i in range(servers):
@@ -100,10 +112,18 @@ def run_cluster(config: JobConfig, initial: ParamSet, trainers: Sequence[tuple[s
 
     threads = [_guarded(run.errors, f"server-{i}", after(i, ps.run)) for i, ps in enumerate(run.servers)]
     for i, (name, trainer) in enumerate(trainers):
-        ps, who = run.servers[i % servers], peer(name)
-        worker = Worker(lambda ps=ps, who=who: InMemoryClient(ps, who, chunk_bytes=64), trainer,
-                        WorkerSettings(name=name, seed=7, poll_s=0.2), stop=stop)
+        order = [run.servers[(i + k) % servers] for k in range(servers if drain else 1)]
+        worker = Worker(_rotating(order, peer(name)), trainer, WorkerSettings(name=name, seed=7, poll_s=0.2),
+                        stop=stop)
         threads.append(_guarded(run.errors, name, after(i % servers, worker.run)))
+    for index, version in (drain or {}).items():
+        def draining(index: int = index, version: int = version) -> None:
+            deadline = time.monotonic() + timeout_s
+            while _published(store_for(index)) < version and time.monotonic() < deadline:
+                time.sleep(0.005)
+            run.engine(index).drain()
+
+        threads.append(_guarded(run.errors, f"drain-{index}", draining))
     deadline = time.monotonic() + timeout_s
     for thread in threads:
         thread.join(max(0.0, deadline - time.monotonic()))

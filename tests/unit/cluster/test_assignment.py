@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from enclavefl.cluster import Member, MemoryStore
@@ -55,3 +57,35 @@ def test_the_assignment_route_names_a_server_and_its_alternatives(tmp_path: Path
     answer = json.loads(body)
     expected = [m.member_id for m in assign("worker-7", servers(3))]
     assert [answer["server"]["id"], *(a["id"] for a in answer["alternatives"])] == expected
+
+
+def _post(url: str, body: dict[str, int], token: str | None) -> tuple[int, dict[str, object]]:
+    headers = {"content-type": "application/json"} | ({"authorization": f"Bearer {token}"} if token else {})
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, json.loads(exc.read() or b"{}")
+
+
+def test_the_scale_route_drains_with_the_token_and_says_what_it_cannot_do(tmp_path: Path) -> None:
+    # Prepare
+    store = MemoryStore()
+    for m in servers(3):
+        store.register(m, 30)
+    handle = ClusterHandle(Scheduler(cluster_job(rounds=1, workers=2), store, out_dir=tmp_path))
+
+    # Execute
+    with serving(app_for(handle, [mount], public_read=True)) as api:
+        anonymous, _ = _post(api.url + "/api/v1/scale", {"servers": 2}, None)
+        status, answer = _post(api.url + "/api/v1/scale", {"servers": 2}, TOKEN)
+        refused, why = _post(api.url + "/api/v1/scale", {"servers": 5}, TOKEN)
+        invalid, _ = _post(api.url + "/api/v1/scale", {"servers": 0}, TOKEN)
+
+    # Assert
+    assert anonymous == 401
+    assert status == 200 and answer["draining"] == ["server-2"]
+    assert refused == 422 and "starts no servers" in str(why["detail"])
+    assert invalid == 422

@@ -17,8 +17,9 @@ from enclavefl.cluster.ledger import StoreAggregator
 from enclavefl.server.aggregator import WeightedMean
 from enclavefl.server.ps import ParameterServer
 from enclavefl.tensors import ParamSet, StreamHeader
+from enclavefl.worker import InMemoryClient
 from tests.unit.cluster.cluster_job import cluster_job, run_cluster
-from tests.unit.worker.federation import AddTrainer, f32, run_federation
+from tests.unit.worker.federation import AddTrainer, f32, peer, run_federation
 
 INITIAL = ParamSet({"w": f32([[0.5, -1.25], [2.0, 0.0]]), "b": f32([0.125, 3.0])})
 
@@ -256,3 +257,74 @@ def test_a_server_added_while_the_job_runs_serves_from_the_next_round(tmp_path: 
     assert {a.server for a in first.values()} == {"server-0", "server-1"}
     last = store.round_state(4)
     assert last is not None and "server-2" in {a.server for a in store.accepted(4, last.attempt).values()}
+
+
+def _round_sampled_on_a_dead_server(tmp_path: Path, fingerprint: str) -> tuple[MemoryStore, InMemoryClient, str]:
+    """Server-0 serving round 1, which sampled worker-0 as ``w-old`` on server-dead; worker-0 joined server-0."""
+    config = cluster_job(rounds=1, workers=2)
+    store = MemoryStore()
+    ps = ParameterServer(config, INITIAL, out_dir=tmp_path, engine=cluster_engine(store, "server-0", config.cluster))
+    engine = ps.engine
+    assert isinstance(engine, ClusterEngine)
+    engine.tick()  # publishes version 0; opens nothing (no worker yet)
+    store.bind_session(Session("w-old", fingerprint, "server-dead", "worker-0"))
+    store.bind_session(Session("w-other", "fp-other", "server-dead", "worker-1"))
+    store.open_round(1, 0, model_version=0, sampled={"w-old", "w-other"}, required=2, lease=engine.lease)
+    client = InMemoryClient(ps, peer("worker-0"), chunk_bytes=64)
+    worker_id = client.join("worker-0", 10).worker_id
+    engine.tick()  # follows the store: round 1 opens here
+    return store, client, worker_id
+
+
+def test_a_worker_failed_over_from_a_dead_server_is_counted_as_the_worker_the_round_sampled(tmp_path: Path) -> None:
+    # Prepare: the dead server's session has worker-0's name and certificate fingerprint.
+    store, client, worker_id = _round_sampled_on_a_dead_server(tmp_path, peer("worker-0").fingerprint)
+    delta = ParamSet({"w": np.ones((2, 2), np.float32), "b": np.ones(2, np.float32)})
+
+    # Execute: worker-0 re-sends its round-1 update under its new id, then once more.
+    first = client.push_update(worker_id, 1, 0, delta, 10, {})
+    again = client.push_update(worker_id, 1, 0, delta, 10, {})
+
+    # Assert: one ledger entry, under the sampled id, accepted by server-0; the re-send is refused.
+    assert first.accepted and not again.accepted
+    assert [(r.worker, r.server) for r in store.accepted(1, 0).values()] == [("w-old", "server-0")]
+    assert list(store.accepted(1, 0)) == ["1/worker-0"]
+
+
+def test_a_worker_with_another_certificate_is_not_taken_for_the_sampled_one(tmp_path: Path) -> None:
+    # Prepare: the sampled session of worker-0 was bound to another certificate.
+    store, client, worker_id = _round_sampled_on_a_dead_server(tmp_path, "fp-someone-else")
+    delta = ParamSet({"w": np.ones((2, 2), np.float32), "b": np.ones(2, np.float32)})
+
+    # Execute
+    reply = client.push_update(worker_id, 1, 0, delta, 10, {})
+
+    # Assert
+    assert not reply.accepted and "not sampled" in reply.reason
+    assert store.accepted(1, 0) == {}
+
+
+def test_a_drained_server_finishes_its_round_and_its_workers_move_to_the_others(tmp_path: Path) -> None:
+    # Prepare: 6 workers on 3 servers, every round needs all 6; server-2 drains once version 1 is out.
+    config = cluster_job(rounds=4, workers=6)
+    store = MemoryStore()
+
+    # Execute
+    run = run_cluster(config, INITIAL, trainers(6), lambda i: store, tmp_path / "cluster", servers=3, drain={2: 1})
+    single = run_federation(config, INITIAL, trainers(6), tmp_path / "single")
+
+    # Assert: server-2 left the membership; every round counted each worker once, the last on the two
+    # servers left; they end with the single PS's model (no update lost or doubled by the move).
+    assert not run.errors, run.errors
+    assert run.engine(2).drained
+    assert [m.member_id for m in store.members("server")] == []  # all left at the end
+    for number in range(1, 5):
+        state = store.round_state(number)
+        assert state is not None and state.phase is RoundPhase.CLOSED
+        ledger = store.accepted(number, state.attempt)
+        assert sorted(ledger) == sorted(f"{number}/worker-{i}" for i in range(6))
+    last = store.round_state(4)
+    assert last is not None
+    assert {a.server for a in store.accepted(4, last.attempt).values()} == {"server-0", "server-1"}
+    for ps in run.servers[:2]:
+        assert ps.version == 4 and ps.params.equal(single.ps.params)

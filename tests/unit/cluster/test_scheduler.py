@@ -7,9 +7,12 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from enclavefl.cluster import Member, MemoryStore, Session
-from enclavefl.cluster.engine import PAUSE_LEASE
+from enclavefl.cluster.engine import DRAIN_LEASE_PREFIX, PAUSE_LEASE
 from enclavefl.cluster.scheduler import ClusterHandle, Scheduler
+from enclavefl.errors import ConfigError
 from enclavefl.management.cloud import CloudRoutes
 from tests.unit.cluster.cluster_job import cluster_job, run_cluster
 from tests.unit.cluster.test_engine import INITIAL, trainers
@@ -98,3 +101,49 @@ def test_a_restarted_scheduler_recovers_every_round_from_its_file_and_the_store(
     assert [r["round"] for r in second.metrics.history] == [1, 2, 3]
     lines = (tmp_path / "scheduler" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["round"] for line in lines] == [1, 2, 3]
+
+
+def _scheduler_over(tmp_path: Path, store: MemoryStore, servers: int, spawned: list[str] | None = None) -> Scheduler:
+    for i in range(servers):
+        store.register(Member(f"server-{i}", "server", f"127.0.0.1:{7000 + i}"), 30)
+    return Scheduler(cluster_job(rounds=1, workers=2), store, out_dir=tmp_path,
+                     spawn=None if spawned is None else spawned.append)
+
+
+def test_scaling_down_asks_the_highest_ids_to_drain_until_they_leave(tmp_path: Path) -> None:
+    # Prepare: server-0 .. server-10 (server-10 sorts after server-9).
+    store = MemoryStore()
+    scheduler = _scheduler_over(tmp_path, store, 11)
+
+    # Execute
+    answer = scheduler.scale(9)
+
+    # Assert: server-9 and server-10 hold drain leases (the scheduler's) until they deregister.
+    assert answer["draining"] == ["server-9", "server-10"] and answer["live"][-1] == "server-8"
+    assert all(store.lease(f"{DRAIN_LEASE_PREFIX}server-{i}") is not None for i in (9, 10))
+    assert store.lease(f"{DRAIN_LEASE_PREFIX}server-8") is None
+    store.deregister("server-10")
+    scheduler._hold_drains()
+    assert store.lease(f"{DRAIN_LEASE_PREFIX}server-10") is None
+    assert store.lease(f"{DRAIN_LEASE_PREFIX}server-9") is not None
+
+
+def test_scaling_up_without_a_way_to_start_servers_is_refused(tmp_path: Path) -> None:
+    scheduler = _scheduler_over(tmp_path, MemoryStore(), 2)
+
+    with pytest.raises(ConfigError, match="starts no servers"):
+        scheduler.scale(3)
+
+
+def test_scaling_up_starts_servers_under_free_ids(tmp_path: Path) -> None:
+    # Prepare: server-0 and server-1 live, server-1 draining.
+    store = MemoryStore()
+    spawned: list[str] = []
+    scheduler = _scheduler_over(tmp_path, store, 2, spawned)
+    scheduler.scale(1)
+
+    # Execute
+    answer = scheduler.scale(3)
+
+    # Assert: two new servers, neither reusing server-1's id while it is still a member.
+    assert spawned == ["server-2", "server-3"] == answer["starting"]
