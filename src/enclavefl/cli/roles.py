@@ -131,7 +131,7 @@ def run_ps(args: argparse.Namespace) -> int:
         def listening(port: int) -> None:
             started.append(time.monotonic())
             if args.port_file:
-                _write_port_file(args.port_file, port)
+                write_port_file(args.port_file, port)
             console.print(f"PS listening on {host}:{port}", soft_wrap=True)
 
         def management_started(api: ManagementServer) -> None:
@@ -182,7 +182,7 @@ def _ps_config(args: argparse.Namespace) -> tuple[JobConfig, Path, bool]:
     return plan.config, run_config, plan.checkpoint_round is not None
 
 
-def _write_port_file(path: Path, port: int) -> None:
+def write_port_file(path: Path, port: int) -> None:
     """Written whole or not at all: `enclavefl run` reads it as soon as it exists."""
     tmp = path.with_suffix(".tmp")
     tmp.write_text(str(port))

@@ -45,7 +45,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run_scheduler(args: argparse.Namespace) -> int:
-    from enclavefl.cli.roles import _write_port_file
+    from enclavefl.cli.roles import write_port_file
     from enclavefl.cluster import RedisStore, SealedStore, Sealer
     from enclavefl.cluster.keyservice import KEY_BYTES, KeyService
     from enclavefl.cluster.scheduler import ClusterHandle, Scheduler
@@ -97,7 +97,7 @@ def run_scheduler(args: argparse.Namespace) -> int:
                                              mounts=(dashboard.mount, prometheus.mount, routes.mount))
                 log.info("scheduler: management API %s (token in %s)", api.url, api.token_file)
             if args.port_file:
-                _write_port_file(args.port_file, service.port)
+                write_port_file(args.port_file, service.port)
             log.info("scheduler: key service on %s, store %s, job %s", address, settings.address, config.job.name)
             state = scheduler.run()
             log.info("scheduler: job %s %s", config.job.name, state)

@@ -57,7 +57,7 @@ def run_server(args: argparse.Namespace) -> int:
     from enclavefl.cluster.engine import ClusterEngine, cluster_engine
     from enclavefl.cluster.keyservice import fetch_cluster_key
     from enclavefl.cluster.settings import check_cluster_job, read_cluster_key, redis_settings, redis_settings_from_url
-    from enclavefl.cli.roles import _write_port_file
+    from enclavefl.cli.roles import write_port_file
     from enclavefl.tasks import load_task
     from enclavefl.transport.provisioning import make_credentials
 
@@ -96,7 +96,7 @@ def run_server(args: argparse.Namespace) -> int:
                 if engine is not None:  # registered in the store with this address once the rounds start
                     engine.address = f"{host}:{port}"
                 if args.port_file:
-                    _write_port_file(args.port_file, port)
+                    write_port_file(args.port_file, port)
                 log.info("server %s: listening on %s:%d, store %s", args.server_id, host, port, settings.address)
 
             serve(ps, credentials, on_listening=listening)
