@@ -46,7 +46,6 @@ Run: ``.venv/bin/python bench/secagg.py --workers 100 --params 1000000 --rounds 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import statistics
@@ -61,15 +60,10 @@ from typing import Any
 
 import numpy as np
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from enclavefl.config import JobConfig, parse_job
-from enclavefl.messages import PeerIdentity
-from enclavefl.privacy.secagg.identity import certificate_fingerprint, sign_with_key
 from enclavefl.server.ps import ParameterServer
+from enclavefl.simulation.identity import SimulatedIdentity
 from enclavefl.tensors import ParamSet, StreamHeader
 from enclavefl.training import FitConfig, FitResult
 from enclavefl.worker import InMemoryClient, Worker, WorkerSettings
@@ -101,23 +95,6 @@ class NoiseTrainer:
 
     def evaluate(self) -> Mapping[str, float]:
         return {}
-
-
-class Identity:
-    """A worker's certificate key (as its RA-TLS key would be), signing for secure aggregation."""
-
-    def __init__(self, name: str) -> None:
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        now = dt.datetime.now(dt.timezone.utc)
-        cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
-                .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now).not_valid_after(now + dt.timedelta(days=1)).sign(self.key, hashes.SHA256()))
-        self.cert = cert.public_bytes(serialization.Encoding.PEM)
-        self.peer = PeerIdentity(fingerprint=certificate_fingerprint(self.cert), label=name)
-
-    def sign(self, payload: bytes) -> tuple[bytes, bytes]:
-        return self.cert, sign_with_key(self.key, payload)
 
 
 def job(workers: int, rounds: int, secagg: bool) -> JobConfig:
@@ -166,7 +143,7 @@ def simulate(workers: int, params: int, rounds: int, secagg: bool) -> tuple[floa
         stop = threading.Event()
         threads = []
         for i in range(workers):
-            who = Identity(f"w{i}")
+            who = SimulatedIdentity(i)
             worker = Worker(lambda who=who: InMemoryClient(ps, who.peer, chunk_bytes=1 << 20, secagg_signer=who.sign),
                             NoiseTrainer(i, initial), WorkerSettings(name=f"w{i}", poll_s=1.0), stop=stop)
             threads.append(threading.Thread(target=worker.run, daemon=True))
@@ -194,8 +171,8 @@ def per_node(workers: int, params: int) -> tuple[float, float, float]:
     from enclavefl.server.aggregator import WeightedMean
 
     ids = [f"w{i:03d}" for i in range(workers)]
-    who = {u: Identity(u) for u in ids}
-    certs = {u: who[u].cert for u in ids}
+    who = {u: SimulatedIdentity(i) for i, u in enumerate(ids)}
+    certs = {u: who[u].certificate for u in ids}
 
     def verify(sender: str, payload: bytes, signature: bytes) -> bool:
         return verify_with_certificate(certs[sender], payload, signature)

@@ -8,50 +8,27 @@ every stage, the masked upload and the unmasking run the production code.
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from enclavefl.config import JobConfig, parse_job
 from enclavefl.errors import ConfigError, ProtocolError, RoundError, UpdateRejected
-from enclavefl.messages import PeerIdentity, TaskInfo, TaskKind
-from enclavefl.privacy.secagg.identity import certificate_fingerprint, sign_with_key
+from enclavefl.messages import TaskInfo, TaskKind
 from enclavefl.privacy.secagg.messages import KeyAdvert
 from enclavefl.privacy.secagg.stages import MASKED_TENSOR, SecAggCall, flatten_update, masked_template
 from enclavefl.server.ps import ParameterServer
 from enclavefl.server.secagg import ModularSum
 from enclavefl.server.strategy import build_strategy
+from enclavefl.simulation.identity import SimulatedIdentity
 from enclavefl.tensors import ParamSet, StreamHeader
 from enclavefl.training import FitConfig, FitResult
 from enclavefl.worker import InMemoryClient, Worker, WorkerSettings
 
 INITIAL = ParamSet({"w": np.asarray([[1.0, 2.0], [3.0, 4.0]], np.float32), "b": np.asarray([0.0, 0.5], np.float32)})
-
-
-class Identity:
-    """A worker's certificate and key, as an attested worker's RA-TLS pair would be."""
-
-    def __init__(self, name: str) -> None:
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        now = dt.datetime.now(dt.timezone.utc)
-        cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
-                .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
-                .sign(self.key, hashes.SHA256()))
-        self.cert = cert.public_bytes(serialization.Encoding.PEM)
-        self.peer = PeerIdentity(fingerprint=certificate_fingerprint(self.cert), label=name)
-
-    def sign(self, payload: bytes) -> tuple[bytes, bytes]:
-        return self.cert, sign_with_key(self.key, payload)
 
 
 class StepTrainer:
@@ -113,7 +90,7 @@ def run(config: JobConfig, trainers: list[StepTrainer], out: Path, *, timeout_s:
 
     threads = [guarded(ps.run)]
     for i, trainer in enumerate(trainers):
-        who = Identity(f"w{i}")
+        who = SimulatedIdentity(i)
         worker = Worker(lambda who=who: InMemoryClient(ps, who.peer, chunk_bytes=64, secagg_signer=who.sign),
                         trainer, WorkerSettings(name=f"w{i}", poll_s=0.2), stop=stop)
         threads.append(guarded(worker.run, hung=trainer.hang is not None))
@@ -173,7 +150,7 @@ def test_below_threshold_the_round_is_retried_and_nothing_is_unmasked(
     ps = ParameterServer(secagg_job(workers=4, window_s=2, start_s=1), INITIAL, out_dir=tmp_path)
     stop = threading.Event()
     for i, trainer in enumerate(trainers):
-        who = Identity(f"w{i}")
+        who = SimulatedIdentity(i)
         worker = Worker(lambda who=who: InMemoryClient(ps, who.peer, secagg_signer=who.sign), trainer,
                         WorkerSettings(name=f"w{i}", poll_s=0.2), stop=stop)
 
@@ -219,10 +196,10 @@ def test_flatten_keeps_one_float32_tensor_as_a_view_and_widens_mixed_dtypes() ->
     assert flatten_update(mixed, StreamHeader.of(mixed)).dtype == np.float64
 
 
-def _opened_round(tmp_path: Path, n: int = 3) -> tuple[ParameterServer, list[Identity], TaskInfo, list[str]]:
+def _opened_round(tmp_path: Path, n: int = 3) -> tuple[ParameterServer, list[SimulatedIdentity], TaskInfo, list[str]]:
     """A PS with a round open for ``n`` joined workers, and the train task they got."""
     ps = ParameterServer(secagg_job(workers=n), INITIAL, out_dir=tmp_path)
-    who = [Identity(f"w{i}") for i in range(n)]
+    who = [SimulatedIdentity(i) for i in range(n)]
     ids = [ps.join(w.peer, f"w{i}", 1).worker_id for i, w in enumerate(who)]
     thread = threading.Thread(target=ps.run, daemon=True)
     thread.start()
@@ -236,12 +213,12 @@ def test_forged_key_advert_is_refused(tmp_path: Path) -> None:
     try:
         nonce = bytes.fromhex(str(task.config["secagg.nonce"]))
         advert = KeyAdvert(ids[0], b"\x01" * 32, b"\x02" * 32, b"not a signature")
-        call = SecAggCall(ids[0], task.round, nonce, "advertise", advert=advert, certificate=who[0].cert,
+        call = SecAggCall(ids[0], task.round, nonce, "advertise", advert=advert, certificate=who[0].certificate,
                           max_wait_s=0)
         with pytest.raises(ProtocolError, match="not signed by its attested key"):
             ps.secagg_exchange(who[0].peer, call)
         # Signed by worker 1's key but sent on worker 0's session: not the certificate bound at join.
-        other = SecAggCall(ids[0], task.round, nonce, "advertise", advert=advert, certificate=who[1].cert,
+        other = SecAggCall(ids[0], task.round, nonce, "advertise", advert=advert, certificate=who[1].certificate,
                            max_wait_s=0)
         with pytest.raises(ProtocolError, match="other than the one bound at its join"):
             ps.secagg_exchange(who[0].peer, other)
@@ -263,12 +240,12 @@ def test_a_worker_that_cannot_sign_its_keys_stops_with_a_config_error(tmp_path: 
     ps = ParameterServer(secagg_job(workers=3), INITIAL, out_dir=tmp_path)
     threading.Thread(target=ps.run, daemon=True).start()
     stop = threading.Event()
-    signed = [Identity("w0"), Identity("w1")]
+    signed = [SimulatedIdentity(0), SimulatedIdentity(1)]
     for i, who in enumerate(signed):
         worker = Worker(lambda who=who: InMemoryClient(ps, who.peer, secagg_signer=who.sign), StepTrainer(1.0, 1),
                         WorkerSettings(name=f"w{i}", poll_s=0.2), stop=stop)
         threading.Thread(target=worker.run, daemon=True).start()
-    unsigned = Worker(lambda: InMemoryClient(ps, Identity("w2").peer), StepTrainer(1.0, 1),
+    unsigned = Worker(lambda: InMemoryClient(ps, SimulatedIdentity(2).peer), StepTrainer(1.0, 1),
                       WorkerSettings(name="w2", poll_s=0.2), stop=stop)
     try:
         with pytest.raises(ConfigError, match="no key to sign secure-aggregation keys"):
@@ -302,7 +279,7 @@ def test_what_the_ps_receives_from_one_worker_is_uniform_and_uncorrelated_with_i
     stop = threading.Event()
     workers = []
     for i in range(3):
-        who = Identity(f"w{i}")
+        who = SimulatedIdentity(i)
         workers.append(Worker(lambda who=who: InMemoryClient(ps, who.peer, secagg_signer=who.sign),
                               RampTrainer(0.0, 1), WorkerSettings(name=f"w{i}", poll_s=0.2), stop=stop))
     threads = [threading.Thread(target=w.run, daemon=True) for w in workers]
