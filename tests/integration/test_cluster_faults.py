@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -33,6 +34,7 @@ JOB = merge(BASE_JOB, {"job": {"name": "cluster-faults", "rounds": 3, "workers":
 class Procs:
     def __init__(self, root: Path) -> None:
         self.root = root
+        (root / "logs").mkdir(exist_ok=True)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
@@ -72,31 +74,41 @@ def _port(path: Path, proc: subprocess.Popen[bytes], what: str) -> int:
     return int(path.read_text())
 
 
+def _start_cluster(procs: Procs, redis: RedisProcess, job_doc: dict[str, Any], *, failover: bool = False,
+                   connect_timeout_s: int | None = None) -> subprocess.Popen[bytes]:
+    """Writes the job and its certificates, starts the scheduler, SERVERS servers and WORKERS workers; the scheduler.
+
+    Worker i connects to server i mod SERVERS; with ``failover`` it is also given the next servers to fail over to.
+    """
+    root = procs.root
+    job = root / "job.yaml"
+    job.write_text(yaml.safe_dump(job_doc))
+    create_job_certs(root / "certs", JOB["job"]["name"], workers=WORKERS)
+    tls = ["--tls-dir", str(root / "certs")]
+    scheduler = procs.spawn("scheduler", ["scheduler", "--config", str(job), "--store", redis.url, "--out",
+                                          str(root / "scheduler"), "--port-file", str(root / "s.port"), *tls])
+    at = _port(root / "s.port", scheduler, "the scheduler to listen")
+    ports = []
+    for i in range(SERVERS):
+        server = procs.spawn(f"server-{i}", ["server", "--config", str(job), "--store", redis.url, "--scheduler",
+                                             f"127.0.0.1:{at}", "--id", f"server-{i}", "--out",
+                                             str(root / f"server-{i}"), "--port-file", str(root / f"{i}.port"), *tls])
+        ports.append(_port(root / f"{i}.port", server, f"server-{i} to listen"))
+    for i in range(WORKERS):
+        order = range(SERVERS) if failover else range(1)
+        targets = ",".join(f"127.0.0.1:{ports[(i + k) % SERVERS]}" for k in order)
+        timeout = [] if connect_timeout_s is None else ["--connect-timeout", str(connect_timeout_s)]
+        procs.spawn(f"worker-{i}", ["worker", "--config", str(job), "--connect", targets, "--index", str(i),
+                                    *timeout, *tls])
+    return scheduler
+
+
 def test_a_server_killed_mid_round_loses_no_update_its_workers_fail_over_and_none_counts_twice(
         tmp_path: Path, redis: RedisProcess) -> None:
     # Prepare: a scheduler, 3 servers, 6 workers (worker i on server i mod 3, then the next servers).
-    (tmp_path / "logs").mkdir()
-    job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump(JOB))
-    create_job_certs(tmp_path / "certs", JOB["job"]["name"], workers=WORKERS)
-    tls = ["--tls-dir", str(tmp_path / "certs")]
     procs = Procs(tmp_path)
     try:
-        scheduler = procs.spawn("scheduler", ["scheduler", "--config", str(job), "--store", redis.url, "--out",
-                                              str(tmp_path / "scheduler"), "--port-file", str(tmp_path / "s.port"),
-                                              *tls])
-        at = _port(tmp_path / "s.port", scheduler, "the scheduler to listen")
-        ports = []
-        for i in range(SERVERS):
-            server = procs.spawn(f"server-{i}", ["server", "--config", str(job), "--store", redis.url, "--scheduler",
-                                                 f"127.0.0.1:{at}", "--id", f"server-{i}", "--out",
-                                                 str(tmp_path / f"server-{i}"), "--port-file",
-                                                 str(tmp_path / f"{i}.port"), *tls])
-            ports.append(_port(tmp_path / f"{i}.port", server, f"server-{i} to listen"))
-        for i in range(WORKERS):
-            targets = ",".join(f"127.0.0.1:{ports[(i + k) % SERVERS]}" for k in range(SERVERS))
-            procs.spawn(f"worker-{i}", ["worker", "--config", str(job), "--connect", targets, "--index", str(i),
-                                        "--connect-timeout", "20", *tls])
+        scheduler = _start_cluster(procs, redis, JOB, failover=True, connect_timeout_s=20)
 
         # Execute: SIGKILL server-2 once one of its workers trains in round 2.
         wait_for(lambda: re.search(r"worker-[25] round 2: training", procs.log("worker-2") + procs.log("worker-5"))
@@ -131,28 +143,10 @@ def test_a_server_killed_mid_round_loses_no_update_its_workers_fail_over_and_non
 
 def test_a_redis_crash_pauses_the_rounds_and_the_job_finishes(tmp_path: Path, redis: RedisProcess) -> None:
     # Prepare: a scheduler, 3 servers, 6 workers.
-    (tmp_path / "logs").mkdir()
-    job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump(merge(JOB, {"round": {"min_workers": 6, "update_window_s": 60},
-                                              "client": {"epochs": 20}})))
-    create_job_certs(tmp_path / "certs", JOB["job"]["name"], workers=WORKERS)
-    tls = ["--tls-dir", str(tmp_path / "certs")]
     procs = Procs(tmp_path)
     try:
-        scheduler = procs.spawn("scheduler", ["scheduler", "--config", str(job), "--store", redis.url, "--out",
-                                              str(tmp_path / "scheduler"), "--port-file", str(tmp_path / "s.port"),
-                                              *tls])
-        at = _port(tmp_path / "s.port", scheduler, "the scheduler to listen")
-        ports = []
-        for i in range(SERVERS):
-            server = procs.spawn(f"server-{i}", ["server", "--config", str(job), "--store", redis.url, "--scheduler",
-                                                 f"127.0.0.1:{at}", "--id", f"server-{i}", "--out",
-                                                 str(tmp_path / f"server-{i}"), "--port-file",
-                                                 str(tmp_path / f"{i}.port"), *tls])
-            ports.append(_port(tmp_path / f"{i}.port", server, f"server-{i} to listen"))
-        for i in range(WORKERS):
-            procs.spawn(f"worker-{i}", ["worker", "--config", str(job), "--connect",
-                                        f"127.0.0.1:{ports[i % SERVERS]}", "--index", str(i), *tls])
+        scheduler = _start_cluster(procs, redis, merge(JOB, {"round": {"min_workers": 6, "update_window_s": 60},
+                                                             "client": {"epochs": 20}}))
 
         # Execute: Redis crashes while round 2 trains, and comes back 2 s later with its append-only file.
         wait_for(lambda: "round 2: training" in procs.log("worker-0"), 240, "worker-0 to train in round 2")
@@ -182,13 +176,8 @@ def test_the_leader_killed_during_a_close_is_replaced_and_no_version_is_skipped_
         tmp_path: Path, redis: RedisProcess) -> None:
     # Prepare: a model large enough (about 4M parameters) that a close takes a while to merge, step,
     # evaluate and seal; 6 workers on 3 servers, 4 enough to go on.
-    (tmp_path / "logs").mkdir()
-    job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump(merge(JOB, {"task": {"name": "digits-mlp", "params": {"hidden": [2048, 1024]}},
-                                              "client": {"epochs": 1},
-                                              "round": {"min_workers": 4, "update_window_s": 30}})))
-    create_job_certs(tmp_path / "certs", JOB["job"]["name"], workers=WORKERS)
-    tls = ["--tls-dir", str(tmp_path / "certs")]
+    job = merge(JOB, {"task": {"name": "digits-mlp", "params": {"hidden": [2048, 1024]}}, "client": {"epochs": 1},
+                      "round": {"min_workers": 4, "update_window_s": 30}})
     procs = Procs(tmp_path)
     server_logs = [tmp_path / f"server-{i}" / "logs" / "server.log" for i in range(SERVERS)]
 
@@ -196,21 +185,7 @@ def test_the_leader_killed_during_a_close_is_replaced_and_no_version_is_skipped_
         return path.read_text(errors="replace") if path.exists() else ""
 
     try:
-        scheduler = procs.spawn("scheduler", ["scheduler", "--config", str(job), "--store", redis.url, "--out",
-                                              str(tmp_path / "scheduler"), "--port-file", str(tmp_path / "s.port"),
-                                              *tls])
-        at = _port(tmp_path / "s.port", scheduler, "the scheduler to listen")
-        ports = []
-        for i in range(SERVERS):
-            server = procs.spawn(f"server-{i}", ["server", "--config", str(job), "--store", redis.url, "--scheduler",
-                                                 f"127.0.0.1:{at}", "--id", f"server-{i}", "--out",
-                                                 str(tmp_path / f"server-{i}"), "--port-file",
-                                                 str(tmp_path / f"{i}.port"), *tls])
-            ports.append(_port(tmp_path / f"{i}.port", server, f"server-{i} to listen"))
-        for i in range(WORKERS):
-            procs.spawn(f"worker-{i}", ["worker", "--config", str(job), "--connect",
-                                        f"127.0.0.1:{ports[i % SERVERS]}", "--index", str(i), "--connect-timeout",
-                                        "20", *tls])
+        scheduler = _start_cluster(procs, redis, job, connect_timeout_s=20)
 
         # Execute: SIGKILL whichever server starts closing round 2, as soon as it logs it.
         def closing() -> int | None:
