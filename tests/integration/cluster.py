@@ -41,6 +41,22 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def spawn_enclavefl(root: Path, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+    """``enclavefl ARGS`` in a child process, one torch thread, its output appended to ``root/logs/NAME.log``."""
+    log = (root / "logs" / f"{name}.log").open("ab")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "enclavefl", *args], stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, env=env)
+    log.close()
+    return proc
+
+
+def read_log(root: Path, name: str) -> str:
+    """What the child process ``name`` wrote so far ("" before it wrote anything)."""
+    path = root / "logs" / f"{name}.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
 def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 0.05) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
@@ -66,11 +82,7 @@ class Cluster:
         return cls(root, job)
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
-        log = (self.root / "logs" / f"{name}.log").open("ab")
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        proc = subprocess.Popen([sys.executable, "-m", "enclavefl", *args], stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env)
-        log.close()
+        proc = spawn_enclavefl(self.root, name, args)
         self.procs[name] = proc
         return proc
 
@@ -91,8 +103,7 @@ class Cluster:
                                                "--index", str(index)])
 
     def log(self, name: str) -> str:
-        path = self.root / "logs" / f"{name}.log"
-        return path.read_text(errors="replace") if path.exists() else ""
+        return read_log(self.root, name)
 
     def log_has(self, name: str, pattern: str) -> bool:
         return re.search(pattern, self.log(name)) is not None

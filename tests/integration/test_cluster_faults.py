@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +18,7 @@ from enclavefl.cli.redis_process import RedisProcess
 from enclavefl.cluster import RedisStore, RoundPhase
 from enclavefl.cluster.settings import redis_settings_from_url
 from enclavefl.transport.certs import create_job_certs
-from tests.integration.cluster import BASE_JOB, merge, wait_for
+from tests.integration.cluster import BASE_JOB, merge, read_log, spawn_enclavefl, wait_for
 
 pytestmark = [pytest.mark.slow]
 
@@ -38,17 +36,12 @@ class Procs:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
-        log = (self.root / "logs" / f"{name}.log").open("ab")
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        proc = subprocess.Popen([sys.executable, "-m", "enclavefl", *args], stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env)
-        log.close()
+        proc = spawn_enclavefl(self.root, name, args)
         self.procs[name] = proc
         return proc
 
     def log(self, name: str) -> str:
-        path = self.root / "logs" / f"{name}.log"
-        return path.read_text(errors="replace") if path.exists() else ""
+        return read_log(self.root, name)
 
     def close(self) -> None:
         for proc in self.procs.values():
