@@ -53,11 +53,12 @@ def test_member_expires_without_heartbeat(store: Store) -> None:
 
 
 def test_heartbeat_keeps_member_alive(store: Store) -> None:
-    store.register(Member("s1", "server", "h:1"), ttl_s=0.3)
-    time.sleep(0.15)
+    # A 1.5 s TTL, renewed after 0.1 s (room for a busy machine), outlives its first deadline.
+    store.register(Member("s1", "server", "h:1"), ttl_s=1.5)
+    time.sleep(0.1)
 
     assert store.heartbeat("s1", ttl_s=5) is True
-    time.sleep(0.3)
+    time.sleep(1.6)
     assert [m.member_id for m in store.members()] == ["s1"]
 
 
