@@ -80,6 +80,14 @@ class Engine(ABC):
     def task_for(self, worker: WorkerRecord) -> TaskInfo | None:
         """A train task for ``worker`` now, or None (caller holds the lock)."""
 
+    def wait_config(self, worker: WorkerRecord) -> dict[str, ConfigValue]:
+        """What a WAIT answer to ``worker`` carries in its config map (caller holds the lock).
+
+        Empty for one PS; a cluster server names the worker's servers there (see
+        :mod:`enclavefl.cluster.engine`). It must not block: long-polls hold the PS lock.
+        """
+        return {}
+
     @abstractmethod
     def target_for(self, meta: UpdateMeta) -> tuple[UpdateTarget, int, float]:
         """Where the upload goes, its staleness and the deadline to get a slot (caller holds the lock).

@@ -260,7 +260,8 @@ class ParameterServer:
                     return task
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    return TaskInfo(TaskKind.WAIT, core.instance, round=core.next_round, retry_after_s=0.0)
+                    return TaskInfo(TaskKind.WAIT, core.instance, round=core.next_round, retry_after_s=0.0,
+                                    config=self.engine.wait_config(worker))
                 core.cond.wait(remaining)
 
     def model_for(self, peer: PeerIdentity, worker_id: str, model_version: int) -> tuple[int, ParamSet]:

@@ -478,3 +478,23 @@ def test_update_of_a_kind_the_job_does_not_aggregate_is_rejected(
     push(ps, PEER_B, b, DELTA_B, 3)
     finish(ps, engine, [(PEER_A, a), (PEER_B, b)])
     assert ps.params == EXPECTED_AB and ps.metrics.history[0]["rejected"] == 1
+
+
+def test_a_wait_answer_carries_what_the_engine_adds_to_it(tmp_path: Path) -> None:
+    # Prepare: an engine that names something in every WAIT answer (as a cluster server names servers).
+    from enclavefl.server.engine import SyncEngine
+    from enclavefl.server.registry import WorkerRecord
+
+    class Naming(SyncEngine):
+        def wait_config(self, worker: WorkerRecord) -> dict[str, Any]:
+            return {"cluster.servers": f"127.0.0.1:7000,{worker.name}.test:7001"}
+
+    ps = ParameterServer(job(), INITIAL, out_dir=tmp_path, engine=Naming)
+    worker_id = ps.join(PEER_A, "worker-a", 1).worker_id
+
+    # Execute: no round is open, so the long-poll ends with WAIT.
+    task = ps.wait_task(PEER_A, worker_id, 0.05)
+
+    # Assert
+    assert task.kind is TaskKind.WAIT
+    assert task.config == {"cluster.servers": "127.0.0.1:7000,worker-a.test:7001"}
