@@ -205,13 +205,14 @@ def test_a_close_the_store_missed_is_published_again_without_a_second_step(tmp_p
 
 
 def test_a_close_longer_than_the_lease_ttl_keeps_the_lease(tmp_path: Path) -> None:
-    # Prepare: the lease lapses 0.3 s after its last renewal; evaluating the new model takes 0.8 s.
+    # Prepare: the lease lapses 0.6 s after its last renewal (renewed every 0.1 s, room for a busy
+    # machine); evaluating the new model takes 1.5 s.
     store = MemoryStore()
-    config = cluster_job(rounds=1, workers=2, cluster={"poll_s": 0.02, "heartbeat_s": 0.1, "member_ttl_s": 0.5,
-                                                       "lease_ttl_s": 0.3})
+    config = cluster_job(rounds=1, workers=2, cluster={"poll_s": 0.02, "heartbeat_s": 0.1, "member_ttl_s": 1.0,
+                                                       "lease_ttl_s": 0.6})
 
     def slow_evaluation(params: ParamSet) -> dict[str, float]:
-        time.sleep(0.8)
+        time.sleep(1.5)
         return {"loss": 0.5}
 
     ps = ParameterServer(config, INITIAL, out_dir=tmp_path, evaluator=slow_evaluation,
