@@ -22,6 +22,7 @@ __all__ = [
     "COMPRESSION_SPARSE_RATE_KEY",
     "COMPRESSION_TYPE_KEY",
     "COMPRESSION_WARMUP_KEY",
+    "CLUSTER_SERVERS_KEY",
     "CONTROL_PREFIX",
     "DP_ADAPTIVE_KEY",
     "DP_CLIP_NORM_KEY",
@@ -92,6 +93,10 @@ LOCAL_DP_TOP_K_KEY = "privacy.local_dp.top_k"
 LOCAL_DP_DIMS_OUT_KEY = "privacy.local_dp.dims_out"
 """SignDS: h, the number of indices per upload, as the PS resolved it."""
 LOCAL_DP_THRESHOLD_RATIO_KEY = "privacy.local_dp.threshold_ratio"
+
+CLUSTER_SERVERS_KEY = "cluster.servers"
+"""Cluster mode: the worker's servers as ``HOST:PORT`` separated by commas, in the order it should use them
+(its server first), in a WAIT answer's config map. A worker whose server is not first moves to the first."""
 
 SIGNDS_INDICES_TENSOR = "signds/indices"
 """SignDS upload: the selected coordinates (int64, shape (h,), sorted, distinct) of the flattened update."""

@@ -43,7 +43,6 @@ not change, and ends the worker at once.
 from __future__ import annotations
 
 import functools
-import itertools
 import logging
 import random
 import threading
@@ -63,6 +62,7 @@ from enclavefl.errors import (
     VerificationError,
 )
 from enclavefl.messages import (
+    CLUSTER_SERVERS_KEY,
     JoinInfo,
     PushResult,
     TaskInfo,
@@ -79,6 +79,7 @@ from enclavefl.worker.heartbeat import Heartbeat
 from enclavefl.worker.local_round import LocalUpdate, check_settings, split_download, train_local_round
 from enclavefl.worker.model_cache import ModelCache
 from enclavefl.worker.pipeline import UpdateTransform, compute_delta, default_transforms, sparsify_rows
+from enclavefl.worker.servers import ServerList, parse_servers
 
 if TYPE_CHECKING:
     from enclavefl.transport.credentials import Credentials
@@ -268,10 +269,14 @@ class Worker:
                     log.info("worker %s: PS restarted (instance %s); joining again", s.name, task.ps_instance)
                     client, join = self._connect()
                     continue
+                if task.kind is TaskKind.WAIT and self._moves(client, join, task):
+                    client, join = self._connect()
+                    continue
                 if task.kind is TaskKind.FINISH:
                     log.info("worker %s: job finished after %d rounds here (%s)", s.name, self.rounds_done, task.message)
                     return
                 if task.kind is TaskKind.TRAIN:
+                    trained_on = client
                     try:
                         beat = functools.partial(client.heartbeat, join.worker_id)
                         with Heartbeat(beat, join.heartbeat_s, name=s.name):
@@ -284,8 +289,38 @@ class Worker:
                         log.warning("worker %s round %d: round lost: %s", s.name, task.round, exc)
                         if self._client is None:  # closed by a failover that found no server: try again
                             client, join = self._connect()
+                    else:
+                        # A cluster moves a worker between rounds: after this round's push, on the server
+                        # that sent the task (a worker that failed over meanwhile hears the new one's order).
+                        if client is trained_on and self._moves(client, join, task):
+                            client, join = self._connect()
         finally:
             self.close()
+
+    def _moves(self, client: WorkerClient, join: JoinInfo, task: TaskInfo) -> bool:
+        """Follows the cluster's order of this worker's servers; True once it left its server for the first.
+
+        Only a worker made with a :class:`~enclavefl.worker.servers.ServerList` follows; a malformed list is
+        logged and ignored (the worker stays where it is).
+        """
+        servers = self._client_factory
+        if not isinstance(servers, ServerList) or CLUSTER_SERVERS_KEY not in task.config:
+            return False
+        try:
+            addresses = parse_servers(str(task.config[CLUSTER_SERVERS_KEY]))
+        except ProtocolError as exc:
+            log.warning("worker %s: ignoring the server's list of servers: %s", self._settings.name, exc)
+            return False
+        if not servers.follow(addresses):
+            return False
+        log.info("worker %s: the cluster moves this worker from server %s to %s", self._settings.name,
+                 servers.current, addresses[0], extra={"event": "moved"})
+        try:
+            client.leave(join.worker_id, f"moved to server {addresses[0]}")
+        except TransportError as exc:  # the old server forgets it anyway once it stops calling
+            log.info("worker %s: could not say goodbye to server %s: %s", self._settings.name, servers.current, exc)
+        self.close()
+        return True
 
     def _train_round(self, client: WorkerClient, join: JoinInfo, task: TaskInfo) -> tuple[WorkerClient, JoinInfo]:
         """Pulls, trains and pushes one round; returns the connection in use after it (see :meth:`_push`)."""
@@ -413,7 +448,7 @@ class Worker:
 
 
 def grpc_client_factory(target: str | Sequence[str], credentials: Credentials, *,
-                        chunk_bytes: int) -> Callable[[], WorkerClient]:
+                        chunk_bytes: int) -> ServerList:
     """The factory a deployed worker hands to :class:`Worker`: a fresh TLS channel per call.
 
     Each call opens a new channel, so the credentials verify the PS again
@@ -422,26 +457,17 @@ def grpc_client_factory(target: str | Sequence[str], credentials: Credentials, *
 
     ``target`` may list several servers of a cluster, in the order the worker
     should try them (its server first, then the alternatives of
-    ``GET /api/v1/cluster/assignment/<worker>``). The worker calls the factory
-    again only after its connection failed (the server was unreachable), so
-    each call after the first moves on to the next target, round the list.
+    ``GET /api/v1/cluster/assignment/<worker>``); the cluster's servers update
+    the list as servers come and go (:class:`~enclavefl.worker.servers.ServerList`).
 
     Raises:
-        ConfigError: ``target`` lists no address.
+        ConfigError: ``target`` lists no address, or a malformed one.
     """
     targets = [target] if isinstance(target, str) else list(target)
-    if not targets or not all(targets):
-        raise ConfigError(f"expected at least one server address (HOST:PORT), got {targets!r}")
-    calls = itertools.count()
 
-    def connect() -> WorkerClient:
+    def connect(address: str) -> WorkerClient:
         from enclavefl.transport.client import FederationClient
 
-        n = next(calls)
-        address = targets[n % len(targets)]
-        if n and len(targets) > 1:
-            log.info("connecting to server %s (target %d of %d)", address, n % len(targets) + 1, len(targets),
-                     extra={"event": "failover"})
         return FederationClient(address, credentials, chunk_bytes=chunk_bytes)
 
-    return connect
+    return ServerList(targets, connect)
