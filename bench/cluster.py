@@ -16,7 +16,7 @@ For each server count it prints one line::
 ``max_server_rss_mb`` the largest peak resident set of any server process
 (its rusage), ``redis_in_mb_per_round`` what Redis received per round (its
 ``total_net_input_bytes`` over the job, divided by the rounds). Worker i uses
-server i mod N and fails over to the others, as ``enclavefl run --servers N``.
+the server the cluster places it on and fails over to the others, as ``enclavefl run --servers N``.
 
 On one host every server shares the same cores with Redis and the workers, so
 this measures the cluster's overhead, not its speed-up: see docs/cluster.md
@@ -64,7 +64,7 @@ def _redis_input_bytes(url: str) -> int:
 def run_once(servers: int, workers: int, rounds: int, params: int | None, keep: Path | None) -> tuple[float, float,
                                                                                                      float, list[float]]:
     """One job on ``servers`` servers; returns (s_per_round, max_server_rss_mb, redis_in_mb_per_round, round times)."""
-    from enclavefl.cli.cluster_run import _targets
+    from enclavefl.cli.cluster_run import connect_targets
     from enclavefl.cli.redis_process import RedisProcess
     from enclavefl.transport.certs import create_job_certs
 
@@ -109,7 +109,8 @@ def run_once(servers: int, workers: int, rounds: int, params: int | None, keep: 
             ports = [_wait_port(root / f"{i}.port", p, root / "logs" / f"server-{i}.log")
                      for i, p in enumerate(server_procs)]
             for i in range(workers):
-                spawn(f"worker-{i}", ["worker", *common, "--connect", _targets(i, ports), "--index", str(i)])
+                spawn(f"worker-{i}", ["worker", *common, "--connect", connect_targets(i, ports, workers),
+                                                  "--index", str(i)])
             if scheduler.wait(3600) != 0:
                 raise RuntimeError((root / "logs" / "scheduler.log").read_text(errors="replace")[-3000:])
             rss_kb = 0

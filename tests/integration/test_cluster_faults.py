@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import signal
 import subprocess
 import time
@@ -14,8 +13,10 @@ from typing import Any
 import pytest
 import yaml
 
+from enclavefl.cli.cluster_run import connect_targets
 from enclavefl.cli.redis_process import RedisProcess
-from enclavefl.cluster import RedisStore, RoundPhase
+from enclavefl.cluster import Member, RedisStore, RoundPhase
+from enclavefl.cluster.assignment import balance
 from enclavefl.cluster.settings import redis_settings_from_url
 from enclavefl.transport.certs import create_job_certs
 from tests.integration.cluster import BASE_JOB, merge, read_log, spawn_enclavefl, wait_for
@@ -71,7 +72,8 @@ def _start_cluster(procs: Procs, redis: RedisProcess, job_doc: dict[str, Any], *
                    connect_timeout_s: int | None = None) -> subprocess.Popen[bytes]:
     """Writes the job and its certificates, starts the scheduler, SERVERS servers and WORKERS workers; the scheduler.
 
-    Worker i connects to server i mod SERVERS; with ``failover`` it is also given the next servers to fail over to.
+    Worker i connects to the server the cluster places it on (``connect_targets``, as ``enclavefl run``);
+    with ``failover`` it is also given the other servers to fail over to.
     """
     root = procs.root
     job = root / "job.yaml"
@@ -88,8 +90,8 @@ def _start_cluster(procs: Procs, redis: RedisProcess, job_doc: dict[str, Any], *
                                              str(root / f"server-{i}"), "--port-file", str(root / f"{i}.port"), *tls])
         ports.append(_port(root / f"{i}.port", server, f"server-{i} to listen"))
     for i in range(WORKERS):
-        order = range(SERVERS) if failover else range(1)
-        targets = ",".join(f"127.0.0.1:{ports[(i + k) % SERVERS]}" for k in order)
+        targets = connect_targets(i, ports, WORKERS)
+        targets = targets if failover else targets.split(",")[0]
         timeout = [] if connect_timeout_s is None else ["--connect-timeout", str(connect_timeout_s)]
         procs.spawn(f"worker-{i}", ["worker", "--config", str(job), "--connect", targets, "--index", str(i),
                                     *timeout, *tls])
@@ -98,14 +100,18 @@ def _start_cluster(procs: Procs, redis: RedisProcess, job_doc: dict[str, Any], *
 
 def test_a_server_killed_mid_round_loses_no_update_its_workers_fail_over_and_none_counts_twice(
         tmp_path: Path, redis: RedisProcess) -> None:
-    # Prepare: a scheduler, 3 servers, 6 workers (worker i on server i mod 3, then the next servers).
+    # Prepare: a scheduler, 3 servers, 6 workers (each on its server, then the others), two on server-2.
     procs = Procs(tmp_path)
+    servers = [Member(f"server-{k}", "server", "") for k in range(SERVERS)]
+    placement = balance([f"worker-{i}" for i in range(WORKERS)], servers)
+    doomed = sorted(name for name, order in placement.items() if order[0].member_id == "server-2")
+    assert len(doomed) == 2
     try:
         scheduler = _start_cluster(procs, redis, JOB, failover=True, connect_timeout_s=20)
 
         # Execute: SIGKILL server-2 once one of its workers trains in round 2.
-        wait_for(lambda: re.search(r"worker-[25] round 2: training", procs.log("worker-2") + procs.log("worker-5"))
-                 is not None, 240, "a worker of server-2 to train in round 2")
+        wait_for(lambda: any(f"{w} round 2: training" in procs.log(w) for w in doomed), 240,
+                 "a worker of server-2 to train in round 2")
         procs.procs["server-2"].send_signal(signal.SIGKILL)
         procs.procs["server-2"].wait(10)
         assert scheduler.wait(300) == 0, procs.log("scheduler")[-3000:]
@@ -127,8 +133,8 @@ def test_a_server_killed_mid_round_loses_no_update_its_workers_fail_over_and_non
     # where it counts as the worker the round sampled. Round 3 ran on the two live servers, with every
     # worker (server-2's failed over).
     resent = [a for uid, a in store.accepted(2, rows[1]["attempt"]).items()
-              if uid in ("2/worker-2", "2/worker-5") and a.server != "server-2"]
-    assert resent, procs.log("worker-2")[-2000:] + procs.log("worker-5")[-2000:]
+              if uid in {f"2/{w}" for w in doomed} and a.server != "server-2"]
+    assert resent, "".join(procs.log(w)[-2000:] for w in doomed)
     assert rows[2]["participants"] == WORKERS
     assert {a.server for a in store.accepted(3, rows[2]["attempt"]).values()} == {"server-0", "server-1"}
     store.close()

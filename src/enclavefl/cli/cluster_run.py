@@ -6,7 +6,7 @@ naming the package when it is missing), then ``enclavefl scheduler``
 (``scheduler/``: the job's metrics, the management API), then ``enclavefl
 server`` N times (``server-<i>/`` each: log, metrics, checkpoints of the rounds
 it led), which get the cluster key from the scheduler once their attestation
-passes, and the workers, worker ``i`` connecting to server ``i mod N`` and failing
+passes, and the workers, each connecting to the server the cluster places it on and failing
 over to the others. It follows the scheduler's metrics and stops everything when the job is done.
 """
 
@@ -33,14 +33,14 @@ from enclavefl.cli.run_cmd import (
     _tail,
 )
 from enclavefl.cli.runs import choose_run_dir, claim_run_dir, print_summary, write_config
-from enclavefl.cluster.assignment import assign
+from enclavefl.cluster.assignment import balance
 from enclavefl.cluster.settings import check_cluster_job
 from enclavefl.cluster.store import Member
 from enclavefl.config import load_job
 from enclavefl.errors import ConfigError, RoundError
 from enclavefl.transport.certs import create_job_certs
 
-__all__ = ["run_cluster"]
+__all__ = ["connect_targets", "run_cluster"]
 
 MAX_SERVERS = 64
 
@@ -60,16 +60,16 @@ def _wait_ports(servers: list[tuple[_Child, Path]]) -> list[int]:
     return ports
 
 
-def _targets(i: int, ports: list[int]) -> str:
-    """Worker ``i``'s ``--connect``: server ``i mod N`` (an even spread), then the others in its failover order.
+def connect_targets(i: int, ports: list[int], workers: int) -> str:
+    """Worker ``i``'s ``--connect``: its server, then the others in its failover order.
 
-    The order of the alternatives is the scheduler's (rendezvous hashing on the worker's name,
-    :func:`~enclavefl.cluster.assignment.assign`), so when a server leaves its workers spread over the rest.
+    The placement is the servers' own (:func:`~enclavefl.cluster.assignment.balance` over the job's
+    worker names), so the servers do not move anyone once round 1 opens, and when a server leaves its
+    workers spread over the rest.
     """
     members = [Member(f"server-{k}", "server", f"127.0.0.1:{port}") for k, port in enumerate(ports)]
-    primary = members[i % len(members)]
-    rest = [m for m in assign(f"worker-{i}", members) if m is not primary]
-    return ",".join(m.address for m in [primary, *rest])
+    order = balance([f"worker-{k}" for k in range(workers)], members)[f"worker-{i}"]
+    return ",".join(m.address for m in order)
 
 
 def run_cluster(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -129,8 +129,8 @@ def run_cluster(args: argparse.Namespace, overrides: list[str]) -> int:
         ports = _wait_ports(servers)
         for i in range(config.job.workers):
             children.spawn(f"worker-{i}", python + ["worker", "--config", str(config_path), *tls_args, *audit_args,
-                                                    "--connect", _targets(i, ports), "--index", str(i),
-                                                    *watch_args])
+                                                    "--connect", connect_targets(i, ports, config.job.workers),
+                                                    "--index", str(i), *watch_args])
         console.print(f"servers listening on {', '.join(f'127.0.0.1:{p}' for p in ports)}; logs in {run_dir / 'logs'}")
         rows = _follow(console, scheduler, run_dir / "scheduler" / config.summary.metrics_file, config,
                        quiet=args.quiet)

@@ -48,13 +48,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from enclavefl.cluster.assignment import balance
 from enclavefl.cluster.blobs import CloseState, decode_close_state, decode_model, encode_close_state, encode_model
 from enclavefl.cluster.errors import LeaseLost, StoreConflict, StoreError, StoreUnavailable
 from enclavefl.cluster.ledger import METRIC_SCALE, LedgerTarget, StoreAggregator
 from enclavefl.cluster.store import Lease, Member, RoundPhase, RoundState, Session, Store, UpdateRef, check_partials
 from enclavefl.config import ClusterConfig
 from enclavefl.errors import ConfigError, RoundError, StaleSession, UpdateRejected
-from enclavefl.messages import TaskInfo, UpdateMeta
+from enclavefl.messages import CLUSTER_SERVERS_KEY, ConfigValue, TaskInfo, UpdateMeta
 from enclavefl.server.checkpoint import params_digest
 from enclavefl.server.closing import ClosePipeline
 from enclavefl.server.core import ServerCore
@@ -152,6 +153,8 @@ class ClusterEngine(SyncEngine):
         self._synced: int | None = None
         """The model version this server installed from (or published to) the store."""
         self._bound: dict[str, str] = {}
+        self._placement: dict[str, str] = {}
+        """Worker name -> its servers' addresses in order, as of the last heartbeat once round 1 opened."""
         self._next_heartbeat = 0.0
         self._first_seen: dict[tuple[int, int], float] = {}
         self._waiting_since: float | None = None
@@ -251,6 +254,7 @@ class ClusterEngine(SyncEngine):
             if self.store.lease(DRAIN_LEASE_PREFIX + self.server_id) is not None:
                 log.info("server %s: the scheduler asks this server to drain", self.server_id)
                 self._drain.set()
+            self._place()
             self._next_heartbeat = now + self.cluster.heartbeat_s
         with self.core.cond:
             joined = {w.worker_id: (w.fingerprint, w.name) for w in self.core.registry.records()}
@@ -274,13 +278,18 @@ class ClusterEngine(SyncEngine):
                 core.request_stop()
                 return
             self._draining = True
+            with core.cond:
+                self._placement = {}
             self.store.deregister(self.server_id)  # no new round samples this server's workers
-            for worker_id in list(self._bound):
-                self.store.drop_session(worker_id)
-            self._bound.clear()
             log.info("server %s: draining: left the membership; %d servers remain", self.server_id, len(others),
                      extra={"event": "draining"})
+        # The sessions of workers the open round sampled stay (the leader waits for what they still send,
+        # and this server serves that round to its end); the others go at once, so no round counts on them.
         state = self.store.round_state()
+        waited = state.sampled if state is not None and state.phase is RoundPhase.OPEN else frozenset()
+        for worker_id in [w for w in self._bound if w not in waited]:
+            self.store.drop_session(worker_id)
+            del self._bound[worker_id]
         if self.lease is not None:
             if state is not None and state.phase is RoundPhase.CLOSING:
                 self._lead(self.lease, state)  # a close this leader began: finish it first
@@ -311,7 +320,33 @@ class ClusterEngine(SyncEngine):
             # An unknown session: the worker joins its next server.
             self.core.registry.remove(worker.worker_id, state="left", reason="handed over: the server drains")
             raise StaleSession(f"server {self.server_id} is leaving the cluster: join another server")
-        return super().task_for(worker)
+        task = super().task_for(worker)
+        servers = self.wait_config(worker)
+        return task if task is None or not servers else dataclasses.replace(task, config={**task.config, **servers})
+
+    def _place(self) -> None:
+        """Where every worker of the live servers should be (:func:`~enclavefl.cluster.assignment.balance`).
+
+        Not before round 1 opened: while workers still join, the placement of a few would move them
+        back and forth.
+        """
+        if self._draining or self.store.round_state() is None:
+            return
+        servers = [m for m in self.store.members("server") if m.address]
+        live = {m.member_id for m in servers}
+        names = [s.name for s in self.store.sessions() if s.server in live]
+        placement = {name: ",".join(m.address for m in order) for name, order in balance(names, servers).items()}
+        with self.core.cond:
+            self._placement = placement
+
+    def wait_config(self, worker: WorkerRecord) -> dict[str, ConfigValue]:
+        """The worker's live servers in order (see :meth:`_place`): the first is where it should be.
+
+        Train tasks carry it too: a worker moves after the round it trains (see
+        :mod:`enclavefl.worker.servers`), so a server added mid-job takes its workers from the next round.
+        """
+        servers = self._placement.get(worker.name)
+        return {} if self._draining or servers is None else {CLUSTER_SERVERS_KEY: servers}
 
     # -- follow ------------------------------------------------------------------------------------
 
@@ -334,8 +369,9 @@ class ClusterEngine(SyncEngine):
         if local is not None and (state.phase is not RoundPhase.OPEN
                                   or (local.number, local.attempt) != (state.number, state.attempt)):
             self._close_local()
+        # A draining server still serves a round that sampled its workers before it left the membership.
         if (state.phase is RoundPhase.OPEN and self._local is None and self.core.version == state.model_version
-                and not self._draining):
+                and (not self._draining or not state.sampled.isdisjoint(self._bound))):
             self._open_local(state)
         if state.phase is RoundPhase.CLOSED and state.number >= self.config.job.rounds:
             self.core.finish()
@@ -509,11 +545,22 @@ class ClusterEngine(SyncEngine):
         seen = self._first_seen.setdefault((state.number, state.attempt), time.monotonic())
         accepted = state.counters.get("accepted", 0)
         expired = time.monotonic() - seen >= self.config.round.update_window_s
-        if accepted >= state.required or expired:
-            if expired and accepted < state.required:
-                log.warning("server %s round %d: closed by its window with %d of %d updates", self.server_id,
-                            state.number, accepted, len(state.sampled))
+        if accepted >= state.required or expired or not self._answerable(state):
+            if accepted < state.required:
+                log.warning("server %s round %d: closed %s with %d of %d updates", self.server_id, state.number,
+                            "by its window" if expired else "as no other sampled worker can still answer",
+                            accepted, len(state.sampled))
             self._close(lease, self.store.begin_close(state.number, state.attempt, lease=lease))
+
+    def _answerable(self, state: RoundState) -> bool:
+        """Whether a sampled worker that has not pushed still has a session (on any server, live or not).
+
+        A worker that left or was dropped has none: the round waits for it no longer, as one PS's round
+        does not. A session on a dead server stays until the round ends, as its worker may fail over.
+        """
+        pushed = {a.worker for a in self.store.accepted(state.number, state.attempt).values()}
+        waiting = state.sampled - pushed
+        return bool(waiting) and any(s.worker_id in waiting for s in self.store.sessions())
 
     def _close(self, lease: Lease, state: RoundState) -> None:
         """Merges the partials of a CLOSING round and publishes the next model (or fails the attempt)."""

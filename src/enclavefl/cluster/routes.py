@@ -2,7 +2,7 @@
 
 - ``GET /api/v1/cluster/servers``: the live servers (id, address);
 - ``GET /api/v1/cluster/assignment/{worker}``: the server a worker (by name) should use, and its
-  alternatives in failover order (:func:`~enclavefl.cluster.assignment.assign`).
+  alternatives in failover order (:func:`~enclavefl.cluster.assignment.balance`).
 
 - ``POST /api/v1/scale`` ``{"servers": N}``: drains servers down to N, or starts more when the scheduler
   can (:meth:`~enclavefl.cluster.scheduler.Scheduler.scale`); 422 names what it cannot do.
@@ -19,7 +19,7 @@ from fastapi import Depends, FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from enclavefl.cluster.assignment import assign
+from enclavefl.cluster.assignment import balance
 from enclavefl.cluster.scheduler import MAX_SERVERS, ClusterHandle
 from enclavefl.errors import ConfigError
 from enclavefl.management.api import API_PREFIX, ControlCaller, require_read
@@ -50,7 +50,8 @@ def mount(app: FastAPI, handle: JobHandle) -> None:
     def assignment(worker: str) -> dict[str, Any]:
         if not 0 < len(worker) <= _MAX_NAME_CHARS:
             raise HTTPException(422, f"worker name must be 1..{_MAX_NAME_CHARS} characters")
-        ordered = assign(worker, cluster.servers())
+        # The placement the servers compute (the joined workers' names, this one among them).
+        ordered = balance([*(w.name for w in cluster.workers()), worker], cluster.servers()).get(worker, [])
         if not ordered:
             raise HTTPException(503, "no server is live")
         entries = [{"id": m.member_id, "address": m.address} for m in ordered]

@@ -23,6 +23,7 @@ from enclavefl.messages import PeerIdentity
 from enclavefl.server.ps import ParameterServer
 from enclavefl.tensors import ParamSet
 from enclavefl.worker import InMemoryClient, Worker, WorkerSettings
+from enclavefl.worker.servers import ServerList
 from tests.unit.worker.federation import AddTrainer, peer
 
 
@@ -76,10 +77,17 @@ def _rotating(order: Sequence[ParameterServer], who: PeerIdentity) -> Callable[[
     return lambda: InMemoryClient(order[next(calls) % len(order)], who, chunk_bytes=64)
 
 
+def _following(servers: Sequence[ParameterServer], index: int, who: PeerIdentity) -> ServerList:
+    """A worker's ServerList over the servers' addresses (server ``index`` mod N first)."""
+    by_address = {f"127.0.0.1:{7000 + k}": ps for k, ps in enumerate(servers)}
+    first = [f"127.0.0.1:{7000 + (index + k) % len(servers)}" for k in range(len(servers))]
+    return ServerList(first, lambda address: InMemoryClient(by_address[address], who, chunk_bytes=64))
+
+
 def run_cluster(config: JobConfig, initial: ParamSet, trainers: Sequence[tuple[str, AddTrainer]],
                 store_for: Callable[[int], Store], out_dir: Path, *, servers: int,
                 timeout_s: float = 60.0, late: Mapping[int, int] | None = None,
-                drain: Mapping[int, int] | None = None) -> ClusterRun:
+                drain: Mapping[int, int] | None = None, follow: bool = False) -> ClusterRun:
     """Runs the job on ``servers`` servers (worker i joins server i mod servers) until every thread ends.
 
     Args:
@@ -88,6 +96,8 @@ def run_cluster(config: JobConfig, initial: ParamSet, trainers: Sequence[tuple[s
         drain: server index -> model version: that server is asked to drain once the store has
             published that version. Every worker then gets its servers in failover order (server
             i mod servers, then the next ones), as a deployed worker with several ``--connect`` targets.
+        follow: every worker reaches its servers through a :class:`ServerList` (server i mod servers
+            first), as a deployed worker does, so it follows the order the servers' WAIT answers give.
     """
     run = ClusterRun()
     for i in range(servers):
@@ -113,8 +123,10 @@ def run_cluster(config: JobConfig, initial: ParamSet, trainers: Sequence[tuple[s
     threads = [_guarded(run.errors, f"server-{i}", after(i, ps.run)) for i, ps in enumerate(run.servers)]
     for i, (name, trainer) in enumerate(trainers):
         order = [run.servers[(i + k) % servers] for k in range(servers if drain else 1)]
-        worker = Worker(_rotating(order, peer(name)), trainer, WorkerSettings(name=name, seed=7, poll_s=0.2),
-                        stop=stop)
+        factory: Callable[[], InMemoryClient] | ServerList = _rotating(order, peer(name))
+        if follow:
+            factory = _following(run.servers, i, peer(name))
+        worker = Worker(factory, trainer, WorkerSettings(name=name, seed=7, poll_s=0.2), stop=stop)
         threads.append(_guarded(run.errors, name, after(i % servers, worker.run)))
     for index, version in (drain or {}).items():
         def draining(index: int = index, version: int = version) -> None:

@@ -11,6 +11,7 @@ import pytest
 
 from enclavefl.cluster import Member, MemoryStore, RoundPhase, Session, Store, UpdateRef
 from enclavefl.cluster import StoreUnavailable
+from enclavefl.cluster.assignment import balance
 from enclavefl.cluster.blobs import decode_model
 from enclavefl.cluster.engine import PAUSE_LEASE, ClusterEngine, cluster_engine
 from enclavefl.cluster.ledger import StoreAggregator
@@ -329,3 +330,50 @@ def test_a_drained_server_finishes_its_round_and_its_workers_move_to_the_others(
     assert {a.server for a in store.accepted(4, last.attempt).values()} == {"server-0", "server-1"}
     for ps in run.servers[:2]:
         assert ps.version == 4 and ps.params.equal(single.ps.params)
+
+
+def test_workers_move_to_the_server_the_cluster_assigns_them_and_no_round_fails(tmp_path: Path) -> None:
+    # Prepare: 6 workers on 2 servers, worker i first on server i mod 2; the servers' WAIT answers give
+    # each worker its servers in the cluster's balanced order, so some are on the wrong server and move.
+    config = cluster_job(rounds=4, workers=6, cluster={"poll_s": 0.02, "heartbeat_s": 0.1, "member_ttl_s": 5,
+                                                        "lease_ttl_s": 5})
+    store = MemoryStore()
+    members = [Member(f"server-{k}", "server", f"127.0.0.1:{7000 + k}") for k in range(2)]
+    home = {name: order[0].member_id for name, order in balance([f"worker-{i}" for i in range(6)], members).items()}
+    assert any(home[f"worker-{i}"] != f"server-{i % 2}" for i in range(6))  # the test moves somebody
+
+    # Execute
+    run = run_cluster(config, INITIAL, trainers(6), lambda i: store, tmp_path, servers=2, follow=True)
+
+    # Assert: every round closed on its first attempt; the last one took each worker's update on the
+    # server the cluster assigns it (names map to ids through the sessions bound on join).
+    assert not run.errors, run.errors
+    assert all(ps.version == 4 for ps in run.servers)
+    for number in range(1, 5):
+        state = store.round_state(number)
+        assert state is not None and state.phase is RoundPhase.CLOSED and state.attempt == 0
+    last = store.accepted(4, 0)
+    assert {uid.split("/")[1]: a.server for uid, a in last.items()} == home
+
+
+def test_the_leader_closes_a_round_once_no_sampled_worker_that_has_not_pushed_has_a_session(tmp_path: Path) -> None:
+    # Prepare: round 1 samples w-0 and w-1 (update window 20 s); w-0's update is accepted.
+    store = MemoryStore()
+    engine = _ticking_server(tmp_path, store)
+    engine.tick()  # publishes version 0 and opens round 1
+    other = StoreAggregator(WeightedMean, StreamHeader.of(INITIAL), store, number=1, attempt=0, server="server-1")
+    with other.name(UpdateRef("w-0", "1/worker-0"), {"num_samples": 10}):
+        other.add(ParamSet({"w": np.ones((2, 2), np.float32), "b": np.ones(2, np.float32)}), 10.0)
+
+    # Execute: w-1 still has its session: the round waits; then it leaves (its session is dropped).
+    engine.tick()
+    waiting = store.round_state(1)
+    store.drop_session("w-1")
+    engine.tick()
+
+    # Assert: closed with the one update, long before its window.
+    assert waiting is not None and waiting.phase is RoundPhase.OPEN
+    state = store.round_state(1)
+    assert state is not None and state.phase is RoundPhase.CLOSED
+    model = store.model()
+    assert model is not None and model.version == 1
