@@ -26,9 +26,9 @@ from enclavefl.cli.redis_process import RedisProcess
 from enclavefl.cli.run_cmd import (
     PORT_TIMEOUT_S,
     WORKER_EXIT_TIMEOUT_S,
+    Child,
+    Children,
     _attestation_setup,
-    _Child,
-    _Cluster,
     _follow,
     _tail,
 )
@@ -45,7 +45,7 @@ __all__ = ["connect_targets", "run_cluster"]
 MAX_SERVERS = 64
 
 
-def _wait_ports(servers: list[tuple[_Child, Path]]) -> list[int]:
+def _wait_ports(servers: list[tuple[Child, Path]]) -> list[int]:
     deadline = time.monotonic() + PORT_TIMEOUT_S
     ports: list[int] = []
     for child, port_file in servers:
@@ -104,7 +104,7 @@ def run_cluster(args: argparse.Namespace, overrides: list[str]) -> int:
     python = [sys.executable, "-m", "enclavefl"] + (["--debug"] if args.debug else [])
     watch_args = ["--parent-pid", str(os.getpid())]
     redis = RedisProcess(run_dir / "redis")
-    children = _Cluster(run_dir)
+    children = Children(run_dir)
     started = time.monotonic()
     rows: list[dict[str, Any]] = []
     try:
@@ -114,11 +114,11 @@ def run_cluster(args: argparse.Namespace, overrides: list[str]) -> int:
         scheduler_port = run_dir / "scheduler.port"
         scheduler = children.spawn("scheduler", python + [
             "scheduler", "--config", str(config_path), "--store", redis.url, "--out", str(run_dir / "scheduler"),
-            "--port-file", str(scheduler_port), *tls_args, *audit_args, *watch_args])
+            "--port-file", str(scheduler_port), "--spawn-dir", str(run_dir), *tls_args, *audit_args, *watch_args])
         (scheduler_at,) = _wait_ports([(scheduler, scheduler_port)])
         if config.management.enabled:
             console.print(f"management API and dashboard: see {run_dir / 'scheduler' / 'management.json'}")
-        servers: list[tuple[_Child, Path]] = []
+        servers: list[tuple[Child, Path]] = []
         for i in range(n):
             out, port_file = run_dir / f"server-{i}", run_dir / f"server-{i}.port"
             child = children.spawn(f"server-{i}", python + [

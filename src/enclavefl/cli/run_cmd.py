@@ -90,26 +90,28 @@ def add_parser(sub: Any) -> None:
 
 
 @dataclass
-class _Child:
+class Child:
+    """One process a command started, with its log."""
+
     name: str
     proc: subprocess.Popen[bytes]
     log_path: Path
     log_file: IO[bytes] = field(repr=False)
 
 
-class _Cluster:
+class Children:
     """The child processes of one run; close() terminates whatever is left."""
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
-        self.children: list[_Child] = []
+        self.children: list[Child] = []
         self._argv: dict[str, list[str]] = {}
 
     def respawn(self, name: str) -> subprocess.Popen[bytes]:
         """Starts child ``name`` again with the same command line (its log is appended to)."""
         return self.spawn(name, self._argv[name]).proc
 
-    def spawn(self, name: str, argv: list[str]) -> _Child:
+    def spawn(self, name: str, argv: list[str]) -> Child:
         log_path = self.run_dir / "logs" / f"{name}.log"
         log_file = log_path.open("ab")
         env = dict(os.environ)
@@ -118,10 +120,19 @@ class _Cluster:
         env.setdefault("OMP_NUM_THREADS", "1")
         proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                 start_new_session=True)
-        child = _Child(name, proc, log_path, log_file)
+        child = Child(name, proc, log_path, log_file)
         self.children.append(child)
         self._argv[name] = argv
         return child
+
+    def wait(self, timeout_s: float) -> None:
+        """Waits up to ``timeout_s`` in all for every child to exit by itself."""
+        deadline = time.monotonic() + timeout_s
+        for c in self.children:
+            try:
+                c.proc.wait(max(deadline - time.monotonic(), 0.01))
+            except subprocess.TimeoutExpired:
+                pass
 
     def close(self, grace_s: float = 5.0) -> None:
         """Stops the PS first (it checkpoints and tells the workers to finish), then whatever is left."""
@@ -131,7 +142,7 @@ class _Cluster:
             c.log_file.close()
 
     @staticmethod
-    def _stop(children: list[_Child], grace_s: float) -> None:
+    def _stop(children: list[Child], grace_s: float) -> None:
         alive = [c for c in children if c.proc.poll() is None]
         for c in alive:
             c.proc.send_signal(signal.SIGTERM)
@@ -293,7 +304,7 @@ def _run(args: argparse.Namespace) -> int:
 
     python = [sys.executable, "-m", "enclavefl"] + (["--debug"] if args.debug else [])
     watch_args = ["--parent-pid", str(os.getpid())]
-    cluster = _Cluster(run_dir)
+    cluster = Children(run_dir)
     started, started_wall = time.monotonic(), time.time()
     port_file = run_dir / "ps.port"
     port_file.unlink(missing_ok=True)
@@ -403,7 +414,7 @@ def _read_rows(path: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
     return rows, offset + end
 
 
-def _follow(console: Console, ps: _Child, metrics_path: Path, config: JobConfig, *, quiet: bool,
+def _follow(console: Console, ps: Child, metrics_path: Path, config: JobConfig, *, quiet: bool,
             tick: Callable[[], None] = lambda: None) -> list[dict[str, Any]]:
     """Shows the rows the PS appends to ``metrics.jsonl`` until it exits (it is another process: the file is the channel).
 

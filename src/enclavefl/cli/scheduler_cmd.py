@@ -16,14 +16,26 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
+import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from enclavefl.cli import add_overrides_option, setup_logging
 from enclavefl.cli.stopping import StopSignals, exit_code_for
 from enclavefl.config import load_job
+from enclavefl.errors import ConfigError
+
+if TYPE_CHECKING:
+    from enclavefl.cli.run_cmd import Children
 
 log = logging.getLogger(__name__)
+
+SPAWNED_EXIT_S = 30.0
+"""How long the scheduler waits at its end for the servers it started to exit by themselves."""
+
+_SERVER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def add_parser(sub: Any) -> None:
@@ -40,8 +52,42 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--cluster-key-file", type=Path,
                    help="keep the cluster key here (made if missing, mode 0600), so a restarted scheduler can read "
                         "the job's store; in a TEE, a path on an encrypted (sealed) mount. Default: memory only")
+    p.add_argument("--spawn-dir", type=Path,
+                   help="start the servers a scale-up asks for (POST /api/v1/scale) as `enclavefl server` processes "
+                        "on this host, each with its directory DIR/<id> and its log in DIR/logs/<id>.log. "
+                        "Default: scaling up is the operator's")
     p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=run_scheduler)
+
+
+def _server_spawner(args: argparse.Namespace, directory: Path, scheduler_at: str,
+                    audit_path: Path) -> tuple[Callable[[str], None], Children]:
+    """Starts ``enclavefl server --id ID`` with this scheduler's job, store, credentials and audit file.
+
+    The servers watch this process (``--parent-pid``): they end with it.
+    """
+    from enclavefl.cli.run_cmd import Children
+
+    (directory / "logs").mkdir(parents=True, exist_ok=True)
+    base = [sys.executable, "-m", "enclavefl"] + (["--debug"] if args.debug else []) + [
+        "server", "--config", str(args.config.resolve()), "--scheduler", scheduler_at,
+        "--audit-file", str(audit_path.resolve()), "--parent-pid", str(os.getpid())]
+    for override in args.overrides:
+        base += ["--set", override]
+    if args.store:
+        base += ["--store", args.store]
+    if args.tls_dir:
+        base += ["--tls-dir", str(args.tls_dir.resolve())]
+    children = Children(directory)
+
+    def spawn(server_id: str) -> None:
+        if not _SERVER_ID.fullmatch(server_id):
+            raise ConfigError(f"server id {server_id!r}: expected letters, digits, '-' or '_'")
+        out = directory / server_id
+        children.spawn(server_id, [*base, "--id", server_id, "--out", str(out), "--port-file",
+                                   str(directory / f"{server_id}.port")])
+
+    return spawn, children
 
 
 def run_scheduler(args: argparse.Namespace) -> int:
@@ -82,10 +128,14 @@ def run_scheduler(args: argparse.Namespace) -> int:
         host = config.transport.listen.rpartition(":")[0]
         service = KeyService(credentials, key, listen=config.transport.listen)
         api = None
+        spawned: Children | None = None
         try:
             address = f"{host}:{service.port}"
+            if args.spawn_dir is not None:
+                spawn, spawned = _server_spawner(args, args.spawn_dir, address, audit_path)
             scheduler = Scheduler(config, store, out_dir=out, address=address,
-                                  identity=identity_of(credentials.own_identity()))
+                                  identity=identity_of(credentials.own_identity()),
+                                  spawn=None if args.spawn_dir is None else spawn)
             stopper.on_stop(scheduler.stop)
             if config.management.enabled:
                 from enclavefl.cluster import routes
@@ -104,6 +154,9 @@ def run_scheduler(args: argparse.Namespace) -> int:
         finally:
             if api is not None:
                 api.close()
+            if spawned is not None:
+                spawned.wait(SPAWNED_EXIT_S)  # they end once they see the job's end in the store
+                spawned.close()
             service.close()
             store.close()
     finally:

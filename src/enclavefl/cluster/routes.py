@@ -1,6 +1,6 @@
 """The cluster's own read routes on the scheduler's management API (a :data:`~enclavefl.management.api.Mount`).
 
-- ``GET /api/v1/cluster/servers``: the live servers (id, address);
+- ``GET /api/v1/cluster/servers``: the live servers (id, address) and the leader-lease holder;
 - ``GET /api/v1/cluster/assignment/{worker}``: the server a worker (by name) should use, and its
   alternatives in failover order (:func:`~enclavefl.cluster.assignment.balance`).
 
@@ -45,7 +45,8 @@ def mount(app: FastAPI, handle: JobHandle) -> None:
     cluster = handle
 
     def servers() -> dict[str, Any]:
-        return {"servers": [{"id": m.member_id, "address": m.address} for m in cluster.servers()]}
+        return {"servers": [{"id": m.member_id, "address": m.address} for m in cluster.servers()],
+                "leader": cluster.leader()}
 
     def assignment(worker: str) -> dict[str, Any]:
         if not 0 < len(worker) <= _MAX_NAME_CHARS:

@@ -36,7 +36,7 @@ from typing import Any
 import yaml
 
 from enclavefl.cluster.blobs import decode_close_state
-from enclavefl.cluster.engine import DRAIN_LEASE_PREFIX, PAUSE_LEASE
+from enclavefl.cluster.engine import DRAIN_LEASE_PREFIX, LEADER_LEASE, PAUSE_LEASE
 from enclavefl.cluster.errors import StoreError, StoreUnavailable
 from enclavefl.cluster.store import Lease, Member, RoundPhase, RoundState, Store
 from enclavefl.config import JobConfig
@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 
 MAX_SERVERS = 64
 """The most servers a scale request may ask for."""
+
+SERVER_START_S = 120.0
+"""A server the scheduler started counts as starting this long, or until it registers."""
 
 
 def _id_order(member_id: str) -> tuple[int, str]:
@@ -112,6 +115,13 @@ class Scheduler:
         self._spawn = spawn
         self._drains: dict[str, Lease] = {}
         """Servers asked to drain, with the drain lease held for each until it has left."""
+        self._starting: dict[str, float] = {}
+        """Servers this scheduler started that have not registered yet, with when it stops waiting for them."""
+        self._used: set[str] = set()
+        """Every server id seen or started: a new server never reuses one (its directory, its log)."""
+        self._servers: list[str] = []
+        self._leader = ""
+        self._unreachable_since: float | None = None
 
     def _seen_round(self) -> int:
         return max((r["round"] for r in self.metrics.history if isinstance(r.get("round"), int)), default=0)
@@ -141,17 +151,58 @@ class Scheduler:
                         self.store.register(member, cluster.member_ttl_s)
                     self._hold_pause()
                     self._hold_drains()
+                    self._watch_cluster()
                     next_heartbeat = time.monotonic() + cluster.heartbeat_s
-                if self.tick():
+                ended = self.tick()
+                self._store_back()
+                if ended:
                     break
             except StoreUnavailable as exc:
-                log.warning("scheduler %s: the store is unreachable: %s", self.scheduler_id, exc)
+                self._store_down(exc)
             self._stop.wait(cluster.poll_s)
         try:
             self.store.deregister(self.scheduler_id)
         except StoreError as exc:
             log.warning("scheduler %s: could not deregister: %s", self.scheduler_id, exc)
         return self.state
+
+    # -- what the cluster does, for the logs and the feed ---------------------------------------------
+
+    def _watch_cluster(self) -> None:
+        """Says when servers join or leave and when the leader lease changes hands (log line and event)."""
+        servers = sorted((m.member_id for m in self.store.members("server")), key=_id_order)
+        lease = self.store.lease(LEADER_LEASE)
+        leader = lease.holder if lease is not None else ""
+        with self._lock:
+            self._used.update(servers)
+        if servers != self._servers:
+            joined = [m for m in servers if m not in self._servers]
+            left = [m for m in self._servers if m not in servers]
+            self._servers = servers
+            log.info("scheduler %s: servers %s (joined %s, left %s)", self.scheduler_id, ", ".join(servers) or "none",
+                     ", ".join(joined) or "none", ", ".join(left) or "none", extra={"event": "servers"})
+            self.events.publish("cluster", event="servers", servers=servers, joined=joined, left=left)
+        if leader != self._leader:
+            self._leader = leader
+            if leader:
+                log.info("scheduler %s: %s leads (token %d)", self.scheduler_id, leader, lease.token if lease else 0,
+                         extra={"event": "leader"})
+                self.events.publish("cluster", event="leader", leader=leader)
+
+    def _store_down(self, exc: StoreUnavailable) -> None:
+        if self._unreachable_since is None:
+            self._unreachable_since = time.monotonic()
+            log.warning("scheduler %s: the store is unreachable, rounds pause: %s", self.scheduler_id, exc,
+                        extra={"event": "store_down"})
+            self.events.publish("cluster", event="store_down", reason=str(exc))
+
+    def _store_back(self) -> None:
+        if self._unreachable_since is not None:
+            seconds = time.monotonic() - self._unreachable_since
+            self._unreachable_since = None
+            log.warning("scheduler %s: the store is reachable again after %.1fs", self.scheduler_id, seconds,
+                        extra={"event": "store_back"})
+            self.events.publish("cluster", event="store_back", reason=f"unreachable for {seconds:.1f}s")
 
     def stop(self) -> None:
         """Ends :meth:`run` (the servers go on: stopping them is the operator's, for now)."""
@@ -225,8 +276,12 @@ class Scheduler:
         if not 1 <= servers <= MAX_SERVERS:
             raise ConfigError(f"servers={servers}: expected 1..{MAX_SERVERS}")
         members = sorted((m.member_id for m in self.store.members("server")), key=_id_order)
+        now = time.monotonic()
         with self._lock:
+            self._used.update(members)
+            self._starting = {k: t for k, t in self._starting.items() if k not in members and t > now}
             live = [m for m in members if m not in self._drains]
+            pending = sorted(self._starting, key=_id_order)
         starting: list[str] = []
         if servers < len(live):
             for server_id in live[servers:]:
@@ -238,24 +293,27 @@ class Scheduler:
                     log.info("scheduler %s: server %s asked to drain (scale to %d)", self.scheduler_id, server_id,
                              servers)
             live = live[:servers]
-        elif servers > len(live):
+        elif servers > len(live) + len(pending):
             if self._spawn is None:
                 raise ConfigError(f"servers={servers}: {len(live)} are live and this scheduler starts no servers; "
                                   "start more with `enclavefl server --scheduler ...`")
-            taken = set(members)
             number = 0
-            while len(live) + len(starting) < servers:
+            while len(live) + len(pending) + len(starting) < servers:
                 candidate = f"server-{number}"
-                if candidate not in taken:
+                if candidate not in self._used:
                     starting.append(candidate)
                 number += 1
             for server_id in starting:
+                with self._lock:
+                    self._used.add(server_id)
+                    self._starting[server_id] = time.monotonic() + SERVER_START_S
                 self._spawn(server_id)
                 log.info("scheduler %s: server %s started (scale to %d)", self.scheduler_id, server_id, servers)
         self.events.publish("control", action="scale", servers=servers)
         with self._lock:
             draining = sorted(self._drains, key=_id_order)
-        return {"servers": servers, "live": live, "draining": draining, "starting": starting}
+        return {"servers": servers, "live": live, "draining": draining,
+                "starting": sorted({*pending, *starting}, key=_id_order)}
 
     def _hold_drains(self) -> None:
         """Renews the drain lease of each server still a member; releases those of servers that left."""
@@ -324,6 +382,14 @@ class ClusterHandle:
     def servers(self) -> list[Member]:
         """The live servers, by id (none when the store cannot be reached)."""
         return self._live_servers()
+
+    def leader(self) -> str:
+        """The server holding the leader lease ("" when none does, or the store cannot be reached)."""
+        try:
+            lease = self._scheduler.store.lease(LEADER_LEASE)
+        except StoreError:
+            return ""
+        return lease.holder if lease is not None else ""
 
     def _live_servers(self) -> list[Member]:
         try:

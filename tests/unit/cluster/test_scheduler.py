@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from enclavefl.cluster import Member, MemoryStore, Session
+from enclavefl.cluster import Member, MemoryStore, RoundState, Session, StoreUnavailable
 from enclavefl.cluster.engine import DRAIN_LEASE_PREFIX, PAUSE_LEASE
 from enclavefl.cluster.scheduler import ClusterHandle, Scheduler
 from enclavefl.errors import ConfigError
@@ -147,3 +147,81 @@ def test_scaling_up_starts_servers_under_free_ids(tmp_path: Path) -> None:
 
     # Assert: two new servers, neither reusing server-1's id while it is still a member.
     assert spawned == ["server-2", "server-3"] == answer["starting"]
+
+
+def test_a_second_scale_up_counts_the_servers_still_starting_and_no_id_is_reused(tmp_path: Path) -> None:
+    # Prepare: server-0 and server-1 live; a scale to 3 starts server-2, which has not registered yet.
+    store = MemoryStore()
+    spawned: list[str] = []
+    scheduler = _scheduler_over(tmp_path, store, 2, spawned)
+    scheduler.scale(3)
+
+    # Execute: the same request again, then server-1 leaves and a scale to 3 comes after server-2 registered.
+    again = scheduler.scale(3)
+    store.deregister("server-1")
+    store.register(Member("server-2", "server", "127.0.0.1:7002"), 30)
+    later = scheduler.scale(3)
+
+    # Assert: nothing started twice; the replacement of server-1 gets a new id (its directory and log stay).
+    assert again["starting"] == ["server-2"]
+    assert spawned == ["server-2", "server-3"]
+    assert later["starting"] == ["server-3"] and later["live"] == ["server-0", "server-2"]
+
+
+class _Outage(MemoryStore):
+    """A memory store whose reads fail with StoreUnavailable while ``down`` is set (Redis restarting)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = threading.Event()
+
+    def round_state(self, number: int | None = None) -> RoundState | None:
+        if self.down.is_set():
+            raise StoreUnavailable("connection refused (the test's outage)")
+        return super().round_state(number)
+
+
+def test_the_scheduler_tells_the_feed_when_servers_join_and_leave_the_leader_changes_and_the_store_fails(
+        tmp_path: Path) -> None:
+    # Prepare
+    config = cluster_job(rounds=1, workers=2, cluster={"poll_s": 0.01, "heartbeat_s": 0.05, "member_ttl_s": 5,
+                                                       "lease_ttl_s": 5})
+    store = _Outage()
+    scheduler = Scheduler(config, store, out_dir=tmp_path)
+    thread = threading.Thread(target=scheduler.run, daemon=True)
+    thread.start()
+
+    def cluster_events(count: int) -> list[dict[str, object]]:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            found = [e.as_dict() for e in scheduler.events.read(0).events if e.kind == "cluster"]
+            if len(found) >= count:
+                return found
+            time.sleep(0.01)
+        raise AssertionError(f"fewer than {count} cluster events: {found}")
+
+    # Execute: a server joins and takes the leader lease, another joins, the first leaves; the store goes down
+    # for a while and comes back.
+    try:
+        store.register(Member("server-0", "server", "127.0.0.1:7000"), 30)
+        store.acquire_lease("leader", "server-0", 30)
+        cluster_events(2)
+        store.register(Member("server-1", "server", "127.0.0.1:7001"), 30)
+        cluster_events(3)
+        store.deregister("server-0")
+        cluster_events(4)
+        store.down.set()
+        cluster_events(5)
+        store.down.clear()
+        events = cluster_events(6)
+    finally:
+        scheduler.stop()
+        thread.join(10)
+
+    # Assert
+    described = [(e["event"], e.get("servers", e.get("leader", ""))) for e in events]
+    assert described[:4] == [("servers", ["server-0"]), ("leader", "server-0"), ("servers", ["server-0", "server-1"]),
+                             ("servers", ["server-1"])]
+    assert events[3]["left"] == ["server-0"] and events[2]["joined"] == ["server-1"]
+    assert [e["event"] for e in events[4:]] == ["store_down", "store_back"]
+    assert "connection refused" in str(events[4]["reason"])

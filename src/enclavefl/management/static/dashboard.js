@@ -28,6 +28,9 @@
     statusAt: 0,         // Date.now() when it arrived
     rows: new Map(),     // round number -> metrics row (a retried round replaces its row)
     workers: [],
+    servers: [],         // a cluster's live servers (GET /cluster/servers)
+    cluster: null,       // null: not known yet; true: a cluster's scheduler; false: one PS
+    leader: "",          // the server holding the leader lease
     refused: [],         // attestation refusals, newest first
     lastSeq: 0,
     streamAbort: null,
@@ -151,10 +154,25 @@
     } catch (err) { if (!(err instanceof HttpError && err.status === 401)) notice(`workers: ${err.message}`); }
   }
 
+  // A cluster's scheduler serves its servers; one PS answers 404 and the card stays hidden.
+  async function loadServers() {
+    if (state.cluster === false) return;
+    try {
+      const body = await api("/cluster/servers");
+      state.servers = body.servers;
+      state.leader = body.leader || "";
+      state.cluster = true;
+      renderServers();
+    } catch (err) {
+      if (err instanceof HttpError && err.status === 404) state.cluster = false;
+      else if (!(err instanceof HttpError && err.status === 401)) notice(`servers: ${err.message}`);
+    }
+  }
+
   async function loadAll() {
     await loadStatus();
     if (state.authNeeded) return;
-    await Promise.all([loadRounds(), loadWorkers()]);
+    await Promise.all([loadRounds(), loadWorkers(), loadServers()]);
     startStream();
   }
 
@@ -251,6 +269,12 @@
       case "control":
         addFeed(ev);
         debounce("status", loadStatus);
+        break;
+      case "cluster":
+        addFeed(ev);
+        if (ev.event === "leader") { state.leader = ev.leader; renderServers(); }
+        debounce("servers", loadServers, 200);
+        debounce("workers", loadWorkers, 500);
         break;
       case "job":
         addFeed(ev);
@@ -450,6 +474,18 @@
     setText("worker-count", `${active} active of ${state.workers.length}`);
   }
 
+  function renderServers() {
+    if (!state.cluster) return;
+    $("servers-card").hidden = false;
+    const rows = (state.servers || []).map((m) => {
+      const tr = el("tr");
+      tr.append(el("td", "", m.id), el("td", "mono", m.address || "—"), el("td", "", m.id === state.leader ? "leader" : ""));
+      return tr;
+    });
+    $("servers").tBodies[0].replaceChildren(...rows);
+    setText("server-count", `${rows.length} live`);
+  }
+
   function renderRefused() {
     const rows = state.refused.map((ev) => {
       const tr = el("tr");
@@ -474,6 +510,14 @@
       }
       case "job":
         return `job ${ev.state || "?"}${ev.reason ? `: ${ev.reason}` : ""}`;
+      case "cluster": {
+        const list = (xs) => (Array.isArray(xs) && xs.length ? xs.join(", ") : "none");
+        if (ev.event === "servers") return `servers: ${list(ev.servers)} (joined ${list(ev.joined)}, left ${list(ev.left)})`;
+        if (ev.event === "leader") return `${ev.leader || "?"} leads`;
+        if (ev.event === "store_down") return `store unreachable, rounds pause: ${ev.reason || ""}`;
+        if (ev.event === "store_back") return `store reachable again (${ev.reason || ""})`;
+        return JSON.stringify(ev);
+      }
       default:
         return JSON.stringify(ev);
     }
