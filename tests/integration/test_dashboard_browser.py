@@ -5,8 +5,10 @@ a real parameter server running in this process with two real workers whose
 rounds the test holds open and releases, and check what the page does as the
 job changes: charts gaining points without a reload, API strings (a worker's
 name, a refusal's reason) shown as text, the Stop dialog.
-The last one runs a real ``enclavefl run`` with its HTTPS management API,
-watches the rounds advance, saves a screenshot and stops the job from the page.
+The last two run a real ``enclavefl run`` with its HTTPS management API: one
+watches the rounds advance, saves a screenshot and stops the job from the page;
+the other runs a cluster (``--servers 2``) and scales it to 4 servers and back
+while the page and the cloud ``/state`` show the servers come and go.
 
 Chromium is the system's (the Debian ``chromium`` package); Playwright never
 downloads a browser here.
@@ -15,6 +17,7 @@ downloads a browser here.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -26,6 +29,7 @@ from typing import Any
 import pytest
 
 from enclavefl.management import dashboard
+from enclavefl.management.client import ManagementClient
 from enclavefl.server.checkpoint import latest_checkpoint
 from enclavefl.transport.audit import AuditRecord
 from tests.unit.management.live import TOKEN, app_for, audit_log, controls, held_job, serving
@@ -233,3 +237,74 @@ def test_dashboard_follows_a_real_job_and_stops_it(tab: Any, tmp_path: Path) -> 
         if run.poll() is None:
             run.kill()
             run.wait(10)
+
+
+# ------------------------------------------------------------------ a real cluster, scaled while it trains
+
+def _server_nodes(client: ManagementClient) -> list[str]:
+    return sorted(n["node_id"] for n in client.get("/state")["nodes"] if n["role"] == "SERVER")
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
+    text = path.read_text() if path.exists() else ""
+    return [json.loads(line) for line in text.splitlines() if line.endswith("}")]
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None,
+                    reason="redis-server is not on PATH (Debian: apt-get install redis-server; .ci/run installs it)")
+def test_a_cluster_scaled_from_two_to_four_servers_and_back_loses_no_round_and_the_page_shows_it(
+        tab: Any, tmp_path: Path) -> None:
+    # Prepare: `enclavefl run --servers 2`, 8 workers, 10 rounds of several seconds (400 local epochs), the
+    # scheduler's HTTPS API and dashboard.
+    out, console = tmp_path / "run", tmp_path / "console.txt"
+    args = [sys.executable, "-m", "enclavefl", "run", str(REPO / "examples" / "digits" / "job.yaml"), "--out",
+            str(out), "--quiet", "--servers", "2", "--workers", "8", "--set", "job.rounds=10",
+            "--set", "round.min_workers=8", "--set", "round.update_window_s=120", "--set", "round.start_window_s=180",
+            "--set", "server.checkpoint_every=1000", "--set", "management.enabled=true",
+            "--set", "cluster.poll_s=0.05", "--set", "client.epochs=400"]
+    with console.open("wb") as f:
+        run = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT)
+    metrics = out / "scheduler" / "metrics.jsonl"
+    try:
+        wait_until(lambda: (out / "scheduler" / "management.json").exists() or run.poll() is not None, 180,
+                   "the scheduler's management.json")
+        assert run.poll() is None, console.read_text()
+        client = ManagementClient.for_run(out / "scheduler")
+        info = json.loads((out / "scheduler" / "management.json").read_text())
+        token = (out / "scheduler" / info.get("token_file", "management.token")).read_text().strip()
+        open_dashboard(tab, info["url"], token)
+        tab.wait_for_function("() => document.querySelectorAll('#servers tbody tr').length === 2", timeout=120_000)
+        wait_until(lambda: len(_rows(metrics)) >= 1 or run.poll() is not None, 240, "round 1")
+
+        # Execute: scale to 4 after round 1, back to 2 once two more rounds ran on 4.
+        up = client.post("/api/v1/scale", {"servers": 4})
+        wait_until(lambda: len(_server_nodes(client)) == 4 or run.poll() is not None, 120, "4 servers in /state")
+        tab.wait_for_function("() => document.querySelectorAll('#servers tbody tr').length === 4", timeout=60_000)
+        scaled_at = len(_rows(metrics))
+        wait_until(lambda: len(_rows(metrics)) >= scaled_at + 2 or run.poll() is not None, 240, "2 rounds on 4")
+        four = _server_nodes(client)
+        down = client.post("/api/v1/scale", {"servers": 2})
+        wait_until(lambda: len(_server_nodes(client)) == 2 or run.poll() is not None, 120, "2 servers in /state")
+        tab.wait_for_function("() => document.querySelectorAll('#servers tbody tr').length === 2", timeout=60_000)
+        feed = tab.text_content("#audit") or ""
+        code = run.wait(600)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait(10)
+
+    # Assert: the answers named the new and the draining servers; every round closed on its first attempt with
+    # all 8 workers; workers moved to the new servers and back; the feed told the membership changes.
+    assert code == 0, console.read_text()[-3000:]
+    assert up["starting"] == ["server-2", "server-3"] and down["draining"] == ["server-2", "server-3"]
+    assert four == ["server-0", "server-1", "server-2", "server-3"]
+    rows = _rows(metrics)
+    assert [r["round"] for r in rows] == list(range(1, 11))
+    assert all(r["attempt"] == 0 and r["participants"] == 8 for r in rows), rows
+    logs = "".join((out / "logs" / f"worker-{i}.log").read_text() for i in range(8))
+    assert "the cluster moves this worker" in logs
+    for server in ("server-2", "server-3"):  # each served workers of at least one round
+        served = re.findall(r"round \d+: open \(attempt 0\) on model version \d+, (\d+) of 8 sampled workers here",
+                            (out / server / "logs" / "server.log").read_text())
+        assert any(int(n) > 0 for n in served), (server, served)
+    assert re.search(r"joined [^)]*server-2", feed) and re.search(r"left [^)]*server-2", feed), feed
