@@ -105,7 +105,7 @@ def stored_mean(store: Store, server: str = "s1") -> np.ndarray[Any, Any]:
     assert partial is not None
     merged = WeightedMean(TEMPLATE)
     merged.merge({server: partial.blob})
-    return merged.result()["w"]
+    return np.asarray(merged.result()["w"])
 
 
 def test_uploads_folded_during_a_write_share_the_next_write(store: Store) -> None:
