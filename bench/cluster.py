@@ -3,10 +3,13 @@
 The job is bench/round_overhead.py's: workers return the parameters plus small
 noise, so a round is the cost of moving an 11M-parameter float32 model
 (a ResNet-18's shapes) down to every worker and back, validating and folding
-the updates, and here also of the cluster's shared state: every accepted
-update rewrites its server's sealed partial (the float64 sum, twice the
-model) in Redis (``appendfsync always``), and every close reads the partials,
-publishes the sealed model and state, which every other server reads back.
+the updates, and here also of the cluster's shared state: a server rewrites
+its sealed partial (the float64 sum, twice the model) in Redis
+(``appendfsync always``) once per group commit, that is with every update
+folded while its previous write ran (at most about
+``server.max_concurrent_uploads`` per write), and every close reads the
+partials, publishes the sealed model and state, which every other server
+reads back.
 For each server count it prints one line::
 
     servers=2 workers=40 s_per_round=12.3 max_server_rss_mb=812 redis_in_mb_per_round=7400

@@ -136,6 +136,32 @@ class Round:
             self._metrics.append(dict(metrics))
         self.notify()
 
+    def retract(self, worker_id: str, weight: float, num_samples: int, nbytes: int,
+                metrics: Mapping[str, float]) -> None:
+        """Undoes the record of an accepted update whose aggregator dropped it afterwards.
+
+        A cluster server's aggregator folds an update at ``accept`` but makes it
+        durable later, outside the round's lock (group commit); when the store
+        then refuses it, the aggregator has already taken it out of its sum, and
+        this takes the worker out of the record with the same amounts, so the
+        round's counts match what was aggregated. The worker may upload again.
+        Works after ``close()`` too (the record already returned stays as it was).
+
+        Raises:
+            UpdateRejected: the round has no accepted update of ``worker_id``.
+        """
+        with self._lock:
+            if worker_id not in self._pushed:
+                raise UpdateRejected(f"round {self.number}: worker {worker_id} has no accepted update to retract")
+            self._pushed.discard(worker_id)
+            self._num_samples -= num_samples
+            self._weight -= weight
+            self._bytes_in -= nbytes
+            recorded = dict(metrics)
+            if recorded in self._metrics:
+                self._metrics.remove(recorded)
+        self.notify()
+
     def end_upload(self, worker_id: str) -> None:
         """The worker's upload finished (accepted or not): it no longer holds a slot."""
         with self._lock:

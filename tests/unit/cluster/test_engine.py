@@ -144,8 +144,10 @@ def test_the_leader_finishes_a_closing_round_from_the_partials_the_store_holds(t
     engine = _ticking_server(tmp_path, store)
     engine.tick()  # publishes version 0 and opens round 1
     dead = StoreAggregator(WeightedMean, StreamHeader.of(INITIAL), store, number=1, attempt=0, server="server-dead")
-    with dead.name(UpdateRef("w-0", "1/worker-0"), {"num_samples": 10}):
+    ref = UpdateRef("w-0", "1/worker-0")
+    with dead.name(ref, {"num_samples": 10}):
         dead.add(ParamSet({"w": np.ones((2, 2), np.float32), "b": np.ones(2, np.float32)}), 10.0)
+    dead.commit(ref)
     store.begin_close(1, 0)
 
     # Execute
@@ -189,8 +191,10 @@ def test_a_close_the_store_missed_is_published_again_without_a_second_step(tmp_p
         inner.bind_session(Session(f"w-{i}", f"fp{i}", "server-0", f"worker-{i}"))
     engine.tick()
     agg = StoreAggregator(WeightedMean, StreamHeader.of(INITIAL), inner, number=1, attempt=0, server="server-1")
-    with agg.name(UpdateRef("w-0", "1/worker-0"), {"num_samples": 10}):
+    ref = UpdateRef("w-0", "1/worker-0")
+    with agg.name(ref, {"num_samples": 10}):
         agg.add(ParamSet({"w": np.ones((2, 2), np.float32), "b": np.ones(2, np.float32)}), 10.0)
+    agg.commit(ref)
     inner.begin_close(1, 0)
 
     # Execute: the first tick closes locally and fails to publish; the second publishes the same close.
@@ -225,8 +229,10 @@ def test_a_close_longer_than_the_lease_ttl_keeps_the_lease(tmp_path: Path) -> No
         store.bind_session(Session(f"w-{i}", f"fp{i}", "server-0", f"worker-{i}"))
     engine.tick()
     agg = StoreAggregator(WeightedMean, StreamHeader.of(INITIAL), store, number=1, attempt=0, server="server-1")
-    with agg.name(UpdateRef("w-0", "1/worker-0"), {"num_samples": 10}):
+    ref = UpdateRef("w-0", "1/worker-0")
+    with agg.name(ref, {"num_samples": 10}):
         agg.add(ParamSet({"w": np.ones((2, 2), np.float32), "b": np.ones(2, np.float32)}), 10.0)
+    agg.commit(ref)
     store.begin_close(1, 0)
 
     # Execute: without renewals the lease would lapse mid-close and finish_round be refused (LeaseLost).

@@ -31,8 +31,11 @@ def server(store: MemoryStore, name: str) -> StoreAggregator:
 
 
 def add(agg: StoreAggregator, worker: str, update_id: str, values: ParamSet, weight: float) -> None:
-    with agg.name(UpdateRef(worker, update_id), {"num_samples": int(weight)}):
+    """Folds and commits one update (a write of its own: nothing else is waiting)."""
+    ref = UpdateRef(worker, update_id)
+    with agg.name(ref, {"num_samples": int(weight)}):
         agg.add(values, weight)
+    agg.commit(ref)
 
 
 def test_an_accepted_update_is_in_the_ledger_and_in_the_servers_partial() -> None:

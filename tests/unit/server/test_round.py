@@ -102,3 +102,29 @@ def test_second_upload_of_one_worker_is_refused() -> None:
     push(rnd, "a")
     with pytest.raises(UpdateRejected, match="already pushed"):
         rnd.admit(meta("a"))
+
+
+def test_a_retracted_update_leaves_the_record_as_if_it_never_arrived() -> None:
+    # Prepare: a (1 sample, 8 bytes, loss 0.5) and b (1 sample, 8 bytes, loss 0.25) pushed.
+    rnd = round_state({"a", "b"}, required=2)
+    for worker, loss in (("a", 0.5), ("b", 0.25)):
+        rnd.admit(meta(worker))
+        rnd.accept(worker, ParamSet({"w": np.ones(2, dtype=np.float32)}), 1.0, 1, 8, {"loss": loss})
+        rnd.end_upload(worker)
+
+    # Execute: b's update is taken back (its aggregator dropped it after the fold).
+    rnd.retract("b", 1.0, 1, 8, {"loss": 0.25})
+
+    # Assert: only a is recorded (1 sample, weight 1, 8 bytes, its metrics); b may upload again.
+    assert not rnd.done()
+    rnd.admit(meta("b"))
+    record = rnd.close()
+    assert record.pushed == {"a"} and record.num_samples == 1 and record.weight == 1.0 and record.bytes_in == 8
+    assert record.worker_metrics == ({"loss": 0.5},)
+
+
+def test_retracting_a_worker_without_an_accepted_update_is_refused() -> None:
+    rnd = round_state({"a"}, required=1)
+
+    with pytest.raises(UpdateRejected, match="no accepted update"):
+        rnd.retract("a", 1.0, 1, 8, {})
