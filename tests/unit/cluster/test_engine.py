@@ -370,6 +370,7 @@ def test_the_leader_closes_a_round_once_no_sampled_worker_that_has_not_pushed_ha
     other = StoreAggregator(WeightedMean, StreamHeader.of(INITIAL), store, number=1, attempt=0, server="server-1")
     with other.name(UpdateRef("w-0", "1/worker-0"), {"num_samples": 10}):
         other.add(ParamSet({"w": np.ones((2, 2), np.float32), "b": np.ones(2, np.float32)}), 10.0)
+    other.commit(UpdateRef("w-0", "1/worker-0"))
 
     # Execute: w-1 still has its session: the round waits; then it leaves (its session is dropped).
     engine.tick()
