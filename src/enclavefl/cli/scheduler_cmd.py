@@ -163,4 +163,4 @@ def run_scheduler(args: argparse.Namespace) -> int:
         stopper.close()
     if stopper.signum is not None:
         return exit_code_for(stopper.signum)
-    return 0 if state == "finished" else 1
+    return 0 if state in ("finished", "stopped") else 1

@@ -70,7 +70,8 @@ from enclavefl.server.state import Stateful
 from enclavefl.server.strategy import Strategy
 from enclavefl.tensors import StreamHeader
 
-__all__ = ["DRAIN_LEASE_PREFIX", "LEADER_LEASE", "PAUSE_LEASE", "UPDATE_ID_KEY", "ClusterEngine", "cluster_engine"]
+__all__ = ["DRAIN_LEASE_PREFIX", "LEADER_LEASE", "PAUSE_LEASE", "STOP_LEASE_PREFIX", "UPDATE_ID_KEY", "ClusterEngine",
+           "cluster_engine"]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,10 @@ PAUSE_LEASE = "pause"
 
 DRAIN_LEASE_PREFIX = "drain:"
 """``drain:<server id>``, held by the scheduler: that server drains (see the module docstring)."""
+
+STOP_LEASE_PREFIX = "stop:"
+"""``stop:finish`` or ``stop:abort``, held by the scheduler when an operator stops the job: every server ends it
+(``finish``: the open round completes first; ``abort``: it is abandoned)."""
 
 UPDATE_ID_KEY = "update_id"
 """An update's ``extensions`` key for the id it carries on every (re-)send; else ``<round>/<worker name>``."""
@@ -197,7 +202,8 @@ class ClusterEngine(SyncEngine):
             self._leave()
 
     def _going(self) -> bool:
-        return self.core.phase is not Phase.FINISHED and not self.core.ending and not self.drained
+        # A stop to finish ends the loop through core.finish() once the open round closed (see tick).
+        return self.core.phase is not Phase.FINISHED and not self.core.stopping and not self.drained
 
     def drain(self) -> None:
         """Asks this server to leave the cluster once its open round is over (see the module docstring).
@@ -220,6 +226,11 @@ class ClusterEngine(SyncEngine):
         self._membership()
         state = self.store.round_state()
         self._follow(state)
+        if self.core.finishing and (state is None or state.phase in (RoundPhase.CLOSED, RoundPhase.FAILED)):
+            log.info("server %s: the job was stopped; no round is open: ending it", self.server_id,
+                     extra={"event": "stopped"})
+            self.core.finish()
+            return
         lease = self.store.acquire_lease(LEADER_LEASE, self.server_id, self.cluster.lease_ttl_s)
         if lease is not None:
             if self.lease is None or lease.token != self.lease.token:
@@ -254,6 +265,7 @@ class ClusterEngine(SyncEngine):
             if self.store.lease(DRAIN_LEASE_PREFIX + self.server_id) is not None:
                 log.info("server %s: the scheduler asks this server to drain", self.server_id)
                 self._drain.set()
+            self._check_stop()
             self._place()
             self._next_heartbeat = now + self.cluster.heartbeat_s
         with self.core.cond:
@@ -265,6 +277,18 @@ class ClusterEngine(SyncEngine):
         for worker_id in [w for w in self._bound if w not in joined]:
             self.store.drop_session(worker_id)
             del self._bound[worker_id]
+
+    def _check_stop(self) -> None:
+        """Ends the job here when the scheduler holds a stop lease (an operator's stop)."""
+        core = self.core
+        if not core.stopping and self.store.lease(STOP_LEASE_PREFIX + "abort") is not None:
+            log.warning("server %s: the job was stopped (abort): the open round is abandoned", self.server_id,
+                        extra={"event": "stopped"})
+            core.request_stop()
+        elif not core.ending and self.store.lease(STOP_LEASE_PREFIX + "finish") is not None:
+            log.info("server %s: the job was stopped (finish): the open round completes, no other opens",
+                     self.server_id, extra={"event": "stopped"})
+            core.request_finish()
 
     # -- drain -------------------------------------------------------------------------------------
 
@@ -518,6 +542,8 @@ class ClusterEngine(SyncEngine):
 
     def _open_next(self, lease: Lease, number: int, attempt: int) -> None:
         cfg = self.config.round
+        if self.core.ending:
+            return  # stopped: the round open when the stop came was the last
         if self.store.lease(PAUSE_LEASE) is not None:
             return  # paused by the operator: the open round (if any) ran on, no new one opens
         live = {m.member_id for m in self.store.members("server")}

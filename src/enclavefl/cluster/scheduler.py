@@ -36,7 +36,7 @@ from typing import Any
 import yaml
 
 from enclavefl.cluster.blobs import decode_close_state
-from enclavefl.cluster.engine import DRAIN_LEASE_PREFIX, LEADER_LEASE, PAUSE_LEASE
+from enclavefl.cluster.engine import DRAIN_LEASE_PREFIX, LEADER_LEASE, PAUSE_LEASE, STOP_LEASE_PREFIX
 from enclavefl.cluster.errors import StoreError, StoreUnavailable
 from enclavefl.cluster.store import Lease, Member, RoundPhase, RoundState, Store
 from enclavefl.config import JobConfig
@@ -121,6 +121,8 @@ class Scheduler:
         """Every server id seen or started: a new server never reuses one (its directory, its log)."""
         self._servers: list[str] = []
         self._leader = ""
+        self._stop_mode: StopMode | None = None
+        self._stop_asked = 0.0
         self._unreachable_since: float | None = None
 
     def _seen_round(self) -> int:
@@ -151,9 +153,10 @@ class Scheduler:
                         self.store.register(member, cluster.member_ttl_s)
                     self._hold_pause()
                     self._hold_drains()
+                    self._hold_stop()
                     self._watch_cluster()
                     next_heartbeat = time.monotonic() + cluster.heartbeat_s
-                ended = self.tick()
+                ended = self.tick() or self._stopped()
                 self._store_back()
                 if ended:
                     break
@@ -165,6 +168,41 @@ class Scheduler:
         except StoreError as exc:
             log.warning("scheduler %s: could not deregister: %s", self.scheduler_id, exc)
         return self.state
+
+    # -- stop ----------------------------------------------------------------------------------------
+
+    def request_stop(self, mode: StopMode) -> bool:
+        """Ends the job on every server (``finish``: after the open round; ``abort``: at once).
+
+        The scheduler holds the ``stop:<mode>`` lease until it ends; its :meth:`run` ends (``stopped``)
+        once no server is left. False if a stop was asked for already or the job has ended.
+        """
+        with self._lock:
+            if self._stop_mode is not None or self.state in ("finished", "failed", "stopped"):
+                return False
+            self._stop_mode, self._stop_asked = mode, time.monotonic()
+        log.warning("scheduler %s: stop (%s) asked for: every server ends the job", self.scheduler_id, mode)
+        self._hold_stop()
+        return True
+
+    def _hold_stop(self) -> None:
+        with self._lock:
+            mode = self._stop_mode
+        if mode is not None:
+            self.store.acquire_lease(STOP_LEASE_PREFIX + mode, self.scheduler_id, self.config.cluster.member_ttl_s)
+
+    def _stopped(self) -> bool:
+        """After a stop: True (the job is ``stopped``) once every server has left."""
+        with self._lock:
+            mode, asked = self._stop_mode, self._stop_asked
+        if mode is None or time.monotonic() - asked < self.config.cluster.heartbeat_s:
+            return False
+        if self.store.members("server"):
+            return False
+        self.state = "stopped"
+        self.events.publish("job", state="stopped", reason=f"stopped by an operator ({mode})")
+        log.info("scheduler %s: every server has ended the job (stop: %s)", self.scheduler_id, mode)
+        return True
 
     # -- what the cluster does, for the logs and the feed ---------------------------------------------
 
@@ -205,7 +243,7 @@ class Scheduler:
             self.events.publish("cluster", event="store_back", reason=f"unreachable for {seconds:.1f}s")
 
     def stop(self) -> None:
-        """Ends :meth:`run` (the servers go on: stopping them is the operator's, for now)."""
+        """Ends :meth:`run` only (a signal to the scheduler): the servers go on; :meth:`request_stop` ends the job."""
         self._stop.set()
 
     def tick(self) -> bool:
@@ -421,8 +459,11 @@ class ClusterHandle:
         return nodes
 
     def stop(self, mode: StopMode, *, by: str) -> None:
-        log.warning("scheduler: %s asked to stop the job (%s): not supported in cluster mode yet; stop the servers",
-                    by, mode)
+        """Ends the job on every server (:meth:`Scheduler.request_stop`); a no-op once it has ended."""
+        if mode not in ("finish", "abort"):
+            raise ConfigError(f"stop mode {mode!r}: expected 'finish' or 'abort'")
+        if self._scheduler.request_stop(mode):
+            self._scheduler.events.publish("control", action="stop", by=by, mode=mode)
 
     def pause(self, *, by: str) -> bool:
         return self._scheduler.set_paused(True)

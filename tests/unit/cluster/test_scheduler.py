@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from enclavefl.cluster import Member, MemoryStore, RoundState, Session, StoreUnavailable
+from enclavefl.cluster import Member, MemoryStore, RoundPhase, RoundState, Session, StoreUnavailable
 from enclavefl.cluster.engine import DRAIN_LEASE_PREFIX, PAUSE_LEASE
 from enclavefl.cluster.scheduler import ClusterHandle, Scheduler
 from enclavefl.errors import ConfigError
@@ -225,3 +225,43 @@ def test_the_scheduler_tells_the_feed_when_servers_join_and_leave_the_leader_cha
     assert events[3]["left"] == ["server-0"] and events[2]["joined"] == ["server-1"]
     assert [e["event"] for e in events[4:]] == ["store_down", "store_back"]
     assert "connection refused" in str(events[4]["reason"])
+
+
+@pytest.mark.parametrize("mode", ["finish", "abort"])
+def test_a_stop_through_the_api_ends_the_job_on_every_server(tmp_path: Path, mode: str) -> None:
+    # Prepare: a 50-round job on 2 servers, stopped through the cluster's handle once round 1 closed.
+    config = cluster_job(rounds=50, workers=4, cluster={"poll_s": 0.02, "heartbeat_s": 0.1, "member_ttl_s": 5,
+                                                         "lease_ttl_s": 5})
+    store = MemoryStore()
+    scheduler = Scheduler(config, store, out_dir=tmp_path / "scheduler")
+    ended: list[str] = []
+    threads = [threading.Thread(target=lambda: ended.append(scheduler.run()), daemon=True)]
+
+    def stop_after_round_1() -> None:
+        deadline = time.monotonic() + 30
+        while ((model := store.model()) is None or model.version < 1) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        ClusterHandle(scheduler).stop(mode, by="test")  # type: ignore[arg-type]
+
+    threads.append(threading.Thread(target=stop_after_round_1, daemon=True))
+    for thread in threads:
+        thread.start()
+
+    # Execute
+    run = run_cluster(config, INITIAL, trainers(4), lambda i: store, tmp_path, servers=2)
+    for thread in threads:
+        thread.join(10)
+
+    # Assert: the scheduler saw every server leave and says stopped; the servers agree on the last model;
+    # with finish, the round open at the stop completed (it is CLOSED) and no later round opened.
+    assert not run.errors, run.errors
+    assert ended == ["stopped"]
+    assert ClusterHandle(scheduler).status().state == "stopped"
+    assert run.servers[0].version == run.servers[1].version < 50
+    state = store.round_state()
+    assert state is not None and state.number < 50
+    if mode == "finish":
+        assert state.phase is RoundPhase.CLOSED and run.servers[0].version == state.number
+    events = [e.as_dict() for e in scheduler.events.read(0).events]
+    assert {"kind": "control", "action": "stop", "by": "test", "mode": mode}.items() <= next(
+        e for e in events if e["kind"] == "control").items()
