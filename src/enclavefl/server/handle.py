@@ -36,7 +36,8 @@ from enclavefl.server.phases import Phase
 if TYPE_CHECKING:
     from enclavefl.server.ps import ParameterServer
 
-__all__ = ["MAX_ROUNDS_PAGE", "PATCHABLE", "AttestationMode", "AuditEntry", "PsHandle", "identity_of"]
+__all__ = ["MAX_ROUNDS_PAGE", "PATCHABLE", "AttestationMode", "AuditEntry", "PsHandle", "identity_of", "patch_config",
+           "patchable", "settings_of"]
 
 AttestationMode = Literal["simulated", "gramine", "none"]
 
@@ -114,6 +115,48 @@ def _seconds(row: Mapping[str, Any]) -> float:
 def _get(config: JobConfig, dotted: str) -> Any:
     section, _, key = dotted.partition(".")
     return getattr(getattr(config, section), key)
+
+
+def patchable(config: JobConfig) -> tuple[str, ...]:
+    """The settings of :data:`PATCHABLE` that apply to this job's round mode."""
+    skip = _ASYNC_ONLY if config.round.mode == "sync" else _SYNC_ONLY
+    return tuple(k for k in PATCHABLE if k not in skip)
+
+
+def settings_of(config: JobConfig) -> dict[str, Any]:
+    """The job's current value of each setting an operator may change."""
+    return {key: _get(config, key) for key in patchable(config)}
+
+
+def patch_config(config: JobConfig, changes: Mapping[str, Any], *, rounds_done: int, round_open: bool) -> JobConfig:
+    """``config`` with ``changes`` (dotted keys), validated like the job file; nothing is applied here.
+
+    Raises:
+        ConfigError: a key that does not exist or may not change while the job runs, a value
+            the job file would refuse (naming the dotted key), or ``job.rounds`` below the
+            rounds done (or the open round).
+    """
+    allowed = patchable(config)
+    for key in changes:
+        if key in allowed:
+            continue
+        section, _, name = str(key).partition(".")
+        known = section in JobConfig.model_fields and name in type(getattr(config, section)).model_fields
+        why = "may not change while the job runs" if known else "is not a setting"
+        raise ConfigError(f"{key}: {why}; the settings that may change are {', '.join(allowed)}")
+    merged = config.model_dump()
+    for key, value in changes.items():
+        section, _, name = key.partition(".")
+        merged[section][name] = value
+    try:
+        new = JobConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError("; ".join(describe_errors(exc, root=JobConfig))) from exc
+    floor = rounds_done + 1 if round_open else rounds_done
+    if "job.rounds" in changes and new.job.rounds < floor:
+        what = f"round {rounds_done + 1} is open" if round_open else f"{rounds_done} rounds are done"
+        raise ConfigError(f"job.rounds = {new.job.rounds}: must be at least {floor} ({what})")
+    return new
 
 
 @final
@@ -254,14 +297,10 @@ class PsHandle:
             core.events.publish("control", action="resume", by=by)
         return True
 
-    def _patchable(self, config: JobConfig) -> tuple[str, ...]:
-        skip = _ASYNC_ONLY if config.round.mode == "sync" else _SYNC_ONLY
-        return tuple(k for k in PATCHABLE if k not in skip)
-
     def settings(self) -> dict[str, Any]:
         with self._core.cond:
             config = self._core.config
-        return {key: _get(config, key) for key in self._patchable(config)}
+        return settings_of(config)
 
     def patch_settings(self, changes: Mapping[str, Any], *, by: str) -> dict[str, Any]:
         """Validates ``changes`` like the job file and applies them from the next round.
@@ -274,32 +313,10 @@ class PsHandle:
         core = self._core
         with core.cond:
             config = core.config
-            allowed = self._patchable(config)
-            for key in changes:
-                if key in allowed:
-                    continue
-                section, _, name = str(key).partition(".")
-                known = section in JobConfig.model_fields and name in type(getattr(config, section)).model_fields
-                why = "may not change while the job runs" if known else "is not a setting"
-                raise ConfigError(f"{key}: {why}; the settings that may change are {', '.join(allowed)}")
             if not changes:
-                return {key: _get(config, key) for key in allowed}
-            merged = config.model_dump()
-            for key, value in changes.items():
-                section, _, name = key.partition(".")
-                merged[section][name] = value
-            try:
-                new = JobConfig.model_validate(merged)
-            except ValidationError as exc:
-                lines = describe_errors(exc, root=JobConfig)
-                raise ConfigError("; ".join(lines)) from exc
-            done = core.next_round - 1
-            open_round = core.phase in (Phase.TRAINING, Phase.AGGREGATING)
-            floor = done + 1 if open_round else done
-            if "job.rounds" in changes and new.job.rounds < floor:
-                what = f"round {done + 1} is open" if open_round else f"{done} rounds are done"
-                raise ConfigError(f"job.rounds = {new.job.rounds}: must be at least {floor} ({what})")
+                return settings_of(config)
+            new = patch_config(config, changes, rounds_done=core.next_round - 1,
+                               round_open=core.phase in (Phase.TRAINING, Phase.AGGREGATING))
             core.replace_config(new)
-            applied = {key: _get(new, key) for key in changes}
-            core.events.publish("control", action="config", by=by, changes=applied)
-            return {key: _get(new, key) for key in allowed}
+            core.events.publish("control", action="config", by=by, changes={key: _get(new, key) for key in changes})
+            return settings_of(new)
