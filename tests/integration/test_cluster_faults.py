@@ -169,6 +169,9 @@ def test_a_redis_crash_pauses_the_rounds_and_the_job_finishes(tmp_path: Path, re
     logs = "".join((tmp_path / f"server-{i}" / "logs" / "server.log").read_text() for i in range(SERVERS))
     assert "unreachable" in logs, "no server logged the outage"
     assert "answers again" in logs or "reachable again" in logs, "no server logged Redis's return"
+    # The scheduler said it too: in its log, and as cluster events (the dashboard's audit feed).
+    said = (tmp_path / "scheduler" / "logs" / "scheduler.log").read_text()
+    assert "the store is unreachable, rounds pause" in said and "the store is reachable again after" in said
 
 
 def test_the_leader_killed_during_a_close_is_replaced_and_no_version_is_skipped_or_doubled(

@@ -48,18 +48,21 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import yaml
+
 from enclavefl.cluster.assignment import balance
 from enclavefl.cluster.blobs import CloseState, decode_close_state, decode_model, encode_close_state, encode_model
 from enclavefl.cluster.errors import LeaseLost, StoreConflict, StoreError, StoreUnavailable
 from enclavefl.cluster.ledger import METRIC_SCALE, LedgerTarget, StoreAggregator
 from enclavefl.cluster.store import Lease, Member, RoundPhase, RoundState, Session, Store, UpdateRef, check_partials
-from enclavefl.config import ClusterConfig
+from enclavefl.config import ClusterConfig, parse_job
 from enclavefl.errors import ConfigError, RoundError, StaleSession, UpdateRejected
 from enclavefl.messages import CLUSTER_SERVERS_KEY, ConfigValue, TaskInfo, UpdateMeta
 from enclavefl.server.checkpoint import params_digest
 from enclavefl.server.closing import ClosePipeline
 from enclavefl.server.core import ServerCore
 from enclavefl.server.engine import Engine, SyncEngine
+from enclavefl.server.handle import patch_config, settings_of
 from enclavefl.server.phases import Phase
 from enclavefl.server.registry import WorkerRecord
 from enclavefl.server.ps import EngineFactory
@@ -167,6 +170,8 @@ class ClusterEngine(SyncEngine):
         self._unpublished: tuple[int, int, bytes, bytes] | None = None
         """A close this leader made but could not publish yet: (round, attempt, model, state)."""
         self._unreachable_since: float | None = None
+        self._config_blob: bytes | None = None
+        """The job config in the store as last read (an operator's settings changes arrive there)."""
         self._drain = threading.Event()
         self._draining = False
         self._handover_until: float | None = None
@@ -266,6 +271,7 @@ class ClusterEngine(SyncEngine):
                 log.info("server %s: the scheduler asks this server to drain", self.server_id)
                 self._drain.set()
             self._check_stop()
+            self._sync_settings()
             self._place()
             self._next_heartbeat = now + self.cluster.heartbeat_s
         with self.core.cond:
@@ -277,6 +283,31 @@ class ClusterEngine(SyncEngine):
         for worker_id in [w for w in self._bound if w not in joined]:
             self.store.drop_session(worker_id)
             del self._bound[worker_id]
+
+    def _sync_settings(self) -> None:
+        """Applies the settings an operator changed through the scheduler (the job config in the store).
+
+        Only the settings that may change while a job runs are taken (``server/handle.py``'s
+        ``PATCHABLE``); the rest of this server's config stays its own.
+        """
+        blob = self.store.config()
+        if blob is None or blob == self._config_blob:
+            return
+        self._config_blob = blob
+        try:
+            stored = parse_job(yaml.safe_load(blob), source="the cluster's store")
+        except (ConfigError, yaml.YAMLError) as exc:
+            log.error("server %s: the job config in the store is not valid: %s", self.server_id, exc)
+            return
+        core = self.core
+        with core.cond:
+            mine, theirs = settings_of(core.config), settings_of(stored)
+            changed = {k: v for k, v in theirs.items() if k in mine and mine[k] != v}
+            if not changed:
+                return
+            core.replace_config(patch_config(core.config, changed, rounds_done=0, round_open=False))
+        log.info("server %s: settings changed by the operator: %s", self.server_id,
+                 ", ".join(f"{k}={v}" for k, v in sorted(changed.items())), extra={"event": "settings"})
 
     def _check_stop(self) -> None:
         """Ends the job here when the scheduler holds a stop lease (an operator's stop)."""
@@ -445,6 +476,7 @@ class ClusterEngine(SyncEngine):
 
     def _open_local(self, state: RoundState) -> None:
         core = self.core
+        self._sync_settings()  # its tasks carry the operator's latest client settings
         aggregator = StoreAggregator(self.strategy.aggregator, self.upload_template, self.store,
                                      number=state.number, attempt=state.attempt, server=self.server_id)
         with core.cond:
@@ -541,9 +573,10 @@ class ClusterEngine(SyncEngine):
                  params_digest(params)[:16])
 
     def _open_next(self, lease: Lease, number: int, attempt: int) -> None:
-        cfg = self.config.round
         if self.core.ending:
             return  # stopped: the round open when the stop came was the last
+        self._sync_settings()  # the round opens with the operator's latest settings
+        cfg = self.config.round
         if self.store.lease(PAUSE_LEASE) is not None:
             return  # paused by the operator: the open round (if any) ran on, no new one opens
         live = {m.member_id for m in self.store.members("server")}

@@ -43,7 +43,7 @@ from enclavefl.config import JobConfig
 from enclavefl.errors import ConfigError
 from enclavefl.management.schema import Identity, JobState, RoundsPage, Status, StopMode, WorkerInfo
 from enclavefl.server.events import EventBus
-from enclavefl.server.handle import MAX_ROUNDS_PAGE
+from enclavefl.server.handle import MAX_ROUNDS_PAGE, patch_config, settings_of
 from enclavefl.server.metrics import MetricsLog
 
 __all__ = ["MAX_SERVERS", "PAUSE_LEASE", "ClusterHandle", "Scheduler"]
@@ -168,6 +168,20 @@ class Scheduler:
         except StoreError as exc:
             log.warning("scheduler %s: could not deregister: %s", self.scheduler_id, exc)
         return self.state
+
+    # -- settings ------------------------------------------------------------------------------------
+
+    def replace_config(self, config: JobConfig) -> None:
+        """Makes ``config`` the job's (validated by the caller): written into the store, where every server
+        reads it at its next heartbeat and before each round (``cluster/engine.py``).
+
+        Raises:
+            StoreError: the store could not be written; the scheduler's own config is unchanged.
+        """
+        self.store.put_config(yaml.safe_dump(config.to_dict()).encode())
+        with self._lock:
+            self.config = config
+        log.info("scheduler %s: job settings changed in the store", self.scheduler_id)
 
     # -- stop ----------------------------------------------------------------------------------------
 
@@ -477,9 +491,23 @@ class ClusterHandle:
         return self._scheduler.scale(servers)
 
     def settings(self) -> dict[str, Any]:
-        config = self._scheduler.config
-        return {"job.rounds": config.job.rounds, "round.min_workers": config.round.min_workers}
+        return settings_of(self._scheduler.config)
 
     def patch_settings(self, changes: Mapping[str, Any], *, by: str) -> dict[str, Any]:
-        raise ConfigError(f"{', '.join(sorted(changes))}: settings cannot change while a cluster runs yet "
-                          "(every server reads them from the store at start)")
+        """Validates ``changes`` like one PS does and writes them into the store: every server applies them
+        from the next round it opens or serves (see :meth:`Scheduler.replace_config`).
+
+        Raises:
+            ConfigError: as :func:`~enclavefl.server.handle.patch_config` says.
+            StoreError: the store could not be written (nothing changed).
+        """
+        s = self._scheduler
+        if not changes:
+            return settings_of(s.config)
+        state = s.round_state()
+        done = 0 if state is None else state.number - (0 if state.phase is RoundPhase.CLOSED else 1)
+        is_open = state is not None and state.phase in (RoundPhase.OPEN, RoundPhase.CLOSING)
+        new = patch_config(s.config, changes, rounds_done=done, round_open=is_open)
+        s.replace_config(new)
+        s.events.publish("control", action="config", by=by, changes={k: settings_of(new)[k] for k in changes})
+        return settings_of(new)

@@ -252,16 +252,65 @@ def test_a_stop_through_the_api_ends_the_job_on_every_server(tmp_path: Path, mod
     for thread in threads:
         thread.join(10)
 
-    # Assert: the scheduler saw every server leave and says stopped; the servers agree on the last model;
-    # with finish, the round open at the stop completed (it is CLOSED) and no later round opened.
+    # Assert: the scheduler saw every server leave and says stopped. With finish, the round open at the stop
+    # completed (it is CLOSED), no later round opened, and every server holds its model; with abort, a server
+    # may have ended before it picked up the last version the leader published.
     assert not run.errors, run.errors
     assert ended == ["stopped"]
     assert ClusterHandle(scheduler).status().state == "stopped"
-    assert run.servers[0].version == run.servers[1].version < 50
-    state = store.round_state()
-    assert state is not None and state.number < 50
+    state, model = store.round_state(), store.model()
+    assert state is not None and model is not None and state.number < 50
     if mode == "finish":
-        assert state.phase is RoundPhase.CLOSED and run.servers[0].version == state.number
+        assert state.phase is RoundPhase.CLOSED
+        assert [ps.version for ps in run.servers] == [state.number, state.number] == [model.version] * 2
+    else:
+        assert all(1 <= ps.version <= model.version for ps in run.servers)
     events = [e.as_dict() for e in scheduler.events.read(0).events]
     assert {"kind": "control", "action": "stop", "by": "test", "mode": mode}.items() <= next(
         e for e in events if e["kind"] == "control").items()
+
+
+def test_settings_changed_through_the_api_reach_every_server(tmp_path: Path) -> None:
+    # Prepare: a 50-round job on 2 servers; once round 1 closed, an operator cuts it to 3 rounds.
+    config = cluster_job(rounds=50, workers=4, cluster={"poll_s": 0.02, "heartbeat_s": 0.1, "member_ttl_s": 5,
+                                                         "lease_ttl_s": 5})
+    store = MemoryStore()
+    scheduler = Scheduler(config, store, out_dir=tmp_path / "scheduler")
+    ended: list[str] = []
+    answers: list[dict[str, object]] = []
+    threads = [threading.Thread(target=lambda: ended.append(scheduler.run()), daemon=True)]
+
+    def patch_after_round_1() -> None:
+        deadline = time.monotonic() + 30
+        while ((model := store.model()) is None or model.version < 1) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        answers.append(ClusterHandle(scheduler).patch_settings({"job.rounds": 3, "client.lr": 0.25}, by="test"))
+
+    threads.append(threading.Thread(target=patch_after_round_1, daemon=True))
+    for thread in threads:
+        thread.start()
+
+    # Execute
+    run = run_cluster(config, INITIAL, trainers(4), lambda i: store, tmp_path, servers=2)
+    for thread in threads:
+        thread.join(10)
+
+    # Assert: the job ended after round 3 everywhere, and every server runs with the new settings.
+    assert not run.errors, run.errors
+    assert ended == ["finished"]
+    assert answers and answers[0]["job.rounds"] == 3 and answers[0]["client.lr"] == 0.25
+    assert [ps.version for ps in run.servers] == [3, 3]
+    assert all(ps.core.config.job.rounds == 3 and ps.core.config.client.lr == 0.25 for ps in run.servers)
+    state = store.round_state()
+    assert state is not None and (state.number, state.phase) == (3, RoundPhase.CLOSED)
+
+
+def test_a_setting_that_may_not_change_is_refused_and_the_store_keeps_the_job(tmp_path: Path) -> None:
+    store = MemoryStore()
+    scheduler = Scheduler(cluster_job(rounds=5, workers=2), store, out_dir=tmp_path)
+    store.put_config(b"job: {rounds: 5}\n")
+
+    with pytest.raises(ConfigError, match="job.seed: may not change while the job runs"):
+        ClusterHandle(scheduler).patch_settings({"job.seed": 9}, by="test")
+
+    assert store.config() == b"job: {rounds: 5}\n" and scheduler.config.job.rounds == 5
