@@ -124,7 +124,8 @@ def run_scheduler(args: argparse.Namespace) -> int:
             log.info("scheduler: cluster key read from %s (a restart)", args.cluster_key_file)
         else:
             key = write_cluster_key(args.cluster_key_file)
-        store = SealedStore(RedisStore(settings, job=config.job.name), Sealer(key, job=config.job.name))
+        redis_store = RedisStore(settings, job=config.job.name)
+        store = SealedStore(redis_store, Sealer(key, job=config.job.name))
         host = config.transport.listen.rpartition(":")[0]
         service = KeyService(credentials, key, listen=config.transport.listen)
         api = None
@@ -137,6 +138,7 @@ def run_scheduler(args: argparse.Namespace) -> int:
                                   identity=identity_of(credentials.own_identity()),
                                   spawn=None if args.spawn_dir is None else spawn)
             stopper.on_stop(scheduler.stop)
+            redis_store.on_outage = scheduler.note_store  # outages its retries bridge reach the feed too
             if config.management.enabled:
                 from enclavefl.cluster import routes
                 from enclavefl.management import dashboard, prometheus

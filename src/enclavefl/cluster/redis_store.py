@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, TypeVar, final
@@ -93,7 +94,7 @@ def _bytes(value: Any) -> bytes:
     return value.encode() if isinstance(value, str) else bytes(value)
 
 
-def _logged_retry(base: Any, settings: RedisSettings) -> Any:
+def _logged_retry(base: Any, settings: RedisSettings, note_down: Callable[[Exception], None]) -> Any:
     """The client's retry policy, logging when Redis stops answering and when it answers again.
 
     A restart of Redis shorter than the retry budget is otherwise invisible: the
@@ -110,6 +111,7 @@ def _logged_retry(base: Any, settings: RedisSettings) -> Any:
                 if failures == 1:
                     log.warning("redis %s: unreachable (%s); retrying with backoff, up to %d times", settings.address,
                                 error, settings.retries, extra={"event": "store_retry"})
+                    note_down(error)
                 return fail(error, *count)
 
             def noted_do() -> Any:
@@ -132,6 +134,10 @@ class RedisStore(Store):
         settings: where Redis is, TLS and ACL credentials, retry budget.
         job: the job's name; its keys live under ``efl:{job}:``.
 
+    :attr:`on_outage`, when set, hears ``(False, reason)`` when Redis stops answering (its first
+    failed attempt, even one a retry then mends) and ``(True, reason)`` when a call succeeds again:
+    what the scheduler tells the operator's event feed.
+
     Raises:
         ConfigError: the ``redis`` client is not installed, or ``job`` is not a valid name.
     """
@@ -149,12 +155,14 @@ class RedisStore(Store):
         self._settings = settings
         self._prefix = f"efl:{{{job}}}:"
         self._closed = False
+        self.on_outage: Callable[[bool, str], None] | None = None
+        self._down_since: float | None = None
         self._client = redis.Redis(
             host=settings.host, port=settings.port, db=settings.db, username=settings.username,
             password=settings.password, ssl=settings.tls, ssl_ca_certs=settings.ca_file,
             ssl_certfile=settings.cert_file, ssl_keyfile=settings.key_file,
             socket_connect_timeout=settings.connect_timeout_s, socket_timeout=settings.timeout_s,
-            retry=_logged_retry(Retry, settings)(ExponentialBackoff(cap=settings.backoff_cap_s,
+            retry=_logged_retry(Retry, settings, self._note_down)(ExponentialBackoff(cap=settings.backoff_cap_s,
                                                                      base=settings.backoff_base_s),
                                                   settings.retries, (redis.ConnectionError, redis.TimeoutError)),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
@@ -166,6 +174,17 @@ class RedisStore(Store):
     def _key(self, *parts: object) -> str:
         return self._prefix + ":".join(str(p) for p in parts)
 
+    def _note_down(self, error: Exception) -> None:
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            if self.on_outage is not None:
+                self.on_outage(False, f"{self._settings.address}: {error}")
+
+    def _note_up(self) -> None:
+        since, self._down_since = self._down_since, None
+        if since is not None and self.on_outage is not None:
+            self.on_outage(True, f"{self._settings.address} answers again after {time.monotonic() - since:.1f}s")
+
     def _call(self, what: str, fn: Callable[[], _T]) -> _T:
         """Runs one Redis step, translating the client's errors into the store's."""
         if self._closed:
@@ -173,7 +192,7 @@ class RedisStore(Store):
         r = self._errors
         where = self._settings.address
         try:
-            return fn()
+            result = fn()
         except (r.AuthenticationError, r.AuthorizationError) as exc:
             raise StoreError(f"{where}: {what}: Redis refused user {self._settings.username or 'default'}: {exc}") from exc
         except (r.ConnectionError, r.TimeoutError) as exc:
@@ -181,6 +200,9 @@ class RedisStore(Store):
                                    f"({exc}); the store is paused until it returns") from exc
         except r.RedisError as exc:
             raise StoreError(f"{where}: {what}: Redis answered an error: {exc}") from exc
+        if self._down_since is not None:
+            self._note_up()
+        return result
 
     def _run(self, what: str, script: str, keys: Sequence[str], args: Sequence[bytes | str | int]) -> list[Any]:
         """Runs a transition script and raises the refusal it answers."""

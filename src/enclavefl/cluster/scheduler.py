@@ -157,11 +157,11 @@ class Scheduler:
                     self._watch_cluster()
                     next_heartbeat = time.monotonic() + cluster.heartbeat_s
                 ended = self.tick() or self._stopped()
-                self._store_back()
+                self.note_store(True, "a tick succeeded")
                 if ended:
                     break
             except StoreUnavailable as exc:
-                self._store_down(exc)
+                self.note_store(False, str(exc))
             self._stop.wait(cluster.poll_s)
         try:
             self.store.deregister(self.scheduler_id)
@@ -241,20 +241,26 @@ class Scheduler:
                          extra={"event": "leader"})
                 self.events.publish("cluster", event="leader", leader=leader)
 
-    def _store_down(self, exc: StoreUnavailable) -> None:
-        if self._unreachable_since is None:
-            self._unreachable_since = time.monotonic()
-            log.warning("scheduler %s: the store is unreachable, rounds pause: %s", self.scheduler_id, exc,
-                        extra={"event": "store_down"})
-            self.events.publish("cluster", event="store_down", reason=str(exc))
+    def note_store(self, up: bool, reason: str) -> None:
+        """The store stopped answering (``up`` False) or answers again: a log line and a ``cluster`` event, once.
 
-    def _store_back(self) -> None:
-        if self._unreachable_since is not None:
-            seconds = time.monotonic() - self._unreachable_since
-            self._unreachable_since = None
-            log.warning("scheduler %s: the store is reachable again after %.1fs", self.scheduler_id, seconds,
-                        extra={"event": "store_back"})
+        A Redis store calls it (:attr:`RedisStore.on_outage`) even for an outage its retries bridged;
+        the loop calls it when a tick found the store unreachable. Any thread.
+        """
+        with self._lock:
+            since = self._unreachable_since
+            if (since is None) == up:
+                return
+            self._unreachable_since = None if up else time.monotonic()
+        if up:
+            seconds = time.monotonic() - since if since is not None else 0.0
+            log.warning("scheduler %s: the store is reachable again after %.1fs (%s)", self.scheduler_id, seconds,
+                        reason, extra={"event": "store_back"})
             self.events.publish("cluster", event="store_back", reason=f"unreachable for {seconds:.1f}s")
+        else:
+            log.warning("scheduler %s: the store is unreachable, rounds pause: %s", self.scheduler_id, reason,
+                        extra={"event": "store_down"})
+            self.events.publish("cluster", event="store_down", reason=reason)
 
     def stop(self) -> None:
         """Ends :meth:`run` only (a signal to the scheduler): the servers go on; :meth:`request_stop` ends the job."""

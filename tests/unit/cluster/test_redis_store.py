@@ -194,7 +194,7 @@ def test_plain_connection_to_a_tls_redis_is_unavailable(tmp_path: Path) -> None:
 
 
 @needs_redis
-def test_a_redis_restart_within_the_retry_budget_is_logged(fresh_redis: RedisServer,
+def test_a_redis_restart_within_the_retry_budget_is_logged_and_heard(fresh_redis: RedisServer,
                                                             caplog: pytest.LogCaptureFixture) -> None:
     # Prepare: retries with up to 1 s between them; Redis is down for about 0.5 s.
     import threading
@@ -202,6 +202,8 @@ def test_a_redis_restart_within_the_retry_budget_is_logged(fresh_redis: RedisSer
 
     store = RedisStore(RedisSettings(port=fresh_redis.port, retries=10, backoff_base_s=0.1, backoff_cap_s=1.0),
                        job="logged")
+    heard: list[tuple[bool, str]] = []
+    store.on_outage = lambda up, reason: heard.append((up, reason))
     store.put_config(b"cfg")
     fresh_redis.stop()
     restart = threading.Timer(0.5, fresh_redis.start)
@@ -214,7 +216,9 @@ def test_a_redis_restart_within_the_retry_budget_is_logged(fresh_redis: RedisSer
     restart.join()
     store.close()
 
-    # Assert: the outage and the return are both in the log.
+    # Assert: the outage and the return are both in the log, and the listener heard both, once each.
+    assert [up for up, _ in heard] == [False, True], heard
+    assert "answers again after" in heard[1][1]
     messages = [r.getMessage() for r in caplog.records]
     assert any("unreachable" in m and "retrying" in m for m in messages), messages
     assert any("answers again after" in m for m in messages), messages
