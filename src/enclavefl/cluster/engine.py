@@ -166,7 +166,10 @@ class ClusterEngine(SyncEngine):
         self._next_heartbeat = 0.0
         self._first_seen: dict[tuple[int, int], float] = {}
         self._waiting_since: float | None = None
-        self._first_checked = False
+        self._model_checked = False
+        self._yield_until = 0.0
+        self._empty_since: float | None = None
+        """Whether the store's model was looked at since start, or since the store may have lost it."""
         self._unpublished: tuple[int, int, bytes, bytes] | None = None
         """A close this leader made but could not publish yet: (round, attempt, model, state)."""
         self._unreachable_since: float | None = None
@@ -236,6 +239,8 @@ class ClusterEngine(SyncEngine):
                      extra={"event": "stopped"})
             self.core.finish()
             return
+        if time.monotonic() < self._yield_until:
+            return  # it handed the lease to a server with a newer model (see _restore)
         lease = self.store.acquire_lease(LEADER_LEASE, self.server_id, self.cluster.lease_ttl_s)
         if lease is not None:
             if self.lease is None or lease.token != self.lease.token:
@@ -248,7 +253,9 @@ class ClusterEngine(SyncEngine):
             self.lease = None
 
     def _member(self) -> Member:
-        return Member(self.server_id, "server", self.address, {"instance": self.core.instance})
+        # The model version it holds: after the store lost the job, the server holding the newest restores it.
+        return Member(self.server_id, "server", self.address, {"instance": self.core.instance,
+                                                                 "version": str(self.core.version)})
 
     def _leave(self) -> None:
         """Best effort: releases the lease and the membership (another server or the TTL takes over)."""
@@ -267,6 +274,8 @@ class ClusterEngine(SyncEngine):
             if not self.store.heartbeat(self.server_id, self.cluster.member_ttl_s):
                 log.warning("server %s: membership had expired; registered again", self.server_id)
                 self.store.register(self._member(), self.cluster.member_ttl_s)
+                self._bound.clear()  # the store may have lost the sessions too (an emptied Redis): bind all again
+                self._model_checked = False
             if self.store.lease(DRAIN_LEASE_PREFIX + self.server_id) is not None:
                 log.info("server %s: the scheduler asks this server to drain", self.server_id)
                 self._drain.set()
@@ -413,6 +422,14 @@ class ClusterEngine(SyncEngine):
 
     def _follow(self, state: RoundState | None) -> None:
         if state is None:
+            if self._local is not None:
+                # The store holds no round but this server serves one: the store lost the job's state (Redis
+                # restarted without its append-only file). The round is over here; the leader restores.
+                log.warning("server %s round %d: the store no longer knows the open round (it lost its state); "
+                            "its updates are lost, the round opens again", self.server_id, self._local.number,
+                            extra={"event": "store_emptied"})
+                self._close_local()
+                self._model_checked = False
             return
         if state.phase is RoundPhase.FAILED and state.attempt >= self.config.round.max_retries:
             raise RoundError(f"round {state.number} failed {state.attempt + 1} times, the last because: "
@@ -545,10 +562,13 @@ class ClusterEngine(SyncEngine):
     def _lead(self, lease: Lease, state: RoundState | None) -> None:
         try:
             if state is None:
-                if not self._first_checked and self.store.model() is None:
-                    self._publish_first(lease)
-                self._first_checked = True
-                self._open_next(lease, 1, 0)
+                if not self._model_checked and self.store.model() is None:
+                    if self._synced is None:
+                        self._publish_first(lease)
+                    elif not self._restore(lease):
+                        return
+                self._model_checked = True
+                self._open_next(lease, self.core.next_round, 0)
             elif state.phase is RoundPhase.CLOSED:
                 if state.number < self.config.job.rounds and self.core.version == state.model_version + 1:
                     self._open_next(lease, state.number + 1, 0)
@@ -571,6 +591,46 @@ class ClusterEngine(SyncEngine):
         self._synced = 0
         log.info("server %s: published the first model (version 0, digest %s)", self.server_id,
                  params_digest(params)[:16])
+
+    def _restore(self, lease: Lease) -> bool:
+        """Publishes this server's model, with its parts' state and history, into a store that lost the job.
+
+        A close carries the model, the optimizer's and accountant's state and the metrics rows, and every
+        server installs it, so the live server with the newest version holds the latest state there was:
+        the job goes on from it (the round that was open is trained again). A leader behind another live
+        server (by the versions in their membership entries) hands the lease over instead: False. So that
+        every live server has registered again first (the store lost the membership too), it waits two
+        heartbeats after it found the store empty (False meanwhile).
+        """
+        core = self.core
+        now = time.monotonic()
+        if self._empty_since is None:
+            self._empty_since = now
+            log.warning("server %s: the store is empty (Redis restarted without its append-only file?); restoring "
+                        "the job once the live servers registered again", self.server_id,
+                        extra={"event": "store_emptied"})
+        if now - self._empty_since < 2 * self.cluster.heartbeat_s:
+            return False
+        ahead = [m.member_id for m in self.store.members("server")
+                 if m.member_id != self.server_id and int(m.meta.get("version", "-1")) > core.version]
+        if ahead:
+            log.warning("server %s: the store is empty and %s hold a newer model than version %d: handing the leader "
+                        "lease over for the restore", self.server_id, ", ".join(ahead), core.version)
+            self.store.release_lease(lease)
+            self.lease = None
+            self._yield_until = now + 5 * self.cluster.poll_s
+            return False
+        self._empty_since = None
+        with core.cond:
+            params, version, history, parts = core.params, core.version, tuple(core.metrics.history), core.part_states()
+            done = core.next_round - 1
+        log.warning("server %s: the store is empty (Redis restarted without its append-only file?): restoring model "
+                    "version %d after round %d from this server's state (digest %s)", self.server_id, version, done,
+                    params_digest(params)[:16], extra={"event": "store_restored"})
+        self.store.publish_model(version, encode_model(params), lease=lease,
+                                 strategy_state=encode_close_state(CloseState(done, history, parts)))
+        self._synced = version
+        return True
 
     def _open_next(self, lease: Lease, number: int, attempt: int) -> None:
         if self.core.ending:

@@ -154,6 +154,7 @@ class Scheduler:
                     self._hold_pause()
                     self._hold_drains()
                     self._hold_stop()
+                    self._keep_config()
                     self._watch_cluster()
                     next_heartbeat = time.monotonic() + cluster.heartbeat_s
                 ended = self.tick() or self._stopped()
@@ -240,6 +241,19 @@ class Scheduler:
                 log.info("scheduler %s: %s leads (token %d)", self.scheduler_id, leader, lease.token if lease else 0,
                          extra={"event": "leader"})
                 self.events.publish("cluster", event="leader", leader=leader)
+
+    def _keep_config(self) -> None:
+        """Writes the job's config again if the store lost it (Redis restarted without its append-only file)."""
+        if self.store.config() is not None:
+            return
+        with self._lock:
+            config = self.config
+        self.store.put_config(yaml.safe_dump(config.to_dict()).encode())
+        log.warning("scheduler %s: the store had lost the job (Redis restarted without its append-only file?): "
+                    "config written again; the leader restores the model from the servers' last version",
+                    self.scheduler_id, extra={"event": "store_emptied"})
+        self.events.publish("cluster", event="store_emptied",
+                            reason="the store lost its state; the leader restores the servers' last model version")
 
     def note_store(self, up: bool, reason: str) -> None:
         """The store stopped answering (``up`` False) or answers again: a log line and a ``cluster`` event, once.

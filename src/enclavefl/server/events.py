@@ -32,8 +32,8 @@ EVENT_KINDS: Final = frozenset({
     "attestation",  # {"peer", "decision": accepted|refused, "field", "reason", "evidence", "mr_enclave", "weaker"}
     "control",      # {"action": stop|pause|resume|config, "by", ...}: what an operator asked for
     "job",          # {"state": running|finished|failed|stopped, "reason"}
-    "cluster",      # a scheduler's: {"event": servers|leader|store_down|store_back, "servers", "joined", "left",
-                    #  "leader", "reason"}
+    "cluster",      # a scheduler's: {"event": servers|leader|store_down|store_back|store_emptied,
+                    #  "servers", "joined", "left", "leader", "reason"}
 })
 """The kinds of event a PS publishes, with the data each carries."""
 

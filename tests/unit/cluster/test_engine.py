@@ -384,3 +384,61 @@ def test_the_leader_closes_a_round_once_no_sampled_worker_that_has_not_pushed_ha
     assert state is not None and state.phase is RoundPhase.CLOSED
     model = store.model()
     assert model is not None and model.version == 1
+
+
+def test_a_store_that_lost_its_state_is_restored_from_the_servers_and_the_job_finishes(tmp_path: Path) -> None:
+    # Prepare: 2 servers over a Redis without append-only file; it is killed once version 2 is out and comes
+    # back empty 0.2 s later.
+    import threading
+
+    from tests.unit.cluster.redis_server import REDIS_SERVER, RedisServer
+
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not on PATH (Debian: apt-get install redis-server; .ci/run installs it)")
+    server = RedisServer(tmp_path, appendonly=False)
+    server.start()
+    from tests.unit.cluster.conftest import redis_store
+
+    store = redis_store(server, job="emptied", retries=8)
+    config = cluster_job(rounds=5, workers=4, cluster={"poll_s": 0.02, "heartbeat_s": 0.1, "member_ttl_s": 5,
+                                                        "lease_ttl_s": 5})
+    emptied = threading.Event()
+
+    def empty_the_store() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                model = store.model()
+            except StoreUnavailable:
+                model = None
+            if model is not None and model.version >= 2:
+                server.kill()
+                time.sleep(0.2)
+                server.start()
+                emptied.set()
+                return
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=empty_the_store, daemon=True)
+    killer.start()
+
+    # Execute
+    try:
+        run = run_cluster(config, INITIAL, trainers(4), lambda i: store, tmp_path / "cluster", servers=2)
+        single = run_federation(config, INITIAL, trainers(4), tmp_path / "single")
+        killer.join(10)
+        final = store.model()
+        state = store.round_state()
+    finally:
+        store.close()
+        server.stop()
+
+    # Assert: every round ran once in the servers' history, version 5 was published after the restore, and the
+    # servers end with the single PS's model (the round that was open when the store was lost ran again).
+    assert emptied.is_set()
+    assert not run.errors, run.errors
+    assert final is not None and final.version == 5
+    assert state is not None and (state.number, state.phase) == (5, RoundPhase.CLOSED)
+    for ps in run.servers:
+        assert ps.version == 5 and ps.params.equal(single.ps.params)
+        assert [r["round"] for r in ps.metrics.history] == [1, 2, 3, 4, 5]

@@ -314,3 +314,41 @@ def test_a_setting_that_may_not_change_is_refused_and_the_store_keeps_the_job(tm
         ClusterHandle(scheduler).patch_settings({"job.seed": 9}, by="test")
 
     assert store.config() == b"job: {rounds: 5}\n" and scheduler.config.job.rounds == 5
+
+
+def test_the_scheduler_writes_the_job_again_into_a_store_that_lost_it_and_says_so(tmp_path: Path) -> None:
+    from tests.unit.cluster.conftest import redis_store
+    from tests.unit.cluster.redis_server import REDIS_SERVER, RedisServer
+
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not on PATH (Debian: apt-get install redis-server; .ci/run installs it)")
+    server = RedisServer(tmp_path, appendonly=False)
+    server.start()
+    store = redis_store(server, job="emptied-config", retries=8)
+    config = cluster_job(rounds=2, workers=2, cluster={"poll_s": 0.02, "heartbeat_s": 0.1, "member_ttl_s": 5,
+                                                       "lease_ttl_s": 5})
+    scheduler = Scheduler(config, store, out_dir=tmp_path / "scheduler")
+    thread = threading.Thread(target=scheduler.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while store.config() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        first = store.config()
+
+        # Execute: Redis restarts empty.
+        server.kill()
+        server.start()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(
+                e.kind == "cluster" and e.data.get("event") == "store_emptied" for e in scheduler.events.read(0).events):
+            time.sleep(0.02)
+        again = store.config()
+    finally:
+        scheduler.stop()
+        thread.join(10)
+        store.close()
+        server.stop()
+
+    # Assert
+    assert first is not None and again == first

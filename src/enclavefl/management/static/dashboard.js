@@ -516,6 +516,7 @@
         if (ev.event === "leader") return `${ev.leader || "?"} leads`;
         if (ev.event === "store_down") return `store unreachable, rounds pause: ${ev.reason || ""}`;
         if (ev.event === "store_back") return `store reachable again (${ev.reason || ""})`;
+        if (ev.event === "store_emptied") return `store emptied: ${ev.reason || ""}`;
         return JSON.stringify(ev);
       }
       default:
