@@ -7,6 +7,7 @@ suite. Nothing survives the process.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -295,6 +296,18 @@ class MemoryStore(Store):
             self._rounds[number] = RoundState(state.number, state.attempt, state.phase, state.model_version,
                                               state.sampled, state.required, counters, state.reason)
             return generation + 1
+
+    def count(self, number: int, attempt: int, counts: Mapping[str, int]) -> bool:
+        with self._lock:
+            self._open()
+            state = self._rounds.get(number) if self._current == number else None
+            if state is None or state.attempt != attempt or state.phase not in (RoundPhase.OPEN, RoundPhase.CLOSING):
+                return False
+            counters = dict(state.counters)
+            for name, amount in counts.items():
+                counters[name] = counters.get(name, 0) + int(amount)
+            self._rounds[number] = dataclasses.replace(state, counters=counters)
+            return True
 
     def accepted(self, number: int, attempt: int) -> dict[str, AcceptedUpdate]:
         with self._lock:

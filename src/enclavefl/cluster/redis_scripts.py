@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["ACCEPT", "ACQUIRE_LEASE", "FINISH_ROUND", "GET_MODEL", "LIVE_MEMBERS", "MOVE_ROUND", "OPEN_ROUND",
+__all__ = ["ACCEPT", "ACQUIRE_LEASE", "COUNT", "FINISH_ROUND", "GET_MODEL", "LIVE_MEMBERS", "MOVE_ROUND", "OPEN_ROUND",
            "PUBLISH_MODEL", "RELEASE_LEASE", "RENEW_LEASE"]
 
 # Refuses unless the lease KEYS[1] holds "token:holder" (ARGV[1], ARGV[2]); an empty token skips the check.
@@ -175,6 +175,21 @@ if not version then return {'ok'} end
 local blob = redis.call('GET', ARGV[1] .. version)
 if not blob then return {'ok'} end
 return {'ok', version, blob}
+"""
+
+COUNT: Final = """
+-- KEYS: round:current, round:n
+-- ARGV: n, attempt, counter name/amount pairs...
+local current = redis.call('GET', KEYS[1])
+local st = redis.call('HMGET', KEYS[2], 'attempt', 'phase')
+if not current or tonumber(current) ~= tonumber(ARGV[1]) or tonumber(st[1]) ~= tonumber(ARGV[2])
+    or (st[2] ~= 'open' and st[2] ~= 'closing') then
+  return {'ok', 0}
+end
+for i = 3, #ARGV, 2 do
+  redis.call('HINCRBY', KEYS[2], 'c:' .. ARGV[i], tonumber(ARGV[i + 1]))
+end
+return {'ok', 1}
 """
 
 ACCEPT: Final = """

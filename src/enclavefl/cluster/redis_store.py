@@ -368,6 +368,14 @@ class RedisStore(Store):
                            self._attempt_key(number, attempt, "partials")], args)
         return int(reply[0])
 
+    def count(self, number: int, attempt: int, counts: Mapping[str, int]) -> bool:
+        args: list[bytes | str | int] = [number, attempt]
+        for name, amount in sorted(counts.items()):
+            args += [name, int(amount)]
+        reply = self._run(f"count {', '.join(sorted(counts))} in round {number}", "COUNT",
+                          [self._key("round", "current"), self._key("round", number)], args)
+        return int(reply[0]) == 1
+
     def accepted(self, number: int, attempt: int) -> dict[str, AcceptedUpdate]:
         raw = self._call("get accepted updates",
                          lambda: self._client.hgetall(self._attempt_key(number, attempt, "accepted")))

@@ -192,6 +192,9 @@ class SealedStore(Store):
     def fail_round(self, number: int, attempt: int, reason: str, *, lease: Lease | None = None) -> RoundState:
         return self._inner.fail_round(number, attempt, reason, lease=lease)
 
+    def count(self, number: int, attempt: int, counts: Mapping[str, int]) -> bool:
+        return self._inner.count(number, attempt, counts)
+
     def accepted(self, number: int, attempt: int) -> dict[str, AcceptedUpdate]:
         return self._inner.accepted(number, attempt)
 

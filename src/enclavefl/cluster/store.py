@@ -332,6 +332,14 @@ class Store(ABC):
         """
 
     @abstractmethod
+    def count(self, number: int, attempt: int, counts: Mapping[str, int]) -> bool:
+        """Adds ``counts`` to the round attempt's counters (refused uploads, say), if it is current and not closed.
+
+        Returns:
+            False when the attempt is not the current one or is CLOSED or FAILED (nothing added).
+        """
+
+    @abstractmethod
     def accepted(self, number: int, attempt: int) -> dict[str, AcceptedUpdate]:
         """The attempt's accepted updates by update id."""
 

@@ -541,3 +541,18 @@ def test_racing_servers_accept_one_update_once(store: Store) -> None:
     assert sorted(outcomes) == ["accepted"] + ["duplicate"] * 7
     assert store.round_state(1).counters["accepted"] == 1  # type: ignore[union-attr]
     check_partials(1, 0, store.partials(1, 0), store.accepted(1, 0))
+
+
+def test_counts_are_added_to_the_open_attempt_only(store: Store) -> None:
+    lease = store.acquire_lease("leader", "s1", 30)
+    store.publish_model(0, b"m0", lease=lease)
+    store.open_round(1, 0, model_version=0, sampled={"w1"}, required=1, lease=lease)
+
+    added = store.count(1, 0, {"rejected": 2})
+    stale = store.count(1, 1, {"rejected": 5})
+    store.begin_close(1, 0, lease=lease)
+    closing = store.count(1, 0, {"rejected": 1})
+
+    state = store.round_state(1)
+    assert (added, stale, closing) == (True, False, True)
+    assert state is not None and state.counters["rejected"] == 3
