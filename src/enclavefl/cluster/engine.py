@@ -168,6 +168,9 @@ class ClusterEngine(SyncEngine):
         self._waiting_since: float | None = None
         self._model_checked = False
         self._yield_until = 0.0
+        self._refused: dict[tuple[int, int], int] = {}
+        """Uploads refused per round attempt since the last tick (added to the store's counters)."""
+        self._refused_lock = threading.Lock()
         self._empty_since: float | None = None
         """Whether the store's model was looked at since start, or since the store may have lost it."""
         self._unpublished: tuple[int, int, bytes, bytes] | None = None
@@ -232,6 +235,7 @@ class ClusterEngine(SyncEngine):
             self._drain_tick()
             return
         self._membership()
+        self._flush_refused()
         state = self.store.round_state()
         self._follow(state)
         if self.core.finishing and (state is None or state.phase in (RoundPhase.CLOSED, RoundPhase.FAILED)):
@@ -514,8 +518,15 @@ class ClusterEngine(SyncEngine):
         local, core = self._local, self.core
         if local is None:
             return
-        local.round.close()  # waits for an accept in progress; later uploads are refused
+        record = local.round.close()  # waits for an accept in progress; later uploads are refused
         local.aggregator.close()
+        with core.cond:
+            # As one PS: a worker of this server the round sampled that sent nothing is dropped.
+            late = frozenset() if core.stopping else record.sampled - record.pushed - record.dropped
+            for worker_id in late:
+                if core.registry.remove(worker_id, reason=f"no update by the end of round {local.number}") is not None:
+                    log.info("server %s round %d: worker %s dropped (no update by the end of round %d)",
+                             self.server_id, local.number, worker_id, local.number)
         with core.cond:
             self._local = None
             self.round = None
@@ -536,8 +547,28 @@ class ClusterEngine(SyncEngine):
         raw = meta.extensions.get(UPDATE_ID_KEY)
         update_id = (raw.decode("utf-8", "replace")[:128] if raw else
                      f"{local.number}/{worker.name if worker is not None else meta.worker_id}")
-        target = LedgerTarget(local.round, local.aggregator, UpdateRef(sampled_as, update_id), sampled_as=sampled_as)
+        target = LedgerTarget(local.round, local.aggregator, UpdateRef(sampled_as, update_id), sampled_as=sampled_as,
+                              on_refused=self._note_refused)
         return target, 0, local.round.deadline
+
+    def note_rejection(self, worker_id: str) -> None:
+        super().note_rejection(worker_id)
+        self._note_refused()
+
+    def _note_refused(self) -> None:
+        """Counts a refused upload of the open round; the next tick adds it to the store's ``rejected`` counter
+        (the PS lock may be held here: no store call)."""
+        local = self._local
+        if local is not None:
+            with self._refused_lock:
+                key = (local.number, local.attempt)
+                self._refused[key] = self._refused.get(key, 0) + 1
+
+    def _flush_refused(self) -> None:
+        with self._refused_lock:
+            refused, self._refused = self._refused, {}
+        for (number, attempt), count in refused.items():
+            self.store.count(number, attempt, {"rejected": count})
 
     def _failed_over_from(self, local: _Local, name: str, fingerprint: str) -> str | None:
         """The id the round sampled this worker as on another server, if it failed over from there mid-round.
@@ -696,6 +727,8 @@ class ClusterEngine(SyncEngine):
     def _close_and_publish(self, lease: Lease, state: RoundState) -> None:
         number, attempt = state.number, state.attempt
         self._follow(state)  # the local round closes: no upload is folded from here on
+        self._flush_refused()  # this server's refusals count in the row (the others' as they reported them)
+        state = self.store.round_state(number) or state
         partials, accepted = self.store.partials(number, attempt), self.store.accepted(number, attempt)
         check_partials(number, attempt, partials, accepted)
         log.info("server %s round %d: closing attempt %d: merging %d updates from %d servers", self.server_id, number,
@@ -705,8 +738,11 @@ class ClusterEngine(SyncEngine):
             aggregator.merge({server: p.blob for server, p in partials.items()})
         if aggregator.count < self.config.round.min_updates:
             aggregator.close()
-            self.store.fail_round(number, attempt, f"round {number} got {aggregator.count} updates, min_updates="
-                                  f"{self.config.round.min_updates}", lease=lease)
+            why = f"round {number} got {aggregator.count} updates, min_updates={self.config.round.min_updates}"
+            retries = self.config.round.max_retries
+            log.warning("server %s round %d: %s; %s", self.server_id, number, why,
+                        f"retry {attempt + 1} of {retries}" if attempt < retries else f"gave up after {retries} retries")
+            self.store.fail_round(number, attempt, why, lease=lease)
             return
         record = self._record(state, {a.worker for a in accepted.values()}, aggregator.count,
                               float(getattr(aggregator, "total_weight", 0.0)))
@@ -750,7 +786,7 @@ class ClusterEngine(SyncEngine):
         opened = self._first_seen.get((state.number, state.attempt), time.monotonic())
         return RoundRecord(
             number=state.number, model_version=state.model_version, attempt=state.attempt, sampled=state.sampled,
-            pushed=frozenset(pushed), dropped=frozenset(state.sampled - pushed), rejected=0,
+            pushed=frozenset(pushed), dropped=frozenset(state.sampled - pushed), rejected=counters.get("rejected", 0),
             num_samples=counters.get("num_samples", 0), weight=weight, bytes_in=counters.get("bytes_in", 0),
             bytes_out=0, opened_at=opened, worker_metrics=(means,) if means else (),
         )

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -347,13 +347,16 @@ class _Naming:
 class LedgerTarget:
     """One upload's target: the local round, with the update named for the store's ledger."""
 
-    def __init__(self, round_: Round, aggregator: StoreAggregator, ref: UpdateRef, *, sampled_as: str = "") -> None:
-        """``sampled_as``: the id the round knows the uploader by (a worker that failed over from another
+    def __init__(self, round_: Round, aggregator: StoreAggregator, ref: UpdateRef, *, sampled_as: str = "",
+                 on_refused: Callable[[], None] | None = None) -> None:
+        """``on_refused``: called when the upload is refused (the server counts it for the round's row).
+        ``sampled_as``: the id the round knows the uploader by (a worker that failed over from another
         server uploads under a new id); empty: the uploader's own."""
         self._round = round_
         self._aggregator = aggregator
         self._ref = ref
         self._sampled_as = sampled_as
+        self._on_refused = on_refused
         self.number = round_.number
 
     def _id(self, worker_id: str) -> str:
@@ -381,3 +384,5 @@ class LedgerTarget:
 
     def note_rejection(self, worker_id: str) -> None:
         self._round.note_rejection(self._id(worker_id))
+        if self._on_refused is not None:
+            self._on_refused()

@@ -12,17 +12,6 @@ from tests.unit.cluster.redis_server import REDIS_SERVER, RedisServer
 _jobs = itertools.count()
 
 
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """One redis-server for the session's conformance tests (each test uses its own job prefix)."""
-    if REDIS_SERVER is None:
-        pytest.skip("redis-server is not on PATH (Debian: apt-get install redis-server; .ci/run installs it)")
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture
 def fresh_redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A redis-server of this test alone (restart tests stop and start it)."""

@@ -73,6 +73,36 @@ class Engine:
         assert not self.thread.is_alive(), "ps.run() did not return"
 
 
+@pytest.fixture(params=["ps", "cluster-memory", "cluster-redis"])
+def make_ps(request: pytest.FixtureRequest) -> Iterator[Callable[[JobConfig, Path], ParameterServer]]:
+    """The PS of a test: one PS, or one server of a cluster over the memory store or a real Redis.
+
+    The cluster's one server runs the same rounds through the store (its leader opens and closes them), so
+    every behaviour these tests pin down holds for both (docs/cluster.md).
+    """
+    stores: list[Any] = []
+
+    def make(config: JobConfig, out_dir: Path) -> ParameterServer:
+        if request.param == "ps":
+            return ParameterServer(config, INITIAL, out_dir=out_dir)
+        from enclavefl.cluster import MemoryStore
+        from enclavefl.cluster.engine import cluster_engine
+
+        if request.param == "cluster-memory":
+            store: Any = MemoryStore()
+        else:
+            from tests.unit.cluster.conftest import redis_store
+
+            store = redis_store(request.getfixturevalue("redis_server"))
+        stores.append(store)
+        return ParameterServer(config, INITIAL, out_dir=out_dir, engine=cluster_engine(store, "server-0", config.cluster,
+                                                                                     address="127.0.0.1:7000"))
+
+    yield make
+    for store in stores:
+        store.close()
+
+
 @pytest.fixture
 def engines() -> Iterator[Callable[[ParameterServer], Engine]]:
     started: list[Engine] = []
@@ -137,9 +167,9 @@ def rejections(caplog: pytest.LogCaptureFixture) -> list[str]:
 # -------------------------------------------------------------- the happy path
 
 
-def test_round_aggregates_weighted_by_num_samples(tmp_path: Path, engines: Callable[[ParameterServer], Engine]) -> None:
+def test_round_aggregates_weighted_by_num_samples(tmp_path: Path, make_ps: Callable[[JobConfig, Path], ParameterServer], engines: Callable[[ParameterServer], Engine]) -> None:
     # Prepare
-    ps = ParameterServer(job(), INITIAL, out_dir=tmp_path)
+    ps = make_ps(job(), tmp_path)
     engine, a, b = open_round(ps, engines)
     version, model = ps.model_for(PEER_A, a, 0)
     assert version == 0 and model == INITIAL
@@ -183,7 +213,7 @@ def bad_header(change: str) -> StreamHeader:
     ],
 )
 def test_update_with_wrong_header_is_rejected_without_trace(
-    tmp_path: Path,
+    tmp_path: Path, make_ps: Callable[[JobConfig, Path], ParameterServer],
     engines: Callable[[ParameterServer], Engine],
     caplog: pytest.LogCaptureFixture,
     change: str,
@@ -191,7 +221,7 @@ def test_update_with_wrong_header_is_rejected_without_trace(
 ) -> None:
     # Prepare
     caplog.set_level(logging.INFO, logger=PS_LOGGER)
-    ps = ParameterServer(job(), INITIAL, out_dir=tmp_path)
+    ps = make_ps(job(), tmp_path)
     engine, a, b = open_round(ps, engines)
     push(ps, PEER_A, a, DELTA_A, 1)
 
@@ -229,7 +259,7 @@ def truncated_update() -> bytes:
     ids=["nan", "inf", "truncated"],
 )
 def test_update_with_bad_payload_is_rejected_without_trace(
-    tmp_path: Path,
+    tmp_path: Path, make_ps: Callable[[JobConfig, Path], ParameterServer],
     engines: Callable[[ParameterServer], Engine],
     caplog: pytest.LogCaptureFixture,
     make_payload: Callable[[], bytes],
@@ -237,7 +267,7 @@ def test_update_with_bad_payload_is_rejected_without_trace(
 ) -> None:
     # Prepare
     caplog.set_level(logging.INFO, logger=PS_LOGGER)
-    ps = ParameterServer(job(), INITIAL, out_dir=tmp_path)
+    ps = make_ps(job(), tmp_path)
     engine, a, b = open_round(ps, engines)
     push(ps, PEER_A, a, DELTA_A, 1)
 
@@ -258,11 +288,11 @@ def test_update_with_bad_payload_is_rejected_without_trace(
 
 
 def test_sparse_update_with_bad_row_ids_is_rejected_without_trace(
-    tmp_path: Path, engines: Callable[[ParameterServer], Engine], caplog: pytest.LogCaptureFixture
+    tmp_path: Path, make_ps: Callable[[JobConfig, Path], ParameterServer], engines: Callable[[ParameterServer], Engine], caplog: pytest.LogCaptureFixture
 ) -> None:
     # Prepare: a sparse_rows 'w' whose ids go down (1, then 0), which SparseRows cannot even build.
     caplog.set_level(logging.INFO, logger=PS_LOGGER)
-    ps = ParameterServer(job(), INITIAL, out_dir=tmp_path)
+    ps = make_ps(job(), tmp_path)
     engine, a, b = open_round(ps, engines)
     push(ps, PEER_A, a, DELTA_A, 1)
     header = StreamHeader((TensorSpec("w", "float32", (2, 2), "sparse_rows", 2), TensorSpec("b", "float32", (2,))))
@@ -282,11 +312,11 @@ def test_sparse_update_with_bad_row_ids_is_rejected_without_trace(
 
 
 def test_overlong_stream_is_refused_and_aborted_without_trace(
-    tmp_path: Path, engines: Callable[[ParameterServer], Engine], caplog: pytest.LogCaptureFixture
+    tmp_path: Path, make_ps: Callable[[JobConfig, Path], ParameterServer], engines: Callable[[ParameterServer], Engine], caplog: pytest.LogCaptureFixture
 ) -> None:
     # Prepare
     caplog.set_level(logging.INFO, logger=PS_LOGGER)
-    ps = ParameterServer(job(), INITIAL, out_dir=tmp_path)
+    ps = make_ps(job(), tmp_path)
     engine, a, b = open_round(ps, engines)
     push(ps, PEER_A, a, DELTA_A, 1)
     data = payload(ParamSet({"w": f32([[100, 100], [100, 100]]), "b": f32([100, 100])}))
@@ -308,11 +338,11 @@ def test_overlong_stream_is_refused_and_aborted_without_trace(
 
 
 def test_round_closes_by_its_window_with_the_valid_updates_only(
-    tmp_path: Path, engines: Callable[[ParameterServer], Engine], caplog: pytest.LogCaptureFixture
+    tmp_path: Path, make_ps: Callable[[JobConfig, Path], ParameterServer], engines: Callable[[ParameterServer], Engine], caplog: pytest.LogCaptureFixture
 ) -> None:
     # Prepare
     caplog.set_level(logging.INFO, logger=PS_LOGGER)
-    ps = ParameterServer(job(update_window_s=0.5), INITIAL, out_dir=tmp_path)
+    ps = make_ps(job(update_window_s=0.5), tmp_path)
     engine, a, b = open_round(ps, engines)
 
     # Execute: A's update is good, B's only one is NaN; the window then closes the round.
@@ -339,12 +369,12 @@ def test_round_closes_by_its_window_with_the_valid_updates_only(
     ],
 )
 def test_update_for_the_wrong_round_is_rejected(
-    tmp_path: Path,
+    tmp_path: Path, make_ps: Callable[[JobConfig, Path], ParameterServer],
     engines: Callable[[ParameterServer], Engine],
     change: dict[str, int],
     reason: str,
 ) -> None:
-    ps = ParameterServer(job(), INITIAL, out_dir=tmp_path)
+    ps = make_ps(job(), tmp_path)
     engine, a, b = open_round(ps, engines)
     fields = {"worker_id": a, "round": 1, "model_version": 0, "num_samples": 1, "tensors": StreamHeader.of(INITIAL)}
     fields.update(change)
@@ -359,9 +389,9 @@ def test_update_for_the_wrong_round_is_rejected(
 
 
 def test_second_update_from_one_worker_is_rejected(
-    tmp_path: Path, engines: Callable[[ParameterServer], Engine]
+    tmp_path: Path, make_ps: Callable[[JobConfig, Path], ParameterServer], engines: Callable[[ParameterServer], Engine]
 ) -> None:
-    ps = ParameterServer(job(), INITIAL, out_dir=tmp_path)
+    ps = make_ps(job(), tmp_path)
     engine, a, b = open_round(ps, engines)
     push(ps, PEER_A, a, DELTA_A, 1)
 
@@ -373,8 +403,8 @@ def test_second_update_from_one_worker_is_rejected(
     assert ps.params == EXPECTED_AB
 
 
-def test_worker_id_is_bound_to_its_certificate(tmp_path: Path) -> None:
-    ps = ParameterServer(job(), INITIAL, out_dir=tmp_path)
+def test_worker_id_is_bound_to_its_certificate(tmp_path: Path, make_ps: Callable[[JobConfig, Path], ParameterServer]) -> None:
+    ps = make_ps(job(), tmp_path)
     a = ps.join(PEER_A, "a", 10).worker_id
 
     with pytest.raises(StaleSession, match="another certificate"):
@@ -399,11 +429,11 @@ def wait_until_dropped(ps: ParameterServer, peer: PeerIdentity, worker_id: str) 
 
 
 def test_round_with_zero_updates_is_retried_not_aggregated(
-    tmp_path: Path, engines: Callable[[ParameterServer], Engine], caplog: pytest.LogCaptureFixture
+    tmp_path: Path, make_ps: Callable[[JobConfig, Path], ParameterServer], engines: Callable[[ParameterServer], Engine], caplog: pytest.LogCaptureFixture
 ) -> None:
     # Prepare
     caplog.set_level(logging.INFO, logger=PS_LOGGER)
-    ps = ParameterServer(job(min_workers=1, update_window_s=0.5, max_retries=1), INITIAL, out_dir=tmp_path)
+    ps = make_ps(job(min_workers=1, update_window_s=0.5, max_retries=1), tmp_path)
     a = ps.join(PEER_A, "a", 10).worker_id
     engine = engines(ps)
     first = ps.wait_task(PEER_A, a, 5)
@@ -426,10 +456,10 @@ def test_round_with_zero_updates_is_retried_not_aggregated(
 
 
 def test_round_without_updates_fails_after_max_retries(
-    tmp_path: Path, engines: Callable[[ParameterServer], Engine]
+    tmp_path: Path, make_ps: Callable[[JobConfig, Path], ParameterServer], engines: Callable[[ParameterServer], Engine]
 ) -> None:
     # Prepare
-    ps = ParameterServer(job(min_workers=1, update_window_s=0.5, max_retries=0), INITIAL, out_dir=tmp_path)
+    ps = make_ps(job(min_workers=1, update_window_s=0.5, max_retries=0), tmp_path)
     a = ps.join(PEER_A, "a", 10).worker_id
     engine = engines(ps)
     assert ps.wait_task(PEER_A, a, 5).kind is TaskKind.TRAIN
@@ -447,9 +477,9 @@ def test_round_without_updates_fails_after_max_retries(
 
 
 def test_too_few_workers_within_the_start_window_fails(
-    tmp_path: Path, engines: Callable[[ParameterServer], Engine]
+    tmp_path: Path, make_ps: Callable[[JobConfig, Path], ParameterServer], engines: Callable[[ParameterServer], Engine]
 ) -> None:
-    ps = ParameterServer(job(min_workers=2, start_window_s=0.3, max_retries=0), INITIAL, out_dir=tmp_path)
+    ps = make_ps(job(min_workers=2, start_window_s=0.3, max_retries=0), tmp_path)
     a = ps.join(PEER_A, "a", 10).worker_id
 
     engine = engines(ps)
@@ -463,13 +493,13 @@ def test_too_few_workers_within_the_start_window_fails(
 
 
 def test_update_of_a_kind_the_job_does_not_aggregate_is_rejected(
-    tmp_path: Path, engines: Callable[[ParameterServer], Engine]
+    tmp_path: Path, make_ps: Callable[[JobConfig, Path], ParameterServer], engines: Callable[[ParameterServer], Engine]
 ) -> None:
     from dataclasses import replace
 
     from enclavefl.messages import UpdateKind
 
-    ps = ParameterServer(job(), INITIAL, out_dir=tmp_path)
+    ps = make_ps(job(), tmp_path)
     engine, a, b = open_round(ps, engines)
     with pytest.raises(UpdateRejected, match="update kind masked"):
         ps.open_update(PEER_A, replace(meta_for(a, DELTA_A, 1), kind=UpdateKind.MASKED))
