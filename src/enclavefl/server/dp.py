@@ -38,6 +38,7 @@ import logging
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -99,6 +100,9 @@ class ClippedMean(Aggregator):
     part of the norm, and its mean over the participants is in the result.
     """
 
+    mergeable: ClassVar[bool] = True
+    """Each server of a cluster checks and folds its own workers' updates; the leader merges the sums."""
+
     def __init__(self, template: StreamHeader, clip_norm: float, *, noise_slack: float = 0.0) -> None:
         self._inner = WeightedMean(template)
         self.clip_norm = clip_norm
@@ -137,6 +141,17 @@ class ClippedMean(Aggregator):
 
     def result(self) -> ParamSet:
         return self._inner.result()
+
+    def partial(self) -> bytes:
+        """The equal-weight sum so far (:meth:`WeightedMean.partial`): every update in it passed the bound."""
+        return self._inner.partial()
+
+    def merge(self, partials: Mapping[str, bytes]) -> None:
+        """Folds the sums other servers' clipped means made (the bound was checked where each was folded)."""
+        self._inner.merge(partials)
+
+    def close(self) -> None:
+        self._inner.close()
 
 
 class _TaskConfig(Mapping[str, ConfigValue]):
