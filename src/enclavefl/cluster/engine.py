@@ -55,7 +55,8 @@ from enclavefl.cluster.blobs import CloseState, decode_close_state, decode_model
 from enclavefl.cluster.errors import LeaseLost, StoreConflict, StoreError, StoreUnavailable
 from enclavefl.cluster.ledger import METRIC_SCALE, LedgerTarget, StoreAggregator
 from enclavefl.cluster.store import Lease, Member, RoundPhase, RoundState, Session, Store, UpdateRef, check_partials
-from enclavefl.config import ClusterConfig, parse_job
+from enclavefl.cluster.settings import stored_settings
+from enclavefl.config import ClusterConfig
 from enclavefl.errors import ConfigError, RoundError, StaleSession, UpdateRejected
 from enclavefl.messages import CLUSTER_SERVERS_KEY, ConfigValue, TaskInfo, UpdateMeta
 from enclavefl.server.checkpoint import params_digest
@@ -307,19 +308,19 @@ class ClusterEngine(SyncEngine):
         if blob is None or blob == self._config_blob:
             return
         self._config_blob = blob
-        try:
-            stored = parse_job(yaml.safe_load(blob), source="the cluster's store")
-        except (ConfigError, yaml.YAMLError) as exc:
-            log.error("server %s: the job config in the store is not valid: %s", self.server_id, exc)
-            return
         core = self.core
         with core.cond:
-            mine, theirs = settings_of(core.config), settings_of(stored)
-            changed = {k: v for k, v in theirs.items() if k in mine and mine[k] != v}
-            if not changed:
+            before = settings_of(core.config)
+            try:
+                new = stored_settings(core.config, blob)
+            except ConfigError as exc:
+                log.error("server %s: the job config in the store is not valid: %s", self.server_id, exc)
                 return
-            core.replace_config(patch_config(core.config, changed, rounds_done=0, round_open=False))
-        log.info("server %s: settings changed by the operator: %s", self.server_id,
+            if new is None:
+                return
+            core.replace_config(new)
+        changed = {k: v for k, v in settings_of(new).items() if before.get(k) != v}
+        log.info("server %s: settings changed in the store: %s", self.server_id,
                  ", ".join(f"{k}={v}" for k, v in sorted(changed.items())), extra={"event": "settings"})
 
     def _check_stop(self) -> None:
@@ -684,12 +685,35 @@ class ClusterEngine(SyncEngine):
             return
         self._waiting_since = None
         sampled = self.sampler().sample(candidates, number, attempt)
+        with self.core.cond:
+            refusal = self._gate(number, len(sampled), len(candidates))  # a privacy budget, say
+        if refusal is not None:
+            self._end_by_gate(number, refusal)
+            return
         required = max(1, math.ceil(cfg.update_ratio * len(sampled) - 1e-9))
         self.store.open_round(number, attempt, model_version=self.core.version, sampled=sampled, required=required,
                               lease=lease)
         self._first_seen[(number, attempt)] = time.monotonic()
         log.info("server %s round %d: opened (attempt %d) on model version %d, sampled %d of %d, need %d",
                  self.server_id, number, attempt, self.core.version, len(sampled), len(candidates), required)
+
+    def _end_by_gate(self, number: int, refusal: str) -> None:
+        """A strategy gate refused round ``number``: the job ends after round ``number - 1`` on every server.
+
+        The leader checkpoints and writes ``job.rounds = number - 1`` into the job config in the store, which
+        every server and the scheduler take (as an operator's change), so all of them end as finished.
+
+        Raises:
+            RoundError: the gate refused round 1 (no round to end after).
+        """
+        log.warning("server %s round %d: not opened: %s", self.server_id, number, refusal, extra={"event": "gate_stop"})
+        if number <= 1:
+            raise RoundError(f"round 1 cannot open: {refusal}")
+        self.pipeline.checkpoint_latest()
+        with self.core.cond:
+            new = patch_config(self.core.config, {"job.rounds": number - 1}, rounds_done=number - 1, round_open=False)
+        self.store.put_config(yaml.safe_dump(new.to_dict()).encode())
+        self._sync_settings()
 
     def _maybe_close(self, lease: Lease, state: RoundState) -> None:
         seen = self._first_seen.setdefault((state.number, state.attempt), time.monotonic())
@@ -799,9 +823,8 @@ def cluster_engine(store: Store, server_id: str, cluster: ClusterConfig, *, addr
     """
 
     def make(core: ServerCore, strategy: Strategy, pipeline: ClosePipeline, template: StreamHeader) -> Engine:
-        if strategy.stages is not None or strategy.gates:
-            raise ConfigError("cluster mode runs no round stages or gates yet (secure aggregation, central DP): "
-                              "the leader would skip them")
+        if strategy.stages is not None:
+            raise ConfigError("cluster mode runs no round stages yet (secure aggregation): the leader would skip them")
         return ClusterEngine(core, strategy, pipeline, template, store=store, server_id=server_id, cluster=cluster,
                              address=address)
 

@@ -38,6 +38,7 @@ import yaml
 from enclavefl.cluster.blobs import decode_close_state
 from enclavefl.cluster.engine import DRAIN_LEASE_PREFIX, LEADER_LEASE, PAUSE_LEASE, STOP_LEASE_PREFIX
 from enclavefl.cluster.errors import StoreError, StoreUnavailable
+from enclavefl.cluster.settings import stored_settings
 from enclavefl.cluster.store import Lease, Member, RoundPhase, RoundState, Store
 from enclavefl.config import JobConfig
 from enclavefl.errors import ConfigError
@@ -243,8 +244,21 @@ class Scheduler:
                 self.events.publish("cluster", event="leader", leader=leader)
 
     def _keep_config(self) -> None:
-        """Writes the job's config again if the store lost it (Redis restarted without its append-only file)."""
-        if self.store.config() is not None:
+        """Takes the settings a leader changed in the store (a budget ends the job early: ``job.rounds``), and
+        writes the job's config again if the store lost it (Redis restarted without its append-only file)."""
+        blob = self.store.config()
+        if blob is not None:
+            with self._lock:
+                try:
+                    new = stored_settings(self.config, blob)
+                except ConfigError as exc:
+                    log.error("scheduler %s: the job config in the store is not valid: %s", self.scheduler_id, exc)
+                    return
+                if new is not None:
+                    self.config = new
+            if new is not None:
+                log.info("scheduler %s: job settings changed in the store (job.rounds=%d)", self.scheduler_id,
+                         new.job.rounds)
             return
         with self._lock:
             config = self.config

@@ -11,11 +11,14 @@ import os
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+import yaml
+
 from enclavefl.cluster.redis_store import RedisSettings
-from enclavefl.config import JobConfig, RedisConfig
+from enclavefl.config import JobConfig, RedisConfig, parse_job
 from enclavefl.errors import ConfigError
 
-__all__ = ["check_cluster_job", "read_cluster_key", "redis_settings", "redis_settings_from_url", "write_cluster_key"]
+__all__ = ["check_cluster_job", "read_cluster_key", "redis_settings", "redis_settings_from_url", "stored_settings",
+           "write_cluster_key"]
 
 
 def check_cluster_job(config: JobConfig) -> None:
@@ -23,8 +26,9 @@ def check_cluster_job(config: JobConfig) -> None:
 
     Raises:
         ConfigError: naming the key: the aggregator must be mergeable (``mean``: each server folds
-            a partial sum), rounds synchronous, and central DP, secure aggregation and SignDS off
-            (their aggregators have no partials yet).
+            a partial sum), rounds synchronous, and secure aggregation and SignDS off (their sums
+            have no partials yet). Differential privacy (central or distributed) runs: each server
+            checks its workers' bounds and folds them, the leader adds the noise and accounts.
     """
     aggregator = config.server.aggregator.name
     if aggregator != "mean":
@@ -32,15 +36,33 @@ def check_cluster_job(config: JobConfig) -> None:
                           "weighted sum the leader merges; a robust aggregator needs every update in one place)")
     if config.round.mode != "sync":
         raise ConfigError(f"round.mode = {config.round.mode}: cluster mode runs synchronous rounds only")
-    if config.privacy.dp.enabled:
-        raise ConfigError("privacy.dp.enabled = true: cluster mode does not support differential privacy yet "
-                          "(its clipped mean has no partials)")
     if config.privacy.secure_aggregation.enabled:
         raise ConfigError("privacy.secure_aggregation.enabled = true: cluster mode does not support secure "
                           "aggregation yet (its stages and modular sum run on one server)")
     if config.privacy.local_dp.enabled and config.privacy.local_dp.mechanism != "gaussian":
         raise ConfigError(f"privacy.local_dp.mechanism = {config.privacy.local_dp.mechanism}: cluster mode supports "
                           "only gaussian (SignDS's sum has no partials yet)")
+
+
+def stored_settings(config: JobConfig, blob: bytes) -> JobConfig | None:
+    """``config`` with the settings of the job config ``blob`` (the store's) where they differ; None if none do.
+
+    Only the settings an operator may change while a job runs are taken
+    (:data:`~enclavefl.server.handle.PATCHABLE`): the rest of ``config`` stays the caller's own.
+
+    Raises:
+        ConfigError: ``blob`` is not a valid job config.
+    """
+    from enclavefl.server.handle import patch_config, settings_of
+
+    try:
+        doc = yaml.safe_load(blob)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"the job config in the store is not YAML: {exc}") from exc
+    stored = parse_job(doc, source="the cluster's store")
+    mine, theirs = settings_of(config), settings_of(stored)
+    changed = {k: v for k, v in theirs.items() if k in mine and mine[k] != v}
+    return patch_config(config, changed, rounds_done=0, round_open=False) if changed else None
 
 
 def _read_password(path: Path) -> str:

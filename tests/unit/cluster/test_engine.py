@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from enclavefl.cluster.assignment import balance
 from enclavefl.cluster.blobs import decode_model
 from enclavefl.cluster.engine import PAUSE_LEASE, ClusterEngine, cluster_engine
 from enclavefl.cluster.ledger import StoreAggregator
+from enclavefl.cluster.scheduler import Scheduler
 from enclavefl.server.aggregator import WeightedMean
 from enclavefl.server.ps import ParameterServer
 from enclavefl.tensors import ParamSet, StreamHeader
@@ -389,8 +391,6 @@ def test_the_leader_closes_a_round_once_no_sampled_worker_that_has_not_pushed_ha
 def test_a_store_that_lost_its_state_is_restored_from_the_servers_and_the_job_finishes(tmp_path: Path) -> None:
     # Prepare: 2 servers over a Redis without append-only file; it is killed once version 2 is out and comes
     # back empty 0.2 s later.
-    import threading
-
     from tests.unit.cluster.redis_server import REDIS_SERVER, RedisServer
 
     if REDIS_SERVER is None:
@@ -442,3 +442,65 @@ def test_a_store_that_lost_its_state_is_restored_from_the_servers_and_the_job_fi
     for ps in run.servers:
         assert ps.version == 5 and ps.params.equal(single.ps.params)
         assert [r["round"] for r in ps.metrics.history] == [1, 2, 3, 4, 5]
+
+
+def _dp_job(rounds: int, target_epsilon: float | None = None) -> Any:
+    dp: dict[str, Any] = {"enabled": True, "clip_norm": 1.0, "noise_multiplier": 1.0}
+    if target_epsilon is not None:
+        dp["target_epsilon"] = target_epsilon
+    return cluster_job(rounds=rounds, workers=4, privacy={"dp": dp},
+                       cluster={"poll_s": 0.02, "heartbeat_s": 0.1, "member_ttl_s": 5, "lease_ttl_s": 5})
+
+
+def test_central_dp_on_two_servers_gives_the_single_ps_model_and_epsilon(tmp_path: Path) -> None:
+    pytest.importorskip("dp_accounting", reason="differential privacy needs the privacy extra")
+    # Prepare: each worker adds (i + 1) / 16 (clipped to norm 1 by the workers); the leader adds the noise,
+    # seeded by (seed, round), to the merged clipped mean.
+    config = _dp_job(rounds=3)
+    store = MemoryStore()
+
+    # Execute
+    run = run_cluster(config, INITIAL, trainers(4), lambda i: store, tmp_path / "cluster", servers=2)
+    single = run_federation(config, INITIAL, trainers(4), tmp_path / "single")
+
+    # Assert: the same noisy model (the sums are exact, the noise the same) and the same epsilon per round.
+    assert not run.errors, run.errors
+    for ps in run.servers:
+        assert ps.version == 3
+        for name, value in single.ps.params.items():
+            np.testing.assert_allclose(ps.params[name], value, rtol=1e-6, atol=1e-7)
+        assert [r["dp_epsilon"] for r in ps.metrics.history] == pytest.approx(
+            [r["dp_epsilon"] for r in single.ps.metrics.history], abs=1e-9)
+    assert not np.array_equal(single.ps.params["b"], INITIAL["b"])
+
+
+def test_a_privacy_budget_ends_a_cluster_job_after_the_last_round_it_allows(tmp_path: Path) -> None:
+    pytest.importorskip("dp_accounting", reason="differential privacy needs the privacy extra")
+    import dp_accounting
+
+    def epsilon(rounds: int) -> float:
+        accountant = dp_accounting.rdp.RdpAccountant()
+        accountant.compose(dp_accounting.PoissonSampledDpEvent(1.0, dp_accounting.GaussianDpEvent(1.0)), rounds)
+        return float(accountant.get_epsilon(1e-5))
+
+    # Prepare: a budget between the epsilon of 2 and of 3 rounds (q = 1: every worker is sampled).
+    config = _dp_job(rounds=10, target_epsilon=(epsilon(2) + epsilon(3)) / 2)
+    store = MemoryStore()
+    scheduler = Scheduler(config, store, out_dir=tmp_path / "scheduler")
+    ended: list[str] = []
+    thread = threading.Thread(target=lambda: ended.append(scheduler.run()), daemon=True)
+    thread.start()
+
+    # Execute
+    run = run_cluster(config, INITIAL, trainers(4), lambda i: store, tmp_path, servers=2)
+    thread.join(10)
+
+    # Assert: two rounds everywhere, no third opened, the job finished (not failed) on both servers and
+    # for the scheduler, which took job.rounds = 2 from the store.
+    assert not run.errors, run.errors
+    assert ended == ["finished"] and scheduler.config.job.rounds == 2
+    assert [ps.version for ps in run.servers] == [2, 2]
+    assert all([r["round"] for r in ps.metrics.history] == [1, 2] and ps.core.outcome == "finished"
+               for ps in run.servers)
+    state = store.round_state()
+    assert state is not None and (state.number, state.phase) == (2, RoundPhase.CLOSED)

@@ -72,7 +72,6 @@ def test_a_bad_store_url_is_refused(url: str, reason: str) -> None:
 @pytest.mark.parametrize(("doc", "key"), [
     ({"server": {"aggregator": {"name": "median"}}}, "server.aggregator"),
     ({"round": {"mode": "async"}}, "round.mode"),
-    ({"privacy": {"dp": {"enabled": True}}}, "privacy.dp.enabled"),
     ({"privacy": {"secure_aggregation": {"enabled": True}}}, "privacy.secure_aggregation.enabled"),
     ({"privacy": {"local_dp": {"enabled": True, "mechanism": "signds"}}}, "privacy.local_dp.mechanism"),
 ])
@@ -83,6 +82,13 @@ def test_a_job_the_cluster_cannot_split_is_refused_naming_the_key(doc: dict[str,
 
 def test_a_fedavg_job_runs_in_a_cluster() -> None:
     check_cluster_job(parse_job({"server": {"optimizer": {"name": "fedadam"}}}))
+
+
+@pytest.mark.parametrize("mode", ["central", "distributed"])
+def test_a_dp_job_runs_in_a_cluster(mode: str) -> None:
+    check_cluster_job(parse_job({"round": {"min_updates": 2, "min_workers": 2},
+                                 "privacy": {"dp": {"enabled": True, "clip_norm": 1.0, "noise_multiplier": 1.0,
+                                                    "mode": mode}}}))
 
 
 def test_a_written_cluster_key_reads_back_and_only_its_owner_may_read_it(tmp_path: Path) -> None:
