@@ -131,6 +131,19 @@ def test_clipped_mean_weighs_every_update_equally() -> None:
     np.testing.assert_allclose(mean.result()["a"], [0.3, 0.4], rtol=1e-6)
 
 
+def test_clipped_means_of_two_servers_merge_into_the_mean_of_all_updates() -> None:
+    # server A folds [0.6, 0] and [0, 0.8], server B folds [0.2, 0.2]: (0.8, 1.0) / 3 by hand.
+    a, b, merged = ClippedMean(TEMPLATE, 1.0), ClippedMean(TEMPLATE, 1.0), ClippedMean(TEMPLATE, 1.0)
+    a.add(ParamSet({"a": f32([0.6, 0.0])}), 5.0)
+    a.add(ParamSet({"a": f32([0.0, 0.8])}), 1.0)
+    b.add(ParamSet({"a": f32([0.2, 0.2])}), 9.0)
+
+    merged.merge({"server-0": a.partial(), "server-1": b.partial()})
+
+    assert merged.count == 3
+    np.testing.assert_allclose(merged.result()["a"], [0.8 / 3, 1.0 / 3], rtol=1e-6)
+
+
 def test_clipped_mean_refuses_an_update_above_the_bound_naming_its_norm() -> None:
     mean = ClippedMean(TEMPLATE, 1.0)
     with pytest.raises(UpdateRejected, match=r"L2 norm is 5\b.*clip_norm=1"):
