@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -134,12 +133,7 @@ def run_cluster(args: argparse.Namespace, overrides: list[str]) -> int:
         console.print(f"servers listening on {', '.join(f'127.0.0.1:{p}' for p in ports)}; logs in {run_dir / 'logs'}")
         rows = _follow(console, scheduler, run_dir / "scheduler" / config.summary.metrics_file, config,
                        quiet=args.quiet)
-        end = time.monotonic() + WORKER_EXIT_TIMEOUT_S
-        for child in children.children:
-            try:
-                child.proc.wait(max(end - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                pass
+        children.wait(WORKER_EXIT_TIMEOUT_S)
         failed = [c for c in [scheduler, *(c for c, _ in servers)] if c.proc.returncode not in (0, None)]
     finally:
         children.close()

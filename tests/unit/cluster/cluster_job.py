@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from enclavefl.cluster import RoundPhase, Store
+from enclavefl.cluster import RoundPhase, Store, StoreUnavailable
 from enclavefl.cluster.engine import ClusterEngine, cluster_engine
+from enclavefl.cluster.scheduler import Scheduler
 from enclavefl.config import JobConfig, parse_job
 from enclavefl.messages import PeerIdentity
 from enclavefl.server.ps import ParameterServer
@@ -25,6 +26,41 @@ from enclavefl.tensors import ParamSet
 from enclavefl.worker import InMemoryClient, Worker, WorkerSettings
 from enclavefl.worker.servers import ServerList
 from tests.unit.worker.federation import AddTrainer, peer
+
+
+FAST_LEASES: dict[str, float] = {"poll_s": 0.02, "heartbeat_s": 0.1, "member_ttl_s": 5, "lease_ttl_s": 5}
+"""A ``cluster`` section whose servers heartbeat every 0.1 s (membership, settings, stop and drain leases)."""
+
+
+def after_version(store: Store, version: int, action: Callable[[], None], timeout_s: float = 30.0) -> threading.Thread:
+    """Runs ``action`` on a thread once the store has published model ``version`` (or ``timeout_s`` passed)."""
+
+    def wait_then_act() -> None:
+        deadline = time.monotonic() + timeout_s
+        while _published_or_none(store) < version and time.monotonic() < deadline:
+            time.sleep(0.005)
+        action()
+
+    thread = threading.Thread(target=wait_then_act, name=f"after-version-{version}", daemon=True)
+    thread.start()
+    return thread
+
+
+def _published_or_none(store: Store) -> int:
+    """The store's current model version; -1 while it has none or cannot be reached (a Redis restarting)."""
+    try:
+        model = store.model()
+    except StoreUnavailable:
+        return -1
+    return -1 if model is None else model.version
+
+
+def start_scheduler(scheduler: Scheduler) -> tuple[threading.Thread, list[str]]:
+    """``scheduler.run()`` on a thread; the list receives how the job ended."""
+    ended: list[str] = []
+    thread = threading.Thread(target=lambda: ended.append(scheduler.run()), name="scheduler", daemon=True)
+    thread.start()
+    return thread, ended
 
 
 def cluster_job(*, rounds: int, workers: int, **sections: Any) -> JobConfig:

@@ -23,6 +23,17 @@ def fresh_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server.stop()
 
 
+@pytest.fixture
+def redis_without_aof(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test alone without append-only file: a restart empties it."""
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not on PATH (Debian: apt-get install redis-server; .ci/run installs it)")
+    server = RedisServer(tmp_path, appendonly=False)
+    server.start()
+    yield server
+    server.stop()
+
+
 def redis_store(server: RedisServer, *, job: str | None = None, retries: int = 5) -> RedisStore:
     return RedisStore(RedisSettings(port=server.port, retries=retries, backoff_base_s=0.02, backoff_cap_s=0.2),
                       job=job or f"test-{next(_jobs)}")

@@ -21,7 +21,9 @@ from enclavefl.server.aggregator import WeightedMean
 from enclavefl.server.ps import ParameterServer
 from enclavefl.tensors import ParamSet, StreamHeader
 from enclavefl.worker import InMemoryClient
-from tests.unit.cluster.cluster_job import cluster_job, run_cluster
+from tests.unit.cluster.cluster_job import FAST_LEASES, after_version, cluster_job, run_cluster, start_scheduler
+from tests.unit.cluster.conftest import redis_store
+from tests.unit.cluster.redis_server import RedisServer
 from tests.unit.worker.federation import AddTrainer, f32, peer, run_federation
 
 INITIAL = ParamSet({"w": f32([[0.5, -1.25], [2.0, 0.0]]), "b": f32([0.125, 3.0])})
@@ -343,8 +345,7 @@ def test_a_drained_server_finishes_its_round_and_its_workers_move_to_the_others(
 def test_workers_move_to_the_server_the_cluster_assigns_them_and_no_round_fails(tmp_path: Path) -> None:
     # Prepare: 6 workers on 2 servers, worker i first on server i mod 2; the servers' WAIT answers give
     # each worker its servers in the cluster's balanced order, so some are on the wrong server and move.
-    config = cluster_job(rounds=4, workers=6, cluster={"poll_s": 0.02, "heartbeat_s": 0.1, "member_ttl_s": 5,
-                                                        "lease_ttl_s": 5})
+    config = cluster_job(rounds=4, workers=6, cluster=FAST_LEASES)
     store = MemoryStore()
     members = [Member(f"server-{k}", "server", f"127.0.0.1:{7000 + k}") for k in range(2)]
     home = {name: order[0].member_id for name, order in balance([f"worker-{i}" for i in range(6)], members).items()}
@@ -388,39 +389,22 @@ def test_the_leader_closes_a_round_once_no_sampled_worker_that_has_not_pushed_ha
     assert model is not None and model.version == 1
 
 
-def test_a_store_that_lost_its_state_is_restored_from_the_servers_and_the_job_finishes(tmp_path: Path) -> None:
+def test_a_store_that_lost_its_state_is_restored_from_the_servers_and_the_job_finishes(
+        tmp_path: Path, redis_without_aof: RedisServer) -> None:
     # Prepare: 2 servers over a Redis without append-only file; it is killed once version 2 is out and comes
     # back empty 0.2 s later.
-    from tests.unit.cluster.redis_server import REDIS_SERVER, RedisServer
-
-    if REDIS_SERVER is None:
-        pytest.skip("redis-server is not on PATH (Debian: apt-get install redis-server; .ci/run installs it)")
-    server = RedisServer(tmp_path, appendonly=False)
-    server.start()
-    from tests.unit.cluster.conftest import redis_store
-
+    server = redis_without_aof
     store = redis_store(server, job="emptied", retries=8)
-    config = cluster_job(rounds=5, workers=4, cluster={"poll_s": 0.02, "heartbeat_s": 0.1, "member_ttl_s": 5,
-                                                        "lease_ttl_s": 5})
+    config = cluster_job(rounds=5, workers=4, cluster=FAST_LEASES)
     emptied = threading.Event()
 
     def empty_the_store() -> None:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                model = store.model()
-            except StoreUnavailable:
-                model = None
-            if model is not None and model.version >= 2:
-                server.kill()
-                time.sleep(0.2)
-                server.start()
-                emptied.set()
-                return
-            time.sleep(0.01)
+        server.kill()
+        time.sleep(0.2)
+        server.start()
+        emptied.set()
 
-    killer = threading.Thread(target=empty_the_store, daemon=True)
-    killer.start()
+    killer = after_version(store, 2, empty_the_store)
 
     # Execute
     try:
@@ -431,7 +415,6 @@ def test_a_store_that_lost_its_state_is_restored_from_the_servers_and_the_job_fi
         state = store.round_state()
     finally:
         store.close()
-        server.stop()
 
     # Assert: every round ran once in the servers' history, version 5 was published after the restore, and the
     # servers end with the single PS's model (the round that was open when the store was lost ran again).
@@ -449,7 +432,7 @@ def _dp_job(rounds: int, target_epsilon: float | None = None) -> Any:
     if target_epsilon is not None:
         dp["target_epsilon"] = target_epsilon
     return cluster_job(rounds=rounds, workers=4, privacy={"dp": dp},
-                       cluster={"poll_s": 0.02, "heartbeat_s": 0.1, "member_ttl_s": 5, "lease_ttl_s": 5})
+                       cluster=FAST_LEASES)
 
 
 def test_central_dp_on_two_servers_gives_the_single_ps_model_and_epsilon(tmp_path: Path) -> None:
@@ -487,9 +470,7 @@ def test_a_privacy_budget_ends_a_cluster_job_after_the_last_round_it_allows(tmp_
     config = _dp_job(rounds=10, target_epsilon=(epsilon(2) + epsilon(3)) / 2)
     store = MemoryStore()
     scheduler = Scheduler(config, store, out_dir=tmp_path / "scheduler")
-    ended: list[str] = []
-    thread = threading.Thread(target=lambda: ended.append(scheduler.run()), daemon=True)
-    thread.start()
+    thread, ended = start_scheduler(scheduler)
 
     # Execute
     run = run_cluster(config, INITIAL, trainers(4), lambda i: store, tmp_path, servers=2)

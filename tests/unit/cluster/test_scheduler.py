@@ -14,7 +14,9 @@ from enclavefl.cluster.engine import DRAIN_LEASE_PREFIX, PAUSE_LEASE
 from enclavefl.cluster.scheduler import ClusterHandle, Scheduler
 from enclavefl.errors import ConfigError
 from enclavefl.management.cloud import CloudRoutes
-from tests.unit.cluster.cluster_job import cluster_job, run_cluster
+from tests.unit.cluster.cluster_job import FAST_LEASES, after_version, cluster_job, run_cluster, start_scheduler
+from tests.unit.cluster.conftest import redis_store
+from tests.unit.cluster.redis_server import RedisServer
 from tests.unit.cluster.test_engine import INITIAL, trainers
 
 
@@ -23,9 +25,7 @@ def test_the_scheduler_records_every_round_and_sees_the_job_finish(tmp_path: Pat
     config = cluster_job(rounds=2, workers=4)
     store = MemoryStore()
     scheduler = Scheduler(config, store, out_dir=tmp_path / "scheduler")
-    ended: list[str] = []
-    thread = threading.Thread(target=lambda: ended.append(scheduler.run()), daemon=True)
-    thread.start()
+    thread, ended = start_scheduler(scheduler)
 
     # Execute
     run = run_cluster(config, INITIAL, trainers(4), lambda i: store, tmp_path, servers=2)
@@ -230,22 +230,12 @@ def test_the_scheduler_tells_the_feed_when_servers_join_and_leave_the_leader_cha
 @pytest.mark.parametrize("mode", ["finish", "abort"])
 def test_a_stop_through_the_api_ends_the_job_on_every_server(tmp_path: Path, mode: str) -> None:
     # Prepare: a 50-round job on 2 servers, stopped through the cluster's handle once round 1 closed.
-    config = cluster_job(rounds=50, workers=4, cluster={"poll_s": 0.02, "heartbeat_s": 0.1, "member_ttl_s": 5,
-                                                         "lease_ttl_s": 5})
+    config = cluster_job(rounds=50, workers=4, cluster=FAST_LEASES)
     store = MemoryStore()
     scheduler = Scheduler(config, store, out_dir=tmp_path / "scheduler")
-    ended: list[str] = []
-    threads = [threading.Thread(target=lambda: ended.append(scheduler.run()), daemon=True)]
-
-    def stop_after_round_1() -> None:
-        deadline = time.monotonic() + 30
-        while ((model := store.model()) is None or model.version < 1) and time.monotonic() < deadline:
-            time.sleep(0.005)
-        ClusterHandle(scheduler).stop(mode, by="test")  # type: ignore[arg-type]
-
-    threads.append(threading.Thread(target=stop_after_round_1, daemon=True))
-    for thread in threads:
-        thread.start()
+    thread, ended = start_scheduler(scheduler)
+    threads = [thread]
+    threads.append(after_version(store, 1, lambda: ClusterHandle(scheduler).stop(mode, by="test")))  # type: ignore[arg-type]
 
     # Execute
     run = run_cluster(config, INITIAL, trainers(4), lambda i: store, tmp_path, servers=2)
@@ -272,23 +262,14 @@ def test_a_stop_through_the_api_ends_the_job_on_every_server(tmp_path: Path, mod
 
 def test_settings_changed_through_the_api_reach_every_server(tmp_path: Path) -> None:
     # Prepare: a 50-round job on 2 servers; once round 1 closed, an operator cuts it to 3 rounds.
-    config = cluster_job(rounds=50, workers=4, cluster={"poll_s": 0.02, "heartbeat_s": 0.1, "member_ttl_s": 5,
-                                                         "lease_ttl_s": 5})
+    config = cluster_job(rounds=50, workers=4, cluster=FAST_LEASES)
     store = MemoryStore()
     scheduler = Scheduler(config, store, out_dir=tmp_path / "scheduler")
-    ended: list[str] = []
     answers: list[dict[str, object]] = []
-    threads = [threading.Thread(target=lambda: ended.append(scheduler.run()), daemon=True)]
-
-    def patch_after_round_1() -> None:
-        deadline = time.monotonic() + 30
-        while ((model := store.model()) is None or model.version < 1) and time.monotonic() < deadline:
-            time.sleep(0.005)
-        answers.append(ClusterHandle(scheduler).patch_settings({"job.rounds": 3, "client.lr": 0.25}, by="test"))
-
-    threads.append(threading.Thread(target=patch_after_round_1, daemon=True))
-    for thread in threads:
-        thread.start()
+    thread, ended = start_scheduler(scheduler)
+    threads = [thread]
+    threads.append(after_version(store, 1, lambda: answers.append(
+        ClusterHandle(scheduler).patch_settings({"job.rounds": 3, "client.lr": 0.25}, by="test"))))
 
     # Execute
     run = run_cluster(config, INITIAL, trainers(4), lambda i: store, tmp_path, servers=2)
@@ -316,17 +297,11 @@ def test_a_setting_that_may_not_change_is_refused_and_the_store_keeps_the_job(tm
     assert store.config() == b"job: {rounds: 5}\n" and scheduler.config.job.rounds == 5
 
 
-def test_the_scheduler_writes_the_job_again_into_a_store_that_lost_it_and_says_so(tmp_path: Path) -> None:
-    from tests.unit.cluster.conftest import redis_store
-    from tests.unit.cluster.redis_server import REDIS_SERVER, RedisServer
-
-    if REDIS_SERVER is None:
-        pytest.skip("redis-server is not on PATH (Debian: apt-get install redis-server; .ci/run installs it)")
-    server = RedisServer(tmp_path, appendonly=False)
-    server.start()
+def test_the_scheduler_writes_the_job_again_into_a_store_that_lost_it_and_says_so(
+        tmp_path: Path, redis_without_aof: RedisServer) -> None:
+    server = redis_without_aof
     store = redis_store(server, job="emptied-config", retries=8)
-    config = cluster_job(rounds=2, workers=2, cluster={"poll_s": 0.02, "heartbeat_s": 0.1, "member_ttl_s": 5,
-                                                       "lease_ttl_s": 5})
+    config = cluster_job(rounds=2, workers=2, cluster=FAST_LEASES)
     scheduler = Scheduler(config, store, out_dir=tmp_path / "scheduler")
     thread = threading.Thread(target=scheduler.run, daemon=True)
     thread.start()
@@ -348,7 +323,6 @@ def test_the_scheduler_writes_the_job_again_into_a_store_that_lost_it_and_says_s
         scheduler.stop()
         thread.join(10)
         store.close()
-        server.stop()
 
     # Assert
     assert first is not None and again == first
