@@ -289,9 +289,13 @@ def test_a_cluster_scaled_from_two_to_four_servers_and_back_loses_no_round_and_t
         feed = tab.text_content("#audit") or ""
         code = run.wait(600)
     finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait(10)
+        if run.poll() is None:  # SIGTERM first: `run` then stops its redis-server, which SIGKILL would orphan
+            run.terminate()
+            try:
+                run.wait(60)
+            except subprocess.TimeoutExpired:
+                run.kill()
+                run.wait(10)
 
     # Assert: the answers named the new and the draining servers; every round closed on its first attempt with
     # all 8 workers; workers moved to the new servers and back; the feed told the membership changes.

@@ -54,8 +54,8 @@ from enclavefl.cluster.assignment import balance
 from enclavefl.cluster.blobs import CloseState, decode_close_state, decode_model, encode_close_state, encode_model
 from enclavefl.cluster.errors import LeaseLost, StoreConflict, StoreError, StoreUnavailable
 from enclavefl.cluster.ledger import METRIC_SCALE, LedgerTarget, StoreAggregator
-from enclavefl.cluster.store import Lease, Member, RoundPhase, RoundState, Session, Store, UpdateRef, check_partials
 from enclavefl.cluster.settings import stored_settings
+from enclavefl.cluster.store import Lease, Member, RoundPhase, RoundState, Session, Store, UpdateRef, check_partials
 from enclavefl.config import ClusterConfig
 from enclavefl.errors import ConfigError, RoundError, StaleSession, UpdateRejected
 from enclavefl.messages import CLUSTER_SERVERS_KEY, ConfigValue, TaskInfo, UpdateMeta
@@ -168,12 +168,14 @@ class ClusterEngine(SyncEngine):
         self._first_seen: dict[tuple[int, int], float] = {}
         self._waiting_since: float | None = None
         self._model_checked = False
+        """Whether the store's model was looked at since start, or since the store may have lost it."""
+        self._empty_since: float | None = None
+        """When this leader found the store empty (it restores the job two heartbeats later)."""
         self._yield_until = 0.0
+        """Until then this server does not take the leader lease (it handed it to a server with a newer model)."""
         self._refused: dict[tuple[int, int], int] = {}
         """Uploads refused per round attempt since the last tick (added to the store's counters)."""
         self._refused_lock = threading.Lock()
-        self._empty_since: float | None = None
-        """Whether the store's model was looked at since start, or since the store may have lost it."""
         self._unpublished: tuple[int, int, bytes, bytes] | None = None
         """A close this leader made but could not publish yet: (round, attempt, model, state)."""
         self._unreachable_since: float | None = None
@@ -528,7 +530,6 @@ class ClusterEngine(SyncEngine):
                 if core.registry.remove(worker_id, reason=f"no update by the end of round {local.number}") is not None:
                     log.info("server %s round %d: worker %s dropped (no update by the end of round %d)",
                              self.server_id, local.number, worker_id, local.number)
-        with core.cond:
             self._local = None
             self.round = None
             if core.phase is Phase.TRAINING:

@@ -125,6 +125,8 @@ class Scheduler:
         self._stop_mode: StopMode | None = None
         self._stop_asked = 0.0
         self._unreachable_since: float | None = None
+        self._config_blob: bytes | None = None
+        """The job config in the store as last read (a leader may change ``job.rounds`` there)."""
 
     def _seen_round(self) -> int:
         return max((r["round"] for r in self.metrics.history if isinstance(r.get("round"), int)), default=0)
@@ -247,6 +249,9 @@ class Scheduler:
         """Takes the settings a leader changed in the store (a budget ends the job early: ``job.rounds``), and
         writes the job's config again if the store lost it (Redis restarted without its append-only file)."""
         blob = self.store.config()
+        if blob is not None and blob == self._config_blob:
+            return
+        self._config_blob = blob
         if blob is not None:
             with self._lock:
                 try:
