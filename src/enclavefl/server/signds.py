@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import numpy as np
 
 from enclavefl.errors import UpdateRejected
 from enclavefl.messages import SIGNDS_INDICES_TENSOR, SIGNDS_SIGN_TENSOR
 from enclavefl.server.aggregator import Aggregator
+from enclavefl.server.partials import decode_partial, encode_partial
 from enclavefl.tensors import DTYPES, ParamSet, SparseRows, StreamHeader, Tensor, TensorSpec
 
 __all__ = ["SignDsSum", "float_values", "signds_template"]
@@ -89,6 +92,50 @@ class SignDsSum(Aggregator):
         with self._lock:
             self._sum[indices] += float(sign)  # distinct indices: no two writes to one slot
             self._count += 1
+
+    # -- partials (cluster mode) ------------------------------------------------------------------
+
+    mergeable: ClassVar[bool] = True
+    """Each server of a cluster sums its own workers' selections; the leader adds the sums."""
+
+    def _meta(self) -> dict[str, Any]:
+        return {"kind": "signds_sum", "format": 1, "dims_out": self.dims_out, "global_lr": self.global_lr,
+                "template": [[s.name, s.dtype, list(s.shape)] for s in self.model.tensors]}
+
+    def partial(self) -> bytes:
+        """The sum of the signed selections so far (float64, one value per float of the model) and the count."""
+        with self._lock:
+            return encode_partial({**self._meta(), "count": self._count}, ParamSet({"sum": self._sum}))
+
+    def merge(self, partials: Mapping[str, bytes]) -> None:
+        """Adds other servers' sums, all checked first (a bad one changes nothing).
+
+        Raises:
+            UpdateRejected: a blob of another kind, setting or model, or a sum no count of +-1 selections makes.
+        """
+        checked: list[tuple[int, np.ndarray]] = []
+        for source in sorted(partials):
+            meta, arrays = decode_partial(partials[source])
+            where = f"partial of {source}"
+            for key, want in self._meta().items():
+                if meta.get(key) != want:
+                    raise UpdateRejected(f"{where}: {key} is {str(meta.get(key))[:200]!r}, this aggregator's is "
+                                         f"{str(want)[:200]!r}")
+            count, total = meta.get("count"), arrays.get("sum") if "sum" in arrays else None
+            if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+                raise UpdateRejected(f"{where}: count must be an int >= 0, got {count!r}")
+            if list(arrays) != ["sum"] or not isinstance(total, np.ndarray) or total.dtype != np.float64 \
+                    or total.shape != (self._d,):
+                raise UpdateRejected(f"{where}: expected one float64 array 'sum' of shape ({self._d},)")
+            # Each of `count` uploads adds +-1 at dims_out distinct indices: whole numbers within +-count.
+            if not (np.all(np.abs(total) <= count) and np.all(total == np.round(total))
+                    and float(np.abs(total).sum()) <= count * self.dims_out):
+                raise UpdateRejected(f"{where}: the sum is not one that {count} SignDS uploads can make")
+            checked.append((count, total))
+        with self._lock:
+            for count, total in checked:
+                self._sum += total
+                self._count += count
 
     def result(self) -> ParamSet:
         with self._lock:

@@ -84,6 +84,31 @@ def test_signds_sum_rebuilds_global_lr_times_the_mean_signed_selection() -> None
     assert result["n"].dtype == np.int64 and int(result["n"]) == 0
 
 
+def test_two_servers_signds_sums_merge_into_the_sum_of_all_uploads() -> None:
+    # server A: +1 on {0, 3}; server B: -1 on {1, 3} and +1 on {0, 2}: sum [2, -1, 1, 0] over 3 uploads,
+    # global_lr 3: [2, -1, 1, 0].
+    a, b, merged = (SignDsSum(MODEL, dims_out=2, global_lr=3.0) for _ in range(3))
+    a.add(upload([0, 3], 1), 1.0)
+    b.add(upload([1, 3], -1), 1.0)
+    b.add(upload([0, 2], 1), 1.0)
+
+    merged.merge({"server-0": a.partial(), "server-1": b.partial()})
+
+    assert merged.count == 3
+    np.testing.assert_array_equal(merged.result()["w"], [[2.0, -1.0], [1.0, 0.0]])
+
+
+def test_a_signds_partial_no_uploads_can_make_is_refused_and_changes_nothing() -> None:
+    forged = SignDsSum(MODEL, dims_out=2, global_lr=1.0)
+    forged._sum[:] = [5.0, 0.0, 0.0, 0.0]  # 5 at one index from a single upload of +-1
+    forged._count = 1
+    merged = SignDsSum(MODEL, dims_out=2, global_lr=1.0)
+
+    with pytest.raises(UpdateRejected, match="not one that 1 SignDS uploads can make"):
+        merged.merge({"server-0": forged.partial()})
+    assert merged.count == 0
+
+
 @pytest.mark.parametrize(("indices", "sign", "match"), [
     ([0, 4], 1, r"in \[0, 4\)"), ([-1, 2], 1, r"in \[0, 4\)"), ([2, 2], 1, "sorted and distinct"),
     ([3, 1], 1, "sorted and distinct"), ([0, 1], 0, "-1 or \\+1"), ([0, 1, 2], 1, "shape"),
