@@ -26,9 +26,9 @@ def check_cluster_job(config: JobConfig) -> None:
 
     Raises:
         ConfigError: naming the key: the aggregator must be mergeable (``mean``: each server folds
-            a partial sum), rounds synchronous, and secure aggregation and SignDS off (their sums
-            have no partials yet). Differential privacy (central or distributed) runs: each server
-            checks its workers' bounds and folds them, the leader adds the noise and accounts.
+            a partial sum), rounds synchronous, and secure aggregation off (its stages and modular sum
+            run on one server). Differential privacy (central, distributed, local Gaussian or SignDS)
+            runs: each server checks its workers' uploads and folds them, the leader merges the sums.
     """
     aggregator = config.server.aggregator.name
     if aggregator != "mean":
@@ -39,9 +39,6 @@ def check_cluster_job(config: JobConfig) -> None:
     if config.privacy.secure_aggregation.enabled:
         raise ConfigError("privacy.secure_aggregation.enabled = true: cluster mode does not support secure "
                           "aggregation yet (its stages and modular sum run on one server)")
-    if config.privacy.local_dp.enabled and config.privacy.local_dp.mechanism != "gaussian":
-        raise ConfigError(f"privacy.local_dp.mechanism = {config.privacy.local_dp.mechanism}: cluster mode supports "
-                          "only gaussian (SignDS's sum has no partials yet)")
 
 
 def stored_settings(config: JobConfig, blob: bytes) -> JobConfig | None:

@@ -485,3 +485,28 @@ def test_a_privacy_budget_ends_a_cluster_job_after_the_last_round_it_allows(tmp_
                for ps in run.servers)
     state = store.round_state()
     assert state is not None and (state.number, state.phase) == (2, RoundPhase.CLOSED)
+
+
+def test_signds_on_two_servers_sums_every_upload_once(tmp_path: Path) -> None:
+    # Prepare: local DP by SignDS: each worker uploads 2 signed indices (drawn from the OS's randomness, so no
+    # two runs agree); the servers sum their workers' uploads, the leader merges the sums.
+    config = cluster_job(rounds=2, workers=4, cluster=FAST_LEASES, privacy={"local_dp": {
+        "enabled": True, "mechanism": "signds", "epsilon": 10.0, "sparse_rate": 0.25, "dims_out": 2,
+        "global_lr": 3.0}})
+    store = MemoryStore()
+
+    # Execute
+    run = run_cluster(config, INITIAL, trainers(4), lambda i: store, tmp_path / "cluster", servers=2)
+    single = run_federation(config, INITIAL, trainers(4), tmp_path / "single")
+
+    # Assert: both servers hold one model; every round took 4 uploads; each value moved by whole steps of
+    # global_lr / 4 = 0.75 (the sum of +-1 selections over 4 uploads); epsilon as on one PS.
+    assert not run.errors, run.errors
+    assert run.servers[0].params.equal(run.servers[1].params) and run.servers[0].version == 2
+    for number in (1, 2):
+        state = store.round_state(number)
+        assert state is not None and state.counters["accepted"] == 4
+    moved = np.concatenate([(run.servers[0].params[n] - INITIAL[n]).ravel() for n in ("w", "b")]) / 0.75
+    np.testing.assert_allclose(moved, np.round(moved), atol=1e-5)
+    assert [r["local_dp_epsilon"] for r in run.servers[0].metrics.history] == [
+        r["local_dp_epsilon"] for r in single.ps.metrics.history]

@@ -73,7 +73,6 @@ def test_a_bad_store_url_is_refused(url: str, reason: str) -> None:
     ({"server": {"aggregator": {"name": "median"}}}, "server.aggregator"),
     ({"round": {"mode": "async"}}, "round.mode"),
     ({"privacy": {"secure_aggregation": {"enabled": True}}}, "privacy.secure_aggregation.enabled"),
-    ({"privacy": {"local_dp": {"enabled": True, "mechanism": "signds"}}}, "privacy.local_dp.mechanism"),
 ])
 def test_a_job_the_cluster_cannot_split_is_refused_naming_the_key(doc: dict[str, object], key: str) -> None:
     with pytest.raises(ConfigError, match=key):
