@@ -64,8 +64,8 @@ def _redis_input_bytes(url: str) -> int:
         client.close()
 
 
-def run_once(servers: int, workers: int, rounds: int, params: int | None, keep: Path | None) -> tuple[float, float,
-                                                                                                     float, list[float]]:
+def run_once(servers: int, workers: int, rounds: int, params: int | None, keep: Path | None,
+             accumulate: str = "float64") -> tuple[float, float, float, list[float]]:
     """One job on ``servers`` servers; returns (s_per_round, max_server_rss_mb, redis_in_mb_per_round, round times)."""
     from enclavefl.cli.cluster_run import connect_targets
     from enclavefl.cli.redis_process import RedisProcess
@@ -79,7 +79,8 @@ def run_once(servers: int, workers: int, rounds: int, params: int | None, keep: 
             "job": {"name": f"cluster{servers}", "rounds": rounds, "workers": workers},
             "round": {"min_workers": workers, "start_window_s": 600, "update_window_s": 900},
             "task": {"name": "round_overhead:make_task", "params": {} if params is None else {"params": params}},
-            "server": {"checkpoint_every": 1000, "max_concurrent_uploads": 4},
+            "server": {"checkpoint_every": 1000, "max_concurrent_uploads": 4,
+                       "aggregator": {"name": "mean", "accumulate": accumulate}},
             "transport": {"chunk_bytes": 2 * 2**20},
             "attestation": {"mode": "none"},
             "cluster": {"servers": servers, "member_ttl_s": 30, "lease_ttl_s": 30},
@@ -143,12 +144,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="at least 3: round 1 includes process start")
     parser.add_argument("--params", type=int, help="float32 values of an MLP model (default: ResNet-18's 11.17M)")
     parser.add_argument("--keep", type=Path, help="keep each run's directory (logs, metrics) under this folder")
+    parser.add_argument("--accumulate", choices=["float64", "float32"], default="float64",
+                        help="the mean's accumulator, so a partial's size: float64 sums (default, order-free) or a "
+                             "float32 running mean (half the bytes to Redis)")
     args = parser.parse_args()
     if args.rounds < 3:
         parser.error(f"--rounds {args.rounds}: at least 3 (two round times after the first)")
     for n in args.servers:
-        s_per_round, rss_mb, redis_mb, times = run_once(n, args.workers, args.rounds, args.params, args.keep)
-        label = "" if args.params is None else f" params={args.params}"
+        s_per_round, rss_mb, redis_mb, times = run_once(n, args.workers, args.rounds, args.params, args.keep,
+                                                        args.accumulate)
+        label = ("" if args.params is None else f" params={args.params}") + (
+            "" if args.accumulate == "float64" else f" accumulate={args.accumulate}")
         print(f"servers={n} workers={args.workers}{label} s_per_round={s_per_round:.2f} max_server_rss_mb={rss_mb:.0f} "
               f"redis_in_mb_per_round={redis_mb:.0f}", flush=True)
         print(f"  round times after round 1: {' '.join(f'{t:.2f}' for t in times)}", file=sys.stderr, flush=True)
