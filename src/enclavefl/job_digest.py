@@ -10,6 +10,12 @@ as a shape error after the first pull. So a worker sends a digest of each
 setting when it joins, the PS compares them with its own, and a join whose
 digests differ is refused with the keys that differ.
 
+The privacy sections (``privacy.dp``, ``privacy.local_dp``,
+``privacy.secure_aggregation``) are compared too: the worker follows what the
+PS's tasks say, so without the check a PS set up without secure aggregation or
+DP (by mistake, or to see more) would get plain updates from workers whose
+owners asked for them; with it the worker refuses to join, naming the section.
+
 A digest is the first 16 hex digits of the SHA-256 of the setting's value as
 canonical JSON: enough to tell values apart, and nothing about a value is sent.
 """
@@ -30,6 +36,10 @@ MODEL_KEY = "model"
 """The key of the model's digest: tensor names, dtypes and shapes, in order."""
 
 _ALPHA_PARTITIONS = ("dirichlet", "quantity")
+
+_PRIVACY_SECTIONS = ("dp", "local_dp", "secure_aggregation")
+"""What the workers' owners ask of the aggregation: a PS must run the same (upload compression is not here:
+it changes the bytes, not who may see an update)."""
 
 
 def _digest(value: Any) -> str:
@@ -57,6 +67,8 @@ def job_digests(config: JobConfig, model: StreamHeader) -> dict[str, str]:
     }
     if task.partition in _ALPHA_PARTITIONS:
         settings["task.alpha"] = task.alpha
+    for name in _PRIVACY_SECTIONS:
+        settings[f"privacy.{name}"] = getattr(config.privacy, name).model_dump(mode="json")
     return {key: _digest(value) for key, value in settings.items()}
 
 

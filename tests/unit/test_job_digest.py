@@ -40,3 +40,21 @@ def test_alpha_counts_only_for_the_partitions_that_read_it() -> None:
 
 def test_a_key_only_one_side_has_differs() -> None:
     assert differing_settings({"a": "1"}, {"a": "1", "b": "2"}) == ["b"]
+
+
+def test_a_ps_without_the_privacy_the_worker_asks_for_is_named() -> None:
+    # The worker's owner asked for secure aggregation and DP; the PS's file has neither.
+    ps = job_digests(parse_job({"round": {"min_workers": 3}}), MODEL)
+    worker = job_digests(parse_job({
+        "round": {"min_workers": 3},
+        "privacy": {"secure_aggregation": {"enabled": True},
+                    "dp": {"enabled": True, "clip_norm": 1.0, "noise_multiplier": 1.0}}}), MODEL)
+
+    assert differing_settings(ps, worker) == ["privacy.dp", "privacy.secure_aggregation"]
+
+
+def test_a_different_noise_multiplier_is_named() -> None:
+    low, high = (job_digests(parse_job({"privacy": {"dp": {"enabled": True, "clip_norm": 1.0, "noise_multiplier": z}}}),
+                             MODEL) for z in (0.5, 1.0))
+
+    assert differing_settings(low, high) == ["privacy.dp"]
