@@ -80,6 +80,14 @@ class Engine(ABC):
     def task_for(self, worker: WorkerRecord) -> TaskInfo | None:
         """A train task for ``worker`` now, or None (caller holds the lock)."""
 
+    def before_finish(self, worker: WorkerRecord) -> None:
+        """Called before ``worker`` is told FINISH once this PS has ended (caller holds the lock).
+
+        Raises:
+            StaleSession: the worker must not hear FINISH from here (a cluster server that left the
+                cluster ends while the job goes on elsewhere: the worker joins another server).
+        """
+
     def wait_config(self, worker: WorkerRecord) -> dict[str, ConfigValue]:
         """What a WAIT answer to ``worker`` carries in its config map (caller holds the lock).
 

@@ -251,6 +251,7 @@ class ParameterServer:
             while True:
                 worker = core.registry.get(peer, worker_id)
                 if core.phase is Phase.FINISHED:
+                    self.engine.before_finish(worker)  # a cluster server that left sends the worker on instead
                     worker.finished = True
                     core.cond.notify_all()
                     return TaskInfo(TaskKind.FINISH, core.instance, message=core.failure or "job complete")
