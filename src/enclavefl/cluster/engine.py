@@ -34,7 +34,8 @@ lease over (after finishing a close it began), serves the round it has open
 to its end (its partial stays in the store for the leader), then answers each
 of its workers' next call with "unknown session": a worker with alternatives
 joins its next server. Once every worker has moved (or two heartbeats
-passed), the server ends without telling anyone FINISH. The last live server
+passed), the server ends; a worker that calls or joins it after that is sent
+on too, never told FINISH (the job goes on elsewhere). The last live server
 does not drain: it stops as a lone PS does.
 """
 
@@ -382,9 +383,16 @@ class ClusterEngine(SyncEngine):
             if left and now < self._handover_until:
                 return
             self.drained = True
-        core.request_stop()  # the job ends here: FINISH only to a worker that never called again
+        core.request_stop()  # its part ends here; a worker that calls again is sent on (before_finish)
         log.info("server %s: drained (%d workers did not call again); leaving", self.server_id, left,
                  extra={"event": "drained"})
+
+    def before_finish(self, worker: WorkerRecord) -> None:
+        if self.drained:
+            # The job goes on elsewhere: a worker that calls (or joins) after the handover is sent on, never
+            # told FINISH (it would end, and the rounds would wait for it).
+            self.core.registry.remove(worker.worker_id, state="left", reason="handed over: the server left")
+            raise StaleSession(f"server {self.server_id} has left the cluster: join another server")
 
     def task_for(self, worker: WorkerRecord) -> TaskInfo | None:
         if self._handover_until is not None:

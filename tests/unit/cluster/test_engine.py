@@ -17,6 +17,8 @@ from enclavefl.cluster.blobs import decode_model
 from enclavefl.cluster.engine import PAUSE_LEASE, ClusterEngine, cluster_engine
 from enclavefl.cluster.ledger import StoreAggregator
 from enclavefl.cluster.scheduler import Scheduler
+from enclavefl.errors import StaleSession
+from enclavefl.messages import TaskKind
 from enclavefl.server.aggregator import WeightedMean
 from enclavefl.server.ps import ParameterServer
 from enclavefl.tensors import ParamSet, StreamHeader
@@ -340,6 +342,14 @@ def test_a_drained_server_finishes_its_round_and_its_workers_move_to_the_others(
     assert {a.server for a in store.accepted(4, last.attempt).values()} == {"server-0", "server-1"}
     for ps in run.servers[:2]:
         assert ps.version == 4 and ps.params.equal(single.ps.params)
+    # A worker whose list still names the drained server, joining it late, is sent on, never told FINISH
+    # (it would end while the job goes on); at the job's end the others' workers hear FINISH.
+    late = peer("worker-late")
+    drained = run.servers[2].join(late, "worker-late", 10).worker_id
+    with pytest.raises(StaleSession, match="has left the cluster"):
+        run.servers[2].wait_task(late, drained, 0.1)
+    ended = run.servers[0].join(late, "worker-late", 10).worker_id
+    assert run.servers[0].wait_task(late, ended, 0.1).kind is TaskKind.FINISH
 
 
 def test_workers_move_to_the_server_the_cluster_assigns_them_and_no_round_fails(tmp_path: Path) -> None:
