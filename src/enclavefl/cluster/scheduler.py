@@ -145,10 +145,9 @@ class Scheduler:
         cluster = self.config.cluster
         self.store.put_config(yaml.safe_dump(self.config.to_dict()).encode())
         member = Member(self.scheduler_id, "scheduler", self.address)
-        self.store.register(member, cluster.member_ttl_s)
         log.info("scheduler %s: job %s in the store, %d rounds", self.scheduler_id, self.config.job.name,
                  self.config.job.rounds)
-        next_heartbeat = 0.0
+        next_heartbeat = 0.0  # the first heartbeat registers it (inside the loop: an outage there only pauses it)
         while not self._stop.is_set():
             try:
                 if time.monotonic() >= next_heartbeat:
@@ -251,7 +250,7 @@ class Scheduler:
         blob = self.store.config()
         if blob is not None and blob == self._config_blob:
             return
-        self._config_blob = blob
+        self._config_blob = blob  # None (an emptied store) is never skipped: the config is written again
         if blob is not None:
             with self._lock:
                 try:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from enclavefl.cluster import Member, MemoryStore, RoundPhase, RoundState, Session, StoreUnavailable
+from enclavefl.cluster import Member, MemoryStore, RedisSettings, RedisStore, RoundPhase, RoundState, Session, StoreUnavailable
 from enclavefl.cluster.engine import DRAIN_LEASE_PREFIX, PAUSE_LEASE
 from enclavefl.cluster.scheduler import ClusterHandle, Scheduler
 from enclavefl.errors import ConfigError
@@ -300,7 +300,9 @@ def test_a_setting_that_may_not_change_is_refused_and_the_store_keeps_the_job(tm
 def test_the_scheduler_writes_the_job_again_into_a_store_that_lost_it_and_says_so(
         tmp_path: Path, redis_without_aof: RedisServer) -> None:
     server = redis_without_aof
-    store = redis_store(server, job="emptied-config", retries=8)
+    # A 2 s socket timeout: a read in flight when Redis dies is retried soon, not after the default 30 s.
+    store = RedisStore(RedisSettings(port=server.port, retries=8, backoff_base_s=0.02, backoff_cap_s=0.2,
+                                     timeout_s=2.0), job="emptied-config")
     config = cluster_job(rounds=2, workers=2, cluster=FAST_LEASES)
     scheduler = Scheduler(config, store, out_dir=tmp_path / "scheduler")
     thread = threading.Thread(target=scheduler.run, daemon=True)
@@ -314,7 +316,7 @@ def test_the_scheduler_writes_the_job_again_into_a_store_that_lost_it_and_says_s
         # Execute: Redis restarts empty.
         server.kill()
         server.start()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 20
         while time.monotonic() < deadline and not any(
                 e.kind == "cluster" and e.data.get("event") == "store_emptied" for e in scheduler.events.read(0).events):
             time.sleep(0.02)
