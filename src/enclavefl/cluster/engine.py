@@ -676,8 +676,7 @@ class ClusterEngine(SyncEngine):
     def _open_next(self, lease: Lease, number: int, attempt: int) -> None:
         if self.core.ending:
             return  # stopped: the round open when the stop came was the last
-        self._sync_settings()  # the round opens with the operator's latest settings
-        cfg = self.config.round
+        cfg = self.config.round  # as of the last heartbeat; read again from the store just before opening
         if self.store.lease(PAUSE_LEASE) is not None:
             return  # paused by the operator: the open round (if any) ran on, no new one opens
         live = {m.member_id for m in self.store.members("server")}
@@ -692,6 +691,10 @@ class ClusterEngine(SyncEngine):
                 raise RoundError(f"round {number}: fewer than min_workers={cfg.min_workers} joined the cluster "
                                  f"({len(candidates)}) within {cfg.max_retries + 1} start windows")
             return
+        self._sync_settings()  # the round opens with the operator's latest settings
+        cfg = self.config.round
+        if len(candidates) < cfg.min_workers:
+            return  # an operator raised min_workers just now: the next tick waits for them
         self._waiting_since = None
         sampled = self.sampler().sample(candidates, number, attempt)
         with self.core.cond:

@@ -37,7 +37,7 @@ def after_version(store: Store, version: int, action: Callable[[], None], timeou
 
     def wait_then_act() -> None:
         deadline = time.monotonic() + timeout_s
-        while _published_or_none(store) < version and time.monotonic() < deadline:
+        while _reachable_version(store) < version and time.monotonic() < deadline:
             time.sleep(0.005)
         action()
 
@@ -46,13 +46,12 @@ def after_version(store: Store, version: int, action: Callable[[], None], timeou
     return thread
 
 
-def _published_or_none(store: Store) -> int:
-    """The store's current model version; -1 while it has none or cannot be reached (a Redis restarting)."""
+def _reachable_version(store: Store) -> int:
+    """:func:`_published`, or -1 while the store cannot be reached (a Redis restarting)."""
     try:
-        model = store.model()
+        return _published(store)
     except StoreUnavailable:
         return -1
-    return -1 if model is None else model.version
 
 
 def start_scheduler(scheduler: Scheduler) -> tuple[threading.Thread, list[str]]:
