@@ -198,6 +198,10 @@ class RedisStore(Store):
         except (r.ConnectionError, r.TimeoutError) as exc:
             raise StoreUnavailable(f"{where}: {what}: Redis is unreachable after {self._settings.retries} retries "
                                    f"({exc}); the store is paused until it returns") from exc
+        except r.NoScriptError as exc:
+            # Redis lost a script (it restarted) and the client's own reload did not cover this call (seen
+            # when Redis restarted under a running scheduler): a pause; the next call loads it again.
+            raise StoreUnavailable(f"{where}: {what}: Redis lost its scripts (it restarted): {exc}") from exc
         except r.RedisError as exc:
             raise StoreError(f"{where}: {what}: Redis answered an error: {exc}") from exc
         if self._down_since is not None:
