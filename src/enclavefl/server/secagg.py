@@ -273,12 +273,15 @@ class SecAggCoordinator:
             if current.stage == "advertise" and (current.sampled - current.dropped <= current.certificates.keys()
                                                  or now >= current.deadline):
                 current.roster = server.roster()
+                log.info("secagg round %d: keys of %d of %d workers advertised", server.tag.round,
+                         len(current.roster.adverts), len(current.sampled))
                 current.stage, current.deadline = "share", now + self._config.stage_timeout_s
                 self._cond.notify_all()
             if current.stage == "share" and current.roster is not None and (
                     {a.sender for a in current.roster.adverts} - current.dropped <= server.shared
                     or now >= current.deadline):
                 current.inboxes = server.inboxes()
+                log.info("secagg round %d: shares of %d workers relayed", server.tag.round, len(server.shared))
                 current.stage = "upload"
                 self._cond.notify_all()
         except RoundError as exc:
@@ -356,8 +359,14 @@ class SecAggCoordinator:
         order = ("advertise", "share", "upload", "unmask", "done")
         reached = order.index(current.stage)
         if call.stage == "advertise" and reached >= 1 and current.roster is not None:
+            # Only its neighbours' certificates: the worker checks no other signature, and with n
+            # workers of ~11 KB RA-TLS certificates each, all of them made every answer O(n).
+            try:
+                neighbours = current.server.neighbours(call.worker_id)
+            except KeyError:
+                neighbours = ()  # not in the roster (its advert was refused): the worker refuses the roster
             return SecAggAnswer("ready", roster=current.roster.adverts,
-                                certificates={a.sender: current.certificates[a.sender] for a in current.roster.adverts})
+                                certificates={v: current.certificates[v] for v in neighbours})
         if call.stage == "share" and reached >= 2:
             if call.worker_id not in current.inboxes:
                 raise RoundError(f"round {call.round}: worker {call.worker_id}'s shares did not reach the PS in time")

@@ -44,13 +44,15 @@ def _count(items: Sized, what: str) -> None:
         raise ProtocolError(f"SecAggExchange: {n} {what}, at most {MAX_PEERS}")
 
 
-def _advert_from_proto(a: pb.SecAggAdvert) -> tuple[KeyAdvert, bytes]:
+def _advert_from_proto(a: pb.SecAggAdvert, *, certificate_required: bool) -> tuple[KeyAdvert, bytes]:
+    """An advert and its certificate; in a roster the certificate may be absent (b"") for a non-neighbour."""
     if len(a.enc_public) != KEY_BYTES or len(a.mask_public) != KEY_BYTES:
         raise ProtocolError(f"SecAggExchange: advertised keys are {KEY_BYTES} bytes, got "
                             f"{len(a.enc_public)} and {len(a.mask_public)}")
-    if not 0 < len(a.signature) <= MAX_SIGNATURE_BYTES or not 0 < len(a.certificate) <= MAX_CERT_BYTES:
+    least = 1 if certificate_required else 0
+    if not 0 < len(a.signature) <= MAX_SIGNATURE_BYTES or not least <= len(a.certificate) <= MAX_CERT_BYTES:
         raise ProtocolError(f"SecAggExchange: a signature of 1..{MAX_SIGNATURE_BYTES} bytes and a certificate of "
-                            f"1..{MAX_CERT_BYTES} bytes, got {len(a.signature)} and {len(a.certificate)}")
+                            f"{least}..{MAX_CERT_BYTES} bytes, got {len(a.signature)} and {len(a.certificate)}")
     return KeyAdvert(_id(a.sender, "advert sender"), bytes(a.enc_public), bytes(a.mask_public),
                      bytes(a.signature)), bytes(a.certificate)
 
@@ -90,7 +92,7 @@ def call_from_proto(request: pb.SecAggRequest) -> SecAggCall:
     _count(request.shares, "shares")
     advert, certificate = (None, b"")
     if request.HasField("advert") and not request.poll:
-        advert, certificate = _advert_from_proto(request.advert)
+        advert, certificate = _advert_from_proto(request.advert, certificate_required=True)
     reply = None
     if request.stage == "unmask" and not request.poll:
         reply = UnmaskReply(worker_id, _share_values(request.seed_shares, "seed shares"),
@@ -140,10 +142,10 @@ def answer_from_proto(reply: pb.SecAggReply, call: SecAggCall) -> SecAggAnswer:
     for items, what in ((reply.roster, "roster entries"), (reply.inbox, "shares"), (reply.survivors, "survivors"),
                         (reply.dropped, "dropped workers")):
         _count(items, what)
-    roster = [_advert_from_proto(a) for a in reply.roster]
+    roster = [_advert_from_proto(a, certificate_required=False) for a in reply.roster]
     request = None
     if call.stage == "ready":
         request = UnmaskRequest(RoundTag(call.round, call.nonce), tuple(_id(u, "survivor") for u in reply.survivors),
                                 tuple(_id(u, "dropped worker") for u in reply.dropped))
-    return SecAggAnswer("ready", roster=tuple(a for a, _ in roster), certificates={a.sender: c for a, c in roster},
+    return SecAggAnswer("ready", roster=tuple(a for a, _ in roster), certificates={a.sender: c for a, c in roster if c},
                         inbox=tuple(_share_from_proto(s) for s in reply.inbox), request=request)

@@ -142,11 +142,12 @@ class SecAggRound:
         advert: KeyAdvert = self._client.advertise()
         answer = self._call("advertise", limit, advert=advert, certificate=self._own_certificate)
         self._certificates = dict(answer.certificates)
-        packets = self._refusing("share", lambda: self._client.share(Roster(self._tag, answer.roster)))
+        roster = Roster(self._tag, answer.roster)
+        packets = self._refusing("share", lambda: self._client.share(roster))
         answer = self._call("share", limit, shares=tuple(packets))
         self._inbox = answer.inbox
         log.info("worker %s round %d: secure aggregation keys exchanged with %d workers, %d shares received",
-                 self._name, self._tag.round, len(self._certificates), len(answer.inbox))
+                 self._name, self._tag.round, len(roster.adverts), len(answer.inbox))
         if _crash_requested(self._name, self._tag.round):
             log.warning("worker %s round %d: TEST HOOK %s: killing this process after the share stage",
                         self._name, self._tag.round, CRASH_AFTER_SHARE_ENV)

@@ -18,8 +18,19 @@ import pytest
 from enclavefl.config import JobConfig, parse_job
 from enclavefl.errors import ConfigError, ProtocolError, RoundError, UpdateRejected
 from enclavefl.messages import TaskInfo, TaskKind
-from enclavefl.privacy.secagg.messages import KeyAdvert
-from enclavefl.privacy.secagg.stages import MASKED_TENSOR, SecAggCall, flatten_update, masked_template
+from enclavefl.privacy.secagg.client import SecAggClient
+from enclavefl.privacy.secagg.graph import neighbours_of
+from enclavefl.privacy.secagg.identity import verify_with_certificate
+from enclavefl.privacy.secagg.messages import KeyAdvert, Roster
+from enclavefl.privacy.secagg.params import graph_seed
+from enclavefl.privacy.secagg.stages import (
+    MASKED_TENSOR,
+    SecAggCall,
+    flatten_update,
+    masked_template,
+    params_from_task,
+    tag_from_task,
+)
 from enclavefl.server.ps import ParameterServer
 from enclavefl.server.secagg import ModularSum
 from enclavefl.server.strategy import build_strategy
@@ -299,3 +310,36 @@ def test_what_the_ps_receives_from_one_worker_is_uniform_and_uncorrelated_with_i
     assert float(np.sum((counts - 4000.0) ** 2 / 4000.0)) < 37.7
     # |r| < 4 / sqrt(64000) ~ 0.016: four standard errors.
     assert abs(np.corrcoef(words.astype(np.float64), ramp)[0, 1]) < 0.016
+
+
+def test_the_roster_answer_carries_every_advert_but_only_the_askers_neighbours_certificates(tmp_path: Path) -> None:
+    # 24 workers: 3 log2 n rounds to 14 neighbours, so the graph is not complete.
+    n = 24
+    ps, who, task, ids = _opened_round(tmp_path, n)
+    try:
+        found = params_from_task(task.config)
+        assert found is not None
+        params, tag = found[0], tag_from_task(task.round, task.config)
+        k = params.degree(n)
+        assert k < n - 1
+        received: dict[str, bytes] = {}
+
+        def verify(sender: str, payload: bytes, signature: bytes) -> bool:
+            return sender in received and verify_with_certificate(received[sender], payload, signature)
+
+        clients = [SecAggClient(ids[i], tag, params, lambda p, i=i: who[i].sign(p)[1], verify) for i in range(n)]
+        for i, client in enumerate(clients):
+            ps.secagg_exchange(who[i].peer, SecAggCall(ids[i], task.round, tag.nonce, "advertise",
+                                                       advert=client.advertise(), certificate=who[i].certificate,
+                                                       max_wait_s=0))
+        answer = ps.secagg_exchange(who[0].peer, SecAggCall(ids[0], task.round, tag.nonce, "advertise", poll=True,
+                                                            max_wait_s=5))
+        assert answer.status == "ready" and len(answer.roster) == n
+        mine = neighbours_of(sorted(ids), k, graph_seed(tag, answer.roster), ids[0])
+        assert set(answer.certificates) == set(mine)
+        assert all(answer.certificates[v] == who[ids.index(v)].certificate for v in mine)
+        # An honest worker checks exactly these signatures, so the answer is enough for it to share.
+        received.update(answer.certificates)
+        assert len(clients[0].share(Roster(tag, answer.roster))) == k
+    finally:
+        ps.stop()

@@ -20,7 +20,7 @@ from enclavefl.errors import ProtocolError
 from enclavefl.privacy.secagg.client import SecAggClient
 from enclavefl.privacy.secagg.messages import KeyAdvert, Roster, RoundTag, ShareCiphertext, advert_payload
 from enclavefl.privacy.secagg.params import SecAggParams
-from enclavefl.privacy.secagg.stages import SecAggCall
+from enclavefl.privacy.secagg.stages import SecAggAnswer, SecAggCall
 from enclavefl.proto import PROTOCOL_VERSION
 from enclavefl.proto import federation_pb2 as pb
 from enclavefl.proto import federation_pb2_grpc as pb_grpc
@@ -28,7 +28,7 @@ from enclavefl.server.ps import ParameterServer
 from enclavefl.tensors import ParamSet
 from enclavefl.transport.attested import AttestedCredentials
 from enclavefl.transport.audit import AuditLog
-from enclavefl.transport.secagg_wire import answer_from_proto, call_from_proto, call_to_proto
+from enclavefl.transport.secagg_wire import answer_from_proto, answer_to_proto, call_from_proto, call_to_proto
 from enclavefl.transport.service import SESSION_METADATA_KEY, FederationServer
 from enclavefl.worker import Worker, WorkerSettings
 from enclavefl.worker.runtime import grpc_client_factory
@@ -200,3 +200,15 @@ def test_wire_refuses_a_sealed_share_of_the_wrong_size_and_unknown_stages() -> N
     short = pb.SecAggRequest(protocol_version=PROTOCOL_VERSION, worker_id="w0", nonce=b"\x01", stage="ready")
     with pytest.raises(ProtocolError, match="nonce is 16 bytes, got 1"):
         call_from_proto(short)
+
+
+def test_a_roster_answer_may_leave_out_certificates_but_a_key_advert_may_not() -> None:
+    call = SecAggCall("w0", 1, b"\x01" * 16, "advertise", poll=True)
+    adverts = [KeyAdvert(f"w{i}", bytes([i + 1]) * 32, bytes([i + 2]) * 32, b"sig") for i in range(3)]
+    answer = SecAggAnswer("ready", roster=tuple(adverts), certificates={"w1": b"cert-of-w1"})
+    decoded = answer_from_proto(answer_to_proto(answer), call)
+    assert decoded.roster == tuple(adverts)
+    assert decoded.certificates == {"w1": b"cert-of-w1"}  # no empty entry for the others
+    advert = SecAggCall("w0", 1, b"\x01" * 16, "advertise", advert=adverts[0], certificate=b"")
+    with pytest.raises(ProtocolError, match="a certificate of 1..131072 bytes, got 3 and 0"):
+        call_from_proto(call_to_proto(advert))

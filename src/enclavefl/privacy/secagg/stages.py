@@ -93,7 +93,8 @@ class SecAggAnswer:
     status: Literal["ready", "pending"]
     roster: tuple[KeyAdvert, ...] = ()
     certificates: Mapping[str, bytes] = field(default_factory=dict)
-    """advertise: each advertiser's certificate, so workers can check each other's signatures."""
+    """advertise: the certificates of the asking worker's neighbours, the only signatures it checks
+    (Bell et al.: O(k) per worker, not O(n); every advert still travels, for the graph seed)."""
     inbox: tuple[ShareCiphertext, ...] = ()
     request: UnmaskRequest | None = None
 
