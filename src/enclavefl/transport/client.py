@@ -14,6 +14,7 @@ import logging
 from collections.abc import Iterator, Mapping
 
 import grpc
+from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
 
 from enclavefl.bufferpool import BufferPool
 from enclavefl.errors import ClosedError, ConfigError, EnclaveFLError, ProtocolError, Unavailable
@@ -91,7 +92,7 @@ class FederationClient:
         )
         self._chunk_bytes = chunk_bytes
         self._limits = limits
-        self._trusted: dict[bytes, bool] = {}
+        self._trusted: dict[bytes, EllipticCurvePublicKey | None] = {}  # certificate -> its key if trusted
         # The last download's buffer, reused when the worker no longer views that model (no page faults).
         self._download_buffers = BufferPool(1)
         self._closed = False
@@ -306,17 +307,18 @@ class FederationClient:
     def verify_for_secagg(self, certificate: bytes, payload: bytes, signature: bytes) -> bool:
         """Whether a peer's certificate is trusted here and its key signed ``payload``.
 
-        A certificate's verdict is kept for this channel's life (it names the key; the
-        signature is checked every time).
+        A certificate's verdict, and its key, are kept for this channel's life (the
+        certificate names the key; the signature is checked every time).
         """
-        from enclavefl.privacy.secagg.identity import verify_with_certificate
+        from enclavefl.privacy.secagg.identity import certificate_key, verify_with_key
 
-        trusted = self._trusted.get(certificate)
-        if trusted is None:
-            trusted = self._credentials.check_secagg_certificate(certificate)
+        if certificate in self._trusted:
+            key = self._trusted[certificate]
+        else:
+            key = certificate_key(certificate) if self._credentials.check_secagg_certificate(certificate) else None
             if len(self._trusted) < 4096:
-                self._trusted[certificate] = trusted
-        return trusted and verify_with_certificate(certificate, payload, signature)
+                self._trusted[certificate] = key
+        return key is not None and verify_with_key(key, payload, signature)
 
     def record_secagg_refusal(self, stage: str, reason: str) -> None:
         """Audits a secure-aggregation message this worker refused (attested credentials keep an audit log)."""
