@@ -36,8 +36,15 @@ certificates), the same ``--params`` and no training, plain then secure::
 
     mode=processes workers=100 params=1000000 plain_s=... secagg_s=... ratio=...
 
+and then each round's seconds (rounds 2..R)::
+
+    mode=processes-per-round plain_s=2.04,1.98,... secagg_s=5.29,4.81,...
+
 On two cores the N processes take turns, so every worker's secure-aggregation
-work adds to the round as in the in-process simulation.
+work adds to the round as in the in-process simulation. A worker checks each
+neighbour's RA-TLS certificate once per job and the neighbours change every
+round, so the first rounds carry most of those checks: give ``--rounds 12`` or
+more to see the rounds after them.
 
 For scale: the peer framework's SecAgg+ takes 21.65 s per round against 1.91 s
 for its plain round with 100 clients x 1M parameters in its simulation runtime
@@ -223,8 +230,8 @@ def per_node(workers: int, params: int) -> tuple[float, float, float]:
     return statistics.median(spent.values()), time.thread_time() - start, ps_spent
 
 
-def real(workers: int, params: int, rounds: int, secagg: bool) -> float:
-    """Median seconds per round (rounds 2..R) of ``enclavefl run`` with ``workers`` processes.
+def real(workers: int, params: int, rounds: int, secagg: bool) -> list[float]:
+    """Seconds of each round after the first of ``enclavefl run`` with ``workers`` processes.
 
     The task is round_overhead.py's noise task (an MLP of exactly ``params`` float32
     values, no training); attestation is simulated, so every certificate a worker
@@ -246,7 +253,11 @@ def real(workers: int, params: int, rounds: int, secagg: bool) -> float:
                        check=True, capture_output=True, timeout=3600, env=env)
         rows = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
     times = [float(r["time"]) for r in rows]
-    return statistics.median(b - a for a, b in zip(times, times[1:]))
+    return [b - a for a, b in zip(times, times[1:])]
+
+
+def _seconds(values: list[float]) -> str:
+    return ",".join(f"{v:.2f}" for v in values)
 
 
 def main() -> None:
@@ -265,10 +276,13 @@ def main() -> None:
     print(f"mode=per-node workers={args.workers} params={args.params} worker_secagg_s={worker_s:.3f} "
           f"ps_plain_fold_s={plain_fold_s:.3f} ps_secagg_s={ps_s:.3f}", flush=True)
     if args.real:
-        plain = real(args.real, args.params, args.rounds, secagg=False)
-        secure = real(args.real, args.params, args.rounds, secagg=True)
+        plain_rounds = real(args.real, args.params, args.rounds, secagg=False)
+        secure_rounds = real(args.real, args.params, args.rounds, secagg=True)
+        plain, secure = statistics.median(plain_rounds), statistics.median(secure_rounds)
         print(f"mode=processes workers={args.real} params={args.params} plain_s={plain:.2f} secagg_s={secure:.2f} "
               f"ratio={secure / plain:.2f}", flush=True)
+        print(f"mode=processes-per-round plain_s={_seconds(plain_rounds)} secagg_s={_seconds(secure_rounds)}",
+              flush=True)
 
 
 if __name__ == "__main__":
