@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import grpc
-from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
 
 from enclavefl.bufferpool import BufferPool
 from enclavefl.errors import ClosedError, ConfigError, EnclaveFLError, ProtocolError, Unavailable
@@ -42,6 +42,9 @@ from enclavefl.transport.wire import (
 )
 
 __all__ = ["FederationClient", "PushResult"]
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
 
 log = logging.getLogger(__name__)
 
