@@ -102,7 +102,7 @@ def run_cluster(args: argparse.Namespace, overrides: list[str]) -> int:
     audit_args = ["--audit-file", str(run_dir / "audit.jsonl")]
     python = [sys.executable, "-m", "enclavefl"] + (["--debug"] if args.debug else [])
     watch_args = ["--parent-pid", str(os.getpid())]
-    redis = RedisProcess(run_dir / "redis")
+    redis = RedisProcess(run_dir / "redis", stop_with_parent=True)  # even a SIGKILLed run leaves none behind
     children = Children(run_dir)
     started = time.monotonic()
     rows: list[dict[str, Any]] = []

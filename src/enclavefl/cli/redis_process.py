@@ -7,14 +7,23 @@ update on disk, so even a crash of Redis loses no acknowledged update (at the
 cost of one fsync per accept; ``everysec`` would lose up to a second). A
 deployment runs Redis on its own (with TLS and an ACL user, docs/cluster.md);
 this is the one-host development path.
+
+Started with ``stop_with_parent``, redis-server gets SIGTERM from the kernel
+when the thread that started it ends (Linux ``PR_SET_PDEATHSIG``), so a
+``run`` killed with SIGKILL leaves no server holding its port and files.
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
@@ -23,6 +32,27 @@ from enclavefl.errors import ConfigError, Unavailable
 __all__ = ["RedisProcess"]
 
 START_TIMEOUT_S: Final = 15.0
+_PR_SET_PDEATHSIG: Final = 1
+
+
+def _terminate_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` asking the kernel to SIGTERM the child when its parent thread ends; None off Linux.
+
+    The C library is loaded here, before the fork, so the child only makes one
+    system call between fork and exec. A parent that died before the request
+    was made is caught by comparing the parent pid.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def arm() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
 
 
 def _free_port() -> int:
@@ -40,10 +70,23 @@ class RedisProcess:
         Unavailable: it exited or did not answer PING within START_TIMEOUT_S.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, stop_with_parent: bool = False) -> None:
+        """A server keeping its files in ``directory``, not started yet.
+
+        Args:
+            stop_with_parent: the kernel stops redis-server when the thread that calls
+                :meth:`start` ends, even by SIGKILL (Linux); start it from a thread that
+                lives as long as Redis should, as ``run``'s main thread does.
+        """
         self.directory = directory
         self.port = 0
+        self._stop_with_parent = stop_with_parent
         self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """redis-server's process id while it was started and not stopped here."""
+        return None if self._proc is None else self._proc.pid
 
     @property
     def url(self) -> str:
@@ -62,7 +105,8 @@ class RedisProcess:
                 "--dir", str(self.directory), "--save", "", "--appendonly", "yes", "--appendfsync", "always",
                 "--logfile", str(log_path)]
         self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL, start_new_session=True)
+                                      stderr=subprocess.DEVNULL, start_new_session=True,
+                                      preexec_fn=_terminate_with_parent() if self._stop_with_parent else None)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:

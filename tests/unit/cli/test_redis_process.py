@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -38,3 +43,40 @@ def test_a_restarted_redis_keeps_its_port_and_answers(tmp_path: Path) -> None:
 
     # Assert
     assert redis.port == port and answer.startswith(b"+PONG")
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie that nobody reaped yet has ended)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None or not sys.platform.startswith("linux"),
+                    reason="needs redis-server on PATH and Linux's parent-death signal")
+def test_a_redis_started_to_stop_with_its_parent_ends_when_the_parent_is_sigkilled(tmp_path: Path) -> None:
+    # Prepare: a parent process that starts Redis and then waits (as `enclavefl run --servers` does).
+    starter = ("import sys, time; from pathlib import Path; from enclavefl.cli.redis_process import RedisProcess; "
+               "r = RedisProcess(Path(sys.argv[1]), stop_with_parent=True); r.start(); print(r.pid, flush=True); "
+               "time.sleep(120)")
+    parent = subprocess.Popen([sys.executable, "-c", starter, str(tmp_path / "redis")], stdout=subprocess.PIPE)
+    assert parent.stdout is not None
+    pid = int(parent.stdout.readline())
+    try:
+        assert _alive(pid)
+
+        # Execute
+        parent.kill()
+        parent.wait(10)
+
+        # Assert: the kernel told redis-server to stop, and it did.
+        deadline = time.monotonic() + 10
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(pid)
+    finally:
+        parent.stdout.close()
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
