@@ -78,7 +78,7 @@ class RedisProcess:
                 :meth:`start` ends, even by SIGKILL (Linux); start it from a thread that
                 lives as long as Redis should, as ``run``'s main thread does.
         """
-        self.directory = directory
+        self.directory = directory.absolute()  # redis-server changes into it before opening its log file
         self.port = 0
         self._stop_with_parent = stop_with_parent
         self._proc: subprocess.Popen[bytes] | None = None

@@ -80,3 +80,16 @@ def test_a_redis_started_to_stop_with_its_parent_ends_when_the_parent_is_sigkill
         parent.stdout.close()
         if _alive(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not on PATH")
+def test_a_relative_directory_works(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `enclavefl run job.yaml --servers 2 --out myrun` hands it a relative path; redis-server changes into
+    # its --dir before it opens its log file, so the paths it is given must not be relative.
+    monkeypatch.chdir(tmp_path)
+    redis = RedisProcess(Path("myrun") / "redis")
+    try:
+        redis.start()
+    finally:
+        redis.stop()
+    assert (tmp_path / "myrun" / "redis" / "redis.log").exists()
