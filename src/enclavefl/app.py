@@ -164,13 +164,14 @@ def serve(ps: ParameterServer, credentials: Credentials, *,
         TransportError: the address cannot be bound (in use, or not on this host), the
             management API's included.
     """
-    from enclavefl.transport.service import FederationServer
+    from enclavefl.transport.service import FederationServer, handler_threads
 
     config = ps.config
     # The management plane shows the PS's own identity and hears every trust decision from here on.
     ps.handle().connect_credentials(credentials)
     server = FederationServer.start(ps, credentials, listen=config.transport.listen,
                                     chunk_bytes=config.transport.chunk_bytes,
+                                    max_threads=handler_threads(config.job.workers),
                                     max_downloads=config.server.max_concurrent_downloads,
                                     job_settings=job_digests(config, StreamHeader.of(ps.params)))
     api: ManagementServer | None = None

@@ -66,7 +66,8 @@ from enclavefl.transport.wire import (
     update_meta_from_proto,
 )
 
-__all__ = ["SERVICE_NAME", "SESSION_METADATA_KEY", "FederationServer", "message_limit", "method_handlers"]
+__all__ = ["SERVICE_NAME", "SESSION_METADATA_KEY", "FederationServer", "handler_threads", "message_limit",
+           "method_handlers"]
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,16 @@ def message_limit(chunk_bytes: int) -> int:
     extensions, so the limit never drops below that even with small chunks.
     """
     return max(chunk_bytes, MAX_EXTENSIONS_TOTAL_BYTES) + 1024 * 1024
+
+
+def handler_threads(workers: int) -> int:
+    """Handler threads for a PS of ``workers`` workers: each may hold a long poll and a heartbeat at once.
+
+    A call holds its thread while it waits, and a secure-aggregation stage answers
+    only once every worker posted: with fewer threads than waiting workers the last
+    posts queue behind the waits until those time out, seconds per stage.
+    """
+    return 2 * max(workers, 1) + 16
 
 
 MAX_DETAILS_CHARS: Final = 400

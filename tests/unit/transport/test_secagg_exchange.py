@@ -29,9 +29,10 @@ from enclavefl.tensors import ParamSet
 from enclavefl.transport.attested import AttestedCredentials
 from enclavefl.transport.audit import AuditLog
 from enclavefl.transport.secagg_wire import answer_from_proto, answer_to_proto, call_from_proto, call_to_proto
-from enclavefl.transport.service import SESSION_METADATA_KEY, FederationServer
+from enclavefl.transport.service import SESSION_METADATA_KEY, FederationServer, handler_threads
 from enclavefl.worker import Worker, WorkerSettings
 from enclavefl.worker.runtime import grpc_client_factory
+from enclavefl.worker.secagg import POLL_S
 from tests.unit.transport.attested_server import CHUNK, RunningPs, Sim, challenge, join, make_sim, wait_task
 from tests.unit.worker.federation import AddTrainer
 
@@ -41,16 +42,16 @@ def sim(tmp_path_factory: pytest.TempPathFactory) -> Sim:
     return make_sim(tmp_path_factory.mktemp("sim"))
 
 
-def start_secagg_ps(tmp: Path, sim: Sim, workers: int = 3) -> RunningPs:
+def start_secagg_ps(tmp: Path, sim: Sim, workers: int = 3, *, rounds: int = 1, threads: int = 16) -> RunningPs:
     config = parse_job({
-        "job": {"name": "sa", "rounds": 1, "workers": workers},
+        "job": {"name": "sa", "rounds": rounds, "workers": workers},
         "round": {"min_workers": workers, "start_window_s": 20, "update_window_s": 20},
         "privacy": {"secure_aggregation": {"enabled": True, "rounding": "deterministic", "stage_timeout_s": 10}},
     })
     ps = ParameterServer(config, ParamSet([("w", np.zeros(4, np.float32))]), out_dir=tmp)
     audit_path = tmp / "ps-audit.jsonl"
     creds = AttestedCredentials.create(sim.provider, sim.policy, node="ps", role="ps", audit=AuditLog(audit_path))
-    server = FederationServer.start(ps, creds, listen="127.0.0.1:0", chunk_bytes=CHUNK, max_threads=16)
+    server = FederationServer.start(ps, creds, listen="127.0.0.1:0", chunk_bytes=CHUNK, max_threads=threads)
     return RunningPs(ps, server, creds, audit_path)
 
 
@@ -75,6 +76,33 @@ def test_three_attested_workers_complete_a_secure_round_over_grpc(tmp_path: Path
         running.server.stop(0.1)
     assert [w.rounds_done for w in workers] == [1, 1, 1]
     np.testing.assert_allclose(running.ps.params["w"], 0.5, atol=8.0 / 32767)
+
+
+def test_a_ps_with_the_handler_threads_its_workers_need_never_lets_a_stage_wait_out_a_poll(
+        tmp_path: Path, sim: Sim) -> None:
+    # A stage call holds a handler thread until every worker posted: with a fixed pool smaller than the
+    # job (128 threads, any job.workers up to 1024) the last posts queued behind the waits until those
+    # timed out, one poll each (24 workers on 16 threads: 10.5 s a round instead of 0.5 s).
+    workers = 24
+    running = start_secagg_ps(tmp_path, sim, workers, rounds=2, threads=handler_threads(workers))
+    clients = [
+        Worker(grpc_client_factory(running.target, AttestedCredentials.create(
+                   sim.provider, sim.policy, node=f"w{i}", role="worker", audit=AuditLog(tmp_path / f"w{i}.jsonl")),
+                   chunk_bytes=CHUNK),
+               AddTrainer(1.0, 1), WorkerSettings(name=f"w{i}", poll_s=0.2))
+        for i in range(workers)
+    ]
+    threads = [threading.Thread(target=w.run, daemon=True) for w in clients]
+    try:
+        for t in threads:
+            t.start()
+        running.ps.run()
+    finally:
+        running.ps.stop()
+        running.server.stop(0.1)
+    times = [float(row["time"]) for row in running.ps.metrics.history]
+    assert [row["secagg_survivors"] for row in running.ps.metrics.history] == [workers, workers]
+    assert times[1] - times[0] < POLL_S  # the second round waited out no stage poll
 
 
 def _joined(running: RunningPs, sim: Sim, channels: list[grpc.Channel]) -> list[tuple[pb.JoinReply, RatlsIdentity]]:
