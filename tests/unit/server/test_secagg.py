@@ -21,7 +21,7 @@ from enclavefl.messages import TaskInfo, TaskKind
 from enclavefl.privacy.secagg.client import SecAggClient
 from enclavefl.privacy.secagg.graph import neighbours_of
 from enclavefl.privacy.secagg.identity import verify_with_certificate
-from enclavefl.privacy.secagg.messages import KeyAdvert, Roster
+from enclavefl.privacy.secagg.messages import KeyAdvert, Roster, RoundTag
 from enclavefl.privacy.secagg.params import graph_seed
 from enclavefl.privacy.secagg.stages import (
     MASKED_TENSOR,
@@ -32,7 +32,7 @@ from enclavefl.privacy.secagg.stages import (
     tag_from_task,
 )
 from enclavefl.server.ps import ParameterServer
-from enclavefl.server.secagg import ModularSum
+from enclavefl.server.secagg import ModularSum, SecAggCoordinator
 from enclavefl.server.strategy import build_strategy
 from enclavefl.simulation.identity import SimulatedIdentity
 from enclavefl.tensors import ParamSet, StreamHeader
@@ -343,3 +343,25 @@ def test_the_roster_answer_carries_every_advert_but_only_the_askers_neighbours_c
         assert len(clients[0].share(Roster(tag, answer.roster))) == k
     finally:
         ps.stop()
+
+
+def test_an_advert_replayed_into_the_next_attempt_is_refused_though_its_key_is_known() -> None:
+    # The PS keeps each certificate's key after its first check: the signature is still checked every time.
+    config = secagg_job(workers=3).privacy.secure_aggregation
+    coordinator = SecAggCoordinator(config, StreamHeader.of(INITIAL), equal_weights=False)
+    who = SimulatedIdentity(0)
+    ids = frozenset({"w0", "w1", "w2"})
+    task = coordinator.open(1, 0, ids)
+    first = bytes.fromhex(str(task["secagg.nonce"]))
+    found = params_from_task(task)
+    assert found is not None
+    params = found[0]
+    client = SecAggClient("w0", RoundTag(1, first), params, lambda p: who.sign(p)[1], lambda *_: False)
+    advert = client.advertise()
+    coordinator.exchange(who.peer, SecAggCall("w0", 1, first, "advertise", advert=advert,
+                                              certificate=who.certificate, max_wait_s=0))
+
+    second = bytes.fromhex(str(coordinator.open(1, 1, ids)["secagg.nonce"]))
+    replay = SecAggCall("w0", 1, second, "advertise", advert=advert, certificate=who.certificate, max_wait_s=0)
+    with pytest.raises(ProtocolError, match="not signed by its attested key"):
+        coordinator.exchange(who.peer, replay)
