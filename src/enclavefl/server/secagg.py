@@ -32,12 +32,11 @@ from dataclasses import dataclass, field
 from typing import final
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
 
 from enclavefl.config import SecureAggregationConfig
 from enclavefl.errors import ProtocolError, RoundError, UpdateRejected
 from enclavefl.messages import ConfigValue, PeerIdentity, UpdateKind
-from enclavefl.privacy.secagg.identity import certificate_fingerprint, certificate_key, verify_with_key
+from enclavefl.privacy.secagg.identity import KnownKeys, certificate_fingerprint
 from enclavefl.privacy.secagg.messages import Roster, RoundTag, ShareCiphertext, UnmaskRequest
 from enclavefl.privacy.secagg.params import SecAggParams
 from enclavefl.privacy.secagg.server import SecAggServer
@@ -58,10 +57,6 @@ log = logging.getLogger(__name__)
 
 MAX_POLL_S = 30.0
 """The longest one stage call waits before answering ``pending``."""
-
-_MAX_KEPT_KEYS = 4096
-"""Certificates whose keys are kept (job.workers is at most 1024; a worker that rejoins brings a new one)."""
-
 
 def params_of(config: SecureAggregationConfig) -> SecAggParams:
     """The protocol's parameters from the job's ``privacy.secure_aggregation`` section."""
@@ -170,7 +165,7 @@ class SecAggCoordinator:
         self._cond = threading.Condition()
         self._attempt: _Attempt | None = None
         self._last: dict[str, int] = {}
-        self._keys: dict[bytes, EllipticCurvePublicKey | None] = {}  # certificate -> its EC key, parsed once
+        self._keys = KnownKeys()  # a worker signs with the certificate bound at its join: parsed once per job
 
     @property
     def task_config(self) -> Mapping[str, ConfigValue]:
@@ -268,15 +263,7 @@ class SecAggCoordinator:
     def _verify(self, sender: str, payload: bytes, signature: bytes) -> bool:
         current = self._attempt  # called with the lock held, from receive_advert
         cert = current.certificates.get(sender) if current is not None else None
-        if cert is None:
-            return False
-        if cert in self._keys:
-            key = self._keys[cert]
-        else:  # a worker signs with the certificate bound at its join: parse it once per job, not per round
-            key = certificate_key(cert)
-            if len(self._keys) < _MAX_KEPT_KEYS:
-                self._keys[cert] = key
-        return key is not None and verify_with_key(key, payload, signature)
+        return cert is not None and self._keys.verify(cert, payload, signature)
 
     def _advance(self, current: _Attempt) -> None:
         """Closes the open key stage if everyone posted or its window passed (lock held)."""

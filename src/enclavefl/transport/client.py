@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING
 
 import grpc
 
@@ -27,6 +26,7 @@ from enclavefl.transport.framing import DataChunk, chunk_decoder, chunk_payload,
 from enclavefl.transport.credentials import Credentials
 from enclavefl.messages import JoinInfo, PushResult, TaskInfo, UpdateKind, UpdateMeta, WorkerClient
 from enclavefl.transport.ratelimit import RATE_LIMITED
+from enclavefl.privacy.secagg.identity import KnownKeys
 from enclavefl.privacy.secagg.stages import SecAggAnswer, SecAggCall
 from enclavefl.transport.audit import AuditRecord
 from enclavefl.transport.secagg_wire import answer_from_proto, call_to_proto
@@ -42,9 +42,6 @@ from enclavefl.transport.wire import (
 )
 
 __all__ = ["FederationClient", "PushResult"]
-
-if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +92,7 @@ class FederationClient:
         )
         self._chunk_bytes = chunk_bytes
         self._limits = limits
-        self._trusted: dict[bytes, EllipticCurvePublicKey | None] = {}  # certificate -> its key if trusted
+        self._peer_keys = KnownKeys(credentials.check_secagg_certificate)
         # The last download's buffer, reused when the worker no longer views that model (no page faults).
         self._download_buffers = BufferPool(1)
         self._closed = False
@@ -313,15 +310,7 @@ class FederationClient:
         A certificate's verdict, and its key, are kept for this channel's life (the
         certificate names the key; the signature is checked every time).
         """
-        from enclavefl.privacy.secagg.identity import certificate_key, verify_with_key
-
-        if certificate in self._trusted:
-            key = self._trusted[certificate]
-        else:
-            key = certificate_key(certificate) if self._credentials.check_secagg_certificate(certificate) else None
-            if len(self._trusted) < 4096:
-                self._trusted[certificate] = key
-        return key is not None and verify_with_key(key, payload, signature)
+        return self._peer_keys.verify(certificate, payload, signature)
 
     def record_secagg_refusal(self, stage: str, reason: str) -> None:
         """Audits a secure-aggregation message this worker refused (attested credentials keep an audit log)."""

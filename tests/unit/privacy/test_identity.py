@@ -9,7 +9,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509.oid import NameOID
 
-from enclavefl.privacy.secagg.identity import certificate_key, verify_with_certificate, verify_with_key
+from enclavefl.privacy.secagg.identity import KnownKeys, certificate_key, verify_with_certificate, verify_with_key
 from enclavefl.simulation.identity import SimulatedIdentity
 
 
@@ -35,3 +35,21 @@ def test_a_malformed_certificate_or_a_key_that_is_not_ec_has_no_key() -> None:
     pem = cert.public_bytes(serialization.Encoding.PEM)
     assert certificate_key(pem) is None
     assert not verify_with_certificate(pem, b"x", key.sign(b"x"))
+
+
+def test_known_keys_decide_a_certificate_once_and_check_every_signature() -> None:
+    who, other = SimulatedIdentity(0), SimulatedIdentity(1)
+    asked: list[bytes] = []
+
+    def trusted(cert_pem: bytes) -> bool:
+        asked.append(cert_pem)
+        return cert_pem == who.certificate
+
+    keys = KnownKeys(trusted)
+    certificate, signature = who.sign(b"round 1")
+    assert keys.verify(certificate, b"round 1", signature)
+    assert not keys.verify(certificate, b"round 2", signature)  # known key, wrong payload
+    _, foreign = other.sign(b"round 1")
+    assert not keys.verify(other.certificate, b"round 1", foreign)  # untrusted, however well signed
+    assert not keys.verify(other.certificate, b"round 1", foreign)
+    assert asked == [who.certificate, other.certificate]
