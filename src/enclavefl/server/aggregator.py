@@ -63,7 +63,7 @@ import numpy as np
 import numpy.typing as npt
 
 from enclavefl.errors import ClosedError, UpdateRejected
-from enclavefl.server.partials import decode_partial, encode_partial
+from enclavefl.server.partials import decode_partial, encode_partial, partial_count
 from enclavefl.tensors import DTYPES, ParamSet, SparseRows, StreamHeader, Tensor
 
 __all__ = ["Accumulate", "Aggregator", "WeightedMean"]
@@ -374,13 +374,8 @@ class WeightedMean(Aggregator):
         where = f"partial of {source}"
         expected = {"kind": "weighted_mean", "format": 1, "accumulate": self._accumulate,
                     "template": self._template_entries()}
-        for key, want in expected.items():
-            if meta.get(key) != want:
-                found = meta.get(key)
-                raise UpdateRejected(f"{where}: {key} is {str(found)[:200]!r}, this aggregator's is {str(want)[:200]!r}")
-        count, weight, slots = meta.get("count"), meta.get("weight"), meta.get("slots")
-        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
-            raise UpdateRejected(f"{where}: count must be an int >= 0, got {count!r}")
+        count = partial_count(meta, expected, where)
+        weight, slots = meta.get("weight"), meta.get("slots")
         if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not (weight >= 0 and np.isfinite(weight)):
             raise UpdateRejected(f"{where}: weight must be a finite number >= 0, got {weight!r}")
         if not isinstance(slots, dict):

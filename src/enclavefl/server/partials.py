@@ -22,7 +22,7 @@ from typing import Any, Final
 from enclavefl.errors import ProtocolError, UpdateRejected
 from enclavefl.tensors import CodecLimits, ParamSet, read_params, write_params
 
-__all__ = ["MAGIC", "MAX_META_BYTES", "decode_partial", "encode_partial"]
+__all__ = ["MAGIC", "MAX_META_BYTES", "decode_partial", "encode_partial", "partial_count"]
 
 MAGIC: Final = b"EFLPART1"
 MAX_META_BYTES: Final = 16 * 2**20
@@ -83,3 +83,20 @@ def decode_partial(blob: bytes, limits: CodecLimits = CodecLimits(), *,
     except ProtocolError as exc:
         raise UpdateRejected(f"aggregator partial: arrays: {exc}") from exc
     return meta, arrays
+
+
+def partial_count(meta: Mapping[str, Any], expected: Mapping[str, Any], where: str) -> int:
+    """How many updates a partial holds, once its identifying keys equal ``expected`` (kind, format, settings).
+
+    Raises:
+        UpdateRejected: a key differs (another kind of aggregator, setting or model), or the
+            count is not an int >= 0.
+    """
+    for key, want in expected.items():
+        if meta.get(key) != want:
+            raise UpdateRejected(f"{where}: {key} is {str(meta.get(key))[:200]!r}, this aggregator's is "
+                                 f"{str(want)[:200]!r}")
+    count = meta.get("count")
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        raise UpdateRejected(f"{where}: count must be an int >= 0, got {count!r}")
+    return count

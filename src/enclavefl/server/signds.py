@@ -28,7 +28,7 @@ import numpy as np
 from enclavefl.errors import UpdateRejected
 from enclavefl.messages import SIGNDS_INDICES_TENSOR, SIGNDS_SIGN_TENSOR
 from enclavefl.server.aggregator import Aggregator
-from enclavefl.server.partials import decode_partial, encode_partial
+from enclavefl.server.partials import decode_partial, encode_partial, partial_count
 from enclavefl.tensors import DTYPES, ParamSet, SparseRows, StreamHeader, Tensor, TensorSpec
 
 __all__ = ["SignDsSum", "float_values", "signds_template"]
@@ -117,13 +117,7 @@ class SignDsSum(Aggregator):
         for source in sorted(partials):
             meta, arrays = decode_partial(partials[source])
             where = f"partial of {source}"
-            for key, want in self._meta().items():
-                if meta.get(key) != want:
-                    raise UpdateRejected(f"{where}: {key} is {str(meta.get(key))[:200]!r}, this aggregator's is "
-                                         f"{str(want)[:200]!r}")
-            count, total = meta.get("count"), arrays.get("sum") if "sum" in arrays else None
-            if not isinstance(count, int) or isinstance(count, bool) or count < 0:
-                raise UpdateRejected(f"{where}: count must be an int >= 0, got {count!r}")
+            count, total = partial_count(meta, self._meta(), where), arrays.get("sum")
             if list(arrays) != ["sum"] or not isinstance(total, np.ndarray) or total.dtype != np.float64 \
                     or total.shape != (self._d,):
                 raise UpdateRejected(f"{where}: expected one float64 array 'sum' of shape ({self._d},)")
